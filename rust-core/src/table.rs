@@ -269,7 +269,7 @@ impl IoPageTable {
     pub fn lookup(&self, iova: u64, guard: &Guard) -> Option<Leaf> {
         debug_assert!(guard
             .collector()
-            .map_or(true, |c| c == epoch::default_collector()));
+            .is_none_or(|c| c == epoch::default_collector()));
         // iova_bits <= 57, so the shift is in range.
         if iova >> self.iova_bits != 0 {
             return None;
