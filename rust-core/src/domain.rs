@@ -1,2 +1,625 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! (being written)
+//! A translation domain: the IOVA space of one attached endpoint.
+//!
+//! The domain pairs the lock-free [`IoPageTable`] that readers walk with the
+//! writer-side records (which mapping owns which pages, the IOVA allocator)
+//! that MAP and UNMAP need. Writers are serialised by the domain mutex; the
+//! table is only ever changed while it is held, so the records and the table
+//! agree whenever the mutex is free.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use parking_lot::Mutex;
+
+use crate::iova_alloc::IovaAllocator;
+use crate::pin::{self, PinTable};
+use crate::ram::RamLayout;
+use crate::sync::epoch::Guard;
+use crate::table::{IoPageTable, HUGE_SIZE};
+use crate::types::{Access, Fragment, Perm, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
+
+/// Why a domain operation failed. Each maps onto one ABI status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Malformed request (segment rules, alignment, range).
+    #[error("malformed mapping request: {0}")]
+    Inval(&'static str),
+    /// A segment is not entirely in guest RAM.
+    #[error("segment {gpa:#x}+{len:#x} is not entirely in guest RAM")]
+    Fault {
+        /// Segment start.
+        gpa: u64,
+        /// Segment length.
+        len: u64,
+    },
+    /// No free IOVA range of the size asked for.
+    #[error("no free IOVA range of {pages} pages")]
+    NoSpace {
+        /// Pages asked for.
+        pages: u64,
+    },
+    /// A FIXED range overlaps a mapping.
+    #[error("IOVA range {iova:#x}+{len:#x} is not free")]
+    Exist {
+        /// Range start.
+        iova: u64,
+        /// Range length.
+        len: u64,
+    },
+    /// No mapping where one was named.
+    #[error("no mapping at IOVA {iova:#x}")]
+    NoEnt {
+        /// Address asked about.
+        iova: u64,
+    },
+    /// A mapping crosses an end of the UNMAP range.
+    #[error("mapping at {iova:#x}+{len:#x} crosses the end of the range")]
+    Range {
+        /// The crossing mapping's first byte.
+        iova: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The pin table refused.
+    #[error(transparent)]
+    Pin(#[from] pin::Error),
+}
+
+/// Result alias for domain operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// One mapping: a guest MAP request that succeeded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Mapping {
+    /// IOVA of the first byte (same in-page offset as `segs[0].0`).
+    pub iova: u64,
+    /// Sum of the segment lengths.
+    pub length: u64,
+    /// What the device may do.
+    pub perms: Perm,
+    /// Guest-physical segments `(gpa, len)` as the guest gave them.
+    pub segs: Vec<(u64, u64)>,
+}
+
+impl fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Mapping({:#x}+{:#x} {} {} segs)",
+            self.iova,
+            self.length,
+            self.perms,
+            self.segs.len()
+        )
+    }
+}
+
+/// A run of whole pages that is contiguous in IOVA and in guest-physical
+/// space: the unit of table updates and of notifications.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRun {
+    /// Page-aligned IOVA.
+    pub iova: u64,
+    /// Page-aligned guest-physical address.
+    pub gpa: u64,
+    /// Length in bytes, a multiple of the page size.
+    pub len: u64,
+}
+
+impl Mapping {
+    /// First IOVA page number.
+    pub fn first_page(&self) -> u64 {
+        self.iova >> PAGE_SHIFT
+    }
+
+    /// Number of IOVA pages covered (page of the first byte to page of the
+    /// last). Mappings are validated on creation, so this cannot overflow.
+    pub fn npages(&self) -> u64 {
+        ((self.iova & PAGE_MASK) + self.length).div_ceil(PAGE_SIZE)
+    }
+
+    /// Bytes of IOVA space the mapping occupies (whole pages).
+    pub fn span(&self) -> u64 {
+        self.npages() << PAGE_SHIFT
+    }
+
+    /// The page runs, merging segments that continue each other in
+    /// guest-physical space.
+    pub fn runs(&self) -> Vec<PageRun> {
+        let mut runs: Vec<PageRun> = Vec::with_capacity(self.segs.len());
+        let mut iova = self.iova & !PAGE_MASK;
+        for &(gpa, len) in &self.segs {
+            let start = gpa & !PAGE_MASK;
+            let bytes = ((gpa & PAGE_MASK) + len).div_ceil(PAGE_SIZE) << PAGE_SHIFT;
+            match runs.last_mut() {
+                Some(last) if last.gpa + last.len == start => last.len += bytes,
+                _ => runs.push(PageRun {
+                    iova,
+                    gpa: start,
+                    len: bytes,
+                }),
+            }
+            iova += bytes;
+        }
+        runs
+    }
+
+    /// Distinct guest page frame numbers covered, ascending.
+    ///
+    /// Segments may name the same pages many times; the runs are merged as
+    /// intervals first, so the work and memory are bounded by the distinct
+    /// pages (themselves bounded by guest RAM), not by the IOVA span.
+    pub fn gfns(&self) -> Vec<u64> {
+        let mut spans: Vec<(u64, u64)> = self
+            .runs()
+            .iter()
+            .map(|r| (r.gpa >> PAGE_SHIFT, (r.gpa + r.len) >> PAGE_SHIFT))
+            .collect();
+        spans.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+        for (s, e) in spans {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        merged.into_iter().flat_map(|(s, e)| s..e).collect()
+    }
+
+    /// True when some page of the mapping lies in [gpa, gpa + len).
+    pub fn touches_gpa(&self, gpa: u64, len: u64) -> bool {
+        let end = gpa.saturating_add(len);
+        self.runs()
+            .iter()
+            .any(|r| r.gpa < end && gpa < r.gpa + r.len)
+    }
+}
+
+/// Checks the ABI's segment rules and returns the mapping's byte length
+/// and page count. Does not look at guest RAM.
+pub fn check_segments(segs: &[(u64, u64)]) -> Result<(u64, u64)> {
+    let Some(&(gpa0, _)) = segs.first() else {
+        return Err(Error::Inval("no segments"));
+    };
+    let last = segs.len() - 1;
+    let mut length: u64 = 0;
+    for (i, &(gpa, len)) in segs.iter().enumerate() {
+        if len == 0 {
+            return Err(Error::Inval("zero-length segment"));
+        }
+        let end = gpa
+            .checked_add(len)
+            .ok_or(Error::Inval("segment wraps the address space"))?;
+        if i > 0 && gpa & PAGE_MASK != 0 {
+            return Err(Error::Inval("segment after the first is not page aligned"));
+        }
+        if i < last && end & PAGE_MASK != 0 {
+            return Err(Error::Inval(
+                "segment before the last does not end on a page",
+            ));
+        }
+        length = length
+            .checked_add(len)
+            .ok_or(Error::Inval("total length overflows"))?;
+    }
+    let npages = (gpa0 & PAGE_MASK)
+        .checked_add(length)
+        .ok_or(Error::Inval("total length overflows"))?
+        .div_ceil(PAGE_SIZE);
+    Ok((length, npages))
+}
+
+/// Where the IOVA of a new mapping comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IovaChoice {
+    /// The guest gave it (FIXED).
+    Fixed(u64),
+    /// The host picks it.
+    Host,
+}
+
+/// Why a translation was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[repr(u32)]
+pub enum FaultReason {
+    /// No mapping covers the address.
+    #[error("unmapped")]
+    Unmapped = 1,
+    /// A mapping covers it without the access permission.
+    #[error("permission")]
+    Permission = 2,
+    /// The endpoint is not attached and bypass is off.
+    #[error("blocked")]
+    Blocked = 3,
+    /// The address (or its translation) is outside guest RAM.
+    #[error("outside RAM")]
+    OutsideRam = 4,
+    /// The requester is not an endpoint behind this pvdma.
+    #[error("unknown requester")]
+    NoDevice = 5,
+    /// The range wraps the 64-bit address space.
+    #[error("range overflow")]
+    Overflow = 6,
+}
+
+/// A refused translation: what and where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("DMA refused at {iova:#x}: {reason}")]
+pub struct TranslateFault {
+    /// First address that could not be translated.
+    pub iova: u64,
+    /// Why.
+    pub reason: FaultReason,
+}
+
+/// Collects fragments, merging a piece into the previous one when it
+/// continues it both in host and in guest-physical memory. Stores at most
+/// `out.len()` fragments but counts all of them, so a caller with too small
+/// an array learns how many it needs.
+pub struct FragmentSink<'a> {
+    out: &'a mut [Fragment],
+    count: usize,
+    last: Fragment,
+}
+
+impl<'a> FragmentSink<'a> {
+    /// A sink writing into `out`.
+    pub fn new(out: &'a mut [Fragment]) -> Self {
+        FragmentSink {
+            out,
+            count: 0,
+            last: Fragment {
+                hva: 0,
+                gpa: 0,
+                len: 0,
+            },
+        }
+    }
+
+    /// Fragments the translation needed so far (may exceed `out.len()`).
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Adds `len` bytes at host `hva`, guest-physical `gpa`.
+    #[inline]
+    pub fn push(&mut self, hva: usize, gpa: u64, len: u64) {
+        let last = &mut self.last;
+        if self.count > 0
+            && last.hva.wrapping_add(last.len as usize) == hva
+            && last.gpa.wrapping_add(last.len) == gpa
+        {
+            last.len += len;
+            if let Some(slot) = self.out.get_mut(self.count - 1) {
+                slot.len = last.len;
+            }
+            return;
+        }
+        *last = Fragment { hva, gpa, len };
+        if let Some(slot) = self.out.get_mut(self.count) {
+            *slot = *last;
+        }
+        self.count += 1;
+    }
+}
+
+/// The translation state of one attached endpoint.
+pub struct Domain {
+    table: IoPageTable,
+    inner: Mutex<DomainInner>,
+}
+
+struct DomainInner {
+    /// Mappings by first IOVA page.
+    mappings: BTreeMap<u64, Mapping>,
+    alloc: IovaAllocator,
+}
+
+impl Domain {
+    /// An empty domain with an IOVA space of `iova_bits` bits.
+    pub fn new(iova_bits: u32) -> Domain {
+        Domain {
+            table: IoPageTable::new(iova_bits),
+            inner: Mutex::new(DomainInner {
+                mappings: BTreeMap::new(),
+                alloc: IovaAllocator::new(iova_bits),
+            }),
+        }
+    }
+
+    /// The IOVA width.
+    pub fn iova_bits(&self) -> u32 {
+        self.table.iova_bits()
+    }
+
+    /// The page table (for lock-free readers).
+    pub fn table(&self) -> &IoPageTable {
+        &self.table
+    }
+
+    /// Number of live mappings.
+    pub fn mapping_count(&self) -> usize {
+        self.inner.lock().mappings.len()
+    }
+
+    /// A copy of every mapping, by IOVA.
+    pub fn mappings(&self) -> Vec<Mapping> {
+        self.inner.lock().mappings.values().cloned().collect()
+    }
+
+    /// Adds a mapping: validates, picks or checks the IOVA, checks RAM,
+    /// pins, installs the table entries, records it. All or nothing.
+    ///
+    /// `notify` runs for each page run after the table holds it, still
+    /// under the domain lock so notifications follow the serial order.
+    pub fn map(
+        &self,
+        segs: Vec<(u64, u64)>,
+        perms: Perm,
+        choice: IovaChoice,
+        ram: &RamLayout,
+        pins: &PinTable,
+        notify: &mut dyn FnMut(&PageRun),
+    ) -> Result<Mapping> {
+        let (length, npages) = check_segments(&segs)?;
+        let offset = segs[0].0 & PAGE_MASK;
+        let span = npages << PAGE_SHIFT;
+        let limit = 1u64 << self.iova_bits();
+        if span > limit {
+            return Err(Error::Inval("mapping larger than the IOVA space"));
+        }
+        for &(gpa, len) in &segs {
+            if !ram.contains_range(gpa, len) {
+                return Err(Error::Fault { gpa, len });
+            }
+        }
+
+        let mut inner = self.inner.lock();
+        let first_page = match choice {
+            IovaChoice::Fixed(iova) => {
+                if iova & PAGE_MASK != offset {
+                    return Err(Error::Inval("IOVA offset differs from the first segment's"));
+                }
+                let start = iova & !PAGE_MASK;
+                if start.checked_add(span).is_none_or(|end| end > limit) {
+                    return Err(Error::Inval("IOVA range beyond IOVA_BITS"));
+                }
+                if !inner.alloc.reserve(start >> PAGE_SHIFT, npages) {
+                    return Err(Error::Exist { iova, len: length });
+                }
+                start >> PAGE_SHIFT
+            }
+            IovaChoice::Host => {
+                // Large, 2 MiB aligned guest memory gets a 2 MiB aligned
+                // IOVA so the table can use 2 MiB leaves for it.
+                let huge_pages = HUGE_SIZE >> PAGE_SHIFT;
+                let align = if span >= HUGE_SIZE && segs[0].0 & (HUGE_SIZE - 1) == 0 {
+                    huge_pages
+                } else {
+                    1
+                };
+                inner
+                    .alloc
+                    .alloc(npages, align)
+                    .or_else(|| inner.alloc.alloc(npages, 1))
+                    .ok_or(Error::NoSpace { pages: npages })?
+            }
+        };
+
+        let mapping = Mapping {
+            iova: (first_page << PAGE_SHIFT) | offset,
+            length,
+            perms,
+            segs,
+        };
+        let pages = page_list(&mapping, ram);
+        if let Err(e) = pins.pin(&pages) {
+            inner.alloc.free(first_page, npages);
+            return Err(e.into());
+        }
+        let runs = mapping.runs();
+        {
+            let mut writer = self.table.lock();
+            for run in &runs {
+                writer.map(run.iova, run.gpa, run.len, perms);
+            }
+        }
+        inner.mappings.insert(first_page, mapping.clone());
+        for run in &runs {
+            notify(run);
+        }
+        Ok(mapping)
+    }
+
+    /// UNMAP with `length` 0: removes the mapping whose first page is the
+    /// page of `iova`.
+    pub fn unmap_at(
+        &self,
+        iova: u64,
+        ram: &RamLayout,
+        pins: &PinTable,
+        notify: &mut dyn FnMut(&PageRun),
+    ) -> Result<Vec<Mapping>> {
+        let mut inner = self.inner.lock();
+        let page = iova >> PAGE_SHIFT;
+        if !inner.mappings.contains_key(&page) {
+            return Err(Error::NoEnt { iova });
+        }
+        Ok(self.remove_locked(&mut inner, &[page], ram, pins, notify))
+    }
+
+    /// UNMAP with `length` > 0: removes every mapping inside the pages
+    /// covering [iova, iova + length). RANGE (removing nothing) when a
+    /// mapping crosses either end; NOENT when none is inside.
+    pub fn unmap_range(
+        &self,
+        iova: u64,
+        length: u64,
+        ram: &RamLayout,
+        pins: &PinTable,
+        notify: &mut dyn FnMut(&PageRun),
+    ) -> Result<Vec<Mapping>> {
+        let end = iova
+            .checked_add(length)
+            .ok_or(Error::Inval("UNMAP range wraps"))?;
+        let first = iova >> PAGE_SHIFT;
+        let last = (end - 1) >> PAGE_SHIFT; // inclusive
+        let mut inner = self.inner.lock();
+        // A mapping starting before the range that reaches into it.
+        if let Some((_, m)) = inner.mappings.range(..first).next_back() {
+            if m.first_page() + m.npages() > first {
+                return Err(Error::Range {
+                    iova: m.iova,
+                    len: m.length,
+                });
+            }
+        }
+        let mut victims = Vec::new();
+        for (&page, m) in inner.mappings.range(first..=last) {
+            if page + m.npages() - 1 > last {
+                return Err(Error::Range {
+                    iova: m.iova,
+                    len: m.length,
+                });
+            }
+            victims.push(page);
+        }
+        if victims.is_empty() {
+            return Err(Error::NoEnt { iova });
+        }
+        Ok(self.remove_locked(&mut inner, &victims, ram, pins, notify))
+    }
+
+    /// Removes every mapping (DETACH, reset).
+    pub fn clear(
+        &self,
+        ram: &RamLayout,
+        pins: &PinTable,
+        notify: &mut dyn FnMut(&PageRun),
+    ) -> Vec<Mapping> {
+        let mut inner = self.inner.lock();
+        let all: Vec<u64> = inner.mappings.keys().copied().collect();
+        self.remove_locked(&mut inner, &all, ram, pins, notify)
+    }
+
+    /// Removes every mapping that has a page in guest-physical
+    /// [gpa, gpa + len) (RAM region removal).
+    pub fn remove_gpa_range(
+        &self,
+        gpa: u64,
+        len: u64,
+        ram: &RamLayout,
+        pins: &PinTable,
+        notify: &mut dyn FnMut(&PageRun),
+    ) -> Vec<Mapping> {
+        let mut inner = self.inner.lock();
+        let hit: Vec<u64> = inner
+            .mappings
+            .iter()
+            .filter(|(_, m)| m.touches_gpa(gpa, len))
+            .map(|(&p, _)| p)
+            .collect();
+        self.remove_locked(&mut inner, &hit, ram, pins, notify)
+    }
+
+    fn remove_locked(
+        &self,
+        inner: &mut DomainInner,
+        first_pages: &[u64],
+        ram: &RamLayout,
+        pins: &PinTable,
+        notify: &mut dyn FnMut(&PageRun),
+    ) -> Vec<Mapping> {
+        let mut removed = Vec::with_capacity(first_pages.len());
+        let mut writer = self.table.lock();
+        for page in first_pages {
+            let Some(m) = inner.mappings.remove(page) else {
+                continue;
+            };
+            writer.unmap(m.iova & !PAGE_MASK, m.span());
+            inner.alloc.free(m.first_page(), m.npages());
+            removed.push(m);
+        }
+        drop(writer);
+        // The table no longer reaches these pages: release the pins and
+        // tell the embedder, before the request returns.
+        for m in &removed {
+            pins.unpin(&page_list(m, ram));
+            for run in m.runs() {
+                notify(&run);
+            }
+        }
+        removed
+    }
+
+    /// Translates [iova, iova + len) for `access` into host fragments.
+    ///
+    /// Lock-free: walks the table under `guard`. Returns how many fragments
+    /// the range needs; the first `sink.len()` are stored.
+    #[inline]
+    pub fn translate(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        ram: &RamLayout,
+        guard: &Guard,
+        sink: &mut FragmentSink<'_>,
+    ) -> std::result::Result<(), TranslateFault> {
+        let end = iova.checked_add(len).ok_or(TranslateFault {
+            iova,
+            reason: FaultReason::Overflow,
+        })?;
+        let mut cur = iova;
+        while cur < end {
+            let leaf = self.table.lookup(cur, guard).ok_or(TranslateFault {
+                iova: cur,
+                reason: FaultReason::Unmapped,
+            })?;
+            if !leaf.perms.allows(access) {
+                return Err(TranslateFault {
+                    iova: cur,
+                    reason: FaultReason::Permission,
+                });
+            }
+            let n = leaf.run.min(end - cur);
+            emit_gpa_range(ram, leaf.gpa, n, cur, sink)?;
+            cur += n;
+        }
+        Ok(())
+    }
+}
+
+/// Resolves guest-physical [gpa, gpa + len) to host runs. `iova` is only
+/// for the fault report.
+#[inline]
+pub fn emit_gpa_range(
+    ram: &RamLayout,
+    start: u64,
+    len: u64,
+    iova: u64,
+    sink: &mut FragmentSink<'_>,
+) -> std::result::Result<(), TranslateFault> {
+    let (mut gpa, mut len) = (start, len);
+    while len > 0 {
+        let (hva, run) = ram.host_run(gpa, len).ok_or(TranslateFault {
+            iova: iova.wrapping_add(gpa - start),
+            reason: FaultReason::OutsideRam,
+        })?;
+        sink.push(hva, gpa, run);
+        gpa += run;
+        len -= run;
+    }
+    Ok(())
+}
+
+/// The (gfn, hva) list the pin table takes for a mapping. Every page was
+/// checked to be in RAM when the mapping was made; a page whose region
+/// went away since gets hva 0, which the pin table only uses for mlock.
+fn page_list(m: &Mapping, ram: &RamLayout) -> Vec<(u64, usize)> {
+    m.gfns()
+        .into_iter()
+        .map(|gfn| (gfn, ram.hva(gfn << PAGE_SHIFT).unwrap_or(0)))
+        .collect()
+}

@@ -1,9 +1,1034 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The VM (being written).
+//! The VM: guest RAM, endpoints and their domains, the pin table, the
+//! request engine every transport calls, notifications, faults, statistics.
+//!
+//! Locking: readers ([`Vm::translate`]) take no lock: the endpoint map, each
+//! endpoint's domain pointer, the RAM layout and the page tables are all
+//! epoch-protected. Requests on one endpoint are serialised by that
+//! endpoint's `op_lock` (so the outcome of concurrent requests is that of
+//! some serial order); the pin table has its own lock, taken last. Lock
+//! order: `endpoints_writer` -> `op_lock` -> domain -> table writer -> pins.
 
-/// Per-VM configuration.
-#[derive(Clone, Debug)]
-pub struct VmConfig {}
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
-/// A VM.
-pub struct Vm {}
+use crossbeam_utils::CachePadded;
+use parking_lot::{Mutex, RwLock};
+
+use crate::abi::{self, Op, Status};
+use crate::domain::{self, Domain, FaultReason, FragmentSink, IovaChoice, Mapping, PageRun};
+use crate::pin::{PinMode, PinTable};
+use crate::ram::{self, GuestRam, RamLayout, RamRegion};
+use crate::sync::epoch::{self, Atomic, Guard, Owned, Shared};
+use crate::sync::{AtomicU64, Ordering};
+use crate::table::{MAX_IOVA_BITS, MIN_IOVA_BITS};
+use crate::types::{Access, Fragment, Perm};
+
+/// Errors of the embedder-facing (not guest-facing) API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The requester ID is already registered.
+    #[error("endpoint {0:#06x} already exists")]
+    EndpointExists(u32),
+    /// No such endpoint.
+    #[error("no endpoint {0:#06x}")]
+    NoEndpoint(u32),
+    /// A RAM region operation failed.
+    #[error(transparent)]
+    Ram(#[from] ram::Error),
+    /// Migration state could not be applied.
+    #[error("bad migration state: {0}")]
+    State(String),
+}
+
+/// Result alias for the embedder-facing API.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Default IOVA width.
+pub const DEFAULT_IOVA_BITS: u32 = 48;
+/// Default MAX_SEGS.
+pub const DEFAULT_MAX_SEGS: u32 = 512;
+/// Largest MAX_SEGS accepted (bounds one request block to ~1 MiB).
+pub const MAX_MAX_SEGS: u32 = 65536;
+/// Default number of fault records kept.
+pub const DEFAULT_FAULT_LOG_LEN: usize = 64;
+
+/// Per-VM configuration, fixed at creation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// IOVA width, 21..=57 bits.
+    pub iova_bits: u32,
+    /// Most segments one MAP may carry (>= 252).
+    pub max_segs: u32,
+    /// Pin limit in bytes (u64::MAX: unlimited).
+    pub pin_limit: u64,
+    /// Whether pinning mlocks pages.
+    pub pin_mode: PinMode,
+    /// Unattached endpoints bypass translation (else they are blocked).
+    pub bypass: bool,
+    /// MAP without FIXED is allowed (the host picks the IOVA).
+    pub host_iova: bool,
+    /// Fault records kept.
+    pub fault_log_len: usize,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            iova_bits: DEFAULT_IOVA_BITS,
+            max_segs: DEFAULT_MAX_SEGS,
+            pin_limit: u64::MAX,
+            pin_mode: PinMode::None,
+            bypass: true,
+            host_iova: true,
+            fault_log_len: DEFAULT_FAULT_LOG_LEN,
+        }
+    }
+}
+
+impl VmConfig {
+    /// Checks every value; the error says which and why.
+    pub fn validate(&self) -> Result<()> {
+        if !(MIN_IOVA_BITS..=MAX_IOVA_BITS).contains(&self.iova_bits) {
+            return Err(Error::Config(format!(
+                "iova-bits {} outside {MIN_IOVA_BITS}..={MAX_IOVA_BITS}",
+                self.iova_bits
+            )));
+        }
+        if !(abi::PVDMA_MIN_MAX_SEGS..=MAX_MAX_SEGS).contains(&self.max_segs) {
+            return Err(Error::Config(format!(
+                "max-segs {} outside {}..={MAX_MAX_SEGS}",
+                self.max_segs,
+                abi::PVDMA_MIN_MAX_SEGS
+            )));
+        }
+        if self.fault_log_len == 0 || self.fault_log_len > 65536 {
+            return Err(Error::Config(format!(
+                "fault log length {} outside 1..=65536",
+                self.fault_log_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// The FEATURES register bits this configuration implies (the
+    /// transport adds HYPERCALL when it is live).
+    pub fn features(&self) -> u64 {
+        let mut f = 0;
+        if self.host_iova {
+            f |= u64::from(abi::PVDMA_FEATURE_HOST_IOVA);
+        }
+        if self.bypass {
+            f |= u64::from(abi::PVDMA_FEATURE_BYPASS);
+        }
+        f
+    }
+
+    /// The PAGE_SIZES register: 4 KiB and 2 MiB.
+    pub fn page_sizes(&self) -> u64 {
+        (1 << 12) | (1 << 21)
+    }
+}
+
+/// Whether a notification adds or removes a translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MapEventKind {
+    /// A translation was added.
+    Map = 1,
+    /// A translation was removed.
+    Unmap = 2,
+}
+
+/// A notification: `len` bytes at `iova` translate (or translated) to
+/// guest-physical `gpa` for endpoint `requester`. Page aligned; one event
+/// per run contiguous in both spaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapEvent {
+    /// Added or removed.
+    pub kind: MapEventKind,
+    /// The endpoint.
+    pub requester: u32,
+    /// Page-aligned IOVA.
+    pub iova: u64,
+    /// Length, a multiple of 4 KiB.
+    pub len: u64,
+    /// Page-aligned guest-physical address.
+    pub gpa: u64,
+    /// Permissions of the mapping.
+    pub perms: Perm,
+}
+
+/// The embedder's notification callback. It runs after the table commits
+/// (adds) or before the request returns (removes), under the endpoint's
+/// request lock: it may translate, but must not submit requests.
+pub type Notifier = Arc<dyn Fn(&MapEvent) + Send + Sync>;
+
+/// A refused device access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRecord {
+    /// Requester ID of the device.
+    pub requester: u32,
+    /// First IOVA refused.
+    pub iova: u64,
+    /// What the device tried.
+    pub access: Access,
+    /// Why it was refused.
+    pub reason: FaultReason,
+    /// Sequence number (total faults before this one).
+    pub seq: u64,
+}
+
+/// A snapshot of the counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// `requests[op][status index]`; op 0 counts unknown ops.
+    pub requests: [[u64; 13]; 6],
+    /// Live mappings over all domains.
+    pub mappings: u64,
+    /// Distinct pinned guest pages.
+    pub pinned_pages: u64,
+    /// Translations performed through [`Vm::translate`].
+    pub translations: u64,
+    /// Refused device accesses.
+    pub faults: u64,
+}
+
+const STRIPES: usize = 8;
+
+struct Stats {
+    requests: [[AtomicU64; 13]; 6],
+    mappings: AtomicU64,
+    // Translations are counted on the hot path by every device thread:
+    // striped so that threads do not bounce one cache line.
+    translations: [CachePadded<AtomicU64>; STRIPES],
+    faults: AtomicU64,
+}
+
+fn stripe() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicUsize as StdAtomicUsize;
+    static NEXT: StdAtomicUsize = StdAtomicUsize::new(0);
+    thread_local! {
+        static MINE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    MINE.with(|m| {
+        if m.get() == usize::MAX {
+            // Relaxed: only spreads threads over stripes, orders nothing.
+            m.set(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % STRIPES);
+        }
+        m.get()
+    })
+}
+
+/// An endpoint behind this pvdma: a PCI requester ID.
+pub struct Endpoint {
+    rid: u32,
+    passthrough: Option<String>,
+    /// Null while detached. Swapped only under `op_lock`; read lock-free.
+    domain: Atomic<Domain>,
+    op_lock: Mutex<()>,
+}
+
+impl Endpoint {
+    /// The requester ID.
+    pub fn requester(&self) -> u32 {
+        self.rid
+    }
+
+    /// The host PCI address when the endpoint is an assigned host device.
+    pub fn passthrough(&self) -> Option<&str> {
+        self.passthrough.as_deref()
+    }
+
+    /// Whether translation is on.
+    pub fn is_attached(&self) -> bool {
+        let guard = epoch::pin();
+        // Acquire pairs with the Release store in attach.
+        !self.domain.load(Ordering::Acquire, &guard).is_null()
+    }
+}
+
+type EndpointMap = HashMap<u32, Arc<Endpoint>>;
+
+/// A parsed request: what the guest asked, read once from its block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Raw op.
+    pub op: u16,
+    /// Raw flags.
+    pub flags: u16,
+    /// Requester ID (bits 16..31: segment).
+    pub requester: u32,
+    /// Raw nr_segs.
+    pub nr_segs: u32,
+    /// IOVA in.
+    pub iova: u64,
+    /// Length in.
+    pub length: u64,
+    /// Reserved words (must be zero).
+    pub reserved: [u64; 3],
+    /// Segments (read only for MAP).
+    pub segs: Vec<(u64, u64)>,
+}
+
+/// What a request produced. Only `status` is meaningful on failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Response {
+    /// The status.
+    pub status: Status,
+    /// IOVA out (MAP).
+    pub iova: u64,
+    /// Length out (MAP).
+    pub length: u64,
+    /// Result out.
+    pub result: u64,
+}
+
+impl Response {
+    fn status(status: Status) -> Response {
+        Response {
+            status,
+            iova: 0,
+            length: 0,
+            result: 0,
+        }
+    }
+
+    fn ok(result: u64) -> Response {
+        Response {
+            status: Status::Ok,
+            iova: 0,
+            length: 0,
+            result,
+        }
+    }
+}
+
+/// A VM as pvdma sees it.
+pub struct Vm {
+    cfg: VmConfig,
+    ram: GuestRam,
+    pins: PinTable,
+    endpoints: Atomic<EndpointMap>,
+    endpoints_writer: Mutex<()>,
+    notifier: RwLock<Option<Notifier>>,
+    faults: Mutex<VecDeque<FaultRecord>>,
+    stats: Stats,
+}
+
+impl Vm {
+    /// A VM with no RAM and no endpoints.
+    pub fn new(cfg: VmConfig) -> Result<Vm> {
+        cfg.validate()?;
+        Ok(Vm {
+            pins: PinTable::new(cfg.pin_limit, cfg.pin_mode),
+            ram: GuestRam::new(),
+            endpoints: Atomic::new(EndpointMap::new()),
+            endpoints_writer: Mutex::new(()),
+            notifier: RwLock::new(None),
+            faults: Mutex::new(VecDeque::with_capacity(cfg.fault_log_len)),
+            stats: Stats {
+                requests: Default::default(),
+                mappings: AtomicU64::new(0),
+                translations: Default::default(),
+                faults: AtomicU64::new(0),
+            },
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    /// The pin table.
+    pub fn pins(&self) -> &PinTable {
+        &self.pins
+    }
+
+    // ---- guest RAM ---------------------------------------------------
+
+    /// Adds a guest RAM region.
+    ///
+    /// # Safety
+    /// `[hva, hva + size)` must be mapped, readable and writable host memory
+    /// that stays mapped until the region is removed or the VM dropped.
+    pub unsafe fn add_ram_region(&self, gpa: u64, size: u64, hva: usize) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.ram.add(gpa, size, hva)? };
+        Ok(())
+    }
+
+    /// Removes a guest RAM region. Mappings with a page in it are torn
+    /// down first (with UNMAP notifications, their pins released), so no
+    /// translation can reach memory that is going away. Returns how many
+    /// mappings were torn down. A VMM that wants to refuse the removal
+    /// instead asks [`Vm::ram_range_pinned`] beforehand.
+    pub fn remove_ram_region(&self, gpa: u64, size: u64) -> Result<usize> {
+        let guard = epoch::pin();
+        // The layout before removal: still valid under `guard`, and the one
+        // whose host addresses the pins of the torn-down pages refer to.
+        let before = self.ram.load(&guard);
+        // Out of the layout first, so that a MAP running concurrently
+        // either finished before (and is torn down below, as we take each
+        // endpoint's lock) or sees the region gone and gets FAULT.
+        self.ram.remove(gpa, size)?;
+        let mut torn = 0;
+        for ep in self.endpoint_list(&guard) {
+            let _op = ep.op_lock.lock();
+            if let Some(dom) = Self::domain_of(&ep, &guard) {
+                let removed = dom.remove_gpa_range(
+                    gpa,
+                    size,
+                    before,
+                    &self.pins,
+                    &mut self.unmap_notifier(ep.rid),
+                );
+                self.count_removed(&removed);
+                torn += removed.len();
+            }
+        }
+        Ok(torn)
+    }
+
+    /// The current RAM regions.
+    pub fn ram_regions(&self) -> Vec<RamRegion> {
+        let guard = epoch::pin();
+        self.ram.load(&guard).regions().to_vec()
+    }
+
+    /// Is any page of guest-physical [gpa, gpa + len) pinned? (The VMM
+    /// refuses discard, balloon inflation or unplug of such memory.)
+    pub fn ram_range_pinned(&self, gpa: u64, len: u64) -> bool {
+        self.pins.any_pinned(gpa, len)
+    }
+
+    /// Runs `f` on the current RAM layout (for vm-memory based users).
+    pub fn with_ram<R>(&self, f: impl FnOnce(&RamLayout) -> R) -> R {
+        let guard = epoch::pin();
+        f(self.ram.load(&guard))
+    }
+
+    // ---- endpoints ---------------------------------------------------
+
+    /// Registers endpoint `rid` (bus << 8 | devfn), optionally as an
+    /// assigned host device with its host PCI address.
+    pub fn add_endpoint(&self, rid: u32, passthrough: Option<&str>) -> Result<()> {
+        if rid > 0xffff {
+            return Err(Error::Config(format!(
+                "requester ID {rid:#x} is not in PCI segment 0"
+            )));
+        }
+        let _w = self.endpoints_writer.lock();
+        let guard = epoch::pin();
+        let cur = self.endpoint_map(&guard);
+        if cur.contains_key(&rid) {
+            return Err(Error::EndpointExists(rid));
+        }
+        let mut next = cur.clone();
+        next.insert(
+            rid,
+            Arc::new(Endpoint {
+                rid,
+                passthrough: passthrough.map(str::to_owned),
+                domain: Atomic::null(),
+                op_lock: Mutex::new(()),
+            }),
+        );
+        self.publish_endpoints(next, &guard);
+        Ok(())
+    }
+
+    /// Unregisters an endpoint, detaching it first.
+    pub fn remove_endpoint(&self, rid: u32) -> Result<()> {
+        let _w = self.endpoints_writer.lock();
+        let guard = epoch::pin();
+        let cur = self.endpoint_map(&guard);
+        let ep = cur.get(&rid).cloned().ok_or(Error::NoEndpoint(rid))?;
+        let mut next = cur.clone();
+        next.remove(&rid);
+        self.publish_endpoints(next, &guard);
+        let _op = ep.op_lock.lock();
+        self.detach_locked(&ep, &guard);
+        Ok(())
+    }
+
+    /// Requester IDs of every endpoint, ascending.
+    pub fn endpoints(&self) -> Vec<u32> {
+        let guard = epoch::pin();
+        let mut v: Vec<u32> = self.endpoint_map(&guard).keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The endpoint with requester ID `rid`.
+    pub fn endpoint(&self, rid: u32) -> Option<Arc<Endpoint>> {
+        let guard = epoch::pin();
+        self.endpoint_map(&guard).get(&rid).cloned()
+    }
+
+    /// A copy of `rid`'s mappings (empty when detached or unknown).
+    pub fn mappings(&self, rid: u32) -> Vec<Mapping> {
+        let guard = epoch::pin();
+        self.endpoint_map(&guard)
+            .get(&rid)
+            .and_then(|ep| Self::domain_of(ep, &guard))
+            .map(Domain::mappings)
+            .unwrap_or_default()
+    }
+
+    fn endpoint_map<'g>(&self, guard: &'g Guard) -> &'g EndpointMap {
+        // Acquire pairs with the Release in publish_endpoints.
+        let p = self.endpoints.load(Ordering::Acquire, guard);
+        // SAFETY: the map pointer is never null (set in new, replaced only
+        // by publish_endpoints with a non-null one) and is freed only via
+        // defer_destroy, after every guard that could see it is gone.
+        unsafe { p.deref() }
+    }
+
+    fn endpoint_list(&self, guard: &Guard) -> Vec<Arc<Endpoint>> {
+        let mut v: Vec<_> = self.endpoint_map(guard).values().cloned().collect();
+        v.sort_unstable_by_key(|e| e.rid);
+        v
+    }
+
+    fn publish_endpoints(&self, next: EndpointMap, guard: &Guard) {
+        // Release publishes the new map's contents; AcqRel on the swap so
+        // the old pointer we retire is the one readers saw.
+        let old = self
+            .endpoints
+            .swap(Owned::new(next), Ordering::AcqRel, guard);
+        // SAFETY: `old` is unlinked; readers holding a guard may still use
+        // it, and defer_destroy waits for them.
+        unsafe { guard.defer_destroy(old) };
+    }
+
+    fn domain_of<'g>(ep: &Endpoint, guard: &'g Guard) -> Option<&'g Domain> {
+        // Acquire pairs with the Release store in attach: the domain is
+        // fully built before it is visible.
+        let p = ep.domain.load(Ordering::Acquire, guard);
+        // SAFETY: domains are freed only through defer_destroy after being
+        // unlinked, so a pointer loaded under `guard` stays valid for 'g.
+        unsafe { p.as_ref() }
+    }
+
+    // ---- notifications, faults, stats ----------------------------------
+
+    /// Sets (or with `None` clears) the notification callback.
+    pub fn set_notifier(&self, notifier: Option<Notifier>) {
+        *self.notifier.write() = notifier;
+    }
+
+    fn notifier_for(&self, rid: u32, kind: MapEventKind, perms: Perm) -> impl FnMut(&PageRun) + '_ {
+        let n = self.notifier.read().clone();
+        move |run: &PageRun| {
+            if let Some(n) = &n {
+                n(&MapEvent {
+                    kind,
+                    requester: rid,
+                    iova: run.iova,
+                    len: run.len,
+                    gpa: run.gpa,
+                    perms,
+                })
+            }
+        }
+    }
+
+    fn unmap_notifier(&self, rid: u32) -> impl FnMut(&PageRun) + '_ {
+        // Unmap events carry no meaningful permissions.
+        self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE)
+    }
+
+    fn count_removed(&self, removed: &[Mapping]) {
+        // Relaxed: a statistic, ordered by nothing.
+        self.stats
+            .mappings
+            .fetch_sub(removed.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Records a refused device access.
+    pub fn record_fault(&self, requester: u32, iova: u64, access: Access, reason: FaultReason) {
+        // Relaxed: the count is a statistic; the log below is locked.
+        let seq = self.stats.faults.fetch_add(1, Ordering::Relaxed);
+        let mut log = self.faults.lock();
+        if log.len() == self.cfg.fault_log_len {
+            log.pop_front();
+        }
+        log.push_back(FaultRecord {
+            requester,
+            iova,
+            access,
+            reason,
+            seq,
+        });
+    }
+
+    /// The most recent faults, oldest first.
+    pub fn faults(&self) -> Vec<FaultRecord> {
+        self.faults.lock().iter().copied().collect()
+    }
+
+    /// Refused device accesses since creation or reset.
+    pub fn fault_count(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.stats.faults.load(Ordering::Relaxed)
+    }
+
+    /// Sets the fault count (migration import).
+    pub(crate) fn restore_fault_count(&self, n: u64) {
+        // Relaxed: a statistic.
+        self.stats.faults.store(n, Ordering::Relaxed);
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let mut s = StatsSnapshot::default();
+        for (op, row) in self.stats.requests.iter().enumerate() {
+            for (st, c) in row.iter().enumerate() {
+                // Relaxed: statistics.
+                s.requests[op][st] = c.load(Ordering::Relaxed);
+            }
+        }
+        s.mappings = self.stats.mappings.load(Ordering::Relaxed);
+        s.pinned_pages = self.pins.pinned_pages();
+        s.translations = self
+            .stats
+            .translations
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
+        s.faults = self.fault_count();
+        s
+    }
+
+    // ---- translation ---------------------------------------------------
+
+    /// Translates device `rid`'s access to [iova, iova + len) into host
+    /// fragments, storing the first `out.len()` and returning how many the
+    /// range needs (more than `out.len()`: call again with a bigger array).
+    ///
+    /// Never takes a lock and never waits. A refused access is counted and
+    /// logged as a fault. Unattached endpoints bypass (identity, RAM only)
+    /// or are blocked, per [`VmConfig::bypass`].
+    pub fn translate(
+        &self,
+        rid: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        // Relaxed: a statistic.
+        self.stats.translations[stripe()].fetch_add(1, Ordering::Relaxed);
+        let guard = epoch::pin();
+        let r = self.translate_in(rid, iova, len, access, out, &guard);
+        if let Err(f) = r {
+            self.record_fault(rid, f.iova, access, f.reason);
+        }
+        r
+    }
+
+    /// [`Vm::translate`] under the caller's guard, without counting or
+    /// logging: for callers that batch many translations (virtqueues).
+    pub fn translate_in(
+        &self,
+        rid: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        let fault = |reason| domain::TranslateFault { iova, reason };
+        let ep = self
+            .endpoint_map(guard)
+            .get(&rid)
+            .ok_or(fault(FaultReason::NoDevice))?;
+        let ram = self.ram.load(guard);
+        let mut sink = FragmentSink::new(out);
+        match Self::domain_of(ep, guard) {
+            Some(dom) => dom.translate(iova, len, access, ram, guard, &mut sink)?,
+            None if self.cfg.bypass => {
+                iova.checked_add(len).ok_or(fault(FaultReason::Overflow))?;
+                domain::emit_gpa_range(ram, iova, len, iova, &mut sink)?;
+            }
+            None => return Err(fault(FaultReason::Blocked)),
+        }
+        Ok(sink.count())
+    }
+
+    // ---- the request engine -------------------------------------------
+
+    /// Processes the request block at guest-physical `block`: reads it once,
+    /// validates it, runs it, writes back status (and iova, length, result
+    /// as the op defines), and returns the status. The one entry point of
+    /// every transport (doorbell, hypercall).
+    pub fn submit(&self, block: u64) -> Status {
+        let guard = epoch::pin();
+        let ram = self.ram.load(&guard);
+        let mut hdr = [0u8; abi::HEADER_SIZE as usize];
+        if ram.read(block, &mut hdr).is_err() {
+            // Nowhere to write a status to: the transport reports it.
+            self.count_request(0, Status::Fault);
+            return Status::Fault;
+        }
+        let mut req = parse_header(&hdr);
+        let early = if block & 7 != 0 {
+            Err(Status::Inval)
+        } else {
+            self.read_segments(block, &mut req, ram)
+        };
+        let resp = match early {
+            Ok(()) => self.execute(&req),
+            Err(status) => {
+                let op = Op::from_raw(req.op).map_or(0, Op::index);
+                self.count_request(op, status);
+                Response::status(status)
+            }
+        };
+        self.write_back(block, &req, &resp, ram);
+        resp.status
+    }
+
+    /// For MAP, reads the segment array behind the header (once).
+    fn read_segments(
+        &self,
+        block: u64,
+        req: &mut Request,
+        ram: &RamLayout,
+    ) -> std::result::Result<(), Status> {
+        if Op::from_raw(req.op) != Some(Op::Map) || req.nr_segs == 0 {
+            return Ok(());
+        }
+        if req.nr_segs > self.cfg.max_segs {
+            return Err(Status::TooBig);
+        }
+        let n = req.nr_segs as usize;
+        let mut raw = vec![0u8; n * abi::SEG_SIZE as usize];
+        let at = block.checked_add(abi::HEADER_SIZE).ok_or(Status::Fault)?;
+        ram.read(at, &mut raw).map_err(|_| Status::Fault)?;
+        req.segs = raw
+            .chunks_exact(16)
+            .map(|c| (le64(&c[0..8]), le64(&c[8..16])))
+            .collect();
+        Ok(())
+    }
+
+    fn write_back(&self, block: u64, req: &Request, resp: &Response, ram: &RamLayout) {
+        // Only status, iova, length and result are ever written. A header
+        // outside RAM was never read, so there is nothing to write to.
+        let _ = ram.write(block + 4, &(resp.status as u32).to_le_bytes());
+        if resp.status != Status::Ok {
+            return;
+        }
+        if Op::from_raw(req.op) == Some(Op::Map) {
+            let _ = ram.write(block + 16, &resp.iova.to_le_bytes());
+            let _ = ram.write(block + 24, &resp.length.to_le_bytes());
+        }
+        let _ = ram.write(block + 32, &resp.result.to_le_bytes());
+    }
+
+    fn count_request(&self, op: usize, status: Status) {
+        // Relaxed: statistics.
+        self.stats.requests[op][status.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs an already-read request. Every failing request leaves no
+    /// mapping, pin or IOVA behind.
+    pub fn execute(&self, req: &Request) -> Response {
+        let op = Op::from_raw(req.op);
+        let resp = self.execute_inner(op, req);
+        self.count_request(op.map_or(0, Op::index), resp.status);
+        resp
+    }
+
+    fn execute_inner(&self, op: Option<Op>, req: &Request) -> Response {
+        let Some(op) = op else {
+            return Response::status(Status::Inval);
+        };
+        if u32::from(req.flags) & !abi::PVDMA_FLAGS_VALID != 0 || req.reserved != [0; 3] {
+            return Response::status(Status::Inval);
+        }
+        let guard = epoch::pin();
+        // Segment bits (16..31) other than 0 name no function we have.
+        let Some(ep) = self.endpoint_map(&guard).get(&req.requester).cloned() else {
+            return Response::status(Status::NoDev);
+        };
+        let _op = ep.op_lock.lock();
+        let ram = self.ram.load(&guard);
+        match op {
+            Op::Query => {
+                let attached = Self::domain_of(&ep, &guard).is_some();
+                let mut r = 0;
+                if attached {
+                    r |= u64::from(abi::PVDMA_QUERY_ATTACHED);
+                }
+                if ep.passthrough.is_some() {
+                    r |= u64::from(abi::PVDMA_QUERY_PASSTHROUGH);
+                }
+                if !attached && self.cfg.bypass {
+                    r |= u64::from(abi::PVDMA_QUERY_BYPASS);
+                }
+                Response::ok(r)
+            }
+            Op::Attach => {
+                if Self::domain_of(&ep, &guard).is_some() {
+                    return Response::status(Status::State);
+                }
+                // Release pairs with the Acquire loads in domain_of.
+                ep.domain.store(
+                    Owned::new(Domain::new(self.cfg.iova_bits)),
+                    Ordering::Release,
+                );
+                Response::ok(0)
+            }
+            Op::Detach => {
+                if Self::domain_of(&ep, &guard).is_none() {
+                    return Response::status(Status::State);
+                }
+                Response::ok(self.detach_locked(&ep, &guard) as u64)
+            }
+            Op::Map => self.map_locked(&ep, req, ram, &guard),
+            Op::Unmap => self.unmap_locked(&ep, req, ram, &guard),
+        }
+    }
+
+    fn map_locked(&self, ep: &Endpoint, req: &Request, ram: &RamLayout, guard: &Guard) -> Response {
+        let Some(dom) = Self::domain_of(ep, guard) else {
+            return Response::status(Status::State);
+        };
+        let perms = Perm::from_bits_truncate(req.flags as u8);
+        if perms.is_empty() {
+            return Response::status(Status::Perm);
+        }
+        if req.nr_segs == 0 {
+            return Response::status(Status::Inval);
+        }
+        if req.nr_segs > self.cfg.max_segs {
+            return Response::status(Status::TooBig);
+        }
+        if req.segs.len() != req.nr_segs as usize {
+            return Response::status(Status::Inval);
+        }
+        let choice = if u32::from(req.flags) & abi::PVDMA_FLAG_FIXED != 0 {
+            IovaChoice::Fixed(req.iova)
+        } else if self.cfg.host_iova {
+            IovaChoice::Host
+        } else {
+            return Response::status(Status::Inval);
+        };
+        let mut notify = self.notifier_for(ep.rid, MapEventKind::Map, perms);
+        match dom.map(
+            req.segs.clone(),
+            perms,
+            choice,
+            ram,
+            &self.pins,
+            &mut notify,
+        ) {
+            Ok(m) => {
+                // Relaxed: a statistic.
+                self.stats.mappings.fetch_add(1, Ordering::Relaxed);
+                Response {
+                    status: Status::Ok,
+                    iova: m.iova,
+                    length: m.length,
+                    result: 0,
+                }
+            }
+            Err(e) => Response::status(domain_status(&e)),
+        }
+    }
+
+    fn unmap_locked(
+        &self,
+        ep: &Endpoint,
+        req: &Request,
+        ram: &RamLayout,
+        guard: &Guard,
+    ) -> Response {
+        let Some(dom) = Self::domain_of(ep, guard) else {
+            return Response::status(Status::State);
+        };
+        let limit = 1u64 << self.cfg.iova_bits;
+        let in_range = match req.length {
+            0 => req.iova < limit,
+            n => req.iova.checked_add(n).is_some_and(|end| end <= limit),
+        };
+        if !in_range {
+            return Response::status(Status::Inval);
+        }
+        let mut notify = self.unmap_notifier(ep.rid);
+        let r = if req.length == 0 {
+            dom.unmap_at(req.iova, ram, &self.pins, &mut notify)
+        } else {
+            dom.unmap_range(req.iova, req.length, ram, &self.pins, &mut notify)
+        };
+        match r {
+            Ok(removed) => {
+                self.count_removed(&removed);
+                Response::ok(removed.iter().map(Mapping::span).sum())
+            }
+            Err(e) => Response::status(domain_status(&e)),
+        }
+    }
+
+    /// Detaches `ep` (caller holds its op_lock): unlinks the domain so no
+    /// new translation finds it, removes every mapping (pins released,
+    /// notified), and frees the domain once no reader can see it. Returns
+    /// the number of mappings removed.
+    fn detach_locked(&self, ep: &Endpoint, guard: &Guard) -> usize {
+        // AcqRel: Acquire so we own the domain as attach published it;
+        // Release orders our earlier writes before readers seeing null.
+        let old = ep.domain.swap(Shared::null(), Ordering::AcqRel, guard);
+        // SAFETY: the pointer came from Owned::new in attach and is freed
+        // only here, after being unlinked, through defer_destroy.
+        let Some(dom) = (unsafe { old.as_ref() }) else {
+            return 0;
+        };
+        let ram = self.ram.load(guard);
+        let removed = dom.clear(ram, &self.pins, &mut self.unmap_notifier(ep.rid));
+        self.count_removed(&removed);
+        // SAFETY: unlinked above; readers that loaded it before hold guards
+        // and defer_destroy waits for them.
+        unsafe { guard.defer_destroy(old) };
+        removed.len()
+    }
+
+    /// Device reset: detaches every endpoint (mappings removed, pins
+    /// released) and clears the fault log and counters of faults.
+    pub fn reset(&self) {
+        let guard = epoch::pin();
+        for ep in self.endpoint_list(&guard) {
+            let _op = ep.op_lock.lock();
+            self.detach_locked(&ep, &guard);
+        }
+        self.faults.lock().clear();
+        // Relaxed: a statistic.
+        self.stats.faults.store(0, Ordering::Relaxed);
+    }
+
+    /// Re-creates a mapping during migration import (FIXED at its IOVA).
+    pub(crate) fn import_mapping(&self, rid: u32, m: &Mapping) -> std::result::Result<(), Status> {
+        let flags = m.perms.bits() as u16 | abi::PVDMA_FLAG_FIXED as u16;
+        let req = Request {
+            op: Op::Map as u16,
+            flags,
+            requester: rid,
+            nr_segs: m.segs.len() as u32,
+            iova: m.iova,
+            length: 0,
+            reserved: [0; 3],
+            segs: m.segs.clone(),
+        };
+        match self.execute(&req).status {
+            Status::Ok => Ok(()),
+            s => Err(s),
+        }
+    }
+
+    /// Attaches `rid` (migration import, tests).
+    pub(crate) fn attach(&self, rid: u32) -> Status {
+        self.execute(&Request {
+            op: Op::Attach as u16,
+            flags: 0,
+            requester: rid,
+            nr_segs: 0,
+            iova: 0,
+            length: 0,
+            reserved: [0; 3],
+            segs: Vec::new(),
+        })
+        .status
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Release every pin (munlock in mlock mode) and free the domains.
+        self.reset();
+        let guard = epoch::pin();
+        let map = self
+            .endpoints
+            .swap(Shared::null(), Ordering::AcqRel, &guard);
+        // SAFETY: the VM is being dropped: no reader can reach the map
+        // except through guards that defer_destroy waits for.
+        unsafe { guard.defer_destroy(map) };
+    }
+}
+
+fn domain_status(e: &domain::Error) -> Status {
+    use crate::pin::Error as PinError;
+    match e {
+        domain::Error::Inval(_) => Status::Inval,
+        domain::Error::Fault { .. } => Status::Fault,
+        domain::Error::NoSpace { .. } => Status::NoSpc,
+        domain::Error::Exist { .. } => Status::Exist,
+        domain::Error::NoEnt { .. } => Status::NoEnt,
+        domain::Error::Range { .. } => Status::Range,
+        // An mlock refused by RLIMIT_MEMLOCK is the host's pin limit too.
+        domain::Error::Pin(PinError::Quota { .. } | PinError::Mlock { .. }) => Status::Quota,
+        // A page referenced 2^32 times: no room to count one more.
+        domain::Error::Pin(PinError::RefcountOverflow { .. }) => Status::Quota,
+    }
+}
+
+fn le64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    u64::from_le_bytes(a)
+}
+
+fn le32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(b);
+    u32::from_le_bytes(a)
+}
+
+/// Decodes the 64-byte header (little-endian, whatever the host).
+pub fn parse_header(h: &[u8; 64]) -> Request {
+    Request {
+        op: u16::from_le_bytes([h[0], h[1]]),
+        flags: u16::from_le_bytes([h[2], h[3]]),
+        requester: le32(&h[8..12]),
+        nr_segs: le32(&h[12..16]),
+        iova: le64(&h[16..24]),
+        length: le64(&h[24..32]),
+        reserved: [le64(&h[40..48]), le64(&h[48..56]), le64(&h[56..64])],
+        segs: Vec::new(),
+    }
+}
+
+/// Encodes a request block (header + segments) as a guest would lay it
+/// out: for tests, fuzzing and the C test program's Rust twin.
+pub fn encode_request(req: &Request) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64 + 16 * req.segs.len());
+    b.extend_from_slice(&req.op.to_le_bytes());
+    b.extend_from_slice(&req.flags.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&req.requester.to_le_bytes());
+    b.extend_from_slice(&req.nr_segs.to_le_bytes());
+    b.extend_from_slice(&req.iova.to_le_bytes());
+    b.extend_from_slice(&req.length.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    for r in req.reserved {
+        b.extend_from_slice(&r.to_le_bytes());
+    }
+    for &(gpa, len) in &req.segs {
+        b.extend_from_slice(&gpa.to_le_bytes());
+        b.extend_from_slice(&len.to_le_bytes());
+    }
+    b
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Vm>();
+}

@@ -1,0 +1,341 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! One test per status code of the ABI (INTERNAL lives with the C API: it
+//! is what the boundary returns on a NULL VM or a caught panic), each
+//! failure also checked to leave no mapping, pin or IOVA behind.
+
+mod common;
+
+use common::*;
+use pvdma::abi::Op;
+use pvdma::pin::PinMode;
+use pvdma::{Access, Fragment, Status, VmConfig};
+
+/// Runs `f`, which must fail with `want`, and checks nothing changed.
+fn fails_cleanly(g: &Guest, want: Status, f: impl FnOnce(&Guest) -> Out) {
+    let before = g.footprint();
+    let out = f(g);
+    assert_eq!(out.status, want, "{out:?}");
+    assert_eq!(
+        out.result, 0xdead_beef,
+        "result must not be written on failure"
+    );
+    assert_eq!(g.footprint(), before, "a failed request changed state");
+}
+
+/// The IOVA the host would pick next for one page: proves a failed MAP
+/// gave back any IOVA it had taken.
+fn next_host_iova(g: &Guest) -> u64 {
+    let out = g.map(EP, RW, 0, &[(0x1000, 0x1000)]);
+    assert_eq!(out.status, Status::Ok);
+    assert_eq!(g.unmap(EP, out.iova, 0).status, Status::Ok);
+    out.iova
+}
+
+#[test]
+fn ok_query_attach_map_unmap_detach() {
+    let g = Guest::new();
+    let q = g.query(EP);
+    assert_eq!(q.status, Status::Ok);
+    assert_eq!(q.result, 0b100, "unattached, bypass");
+    assert_eq!(g.query(EP2).result, 0b110, "passthrough is reported");
+    assert_eq!(g.attach(EP), Status::Ok);
+    assert_eq!(g.query(EP).result, 0b001);
+
+    let m = g.map(EP, RW, 0, &[(0x2345, 0x100)]);
+    assert_eq!(m.status, Status::Ok);
+    assert_eq!(m.iova & 0xfff, 0x345, "in-page offset kept");
+    assert_ne!(m.iova >> 12, 0, "never page 0");
+    assert_eq!(m.length, 0x100);
+    assert_eq!(m.result, 0);
+
+    let mut frags = [Fragment {
+        hva: 0,
+        gpa: 0,
+        len: 0,
+    }; 4];
+    let n =
+        g.vm.translate(EP, m.iova, 0x100, Access::Write, &mut frags)
+            .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(frags[0].gpa, 0x2345);
+    assert_eq!(frags[0].hva, g.hva(0x2345));
+
+    let u = g.unmap(EP, m.iova, 0);
+    assert_eq!((u.status, u.result), (Status::Ok, 0x1000));
+    assert!(g
+        .vm
+        .translate(EP, m.iova, 1, Access::Read, &mut frags)
+        .is_err());
+    let d = g.detach(EP);
+    assert_eq!((d.status, d.result), (Status::Ok, 0));
+    assert_eq!(g.vm.stats().pinned_pages, 0);
+}
+
+#[test]
+fn inval() {
+    let g = Guest::with(VmConfig {
+        iova_bits: 32,
+        ..VmConfig::default()
+    });
+    assert_eq!(g.attach(EP), Status::Ok);
+    let iova0 = next_host_iova(&g);
+    let mut bad_op = req(Op::Query, EP);
+    bad_op.op = 9;
+    fails_cleanly(&g, Status::Inval, |g| g.submit(&bad_op));
+    bad_op.op = 0;
+    fails_cleanly(&g, Status::Inval, |g| g.submit(&bad_op));
+    let mut reserved = req(Op::Query, EP);
+    reserved.reserved[2] = 1;
+    fails_cleanly(&g, Status::Inval, |g| g.submit(&reserved));
+    let mut flags = req(Op::Query, EP);
+    flags.flags = 8;
+    fails_cleanly(&g, Status::Inval, |g| g.submit(&flags));
+    fails_cleanly(&g, Status::Inval, |g| {
+        g.submit_at(BLOCK + 4, &req(Op::Query, EP))
+    });
+    // Segment rules.
+    fails_cleanly(&g, Status::Inval, |g| g.map(EP, RW, 0, &[(0x1000, 0)]));
+    fails_cleanly(&g, Status::Inval, |g| {
+        g.map(EP, RW, 0, &[(0x1000, 0x1000), (0x3800, 0x800)])
+    });
+    fails_cleanly(&g, Status::Inval, |g| {
+        g.map(EP, RW, 0, &[(0x1000, 0x800), (0x3000, 0x1000)])
+    });
+    fails_cleanly(&g, Status::Inval, |g| {
+        g.map(EP, RW, 0, &[(0x1000, u64::MAX)])
+    });
+    fails_cleanly(&g, Status::Inval, |g| {
+        let mut r = map_req(EP, RW, 0, &[]);
+        r.nr_segs = 0;
+        g.submit(&r)
+    });
+    // FIXED: offset must match, range must be below 2^IOVA_BITS.
+    fails_cleanly(&g, Status::Inval, |g| {
+        g.map(EP, RW | FIXED, 0x10_0100, &[(0x1200, 0x10)])
+    });
+    fails_cleanly(&g, Status::Inval, |g| {
+        g.map(EP, RW | FIXED, (1 << 32) - 0x1000, &[(0x1000, 0x2000)])
+    });
+    fails_cleanly(&g, Status::Inval, |g| {
+        g.map(EP, RW | FIXED, 1 << 32, &[(0x1000, 0x10)])
+    });
+    // UNMAP beyond the IOVA space.
+    fails_cleanly(&g, Status::Inval, |g| g.unmap(EP, 1 << 32, 0));
+    fails_cleanly(&g, Status::Inval, |g| g.unmap(EP, 0x1000, u64::MAX));
+    assert_eq!(next_host_iova(&g), iova0);
+
+    // MAP without FIXED when the host may not pick.
+    let g = Guest::with(VmConfig {
+        host_iova: false,
+        ..VmConfig::default()
+    });
+    assert_eq!(g.vm.config().features() & 2, 0);
+    assert_eq!(g.attach(EP), Status::Ok);
+    fails_cleanly(&g, Status::Inval, |g| g.map(EP, RW, 0, &[(0x1000, 0x10)]));
+    assert_eq!(
+        g.map(EP, RW | FIXED, 0x5000, &[(0x1000, 0x10)]).status,
+        Status::Ok
+    );
+}
+
+#[test]
+fn nodev() {
+    let g = Guest::new();
+    fails_cleanly(&g, Status::NoDev, |g| g.query(0x0020));
+    fails_cleanly(&g, Status::NoDev, |g| g.query(0x1_0010)); // segment 1
+    fails_cleanly(&g, Status::NoDev, |g| g.map(0x0020, RW, 0, &[(0x1000, 1)]));
+    g.vm.remove_endpoint(EP).unwrap();
+    fails_cleanly(&g, Status::NoDev, |g| g.query(EP));
+}
+
+#[test]
+fn fault() {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    let iova0 = next_host_iova(&g);
+    // Block outside RAM: nothing can be written back.
+    assert_eq!(g.vm.submit(LOW.1), Status::Fault);
+    assert_eq!(
+        g.vm.submit(LOW.1 - 32),
+        Status::Fault,
+        "header straddles the end"
+    );
+    assert_eq!(g.vm.submit(u64::MAX - 7), Status::Fault);
+    // Segments outside RAM, straddling its end, in the hole.
+    fails_cleanly(&g, Status::Fault, |g| g.map(EP, RW, 0, &[(LOW.1, 0x1000)]));
+    fails_cleanly(&g, Status::Fault, |g| {
+        g.map(EP, RW, 0, &[(LOW.1 - 0x1000, 0x2000)])
+    });
+    fails_cleanly(&g, Status::Fault, |g| {
+        g.map(EP, RW, 0, &[(0x1000, 0x1000), (HIGH.0 + HIGH.1, 0x1000)])
+    });
+    // The segment array runs past the end of RAM.
+    let at = LOW.1 - 64 - 16;
+    let mut r = map_req(EP, RW, 0, &[(0x1000, 0x1000)]);
+    r.nr_segs = 2; // the second segment would lie past the end of RAM
+    fails_cleanly(&g, Status::Fault, |g| g.submit_at(at, &r));
+    assert_eq!(next_host_iova(&g), iova0);
+}
+
+#[test]
+fn nospc() {
+    // 21 bits: 512 pages, page 0 never handed out.
+    let g = Guest::with(VmConfig {
+        iova_bits: 21,
+        ..VmConfig::default()
+    });
+    assert_eq!(g.attach(EP), Status::Ok);
+    let m = g.map(EP, RW, 0, &[(0x10_0000, 511 * 4096)]);
+    assert_eq!(m.status, Status::Ok);
+    assert_eq!(m.iova, 0x1000);
+    fails_cleanly(&g, Status::NoSpc, |g| g.map(EP, R, 0, &[(0x1000, 1)]));
+    // FIXED may still use page 0.
+    assert_eq!(
+        g.map(EP, R | FIXED, 0x10, &[(0x1010, 1)]).status,
+        Status::Ok
+    );
+    assert_eq!(g.unmap(EP, 0x1000, 0).status, Status::Ok);
+    assert_eq!(
+        g.map(EP, R, 0, &[(0x1000, 1)]).iova,
+        0x1000,
+        "freed IOVA reused"
+    );
+}
+
+#[test]
+fn exist() {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    assert_eq!(
+        g.map(EP, RW | FIXED, 0x10_0000, &[(0x1000, 0x3000)]).status,
+        Status::Ok
+    );
+    let iova0 = next_host_iova(&g);
+    fails_cleanly(&g, Status::Exist, |g| {
+        g.map(EP, RW | FIXED, 0x10_2000, &[(0x9000, 1)])
+    });
+    fails_cleanly(&g, Status::Exist, |g| {
+        g.map(EP, RW | FIXED, 0xf_f000, &[(0x9000, 0x2000)])
+    });
+    // Another endpoint's IOVA space is separate.
+    assert_eq!(g.attach(EP2), Status::Ok);
+    assert_eq!(
+        g.map(EP2, RW | FIXED, 0x10_0000, &[(0x9000, 1)]).status,
+        Status::Ok
+    );
+    assert_eq!(next_host_iova(&g), iova0);
+}
+
+#[test]
+fn noent() {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    assert_eq!(
+        g.map(EP, RW | FIXED, 0x10_0000, &[(0x1000, 0x3000)]).status,
+        Status::Ok
+    );
+    fails_cleanly(&g, Status::NoEnt, |g| g.unmap(EP, 0x10_1000, 0)); // not its first page
+    fails_cleanly(&g, Status::NoEnt, |g| g.unmap(EP, 0x20_0000, 0));
+    fails_cleanly(&g, Status::NoEnt, |g| g.unmap(EP, 0x20_0000, 0x10_0000));
+    // length 0 ignores the in-page offset
+    assert_eq!(g.unmap(EP, 0x10_0abc, 0).result, 0x3000);
+}
+
+#[test]
+fn range() {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    for (iova, gpa) in [(0x10_0000, 0x1000), (0x10_4000, 0x8000)] {
+        assert_eq!(
+            g.map(EP, RW | FIXED, iova, &[(gpa, 0x2000)]).status,
+            Status::Ok
+        );
+    }
+    // crosses the start, crosses the end: nothing removed
+    fails_cleanly(&g, Status::Range, |g| g.unmap(EP, 0x10_1000, 0x10_0000));
+    fails_cleanly(&g, Status::Range, |g| g.unmap(EP, 0x10_0000, 0x5000));
+    // a byte range is widened to whole pages: [0x100001, 0x105fff) covers both
+    let u = g.unmap(EP, 0x10_0001, 0x5ffe);
+    assert_eq!((u.status, u.result), (Status::Ok, 0x4000));
+    assert!(g.vm.mappings(EP).is_empty());
+}
+
+#[test]
+fn toobig() {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    let max = g.vm.config().max_segs;
+    assert!(max >= 252);
+    let segs: Vec<(u64, u64)> = (0..u64::from(max) + 1)
+        .map(|i| (i * 0x1000, 0x1000))
+        .collect();
+    fails_cleanly(&g, Status::TooBig, |g| g.map(EP, RW, 0, &segs));
+    assert_eq!(g.map(EP, RW, 0, &segs[..max as usize]).status, Status::Ok);
+}
+
+#[test]
+fn quota() {
+    let g = Guest::with(VmConfig {
+        pin_limit: 3 * 4096,
+        ..VmConfig::default()
+    });
+    assert_eq!(g.attach(EP), Status::Ok);
+    assert_eq!(g.attach(EP2), Status::Ok);
+    // Two pages, named twice: pinned once.
+    let m = g.map(EP, RW, 0, &[(0x1000, 0x2000), (0x1000, 0x2000)]);
+    assert_eq!(m.status, Status::Ok);
+    assert_eq!(g.vm.stats().pinned_pages, 2);
+    // Another endpoint mapping the same page pins nothing new.
+    assert_eq!(g.map(EP2, R, 0, &[(0x1000, 1)]).status, Status::Ok);
+    assert_eq!(g.vm.pins().refcount(1), 2);
+    fails_cleanly(&g, Status::Quota, |g| g.map(EP, RW, 0, &[(0x5000, 0x2000)]));
+    assert_eq!(g.map(EP, RW, 0, &[(0x5000, 0x1000)]).status, Status::Ok);
+    assert_eq!(g.vm.stats().pinned_pages, 3);
+    assert!(g.vm.ram_range_pinned(0x5fff, 1));
+    assert!(!g.vm.ram_range_pinned(0x6000, 0x1000));
+}
+
+#[test]
+fn perm() {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    fails_cleanly(&g, Status::Perm, |g| g.map(EP, 0, 0, &[(0x1000, 1)]));
+    fails_cleanly(&g, Status::Perm, |g| {
+        g.map(EP, FIXED, 0x1000, &[(0x1000, 1)])
+    });
+}
+
+#[test]
+fn state() {
+    let g = Guest::new();
+    fails_cleanly(&g, Status::State, |g| g.map(EP, RW, 0, &[(0x1000, 1)]));
+    fails_cleanly(&g, Status::State, |g| g.unmap(EP, 0x1000, 0));
+    fails_cleanly(&g, Status::State, |g| g.detach(EP));
+    assert_eq!(g.attach(EP), Status::Ok);
+    fails_cleanly(&g, Status::State, |g| g.submit(&req(Op::Attach, EP)));
+}
+
+#[test]
+fn detach_and_reset_drop_everything() {
+    let g = Guest::with(VmConfig {
+        pin_mode: PinMode::None,
+        ..VmConfig::default()
+    });
+    assert_eq!(g.attach(EP), Status::Ok);
+    assert_eq!(g.attach(EP2), Status::Ok);
+    for i in 0..3 {
+        assert_eq!(
+            g.map(EP, RW, 0, &[(0x1000 * (i + 1), 1)]).status,
+            Status::Ok
+        );
+    }
+    assert_eq!(g.map(EP2, RW, 0, &[(0x1000, 1)]).status, Status::Ok);
+    let d = g.detach(EP);
+    assert_eq!((d.status, d.result), (Status::Ok, 3));
+    assert_eq!(g.query(EP).result, 0b100);
+    assert_eq!(g.vm.stats().pinned_pages, 1);
+    g.vm.reset();
+    assert_eq!(g.vm.stats().pinned_pages, 0);
+    assert_eq!(g.vm.stats().mappings, 0);
+    assert_eq!(g.query(EP2).result, 0b110);
+}
