@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+# Shared helpers for the project's scripts: installing what they need.
+
+PVDMA_CACHE=${PVDMA_CACHE:-$HOME/.cache/pvdma}
+PVDMA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+log() { printf '== %s\n' "$*" >&2; }
+
+# ensure_apt PKG...: installs the Debian packages that are missing.
+ensure_apt() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' ||
+            missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+        --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# ensure_cargo_tool BIN CRATE VERSION: installs a pinned cargo tool under
+# the cache (never into the user's ~/.cargo/bin) and puts it on PATH.
+ensure_cargo_tool() {
+    local bin=$1 crate=$2 version=$3
+    local root="$PVDMA_CACHE/tools/$crate-$version"
+    export PATH="$root/bin:$PATH"
+    [ -x "$root/bin/$bin" ] && return 0
+    log "installing $crate $version"
+    cargo install --quiet --locked --root "$root" "$crate" --version "=$version"
+}
+
+# The Rust side needs libclang (bindgen), meson and ninja for the C tests.
+ensure_rust_build_deps() {
+    ensure_apt libclang-dev clang meson ninja-build pkg-config gcc
+    command -v cargo >/dev/null || {
+        echo "cargo not found: install Rust (rustup) first" >&2
+        exit 1
+    }
+}
