@@ -225,16 +225,17 @@ impl Vm {
     /// RAM regions and endpoints must already be set up. The VM is reset
     /// first; on any error it is left reset and the error says why.
     pub fn import_state(&self, blob: &[u8]) -> Result<()> {
-        let st = VmState::decode(blob)?;
-        if st.iova_bits != self.config().iova_bits {
-            return Err(Error::State(format!(
-                "source iova-bits {} != destination {}",
-                st.iova_bits,
-                self.config().iova_bits
-            )));
-        }
         self.reset();
-        let r = self.apply(&st);
+        let r = VmState::decode(blob).and_then(|st| {
+            if st.iova_bits != self.config().iova_bits {
+                return Err(Error::State(format!(
+                    "source iova-bits {} != destination {}",
+                    st.iova_bits,
+                    self.config().iova_bits
+                )));
+            }
+            self.apply(&st)
+        });
         if r.is_err() {
             self.reset();
         }
