@@ -343,7 +343,7 @@ fn iova_of(bits: u32, p: IovaPick) -> u64 {
     match p {
         IovaPick::Low(n) => n * PAGE_SIZE,
         IovaPick::Top(d) => ((1i64 << (bits - 12)) + d) as u64 * PAGE_SIZE,
-        IovaPick::Wrap => u64::MAX & !(PAGE_SIZE - 1),
+        IovaPick::Wrap => !(PAGE_SIZE - 1),
     }
 }
 
@@ -819,9 +819,9 @@ impl Run {
         let pins = self.m.pins();
         assert_eq!(vm.pins().snapshot(), pins, "pin refcounts");
         assert_eq!(s.pinned_pages, pins.len() as u64, "stats().pinned_pages");
-        for ep in 0..2 {
+        for (ep, &rid) in RIDS[..2].iter().enumerate() {
             let got: Vec<_> = vm
-                .mappings(RIDS[ep])
+                .mappings(rid)
                 .into_iter()
                 .map(|m| (m.iova, m.length, m.perms.bits(), m.segs))
                 .collect();
