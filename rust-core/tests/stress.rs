@@ -1,0 +1,382 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Concurrency: lock-free readers against writers, racing requests, and
+//! the notifier's view of a concurrent request stream.
+//!
+//! Every loop is bounded by an iteration count; nothing is timed. The
+//! checks hold for every interleaving, so a failure is a real bug whatever
+//! the scheduler did.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+
+use common::*;
+use pvdma::domain::FaultReason;
+use pvdma::vm::{MapEvent, MapEventKind};
+use pvdma::{Access, Fragment, Perm, Status, PAGE_SIZE};
+
+/// Map/unmap rounds per writer.
+const ROUNDS: u64 = 1500;
+/// IOVA slots per writer; each slot is a 2-page mapping.
+const SLOTS: u64 = 4;
+/// Generations a slot cycles through (each a different pair of pages).
+const GENS: u64 = 8;
+/// Upper bound on reader iterations, in case writers stall.
+const READER_CAP: u64 = 5_000_000;
+
+/// Request block of writer thread `t` (each thread needs its own).
+fn block(t: u64) -> u64 {
+    BLOCK + 0x1000 * (t + 1)
+}
+
+/// IOVA of slot `s` of writer `w`: 2 pages, with an in-page offset.
+fn slot_iova(w: u64, s: u64) -> u64 {
+    0x40_0000 + (w * SLOTS + s) * 0x10_000 + 0x80
+}
+
+/// Guest page of page `idx` (0 or 1) of generation `k` of slot `s` of
+/// writer `w`. The two pages of a mapping are swapped (page 1 before page
+/// 0 in guest memory) so a translation needs two fragments.
+fn gpa_page(w: u64, s: u64, k: u64, idx: u64) -> u64 {
+    let pair = 0x100 + ((w * SLOTS + s) * GENS + k) * 2;
+    pair + (1 - idx)
+}
+
+fn map_segs(w: u64, s: u64, k: u64) -> [(u64, u64); 2] {
+    [
+        (gpa_page(w, s, k, 0) * PAGE_SIZE + 0x80, PAGE_SIZE - 0x80),
+        (gpa_page(w, s, k, 1) * PAGE_SIZE, 0x800),
+    ]
+}
+
+fn frags() -> [Fragment; 4] {
+    [Fragment {
+        hva: 0,
+        gpa: 0,
+        len: 0,
+    }; 4]
+}
+
+/// Checks one reader translation of `len` bytes at `iova` (inside slot
+/// `s` of writer `w`, starting `start` bytes into the slot): unmapped, or
+/// every byte lands on a page some generation of that slot mapped there.
+fn check_read(g: &Guest, rid: u32, w: u64, s: u64, start: u64, len: u64) {
+    let base = slot_iova(w, s);
+    let iova = base + start;
+    let mut out = frags();
+    match g.vm.translate(rid, iova, len, Access::Read, &mut out) {
+        Err(f) => {
+            assert_eq!(f.reason, FaultReason::Unmapped, "{f}");
+            assert!(
+                f.iova >= iova && f.iova < iova + len,
+                "{f} outside the range"
+            );
+        }
+        Ok(n) => {
+            assert!(n <= out.len(), "{n} fragments for two pages");
+            let mut cur = iova;
+            for f in &out[..n] {
+                assert_eq!(f.hva, g.hva(f.gpa), "hva of {:#x}", f.gpa);
+                // Walk the fragment page by page: generations of adjacent
+                // pages may meet guest-physically and be merged.
+                let mut gpa = f.gpa;
+                while gpa < f.gpa + f.len {
+                    let idx = (cur - (base & !0xfff)) / PAGE_SIZE;
+                    let page = gpa / PAGE_SIZE;
+                    assert!(
+                        (0..GENS).any(|k| gpa_page(w, s, k, idx) == page),
+                        "iova {cur:#x} -> gpa {gpa:#x}: no generation of slot {s} mapped it"
+                    );
+                    assert_eq!(gpa % PAGE_SIZE, cur % PAGE_SIZE, "in-page offset");
+                    let step = (PAGE_SIZE - gpa % PAGE_SIZE).min(f.gpa + f.len - gpa);
+                    gpa += step;
+                    cur += step;
+                }
+            }
+            assert_eq!(
+                cur,
+                iova + len,
+                "translation covered {:#x} of {len:#x}",
+                cur - iova
+            );
+        }
+    }
+}
+
+/// One writer: `ROUNDS` times, maps each of its slots FIXED to the next
+/// generation and unmaps it again (by first page, or by range), checking
+/// every status and that its own translations right after UNMAP fault.
+fn writer(g: &Guest, t: u64, rid: u32, w: u64) {
+    for round in 0..ROUNDS {
+        let s = round % SLOTS;
+        let k = (round / SLOTS) % GENS;
+        let iova = slot_iova(w, s);
+        let out = g.submit_at(block(t), &map_req(rid, R | FIXED, iova, &map_segs(w, s, k)));
+        assert_eq!(out.status, Status::Ok, "writer {w} round {round}");
+        assert_eq!((out.iova, out.length), (iova, PAGE_SIZE - 0x80 + 0x800));
+        let mut u = req(pvdma::abi::Op::Unmap, rid);
+        (u.iova, u.length) = if round % 2 == 0 {
+            (iova, 0)
+        } else {
+            (iova & !0xfff, 2 * PAGE_SIZE)
+        };
+        let out = g.submit_at(block(t), &u);
+        assert_eq!((out.status, out.result), (Status::Ok, 2 * PAGE_SIZE));
+        // Nothing that starts after UNMAP returned reaches the range.
+        let mut f = frags();
+        let e =
+            g.vm.translate(rid, iova, 1, Access::Read, &mut f)
+                .unwrap_err();
+        assert_eq!(e.reason, FaultReason::Unmapped, "after UNMAP returned");
+    }
+}
+
+fn readers_vs_writers(same_endpoint: bool) {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    assert_eq!(g.attach(EP2), Status::Ok);
+    // Writer w works on endpoint rids[w], slots of its own.
+    let rids = if same_endpoint { [EP, EP] } else { [EP, EP2] };
+    let done = AtomicBool::new(false);
+    let writers_left = std::sync::atomic::AtomicUsize::new(2);
+    thread::scope(|sc| {
+        for w in 0..2u64 {
+            let (g, done, left) = (&g, &done, &writers_left);
+            sc.spawn(move || {
+                writer(g, w, rids[w as usize], w);
+                if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    done.store(true, Ordering::Release);
+                }
+            });
+        }
+        for r in 0..2u64 {
+            let (g, done) = (&g, &done);
+            sc.spawn(move || {
+                let mut i = 0u64;
+                while !done.load(Ordering::Acquire) && i < READER_CAP {
+                    let w = (i + r) % 2;
+                    let s = (i / 2) % SLOTS;
+                    // One byte, one page, a page pair, and from the middle.
+                    let (start, len) =
+                        [(0, 1), (0, 0xf80), (0, 0xf80 + 0x800), (0x100, 0x800)][(i % 4) as usize];
+                    check_read(g, rids[w as usize], w, s, start, len);
+                    // Another endpoint's slots are never visible through
+                    // this one (separate IOVA spaces).
+                    if !same_endpoint {
+                        let other = rids[1 - w as usize];
+                        check_read(g, other, 1 - w, s, 0, 1);
+                    }
+                    i += 1;
+                }
+            });
+        }
+    });
+    let s = g.vm.stats();
+    assert_eq!((s.mappings, s.pinned_pages), (0, 0));
+    assert!(g.vm.pins().snapshot().is_empty());
+}
+
+#[test]
+fn readers_see_old_or_new_mapping_different_endpoints() {
+    readers_vs_writers(false);
+}
+
+#[test]
+fn readers_see_old_or_new_mapping_same_endpoint() {
+    readers_vs_writers(true);
+}
+
+#[test]
+fn racing_fixed_maps_one_wins_and_racing_unmaps_one_wins() {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    let barrier = Barrier::new(2);
+    for round in 0..300u64 {
+        let iova = 0x20_0000 + (round % 7) * 0x3000;
+        let gpas = [
+            0x1_0000 + round % 5 * PAGE_SIZE,
+            0x4_0000 + round % 3 * PAGE_SIZE,
+        ];
+        // Two MAP FIXED at the same IOVA, each of a different page.
+        let outs: Vec<Out> = thread::scope(|sc| {
+            let hs: Vec<_> = (0..2)
+                .map(|t| {
+                    let (g, b) = (&g, &barrier);
+                    sc.spawn(move || {
+                        b.wait();
+                        g.submit_at(
+                            block(t),
+                            &map_req(EP, RW | FIXED, iova, &[(gpas[t as usize], 0x1000)]),
+                        )
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let st: Vec<Status> = outs.iter().map(|o| o.status).collect();
+        let winner = match st[..] {
+            [Status::Ok, Status::Exist] => 0,
+            [Status::Exist, Status::Ok] => 1,
+            _ => panic!("round {round}: {st:?}, want one OK and one EXIST"),
+        };
+        let mut f = frags();
+        assert_eq!(
+            g.vm.translate(EP, iova, 1, Access::Write, &mut f).unwrap(),
+            1
+        );
+        assert_eq!(f[0].gpa, gpas[winner], "the winner's page is mapped");
+        assert_eq!(g.vm.pins().snapshot(), vec![(gpas[winner] / PAGE_SIZE, 1)]);
+
+        // Two UNMAPs of that one mapping.
+        let outs: Vec<Out> = thread::scope(|sc| {
+            let hs: Vec<_> = (0..2)
+                .map(|t| {
+                    let (g, b) = (&g, &barrier);
+                    sc.spawn(move || {
+                        let mut u = req(pvdma::abi::Op::Unmap, EP);
+                        // One by first page, one by range: both name it.
+                        (u.iova, u.length) = if (round + t) % 2 == 0 {
+                            (iova, 0)
+                        } else {
+                            (iova, 0x1000)
+                        };
+                        b.wait();
+                        g.submit_at(block(t), &u)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut st: Vec<(Status, u64)> = outs.iter().map(|o| (o.status, o.result)).collect();
+        st.sort_by_key(|s| s.0 as u32);
+        assert_eq!(
+            st,
+            vec![(Status::Ok, 0x1000), (Status::NoEnt, 0xdead_beef)],
+            "round {round}"
+        );
+        assert_eq!(g.footprint(), (0, 0, vec![], vec![vec![], vec![]]));
+    }
+}
+
+/// The notifier during concurrent requests: each thread, right after its
+/// request returns, finds exactly its events in the log (so they were
+/// delivered before the return), with the right fields; the whole log
+/// replays as a serial history (a page is mapped only when free and
+/// unmapped only when mapped to that page).
+#[test]
+fn notifier_sees_every_event_before_the_request_returns() {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    assert_eq!(g.attach(EP2), Status::Ok);
+    let log: Arc<Mutex<Vec<MapEvent>>> = Arc::default();
+    let sink = log.clone();
+    g.vm.set_notifier(Some(Arc::new(move |e: &MapEvent| {
+        sink.lock().unwrap().push(*e)
+    })));
+
+    // Thread t: writer slots of its own on EP (shared endpoint), and for
+    // t == 1 also EP2 every other round.
+    thread::scope(|sc| {
+        for t in 0..2u64 {
+            let (g, log) = (&g, &log);
+            sc.spawn(move || {
+                let mine = |e: &MapEvent| {
+                    let lo = slot_iova(t, 0) & !0xfff;
+                    e.iova >= lo && e.iova < lo + SLOTS * 0x10_000
+                };
+                let mut want: Vec<MapEvent> = Vec::new();
+                for round in 0..400u64 {
+                    let rid = if t == 1 && round % 2 == 1 { EP2 } else { EP };
+                    let s = round % SLOTS;
+                    let k = round % GENS;
+                    let iova = slot_iova(t, s);
+                    let perms = [R, W, RW][(round % 3) as usize];
+                    let out = g.submit_at(
+                        block(t),
+                        &map_req(rid, perms | FIXED, iova, &map_segs(t, s, k)),
+                    );
+                    assert_eq!(out.status, Status::Ok);
+                    // Two runs: the pages are swapped in guest memory.
+                    let ev = |kind, idx: u64, perms| MapEvent {
+                        kind,
+                        requester: rid,
+                        iova: (iova & !0xfff) + idx * PAGE_SIZE,
+                        len: PAGE_SIZE,
+                        gpa: gpa_page(t, s, k, idx) * PAGE_SIZE,
+                        perms,
+                    };
+                    let p = Perm::from_bits_truncate(perms as u8);
+                    want.extend([ev(MapEventKind::Map, 0, p), ev(MapEventKind::Map, 1, p)]);
+                    let got: Vec<MapEvent> = log
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|e| mine(e))
+                        .copied()
+                        .collect();
+                    assert_eq!(
+                        got, want,
+                        "thread {t} round {round}: events after MAP returned"
+                    );
+
+                    let mut u = req(pvdma::abi::Op::Unmap, rid);
+                    u.iova = iova;
+                    assert_eq!(g.submit_at(block(t), &u).status, Status::Ok);
+                    // UNMAP events carry no permissions (docs: "a
+                    // translation was removed"); compare the rest.
+                    want.extend([
+                        ev(MapEventKind::Unmap, 0, Perm::NONE),
+                        ev(MapEventKind::Unmap, 1, Perm::NONE),
+                    ]);
+                    let got: Vec<MapEvent> = log
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|e| mine(e))
+                        .copied()
+                        .collect();
+                    assert_eq!(
+                        got.len(),
+                        want.len(),
+                        "thread {t} round {round}: events after UNMAP returned"
+                    );
+                    for (a, b) in got.iter().zip(&want) {
+                        assert_eq!(
+                            (a.kind, a.requester, a.iova, a.len, a.gpa),
+                            (b.kind, b.requester, b.iova, b.len, b.gpa)
+                        );
+                        if a.kind == MapEventKind::Map {
+                            assert_eq!(a.perms, b.perms);
+                        }
+                    }
+                }
+            });
+        }
+    });
+
+    // Replay the interleaved log as one serial history.
+    let mut live: BTreeMap<(u32, u64), u64> = BTreeMap::new();
+    for e in log.lock().unwrap().iter() {
+        assert_eq!(e.iova % PAGE_SIZE, 0);
+        assert_eq!(e.gpa % PAGE_SIZE, 0);
+        for p in 0..e.len / PAGE_SIZE {
+            let key = (e.requester, e.iova / PAGE_SIZE + p);
+            let gpa = e.gpa + p * PAGE_SIZE;
+            match e.kind {
+                MapEventKind::Map => {
+                    assert_eq!(live.insert(key, gpa), None, "{e:?} maps a live page")
+                }
+                MapEventKind::Unmap => assert_eq!(
+                    live.remove(&key),
+                    Some(gpa),
+                    "{e:?} unmaps what is not mapped"
+                ),
+            }
+        }
+    }
+    assert!(live.is_empty());
+    g.vm.set_notifier(None);
+}
