@@ -366,9 +366,6 @@ impl Domain {
         let offset = segs[0].0 & PAGE_MASK;
         let span = npages << PAGE_SHIFT;
         let limit = 1u64 << self.iova_bits();
-        if span > limit {
-            return Err(Error::Inval("mapping larger than the IOVA space"));
-        }
         for &(gpa, len) in &segs {
             if !ram.contains_range(gpa, len) {
                 return Err(Error::Fault { gpa, len });
