@@ -6,11 +6,13 @@
 #
 # Usage: scripts/qemu-smoke.sh [path/to/qemu-system-x86_64]
 # Env:   PVDMA_SMOKE_TIMEOUT  seconds before QEMU is killed (default 60)
+#        PVDMA_SMOKE_ACCEL    accelerator: tcg (default) or kvm (needs /dev/kvm)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 qemu=${1:-$("$here/qemu-build.sh" | tail -n1)}
 limit=${PVDMA_SMOKE_TIMEOUT:-60}
+accel=${PVDMA_SMOKE_ACCEL:-tcg}
 
 log() { printf '[qemu-smoke] %s\n' "$*" >&2; }
 
@@ -30,7 +32,7 @@ sock=$tmp/qmp.sock
 # --firmwarepath; PVDMA_QEMU_EXTRA_ARGS can add e.g. "-L DIR".
 # shellcheck disable=SC2086
 timeout --kill-after=5 "$limit" "$qemu" \
-    -M q35 -accel tcg -nographic -S \
+    -M q35 -accel "$accel" -nographic -S \
     -device edu \
     -qmp "unix:$sock,server=on,wait=off" \
     ${PVDMA_QEMU_EXTRA_ARGS:-} \
@@ -96,4 +98,4 @@ if ((rc != 0)); then
     cat "$tmp/console.log" >&2
     exit 1
 fi
-log "PASS"
+log "PASS ($accel)"
