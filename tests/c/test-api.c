@@ -671,9 +671,15 @@ static void test_nospc_and_host_iova_off(void)
     CHECK_ST(map(vm, RID_A, RW, 0, same, 511, &iova), PVDMA_S_OK);
     CHECK_U64(iova, PAGE);
     CHECK_ST(map(vm, RID_A, RW, 0, same, 1, NULL), PVDMA_S_NOSPC);
-    /* A mapping larger than the whole space is malformed, not NOSPC. */
-    struct pvdma_seg huge = { 0, RAM0_SIZE + PAGE };
-    CHECK_ST(map(vm, RID_A, RW, 0, &huge, 1, NULL), PVDMA_S_INVAL);
+    /*
+     * A well-formed mapping larger than any free range is NOSPC ("no range
+     * is free"), even when it is larger than the whole space; one that
+     * also runs past the end of RAM may get FAULT instead.
+     */
+    struct pvdma_seg huge = { 0, RAM0_SIZE };
+    CHECK_ST(map(vm, RID_A, RW, 0, &huge, 1, NULL), PVDMA_S_NOSPC);
+    struct pvdma_seg past_ram = { 0, RAM0_SIZE + PAGE };
+    CHECK_ST(map(vm, RID_A, RW, 0, &past_ram, 1, NULL), PVDMA_S_FAULT);
     pvdma_stats st;
     CHECK_RES(pvdma_vm_stats(vm, &st), PVDMA_OK);
     CHECK_U64(st.pinned_pages, 1);
