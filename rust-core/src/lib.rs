@@ -20,6 +20,7 @@ pub mod abi;
 pub mod domain;
 pub mod ffi;
 pub mod iova_alloc;
+pub mod iova_space;
 pub mod pin;
 pub mod ram;
 pub mod state;
