@@ -28,6 +28,7 @@ pub mod sync;
 pub mod table;
 pub mod types;
 pub mod vm;
+pub mod vq;
 
 pub use abi::{Op, Status};
 pub use types::{Access, Fragment, Perm, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
