@@ -285,13 +285,10 @@ impl<'vm> VirtQueue<'vm> {
                 Err(e) => return Err(Error::Driver(e)),
             };
             let Some(chain) = iter.next() else {
-                if space.take_fault().is_some() {
-                    // The avail ring entry could not be read.
-                    drop(iter);
-                    return Err(Error::Fault(TranslateFault {
-                        iova: queue.avail_ring(),
-                        reason: FaultReason::Unmapped,
-                    }));
+                // Empty, or the avail ring entry could not be read.
+                if let Some(f) = space.take_fault() {
+                    vm.record_fault(rid, f.iova, Access::Read, f.reason);
+                    return Err(Error::Fault(f));
                 }
                 return Ok(None);
             };
