@@ -237,7 +237,12 @@ impl<'g> IovaSpace<'g> {
     /// len)` with `0 < len <= left`, contiguous in host and guest memory.
     /// `left > 0`.
     #[inline]
-    fn step(&self, iova: u64, left: u64, need: Perm) -> std::result::Result<(usize, u64, u64), TranslateFault> {
+    fn step(
+        &self,
+        iova: u64,
+        left: u64,
+        need: Perm,
+    ) -> std::result::Result<(usize, u64, u64), TranslateFault> {
         let refuse = |reason| TranslateFault { iova, reason };
         let (gpa, perms, run) = match self.domain {
             Some(dom) => {
@@ -266,7 +271,13 @@ impl<'g> IovaSpace<'g> {
     /// Translates `[iova, iova + len)` for `need` into `sink` (which merges
     /// contiguous pieces and counts past its capacity). Refusals are also
     /// remembered for [`take_fault`](Self::take_fault).
-    pub fn translate(&self, iova: u64, len: u64, need: Perm, sink: &mut FragmentSink<'_>) -> Result<()> {
+    pub fn translate(
+        &self,
+        iova: u64,
+        len: u64,
+        need: Perm,
+        sink: &mut FragmentSink<'_>,
+    ) -> Result<()> {
         self.walk(iova, len, need, |hva, gpa, n| sink.push(hva, gpa, n))
             .map_err(|f| Error::Fault(self.fault(f)))
     }
@@ -310,9 +321,7 @@ impl<'g> IovaSpace<'g> {
         })?;
         let mut cur = iova;
         while cur < end {
-            let (hva, _, n) = self
-                .step(cur, end - cur, need)
-                .map_err(|f| self.fault(f))?;
+            let (hva, _, n) = self.step(cur, end - cur, need).map_err(|f| self.fault(f))?;
             // The permissions of this leaf: look again only to intersect
             // (cheap, rings are one or two pages).
             if let Some(dom) = self.domain {
@@ -323,7 +332,11 @@ impl<'g> IovaSpace<'g> {
             let offset = cur - iova;
             match w.runs.last_mut() {
                 Some(last) if last.hva.wrapping_add(last.len as usize) == hva => last.len += n,
-                _ => w.runs.push(WindowRun { offset, hva, len: n }),
+                _ => w.runs.push(WindowRun {
+                    offset,
+                    hva,
+                    len: n,
+                }),
             }
             cur += n;
         }
@@ -332,7 +345,12 @@ impl<'g> IovaSpace<'g> {
 
     /// Plans an access: checks all of it and keeps the first pieces.
     #[inline]
-    fn plan(&self, addr: u64, count: usize, need: Perm) -> std::result::Result<IovaSlices<'_, 'g>, TranslateFault> {
+    fn plan(
+        &self,
+        addr: u64,
+        count: usize,
+        need: Perm,
+    ) -> std::result::Result<IovaSlices<'_, 'g>, TranslateFault> {
         let len = count as u64;
         let end = addr.checked_add(len).ok_or(TranslateFault {
             iova: addr,
@@ -411,7 +429,9 @@ impl<'a> Iterator for IovaSlices<'a, '_> {
                     // checked whole): stop, as vm-memory requires.
                     self.left = 0;
                     self.space.fault(f);
-                    return Some(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(f.iova))));
+                    return Some(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(
+                        f.iova,
+                    ))));
                 }
             }
         } else {
@@ -424,7 +444,9 @@ impl<'a> Iterator for IovaSlices<'a, '_> {
         // The slice lives for 'a, shorter than the space's 'g borrow of that
         // guard. Guest memory is only ever accessed volatilely. `len` is at
         // most the access's `count`, a usize.
-        Some(Ok(unsafe { VolatileSlice::new(hva as *mut u8, len as usize) }))
+        Some(Ok(unsafe {
+            VolatileSlice::new(hva as *mut u8, len as usize)
+        }))
     }
 }
 
@@ -452,7 +474,8 @@ impl GuestMemory for IovaSpace<'_> {
         addr: GuestAddress,
         count: usize,
         access: Permissions,
-    ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, Self::Bitmap>>> {
+    ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, Self::Bitmap>>>
+    {
         self.plan(addr.0, count, access.into()).map_err(|f| {
             self.fault(f);
             GuestMemoryError::InvalidGuestAddress(GuestAddress(f.iova))
@@ -510,7 +533,13 @@ mod tests {
         let mut buf = [0u8; 4];
         space.read_slice(&mut buf, GuestAddress(0x10ffe)).unwrap();
         assert_eq!(buf, [1, 2, 3, 4]);
-        assert_eq!(space.get_slices(GuestAddress(0x10ffe), 4, Permissions::Read).unwrap().count(), 2);
+        assert_eq!(
+            space
+                .get_slices(GuestAddress(0x10ffe), 4, Permissions::Read)
+                .unwrap()
+                .count(),
+            2
+        );
         // Writing needs WRITE on both pages: refused, and nothing written.
         assert!(space.write_slice(&[9; 4], GuestAddress(0x10ffe)).is_err());
         assert_eq!(space.take_fault().unwrap().reason, FaultReason::Permission);
@@ -520,7 +549,9 @@ mod tests {
         assert!(!space.check_range(GuestAddress(0x11ff0), 0x20, Permissions::Read));
         assert_eq!(space.take_fault().unwrap().reason, FaultReason::Unmapped);
         assert!(space.check_range(GuestAddress(0x10000), 0x2000, Permissions::Read));
-        assert!(space.get_slices(GuestAddress(u64::MAX), 2, Permissions::Read).is_err());
+        assert!(space
+            .get_slices(GuestAddress(u64::MAX), 2, Permissions::Read)
+            .is_err());
         assert_eq!(space.take_fault().unwrap().reason, FaultReason::Overflow);
     }
 
@@ -529,14 +560,24 @@ mod tests {
         let (vm, mem) = vm_with_ram();
         // Eight IOVA pages mapped backwards onto guest pages.
         for i in 0..8u64 {
-            map(&vm, 0x40000 + i * PAGE_SIZE, 0x80000 - i * PAGE_SIZE, Perm::RW);
-            mem.write_obj(i as u8, GuestAddress(0x80000 - i * PAGE_SIZE)).unwrap();
+            map(
+                &vm,
+                0x40000 + i * PAGE_SIZE,
+                0x80000 - i * PAGE_SIZE,
+                Perm::RW,
+            );
+            mem.write_obj(i as u8, GuestAddress(0x80000 - i * PAGE_SIZE))
+                .unwrap();
         }
         let guard = epoch::pin();
         let (dom, ram) = vm.dma_view(RID, &guard).unwrap();
         let space = IovaSpace::new(dom, ram, &guard);
         let slices: Vec<_> = space
-            .get_slices(GuestAddress(0x40000), 8 * PAGE_SIZE as usize, Permissions::Read)
+            .get_slices(
+                GuestAddress(0x40000),
+                8 * PAGE_SIZE as usize,
+                Permissions::Read,
+            )
             .unwrap()
             .collect::<std::result::Result<_, _>>()
             .unwrap();
@@ -568,6 +609,9 @@ mod tests {
         let v: u16 = identity.read_obj(GuestAddress(0x3000)).unwrap();
         assert_eq!(v, 0xabcd);
         assert!(identity.read_obj::<u16>(GuestAddress(2 << 20)).is_err());
-        assert_eq!(identity.take_fault().unwrap().reason, FaultReason::OutsideRam);
+        assert_eq!(
+            identity.take_fault().unwrap().reason,
+            FaultReason::OutsideRam
+        );
     }
 }

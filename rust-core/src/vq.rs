@@ -223,7 +223,8 @@ impl<'vm> VirtQueue<'vm> {
     pub fn with_queue<R>(&mut self, f: impl FnOnce(&mut Queue, &IovaSpace<'_>) -> R) -> Result<R> {
         let guard = epoch::pin();
         let (dom, ram) = self.vm.dma_view(self.rid, &guard).inspect_err(|f| {
-            self.vm.record_fault(self.rid, f.iova, Access::Read, f.reason);
+            self.vm
+                .record_fault(self.rid, f.iova, Access::Read, f.reason);
         })?;
         let key = (dom.map_or(0, |d| d.generation()), ram as *const _ as usize);
         if self.cache.key != Some(key) {
@@ -250,7 +251,8 @@ impl<'vm> VirtQueue<'vm> {
         let space = IovaSpace::with_windows(dom, ram, &guard, &self.cache.windows);
         let r = f(&mut self.queue, &space);
         if let Some(fault) = space.take_fault() {
-            self.vm.record_fault(self.rid, fault.iova, Access::Read, fault.reason);
+            self.vm
+                .record_fault(self.rid, fault.iova, Access::Read, fault.reason);
         }
         Ok(r)
     }
@@ -266,7 +268,11 @@ impl<'vm> VirtQueue<'vm> {
     /// an indirect head without `VIRTIO_RING_F_INDIRECT_DESC`. When an array
     /// is too small nothing is lost: [`Error::TooSmall`] says how many
     /// entries each side needs and the chain stays on the ring.
-    pub fn pop(&mut self, readable: &mut [Fragment], writable: &mut [Fragment]) -> Result<Option<ChainInfo>> {
+    pub fn pop(
+        &mut self,
+        readable: &mut [Fragment],
+        writable: &mut [Fragment],
+    ) -> Result<Option<ChainInfo>> {
         let indirect_ok = self.features & VIRTIO_RING_F_INDIRECT_DESC != 0;
         let rid = self.rid;
         let vm = self.vm;
@@ -292,7 +298,6 @@ impl<'vm> VirtQueue<'vm> {
                 }
                 return Ok(None);
             };
-            drop(iter);
             let head = chain.head_index();
             let bad = |reason| Error::BadChain { head, reason };
             if !indirect_ok {
@@ -361,7 +366,8 @@ impl<'vm> VirtQueue<'vm> {
         self.with_queue(|queue, space| match queue.add_used(space, head, len) {
             Ok(()) => Ok(()),
             Err(virtio_queue::Error::InvalidDescriptorIndex) => Err(Error::InvalidHead(head)),
-            Err(virtio_queue::Error::GuestMemory(_)) | Err(virtio_queue::Error::AddressOverflow) => {
+            Err(virtio_queue::Error::GuestMemory(_))
+            | Err(virtio_queue::Error::AddressOverflow) => {
                 let f = space.take_fault().unwrap_or(TranslateFault {
                     iova: queue.used_ring(),
                     reason: FaultReason::Overflow,
@@ -377,10 +383,12 @@ impl<'vm> VirtQueue<'vm> {
     /// the last call (`used_event` with EVENT_IDX, else always).
     pub fn needs_notification(&mut self) -> Result<bool> {
         self.with_queue(|queue, space| {
-            queue.needs_notification(space).map_err(|e| match space.take_fault() {
-                Some(f) => Error::Fault(f),
-                None => Error::Driver(e),
-            })
+            queue
+                .needs_notification(space)
+                .map_err(|e| match space.take_fault() {
+                    Some(f) => Error::Fault(f),
+                    None => Error::Driver(e),
+                })
         })?
     }
 
@@ -388,20 +396,24 @@ impl<'vm> VirtQueue<'vm> {
     /// meanwhile (process them before sleeping).
     pub fn enable_notification(&mut self) -> Result<bool> {
         self.with_queue(|queue, space| {
-            queue.enable_notification(space).map_err(|e| match space.take_fault() {
-                Some(f) => Error::Fault(f),
-                None => Error::Driver(e),
-            })
+            queue
+                .enable_notification(space)
+                .map_err(|e| match space.take_fault() {
+                    Some(f) => Error::Fault(f),
+                    None => Error::Driver(e),
+                })
         })?
     }
 
     /// Asks the driver not to notify.
     pub fn disable_notification(&mut self) -> Result<()> {
         self.with_queue(|queue, space| {
-            queue.disable_notification(space).map_err(|e| match space.take_fault() {
-                Some(f) => Error::Fault(f),
-                None => Error::Driver(e),
-            })
+            queue
+                .disable_notification(space)
+                .map_err(|e| match space.take_fault() {
+                    Some(f) => Error::Fault(f),
+                    None => Error::Driver(e),
+                })
         })?
     }
 
@@ -479,7 +491,7 @@ pub fn fuzz_virtqueue(data: &[u8]) {
     }
     // Guest RAM contents: fuzzer bytes at fuzzer-chosen offsets.
     for _ in 0..(next() % 64) {
-        let at = (u64::from(next()) << 8 | u64::from(next())) % RAM & !7;
+        let at = ((u64::from(next()) << 8 | u64::from(next())) % RAM) & !7;
         let chunk: Vec<u8> = (0..16).map(|_| next()).collect();
         let _ = mem.write_slice(&chunk, GuestAddress(at));
     }
@@ -494,11 +506,17 @@ pub fn fuzz_virtqueue(data: &[u8]) {
     let Ok(mut q) = VirtQueue::open(&vm, RID, cfg) else {
         return;
     };
-    let zero = Fragment { hva: 0, gpa: 0, len: 0 };
+    let zero = Fragment {
+        hva: 0,
+        gpa: 0,
+        len: 0,
+    };
     let in_ram = |f: &Fragment| {
         f.len == 0
             || (f.hva >= base
-                && f.hva.checked_add(f.len as usize).is_some_and(|e| e <= base + RAM as usize)
+                && f.hva
+                    .checked_add(f.len as usize)
+                    .is_some_and(|e| e <= base + RAM as usize)
                 && f.gpa.checked_add(f.len).is_some_and(|e| e <= RAM))
     };
     for _ in 0..(next() % 16 + 1) {
@@ -506,8 +524,14 @@ pub fn fuzz_virtqueue(data: &[u8]) {
             0 | 1 => {
                 let (mut r, mut w) = ([zero; 4], [zero; 4]);
                 if let Ok(Some(info)) = q.pop(&mut r, &mut w) {
-                    assert!(r[..info.readable].iter().all(in_ram), "readable fragment outside RAM");
-                    assert!(w[..info.writable].iter().all(in_ram), "writable fragment outside RAM");
+                    assert!(
+                        r[..info.readable].iter().all(in_ram),
+                        "readable fragment outside RAM"
+                    );
+                    assert!(
+                        w[..info.writable].iter().all(in_ram),
+                        "writable fragment outside RAM"
+                    );
                     let _ = q.push(info.head, next().into());
                 }
             }

@@ -137,7 +137,9 @@ fn result_of(e: &vq::Error) -> pvdma_vq_result {
         vq::Error::Config(_) | vq::Error::PackedUnsupported | vq::Error::InvalidHead(_) => {
             PVDMA_VQ_ERR_INVALID_ARGUMENT
         }
-        vq::Error::Fault(f) if f.reason == crate::domain::FaultReason::NoDevice => PVDMA_VQ_ERR_NOT_FOUND,
+        vq::Error::Fault(f) if f.reason == crate::domain::FaultReason::NoDevice => {
+            PVDMA_VQ_ERR_NOT_FOUND
+        }
         vq::Error::Fault(_) => PVDMA_VQ_ERR_TRANSLATION_FAULT,
         vq::Error::BadChain { .. } => PVDMA_VQ_ERR_BAD_CHAIN,
         vq::Error::Driver(_) => PVDMA_VQ_ERR_BAD_STATE,
@@ -256,10 +258,17 @@ pub unsafe extern "C" fn pvdma_vq_pop(
 ) -> pvdma_vq_result {
     boundary!({
         let q = try_queue!(vq);
-        if chain.is_null() || (readable.is_null() && n_readable > 0) || (writable.is_null() && n_writable > 0) {
+        if chain.is_null()
+            || (readable.is_null() && n_readable > 0)
+            || (writable.is_null() && n_writable > 0)
+        {
             return PVDMA_VQ_ERR_NULL_ARGUMENT;
         }
-        const Z: Fragment = Fragment { hva: 0, gpa: 0, len: 0 };
+        const Z: Fragment = Fragment {
+            hva: 0,
+            gpa: 0,
+            len: 0,
+        };
         // A chain has at most queue-size descriptors per table; each yields
         // few fragments. Cap the scratch so a huge n_* costs nothing.
         let cap = |n: usize| n.min(1 << 16);
@@ -284,7 +293,10 @@ pub unsafe extern "C" fn pvdma_vq_pop(
         match q.pop(rbuf, wbuf) {
             Ok(None) => PVDMA_VQ_EMPTY,
             Ok(Some(info)) => {
-                for (out, frags, n) in [(readable, &*rbuf, info.readable), (writable, &*wbuf, info.writable)] {
+                for (out, frags, n) in [
+                    (readable, &*rbuf, info.readable),
+                    (writable, &*wbuf, info.writable),
+                ] {
                     for (i, f) in frags[..n].iter().enumerate() {
                         // SAFETY: i < n <= the array's length per the contract.
                         unsafe {
@@ -307,7 +319,11 @@ pub unsafe extern "C" fn pvdma_vq_pop(
             }
             Err(e) => {
                 match e {
-                    vq::Error::TooSmall { head, readable, writable } => write_chain(pvdma_vq_chain {
+                    vq::Error::TooSmall {
+                        head,
+                        readable,
+                        writable,
+                    } => write_chain(pvdma_vq_chain {
                         head,
                         n_readable: readable,
                         n_writable: writable,
@@ -346,7 +362,10 @@ pub unsafe extern "C" fn pvdma_vq_push(vq: *mut pvdma_vq, head: u16, len: u32) -
 /// # Safety
 /// `vq` is NULL or a live handle; `notify` is NULL or valid for writing.
 #[no_mangle]
-pub unsafe extern "C" fn pvdma_vq_needs_notify(vq: *mut pvdma_vq, notify: *mut bool) -> pvdma_vq_result {
+pub unsafe extern "C" fn pvdma_vq_needs_notify(
+    vq: *mut pvdma_vq,
+    notify: *mut bool,
+) -> pvdma_vq_result {
     boundary!({
         let q = try_queue!(vq);
         if notify.is_null() {
@@ -369,7 +388,11 @@ pub unsafe extern "C" fn pvdma_vq_needs_notify(vq: *mut pvdma_vq, notify: *mut b
 /// # Safety
 /// `vq` is NULL or a live handle; `pending` is NULL or valid for writing.
 #[no_mangle]
-pub unsafe extern "C" fn pvdma_vq_set_notify(vq: *mut pvdma_vq, enable: bool, pending: *mut bool) -> pvdma_vq_result {
+pub unsafe extern "C" fn pvdma_vq_set_notify(
+    vq: *mut pvdma_vq,
+    enable: bool,
+    pending: *mut bool,
+) -> pvdma_vq_result {
     boundary!({
         let q = try_queue!(vq);
         let r = if enable {
@@ -408,7 +431,13 @@ mod tests {
         unsafe { vm.add_ram_region(0, 1 << 20, hva).unwrap() };
         vm.add_endpoint(8, None).unwrap();
         vm.attach(8);
-        for (iova, gpa) in [(0x10000u64, 0x9000u64), (0x11000, 0x3000), (0x12000, 0x6000), (0x40000, 0x20000), (0x41000, 0x50000)] {
+        for (iova, gpa) in [
+            (0x10000u64, 0x9000u64),
+            (0x11000, 0x3000),
+            (0x12000, 0x6000),
+            (0x40000, 0x20000),
+            (0x41000, 0x50000),
+        ] {
             let r = vm.execute(&Request {
                 op: Op::Map as u16,
                 flags: Perm::RW.bits() as u16 | crate::abi::PVDMA_FLAG_FIXED as u16,
@@ -429,31 +458,65 @@ mod tests {
         d.extend(0u16.to_le_bytes());
         mem.write_slice(&d, GuestAddress(0x9000)).unwrap();
         mem.write_obj(1u16, GuestAddress(0x3002)).unwrap();
-        let cfg = pvdma_vq_config { desc: 0x10000, avail: 0x11000, used: 0x12000, features: 0, size: 8 };
+        let cfg = pvdma_vq_config {
+            desc: 0x10000,
+            avail: 0x11000,
+            used: 0x12000,
+            features: 0,
+            size: 8,
+        };
         let vmh = (&vm as *const Vm).cast::<pvdma_vm>();
         let mut q = ptr::null_mut();
         // SAFETY: valid pointers throughout; vm outlives the queue.
         unsafe {
-            assert_eq!(pvdma_vq_open(ptr::null(), 8, &cfg, &mut q), PVDMA_VQ_ERR_NULL_ARGUMENT);
+            assert_eq!(
+                pvdma_vq_open(ptr::null(), 8, &cfg, &mut q),
+                PVDMA_VQ_ERR_NULL_ARGUMENT
+            );
             assert_eq!(pvdma_vq_open(vmh, 9, &cfg, &mut q), PVDMA_VQ_ERR_NOT_FOUND);
             let bad = pvdma_vq_config { size: 3, ..cfg };
-            assert_eq!(pvdma_vq_open(vmh, 8, &bad, &mut q), PVDMA_VQ_ERR_INVALID_ARGUMENT);
+            assert_eq!(
+                pvdma_vq_open(vmh, 8, &bad, &mut q),
+                PVDMA_VQ_ERR_INVALID_ARGUMENT
+            );
             assert_eq!(pvdma_vq_open(vmh, 8, &cfg, &mut q), PVDMA_VQ_OK);
             let mut chain = pvdma_vq_chain::default();
-            let mut w = [pvdma_iovec { base: ptr::null_mut(), gpa: 0, len: 0 }; 2];
-            assert_eq!(pvdma_vq_pop(q, ptr::null_mut(), 0, w.as_mut_ptr(), 1, &mut chain), PVDMA_VQ_ERR_BUFFER_TOO_SMALL);
+            let mut w = [pvdma_iovec {
+                base: ptr::null_mut(),
+                gpa: 0,
+                len: 0,
+            }; 2];
+            assert_eq!(
+                pvdma_vq_pop(q, ptr::null_mut(), 0, w.as_mut_ptr(), 1, &mut chain),
+                PVDMA_VQ_ERR_BUFFER_TOO_SMALL
+            );
             assert_eq!(chain.n_writable, 2);
-            assert_eq!(pvdma_vq_pop(q, ptr::null_mut(), 0, w.as_mut_ptr(), 2, &mut chain), PVDMA_VQ_OK);
-            assert_eq!((chain.head, chain.n_writable, chain.writable_bytes), (0, 2, 0x1000));
-            assert_eq!((w[0].gpa, w[0].len, w[1].gpa, w[1].len), (0x20800, 0x800, 0x50000, 0x800));
-            assert_eq!(pvdma_vq_pop(q, ptr::null_mut(), 0, w.as_mut_ptr(), 2, &mut chain), PVDMA_VQ_EMPTY);
+            assert_eq!(
+                pvdma_vq_pop(q, ptr::null_mut(), 0, w.as_mut_ptr(), 2, &mut chain),
+                PVDMA_VQ_OK
+            );
+            assert_eq!(
+                (chain.head, chain.n_writable, chain.writable_bytes),
+                (0, 2, 0x1000)
+            );
+            assert_eq!(
+                (w[0].gpa, w[0].len, w[1].gpa, w[1].len),
+                (0x20800, 0x800, 0x50000, 0x800)
+            );
+            assert_eq!(
+                pvdma_vq_pop(q, ptr::null_mut(), 0, w.as_mut_ptr(), 2, &mut chain),
+                PVDMA_VQ_EMPTY
+            );
             assert_eq!(pvdma_vq_push(q, 9, 0), PVDMA_VQ_ERR_INVALID_ARGUMENT);
             assert_eq!(pvdma_vq_push(q, 0, 0x1000), PVDMA_VQ_OK);
             let mut notify = false;
             assert_eq!(pvdma_vq_needs_notify(q, &mut notify), PVDMA_VQ_OK);
             assert!(notify);
             assert_eq!(pvdma_vq_set_notify(q, true, ptr::null_mut()), PVDMA_VQ_OK);
-            assert_eq!(pvdma_vq_push(ptr::null_mut(), 0, 0), PVDMA_VQ_ERR_NULL_ARGUMENT);
+            assert_eq!(
+                pvdma_vq_push(ptr::null_mut(), 0, 0),
+                PVDMA_VQ_ERR_NULL_ARGUMENT
+            );
             pvdma_vq_close(q);
             pvdma_vq_close(ptr::null_mut());
         }

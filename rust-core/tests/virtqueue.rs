@@ -82,18 +82,28 @@ impl Guest {
     /// Writes `bytes` at IOVA `iova` as the driver would (through the
     /// translation, whatever the device permissions).
     fn write(&self, iova: u64, bytes: &[u8]) {
-        let mut frags = [Fragment { hva: 0, gpa: 0, len: 0 }; 16];
+        let mut frags = [Fragment {
+            hva: 0,
+            gpa: 0,
+            len: 0,
+        }; 16];
         let n = self.driver_translate(iova, bytes.len() as u64, &mut frags);
         let mut off = 0;
         for f in &frags[..n] {
             let len = f.len as usize;
-            self.mem.write_slice(&bytes[off..off + len], GuestAddress(f.gpa)).unwrap();
+            self.mem
+                .write_slice(&bytes[off..off + len], GuestAddress(f.gpa))
+                .unwrap();
             off += len;
         }
     }
 
     fn read(&self, iova: u64, len: usize) -> Vec<u8> {
-        let mut frags = [Fragment { hva: 0, gpa: 0, len: 0 }; 16];
+        let mut frags = [Fragment {
+            hva: 0,
+            gpa: 0,
+            len: 0,
+        }; 16];
         let n = self.driver_translate(iova, len as u64, &mut frags);
         let mut out = Vec::new();
         for f in &frags[..n] {
@@ -109,7 +119,10 @@ impl Guest {
     fn driver_translate(&self, iova: u64, len: u64, frags: &mut [Fragment]) -> usize {
         self.vm
             .translate(RID, iova, len, pvdma::Access::Read, frags)
-            .or_else(|_| self.vm.translate(RID, iova, len, pvdma::Access::Write, frags))
+            .or_else(|_| {
+                self.vm
+                    .translate(RID, iova, len, pvdma::Access::Write, frags)
+            })
             .expect("driver access inside mapped space")
     }
 
@@ -155,7 +168,11 @@ fn cfg(features: u64) -> QueueConfig {
     }
 }
 
-const Z: Fragment = Fragment { hva: 0, gpa: 0, len: 0 };
+const Z: Fragment = Fragment {
+    hva: 0,
+    gpa: 0,
+    len: 0,
+};
 
 /// The basic path: a 3-descriptor chain (header, data, status), each
 /// buffer on its own scattered page; pop, read, write, push.
@@ -175,7 +192,10 @@ fn three_descriptor_chain_round_trip() {
     let info = q.pop(&mut r, &mut w).unwrap().unwrap();
     assert_eq!((info.head, info.readable, info.writable), (0, 2, 1));
     assert_eq!((info.readable_bytes, info.writable_bytes), (528, 1));
-    assert_eq!((r[0].gpa, r[0].len, r[1].gpa, w[0].gpa), (0x20000, 16, 0x50000, 0x70000));
+    assert_eq!(
+        (r[0].gpa, r[0].len, r[1].gpa, w[0].gpa),
+        (0x20000, 16, 0x50000, 0x70000)
+    );
     assert!(q.pop(&mut r, &mut w).unwrap().is_none(), "ring empty");
     q.push(info.head, 1).unwrap();
     assert_eq!(g.used_idx(), 1);
@@ -192,18 +212,32 @@ fn more_fragments_than_iovecs_reports_the_count_needed() {
     let g = Guest::new();
     let mut q = g.queue(0);
     for i in 0..4u64 {
-        g.map(0x40000 + i * PAGE_SIZE, 0x80000 - 2 * i * PAGE_SIZE, Perm::RW);
+        g.map(
+            0x40000 + i * PAGE_SIZE,
+            0x80000 - 2 * i * PAGE_SIZE,
+            Perm::RW,
+        );
     }
     g.desc(DESC, 3, 0x40000, 4 * PAGE_SIZE as u32, WRITE, 0);
     g.publish(AVAIL, &[3]);
     let (mut r, mut w) = ([Z; 1], [Z; 2]);
     match q.pop(&mut r, &mut w) {
-        Err(vq::Error::TooSmall { head: 3, readable: 0, writable: 4 }) => {}
+        Err(vq::Error::TooSmall {
+            head: 3,
+            readable: 0,
+            writable: 4,
+        }) => {}
         other => panic!("expected TooSmall, got {other:?}"),
     }
     let mut w4 = [Z; 4];
-    let info = q.pop(&mut r, &mut w4).unwrap().expect("chain kept on the ring");
-    assert_eq!((info.head, info.writable, info.writable_bytes), (3, 4, 4 * PAGE_SIZE));
+    let info = q
+        .pop(&mut r, &mut w4)
+        .unwrap()
+        .expect("chain kept on the ring");
+    assert_eq!(
+        (info.head, info.writable, info.writable_bytes),
+        (3, 4, 4 * PAGE_SIZE)
+    );
     assert!(w4.iter().all(|f| f.len == PAGE_SIZE));
 }
 
@@ -279,13 +313,24 @@ fn indirect_table_scattered_over_pages() {
     let table = 0x30fe0; // 4 descriptors: 2 on each page
     for i in 0..4u16 {
         let flags = if i < 3 { NEXT } else { 0 } | if i >= 2 { WRITE } else { 0 };
-        g.desc(table, i, 0x40000 + u64::from(i) * 0x100, 0x100, flags, i + 1);
+        g.desc(
+            table,
+            i,
+            0x40000 + u64::from(i) * 0x100,
+            0x100,
+            flags,
+            i + 1,
+        );
     }
     g.desc(DESC, 5, table, 64, INDIRECT, 0);
     g.publish(AVAIL, &[5]);
     let (mut r, mut w) = ([Z; 4], [Z; 4]);
     let info = q.pop(&mut r, &mut w).unwrap().unwrap();
-    assert_eq!((info.head, info.readable, info.writable), (5, 1, 1), "adjacent buffers merge");
+    assert_eq!(
+        (info.head, info.readable, info.writable),
+        (5, 1, 1),
+        "adjacent buffers merge"
+    );
     assert_eq!((info.readable_bytes, info.writable_bytes), (0x200, 0x200));
     assert_eq!((r[0].gpa, w[0].gpa), (0x20000, 0x20200));
 }
@@ -303,7 +348,10 @@ fn nested_indirect_and_unnegotiated_indirect_are_rejected() {
     g.desc(DESC, 0, 0x30000, 16, INDIRECT, 0);
     g.publish(AVAIL, &[0]);
     let (mut r, mut w) = ([Z; 4], [Z; 4]);
-    assert!(matches!(q.pop(&mut r, &mut w), Err(vq::Error::BadChain { head: 0, .. })));
+    assert!(matches!(
+        q.pop(&mut r, &mut w),
+        Err(vq::Error::BadChain { head: 0, .. })
+    ));
 
     let g = Guest::new();
     let mut q = g.queue(0);
@@ -312,7 +360,10 @@ fn nested_indirect_and_unnegotiated_indirect_are_rejected() {
     g.desc(0x30000, 0, 0x40000, 8, 0, 0);
     g.desc(DESC, 0, 0x30000, 16, INDIRECT, 0);
     g.publish(AVAIL, &[0]);
-    assert!(matches!(q.pop(&mut r, &mut w), Err(vq::Error::BadChain { head: 0, .. })));
+    assert!(matches!(
+        q.pop(&mut r, &mut w),
+        Err(vq::Error::BadChain { head: 0, .. })
+    ));
 }
 
 /// Hazard: chain loops and out-of-range next indices end in an error, in
@@ -335,7 +386,10 @@ fn chain_loops_and_bad_indices_are_rejected() {
         }
     }
     // A head index outside the table yields no descriptor at all.
-    assert!(matches!(q.pop(&mut r, &mut w), Err(vq::Error::BadChain { head: 17, .. })));
+    assert!(matches!(
+        q.pop(&mut r, &mut w),
+        Err(vq::Error::BadChain { head: 17, .. })
+    ));
     // The queue keeps working after a bad chain.
     g.desc(DESC, 4, 0x40000, 8, 0, 0);
     g.write(AVAIL + 4 + 8, &4u16.to_le_bytes());
@@ -353,7 +407,10 @@ fn lengths_overflowing_u32_are_rejected() {
     g.desc(DESC, 1, 0x40000, u32::MAX, 0, 0);
     g.publish(AVAIL, &[0]);
     let (mut r, mut w) = ([Z; 4], [Z; 4]);
-    assert!(matches!(q.pop(&mut r, &mut w), Err(vq::Error::BadChain { head: 0, .. })));
+    assert!(matches!(
+        q.pop(&mut r, &mut w),
+        Err(vq::Error::BadChain { head: 0, .. })
+    ));
 }
 
 /// Hazard: descriptors pointing outside mapped space: an unmapped IOVA,
@@ -374,7 +431,14 @@ fn descriptors_outside_mapped_space_fault() {
             other => panic!("expected a fault, got {other:?}"),
         })
         .collect();
-    assert_eq!(reasons, [FaultReason::Unmapped, FaultReason::Unmapped, FaultReason::Overflow]);
+    assert_eq!(
+        reasons,
+        [
+            FaultReason::Unmapped,
+            FaultReason::Unmapped,
+            FaultReason::Overflow
+        ]
+    );
 }
 
 /// Hazard: a device-writable buffer the guest mapped READ-only is refused
@@ -388,7 +452,9 @@ fn device_writable_buffer_mapped_read_only_is_refused() {
     g.publish(AVAIL, &[0, 0]);
     let (mut r, mut w) = ([Z; 4], [Z; 4]);
     match q.pop(&mut r, &mut w) {
-        Err(vq::Error::Fault(f)) => assert_eq!((f.iova, f.reason), (0x40000, FaultReason::Permission)),
+        Err(vq::Error::Fault(f)) => {
+            assert_eq!((f.iova, f.reason), (0x40000, FaultReason::Permission))
+        }
         other => panic!("expected a permission fault, got {other:?}"),
     }
     q.with_queue(|queue, space| {
@@ -424,7 +490,11 @@ fn unmapping_the_used_ring_invalidates_the_cache() {
 
     g.unmap(USED);
     match q.push(0, 8) {
-        Err(vq::Error::Fault(f)) => assert_eq!((f.iova, f.reason), (USED + 4 + 8, FaultReason::Unmapped), "used ring entry 1"),
+        Err(vq::Error::Fault(f)) => assert_eq!(
+            (f.iova, f.reason),
+            (USED + 4 + 8, FaultReason::Unmapped),
+            "used ring entry 1"
+        ),
         other => panic!("expected a fault, got {other:?}"),
     }
     assert_eq!(q.cache_stats().invalidations, before.invalidations + 1);
@@ -477,7 +547,10 @@ fn event_idx_suppresses_notifications() {
     let (mut r, mut w) = ([Z; 4], [Z; 4]);
     q.pop(&mut r, &mut w).unwrap().unwrap();
     q.push(0, 0).unwrap();
-    assert!(!q.needs_notification().unwrap(), "used idx 1 does not cross 5");
+    assert!(
+        !q.needs_notification().unwrap(),
+        "used idx 1 does not cross 5"
+    );
 }
 
 /// The IovaSpace is a GuestMemory: virtio-queue's is_valid checks ring
@@ -509,7 +582,15 @@ fn packed_rings_are_refused() {
         Err(vq::Error::PackedUnsupported)
     ));
     assert!(VirtQueue::open(&g.vm, RID, QueueConfig { size: 3, ..cfg(0) }).is_err());
-    assert!(VirtQueue::open(&g.vm, RID, QueueConfig { desc: DESC + 8, ..cfg(0) }).is_err());
+    assert!(VirtQueue::open(
+        &g.vm,
+        RID,
+        QueueConfig {
+            desc: DESC + 8,
+            ..cfg(0)
+        }
+    )
+    .is_err());
 }
 
 /// The fuzz target's entry point on many pseudo-random inputs (the
