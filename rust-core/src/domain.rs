@@ -16,6 +16,7 @@ use crate::iova_alloc::IovaAllocator;
 use crate::pin::{self, PinTable};
 use crate::ram::RamLayout;
 use crate::sync::epoch::Guard;
+use crate::sync::{AtomicU64, Ordering};
 use crate::table::{IoPageTable, HUGE_SIZE};
 use crate::types::{Access, Fragment, Perm, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
 
@@ -304,10 +305,24 @@ impl<'a> FragmentSink<'a> {
     }
 }
 
+/// Source of [`Domain::generation`] values: one counter for every domain
+/// of the process, so that a value is never seen twice, not even by a
+/// domain allocated where a freed one was (a cache keyed on it has no ABA).
+static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    // Relaxed: only uniqueness matters; publication of the new value is
+    // ordered by the Release store into `Domain::generation`.
+    NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The translation state of one attached endpoint.
 pub struct Domain {
     table: IoPageTable,
     inner: Mutex<DomainInner>,
+    /// Changes whenever a translation is removed (UNMAP, DETACH, RAM
+    /// removal): caches of translations (virtqueue rings) compare it.
+    generation: AtomicU64,
 }
 
 struct DomainInner {
@@ -325,7 +340,20 @@ impl Domain {
                 mappings: BTreeMap::new(),
                 alloc: IovaAllocator::new(iova_bits),
             }),
+            generation: AtomicU64::new(next_generation()),
         }
+    }
+
+    /// A value that changes (to one never used before by any domain)
+    /// whenever a translation of this domain is removed. Adding mappings
+    /// does not change it: a cached translation stays correct until one of
+    /// its pages is unmapped.
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        // Acquire pairs with the Release store in `remove_locked`: a reader
+        // that sees the old value may use translations it cached before;
+        // one that sees the new value sees the table without the pages.
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The IOVA width.
@@ -537,6 +565,13 @@ impl Domain {
             writer.unmap(m.iova & !PAGE_MASK, m.span());
             inner.alloc.free(m.first_page(), m.npages());
             removed.push(m);
+        }
+        if !removed.is_empty() {
+            // Release: ordered after the table entries were cleared above,
+            // so a cache that sees the new generation and rebuilds finds
+            // the pages gone. Stored before the request returns (and before
+            // pins are released below).
+            self.generation.store(next_generation(), Ordering::Release);
         }
         drop(writer);
         // The table no longer reaches these pages: release the pins and

@@ -20,6 +20,7 @@ pub mod abi;
 pub mod domain;
 pub mod ffi;
 pub mod iova_alloc;
+pub mod iova_space;
 pub mod pin;
 pub mod ram;
 pub mod state;
@@ -27,6 +28,8 @@ pub mod sync;
 pub mod table;
 pub mod types;
 pub mod vm;
+pub mod vq;
+pub mod vq_ffi;
 
 pub use abi::{Op, Status};
 pub use types::{Access, Fragment, Perm, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};

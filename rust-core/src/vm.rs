@@ -663,6 +663,29 @@ impl Vm {
         Ok(sink.count())
     }
 
+    /// What endpoint `rid`'s DMA goes through under `guard`: its domain
+    /// (`None` when it is unattached and bypasses translation) and the RAM
+    /// layout, both valid for as long as `guard` is held. For callers that
+    /// build their own view of the IOVA space (virtqueues, `IovaSpace`).
+    /// Faults (unknown endpoint, blocked) carry IOVA 0.
+    pub fn dma_view<'g>(
+        &self,
+        rid: u32,
+        guard: &'g Guard,
+    ) -> std::result::Result<(Option<&'g Domain>, &'g RamLayout), domain::TranslateFault> {
+        let fault = |reason| domain::TranslateFault { iova: 0, reason };
+        let ep = self
+            .endpoint_map(guard)
+            .get(&rid)
+            .ok_or(fault(FaultReason::NoDevice))?;
+        let ram = self.ram.load(guard);
+        match Self::domain_of(ep, guard) {
+            Some(dom) => Ok((Some(dom), ram)),
+            None if self.cfg.bypass => Ok((None, ram)),
+            None => Err(fault(FaultReason::Blocked)),
+        }
+    }
+
     // ---- the request engine -------------------------------------------
 
     /// Processes the request block at guest-physical `block`: reads it once,

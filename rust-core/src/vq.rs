@@ -1,0 +1,598 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Split virtqueues through pvdma translations.
+//!
+//! [`VirtQueue`] wraps a `virtio_queue::Queue` whose ring addresses are
+//! IOVAs of one endpoint. Every operation pins an epoch guard, builds an
+//! [`IovaSpace`] over the endpoint's current domain and lets virtio-queue
+//! do the ring work through it. Rust device models use
+//! [`VirtQueue::with_queue`] and virtio-queue's own API (chains, `Reader`,
+//! `Writer`); C device models use the strict, iovec-producing operations
+//! ([`VirtQueue::pop`], [`VirtQueue::push`], ...) behind `vq_ffi`.
+//!
+//! Ring cache: the descriptor table, avail ring and used ring are
+//! translated once into [`CachedWindow`]s (the vhost lesson: one table walk
+//! per ring access is too slow). The cache is keyed on the domain's
+//! [`generation`](crate::domain::Domain::generation), which changes only
+//! when a translation is removed (UNMAP, DETACH, RAM removal), and on the
+//! RAM layout; on a change it is rebuilt from the table before the next
+//! access. A ring that no longer translates is left out, so accesses to it
+//! go through the table and fail cleanly, and the cache is retried on
+//! every operation until the ring is mapped again.
+//!
+//! Packed virtqueues are not supported: virtio-queue 0.18 provides the
+//! packed descriptor layout but no packed ring queue; [`VirtQueue::open`]
+//! refuses `VIRTIO_F_RING_PACKED`.
+
+use std::sync::atomic::Ordering;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::domain::{FaultReason, FragmentSink, TranslateFault};
+use crate::iova_space::{CachedWindow, IovaSpace};
+use crate::sync::epoch;
+use crate::types::{Access, Fragment, Perm};
+use crate::vm::Vm;
+
+/// `VIRTIO_RING_F_INDIRECT_DESC`: the driver may use indirect tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX`: used_event / avail_event suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_F_RING_PACKED`: packed virtqueues (not supported).
+pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
+/// Largest split queue size (virtio 1.x).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+const VRING_DESC_F_INDIRECT: u16 = 4;
+
+/// Why a virtqueue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The queue configuration is unusable.
+    #[error("invalid queue configuration: {0}")]
+    Config(&'static str),
+    /// Packed virtqueues were negotiated.
+    #[error("packed virtqueues are not supported (virtio-queue 0.18 has no packed ring)")]
+    PackedUnsupported,
+    /// A device access was refused (and recorded in the VM's fault log).
+    #[error(transparent)]
+    Fault(#[from] TranslateFault),
+    /// The driver put a malformed chain on the ring. The chain is consumed;
+    /// the device should return it with length 0 or ask for a reset.
+    #[error("malformed descriptor chain at head {head}: {reason}")]
+    BadChain {
+        /// Head index of the chain.
+        head: u16,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The driver corrupted the ring itself (e.g. avail idx too far ahead).
+    #[error("driver error in the rings: {0}")]
+    Driver(virtio_queue::Error),
+    /// The caller's iovec arrays are too small. The chain is left on the
+    /// ring; call again with at least these many entries.
+    #[error("chain at head {head} needs {readable} readable and {writable} writable entries")]
+    TooSmall {
+        /// Head index of the chain.
+        head: u16,
+        /// Readable entries needed.
+        readable: usize,
+        /// Writable entries needed.
+        writable: usize,
+    },
+    /// A used entry names a descriptor the queue does not have.
+    #[error("descriptor index {0} is outside the queue")]
+    InvalidHead(u16),
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where a split queue's rings are, in the endpoint's IOVA space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Descriptor table IOVA (16-byte aligned).
+    pub desc: u64,
+    /// Avail ring IOVA (2-byte aligned).
+    pub avail: u64,
+    /// Used ring IOVA (4-byte aligned).
+    pub used: u64,
+    /// Queue size, a power of two in 1..=32768.
+    pub size: u16,
+    /// Negotiated feature bits (`VIRTIO_RING_F_*`, `VIRTIO_F_*`).
+    pub features: u64,
+}
+
+/// What [`VirtQueue::pop`] returns for a chain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChainInfo {
+    /// Head index: give it back to [`VirtQueue::push`].
+    pub head: u16,
+    /// Readable (device reads) fragments stored.
+    pub readable: usize,
+    /// Writable (device writes) fragments stored.
+    pub writable: usize,
+    /// Bytes the device may read.
+    pub readable_bytes: u64,
+    /// Bytes the device may write.
+    pub writable_bytes: u64,
+}
+
+/// Counters of the ring cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Times the ring windows were (re)built.
+    pub rebuilds: u64,
+    /// Rebuilds whose result differed from the cache they replaced (a ring
+    /// page was unmapped or moved).
+    pub invalidations: u64,
+}
+
+/// The three rings, translated.
+#[derive(Default)]
+struct RingCache {
+    /// `(domain generation, RAM layout address)` the windows are valid
+    /// for; `None`: rebuild before the next access.
+    key: Option<(u64, usize)>,
+    windows: Vec<CachedWindow>,
+    stats: CacheStats,
+}
+
+/// A split virtqueue of endpoint `rid`, its rings in the endpoint's IOVA
+/// space. Single-threaded like `virtio_queue::Queue`; `Send`.
+pub struct VirtQueue<'vm> {
+    vm: &'vm Vm,
+    rid: u32,
+    queue: Queue,
+    features: u64,
+    cache: RingCache,
+}
+
+impl std::fmt::Debug for VirtQueue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtQueue")
+            .field("rid", &self.rid)
+            .field("queue", &self.queue)
+            .field("features", &self.features)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'vm> VirtQueue<'vm> {
+    /// Opens a queue of endpoint `rid` (which need not be attached yet: the
+    /// domain is looked up on every operation).
+    pub fn open(vm: &'vm Vm, rid: u32, cfg: QueueConfig) -> Result<Self> {
+        if cfg.features & VIRTIO_F_RING_PACKED != 0 {
+            return Err(Error::PackedUnsupported);
+        }
+        let mut queue = Queue::new(MAX_QUEUE_SIZE).map_err(|_| Error::Config("queue"))?;
+        queue
+            .try_set_size(cfg.size)
+            .map_err(|_| Error::Config("size is not a power of two in 1..=32768"))?;
+        queue
+            .try_set_desc_table_address(GuestAddress(cfg.desc))
+            .map_err(|_| Error::Config("descriptor table is not 16-byte aligned"))?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(cfg.avail))
+            .map_err(|_| Error::Config("avail ring is not 2-byte aligned"))?;
+        queue
+            .try_set_used_ring_address(GuestAddress(cfg.used))
+            .map_err(|_| Error::Config("used ring is not 4-byte aligned"))?;
+        if cfg.avail == 0 {
+            // virtio-queue treats avail address 0 as "not configured".
+            return Err(Error::Config("avail ring at IOVA 0"));
+        }
+        queue.set_event_idx(cfg.features & VIRTIO_RING_F_EVENT_IDX != 0);
+        queue.set_ready(true);
+        Ok(VirtQueue {
+            vm,
+            rid,
+            queue,
+            features: cfg.features,
+            cache: RingCache::default(),
+        })
+    }
+
+    /// The endpoint.
+    pub fn requester(&self) -> u32 {
+        self.rid
+    }
+
+    /// The ring cache counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats
+    }
+
+    /// The queue's IOVA ranges and the permission each needs:
+    /// `(iova, len, perm)` for desc, avail, used.
+    fn ring_ranges(&self) -> [(u64, u64, Perm); 3] {
+        let size = u64::from(self.queue.size());
+        let event = if self.queue.event_idx_enabled() { 2 } else { 0 };
+        [
+            (self.queue.desc_table(), 16 * size, Perm::READ),
+            (self.queue.avail_ring(), 4 + 2 * size + event, Perm::READ),
+            (self.queue.used_ring(), 4 + 8 * size + event, Perm::WRITE),
+        ]
+    }
+
+    /// Runs `f` with the queue and the endpoint's IOVA space (rings served
+    /// from the cache). The way Rust device models use virtio-queue's own
+    /// API: `q.pop_descriptor_chain(space)`, `chain.reader(space)`,
+    /// `q.add_used(space, ..)`. A refused access is recorded as a fault.
+    pub fn with_queue<R>(&mut self, f: impl FnOnce(&mut Queue, &IovaSpace<'_>) -> R) -> Result<R> {
+        let guard = epoch::pin();
+        let (dom, ram) = self.vm.dma_view(self.rid, &guard).inspect_err(|f| {
+            self.vm
+                .record_fault(self.rid, f.iova, Access::Read, f.reason);
+        })?;
+        let key = (dom.map_or(0, |d| d.generation()), ram as *const _ as usize);
+        if self.cache.key != Some(key) {
+            let ranges = self.ring_ranges();
+            let plain = IovaSpace::new(dom, ram, &guard);
+            let mut complete = true;
+            let mut windows = Vec::with_capacity(3);
+            for (iova, len, need) in ranges {
+                match plain.cache_window(iova, len, need) {
+                    Ok(w) => windows.push(w),
+                    Err(_) => complete = false,
+                }
+            }
+            let stats = &mut self.cache.stats;
+            stats.rebuilds += 1;
+            if self.cache.key.is_some() && windows != self.cache.windows {
+                stats.invalidations += 1;
+            }
+            self.cache.windows = windows;
+            // Incomplete (a ring is not mapped): try again next time, as a
+            // MAP does not change the generation.
+            self.cache.key = complete.then_some(key);
+        }
+        let space = IovaSpace::with_windows(dom, ram, &guard, &self.cache.windows);
+        let r = f(&mut self.queue, &space);
+        if let Some(fault) = space.take_fault() {
+            self.vm
+                .record_fault(self.rid, fault.iova, Access::Read, fault.reason);
+        }
+        Ok(r)
+    }
+
+    /// Pops the next available chain and translates its buffers into host
+    /// fragments: device-readable ones into `readable`, device-writable
+    /// ones into `writable`. `Ok(None)` when no chain is available.
+    ///
+    /// Strict where virtio-queue is lenient: a chain that ends early
+    /// (loop, index out of range, nested or malformed indirect table,
+    /// lengths summing past u32, an unreadable descriptor) is an error, not
+    /// a shorter chain; so is a readable descriptor after a writable one, or
+    /// an indirect head without `VIRTIO_RING_F_INDIRECT_DESC`. When an array
+    /// is too small nothing is lost: [`Error::TooSmall`] says how many
+    /// entries each side needs and the chain stays on the ring.
+    pub fn pop(
+        &mut self,
+        readable: &mut [Fragment],
+        writable: &mut [Fragment],
+    ) -> Result<Option<ChainInfo>> {
+        let indirect_ok = self.features & VIRTIO_RING_F_INDIRECT_DESC != 0;
+        let rid = self.rid;
+        let vm = self.vm;
+        self.with_queue(|queue, space| {
+            let refused = |space: &IovaSpace<'_>, access| {
+                let f = space.take_fault().unwrap_or(TranslateFault {
+                    iova: 0,
+                    reason: FaultReason::Unmapped,
+                });
+                vm.record_fault(rid, f.iova, access, f.reason);
+                Error::Fault(f)
+            };
+            let mut iter = match queue.iter(space) {
+                Ok(iter) => iter,
+                Err(virtio_queue::Error::GuestMemory(_)) => return Err(refused(space, Access::Read)),
+                Err(e) => return Err(Error::Driver(e)),
+            };
+            let Some(chain) = iter.next() else {
+                // Empty, or the avail ring entry could not be read.
+                if let Some(f) = space.take_fault() {
+                    vm.record_fault(rid, f.iova, Access::Read, f.reason);
+                    return Err(Error::Fault(f));
+                }
+                return Ok(None);
+            };
+            let head = chain.head_index();
+            let bad = |reason| Error::BadChain { head, reason };
+            if !indirect_ok {
+                let at = queue.desc_table() + u64::from(head) * 16;
+                match space.read_obj::<Descriptor>(GuestAddress(at)) {
+                    Ok(d) if d.flags() & VRING_DESC_F_INDIRECT != 0 => {
+                        return Err(bad("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC"))
+                    }
+                    Ok(_) => {}
+                    Err(_) => return Err(refused(space, Access::Read)),
+                }
+            }
+            let mut rsink = FragmentSink::new(readable);
+            let mut wsink = FragmentSink::new(writable);
+            let mut info = ChainInfo {
+                head,
+                ..ChainInfo::default()
+            };
+            let (mut count, mut last_has_next, mut seen_writable) = (0u32, false, false);
+            for desc in chain {
+                count += 1;
+                last_has_next = desc.has_next();
+                let (sink, need, bytes) = if desc.is_write_only() {
+                    seen_writable = true;
+                    (&mut wsink, Perm::WRITE, &mut info.writable_bytes)
+                } else if seen_writable {
+                    return Err(bad("device-readable descriptor after a device-writable one"));
+                } else {
+                    (&mut rsink, Perm::READ, &mut info.readable_bytes)
+                };
+                let len = u64::from(desc.len());
+                let access = if need == Perm::WRITE { Access::Write } else { Access::Read };
+                if space.translate(desc.addr().0, len, need, sink).is_err() {
+                    return Err(refused(space, access));
+                }
+                *bytes += len;
+            }
+            if count == 0 || last_has_next {
+                // virtio-queue's walk ends silently on any error: tell a
+                // refused descriptor read from a malformed chain.
+                if space.take_fault().is_some() {
+                    return Err(refused(space, Access::Read));
+                }
+                return Err(bad(
+                    "chain ends early (loop, index out of range, nested or malformed indirect table, or lengths past u32)",
+                ));
+            }
+            info.readable = rsink.count();
+            info.writable = wsink.count();
+            if info.readable > readable.len() || info.writable > writable.len() {
+                // Leave the chain on the ring for a retry with bigger arrays.
+                queue.go_to_previous_position();
+                return Err(Error::TooSmall {
+                    head,
+                    readable: info.readable,
+                    writable: info.writable,
+                });
+            }
+            Ok(Some(info))
+        })?
+    }
+
+    /// Returns chain `head` to the driver with `len` bytes written.
+    pub fn push(&mut self, head: u16, len: u32) -> Result<()> {
+        let (vm, rid) = (self.vm, self.rid);
+        self.with_queue(|queue, space| match queue.add_used(space, head, len) {
+            Ok(()) => Ok(()),
+            Err(virtio_queue::Error::InvalidDescriptorIndex) => Err(Error::InvalidHead(head)),
+            Err(virtio_queue::Error::GuestMemory(_))
+            | Err(virtio_queue::Error::AddressOverflow) => {
+                let f = space.take_fault().unwrap_or(TranslateFault {
+                    iova: queue.used_ring(),
+                    reason: FaultReason::Overflow,
+                });
+                vm.record_fault(rid, f.iova, Access::Write, f.reason);
+                Err(Error::Fault(f))
+            }
+            Err(e) => Err(Error::Driver(e)),
+        })?
+    }
+
+    /// Whether the driver wants an interrupt for the entries pushed since
+    /// the last call (`used_event` with EVENT_IDX, else always).
+    pub fn needs_notification(&mut self) -> Result<bool> {
+        self.with_queue(|queue, space| {
+            queue
+                .needs_notification(space)
+                .map_err(|e| match space.take_fault() {
+                    Some(f) => Error::Fault(f),
+                    None => Error::Driver(e),
+                })
+        })?
+    }
+
+    /// Asks the driver for notifications again; true when chains arrived
+    /// meanwhile (process them before sleeping).
+    pub fn enable_notification(&mut self) -> Result<bool> {
+        self.with_queue(|queue, space| {
+            queue
+                .enable_notification(space)
+                .map_err(|e| match space.take_fault() {
+                    Some(f) => Error::Fault(f),
+                    None => Error::Driver(e),
+                })
+        })?
+    }
+
+    /// Asks the driver not to notify.
+    pub fn disable_notification(&mut self) -> Result<()> {
+        self.with_queue(|queue, space| {
+            queue
+                .disable_notification(space)
+                .map_err(|e| match space.take_fault() {
+                    Some(f) => Error::Fault(f),
+                    None => Error::Driver(e),
+                })
+        })?
+    }
+
+    /// The next avail index the device will read (for migration/debug).
+    pub fn next_avail(&self) -> u16 {
+        self.queue.next_avail()
+    }
+
+    /// The next used index the device will write.
+    pub fn next_used(&self) -> u16 {
+        self.queue.next_used()
+    }
+
+    /// The avail idx the driver published (Acquire, as virtio-queue reads
+    /// it before walking chains).
+    pub fn avail_idx(&mut self) -> Result<u16> {
+        self.with_queue(|queue, space| {
+            // Acquire pairs with the driver's write barrier before its idx
+            // update (virtio's avail ring protocol).
+            queue
+                .avail_idx(space, Ordering::Acquire)
+                .map(|w| w.0)
+                .map_err(Error::Driver)
+        })?
+    }
+}
+
+/// Deterministic fuzzing entry point (wired to cargo-fuzz by `fuzz/`): a
+/// VM with 64 KiB of RAM, a domain, mappings, a ring layout and ring
+/// contents all taken from `data`, then pops, pushes and unmaps. Panics
+/// only when an invariant breaks: a fragment outside RAM.
+#[doc(hidden)]
+pub fn fuzz_virtqueue(data: &[u8]) {
+    use crate::types::{PAGE_MASK, PAGE_SIZE};
+    use crate::vm::{Request, VmConfig};
+    use crate::Op;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+
+    const RAM: u64 = 16 * PAGE_SIZE;
+    const RID: u32 = 8;
+    let mut bytes = data.iter().copied();
+    let mut next = move || bytes.next().unwrap_or(0);
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]) else {
+        return;
+    };
+    let Ok(vm) = Vm::new(VmConfig::default()) else {
+        return;
+    };
+    let Ok(base) = mem.get_host_address(GuestAddress(0)) else {
+        return;
+    };
+    let base = base as usize;
+    // SAFETY: `mem` owns the mapping and outlives `vm` (dropped after it,
+    // declared before it in this function's scope).
+    if unsafe { vm.add_ram_region(0, RAM, base) }.is_err() || vm.add_endpoint(RID, None).is_err() {
+        return;
+    }
+    vm.attach(RID);
+    // Mappings: up to 24 (IOVA page in 0..32, guest page in 0..20 — some
+    // outside RAM, refused by MAP — perms).
+    let map = |iova_page: u64, gpa_page: u64, perms: u8| {
+        vm.execute(&Request {
+            op: Op::Map as u16,
+            flags: u16::from(perms & 3) | crate::abi::PVDMA_FLAG_FIXED as u16,
+            requester: RID,
+            nr_segs: 1,
+            iova: iova_page * PAGE_SIZE,
+            length: 0,
+            reserved: [0; 3],
+            segs: vec![(gpa_page * PAGE_SIZE, PAGE_SIZE)],
+        });
+    };
+    for _ in 0..(next() % 25) {
+        map(u64::from(next() % 32), u64::from(next() % 20), next());
+    }
+    // Guest RAM contents: fuzzer bytes at fuzzer-chosen offsets.
+    for _ in 0..(next() % 64) {
+        let at = ((u64::from(next()) << 8 | u64::from(next())) % RAM) & !7;
+        let chunk: Vec<u8> = (0..16).map(|_| next()).collect();
+        let _ = mem.write_slice(&chunk, GuestAddress(at));
+    }
+    let iova = |hi: u8, lo: u8| (u64::from(hi % 36) * PAGE_SIZE) | (u64::from(lo) << 4 & PAGE_MASK);
+    let cfg = QueueConfig {
+        desc: iova(next(), next()) & !15,
+        avail: iova(next(), next()) & !1,
+        used: iova(next(), next()) & !3,
+        size: 1 << (next() % 9),
+        features: u64::from(next() & 3) << 28,
+    };
+    let Ok(mut q) = VirtQueue::open(&vm, RID, cfg) else {
+        return;
+    };
+    let zero = Fragment {
+        hva: 0,
+        gpa: 0,
+        len: 0,
+    };
+    let in_ram = |f: &Fragment| {
+        f.len == 0
+            || (f.hva >= base
+                && f.hva
+                    .checked_add(f.len as usize)
+                    .is_some_and(|e| e <= base + RAM as usize)
+                && f.gpa.checked_add(f.len).is_some_and(|e| e <= RAM))
+    };
+    for _ in 0..(next() % 16 + 1) {
+        match next() % 5 {
+            0 | 1 => {
+                let (mut r, mut w) = ([zero; 4], [zero; 4]);
+                if let Ok(Some(info)) = q.pop(&mut r, &mut w) {
+                    assert!(
+                        r[..info.readable].iter().all(in_ram),
+                        "readable fragment outside RAM"
+                    );
+                    assert!(
+                        w[..info.writable].iter().all(in_ram),
+                        "writable fragment outside RAM"
+                    );
+                    let _ = q.push(info.head, next().into());
+                }
+            }
+            2 => {
+                // Through virtio-queue's own Reader/Writer.
+                let _ = q.with_queue(|queue, space| {
+                    if let Some(chain) = queue.pop_descriptor_chain(space) {
+                        let head = chain.head_index();
+                        if let Ok(mut reader) = chain.clone().reader(space) {
+                            let mut sink = [0u8; 64];
+                            let _ = std::io::Read::read(&mut reader, &mut sink);
+                        }
+                        if let Ok(mut writer) = chain.writer(space) {
+                            let _ = std::io::Write::write(&mut writer, &[0x5a; 64]);
+                        }
+                        let _ = queue.add_used(space, head, 0);
+                    }
+                });
+            }
+            3 => {
+                let _ = q.needs_notification();
+                let _ = q.enable_notification();
+            }
+            _ => {
+                vm.execute(&Request {
+                    op: Op::Unmap as u16,
+                    flags: 0,
+                    requester: RID,
+                    nr_segs: 0,
+                    iova: u64::from(next() % 32) * PAGE_SIZE,
+                    length: 0,
+                    reserved: [0; 3],
+                    segs: Vec::new(),
+                });
+                map(u64::from(next() % 32), u64::from(next() % 16), next());
+            }
+        }
+    }
+    drop(q);
+    drop(vm);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuzz_entry_survives_simple_inputs() {
+        fuzz_virtqueue(&[]);
+        fuzz_virtqueue(&[0xff; 512]);
+        let mut x = 0x1234_5678_9abc_def0_u64;
+        for _ in 0..200 {
+            let data: Vec<u8> = (0..600)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            fuzz_virtqueue(&data);
+        }
+    }
+}
