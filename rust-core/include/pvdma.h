@@ -144,10 +144,76 @@ typedef uint32_t pvdma_result;
 #endif // __cplusplus
 
 /**
+ * Result of a `pvdma_vq_*` call. Values 0..=9 equal `pvdma_result`'s.
+ */
+enum pvdma_vq_result
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * Success.
+     */
+    PVDMA_VQ_OK = 0,
+    /**
+     * A required pointer argument is NULL.
+     */
+    PVDMA_VQ_ERR_NULL_ARGUMENT = 1,
+    /**
+     * An argument is out of range (size, alignment, packed ring).
+     */
+    PVDMA_VQ_ERR_INVALID_ARGUMENT = 2,
+    /**
+     * No such endpoint.
+     */
+    PVDMA_VQ_ERR_NOT_FOUND = 4,
+    /**
+     * An iovec array is too small; the counts needed were written and the
+     * chain stays on the ring.
+     */
+    PVDMA_VQ_ERR_BUFFER_TOO_SMALL = 6,
+    /**
+     * A ring or buffer access was refused (recorded in the fault log).
+     */
+    PVDMA_VQ_ERR_TRANSLATION_FAULT = 7,
+    /**
+     * The driver corrupted the ring (e.g. avail idx too far ahead): the
+     * device should set NEEDS_RESET.
+     */
+    PVDMA_VQ_ERR_BAD_STATE = 8,
+    /**
+     * An internal error (a panic) was caught at the API boundary.
+     */
+    PVDMA_VQ_ERR_PANIC = 9,
+    /**
+     * No chain available (not an error).
+     */
+    PVDMA_VQ_EMPTY = 16,
+    /**
+     * The chain at `chain->head` is malformed (loop, bad index, nested
+     * indirect, lengths past u32, readable after writable); it is consumed:
+     * push it back with length 0.
+     */
+    PVDMA_VQ_ERR_BAD_CHAIN = 17,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum pvdma_vq_result pvdma_vq_result;
+#else
+typedef uint32_t pvdma_vq_result;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * A VM as pvdma sees it: guest RAM, endpoints and their translations.
  * Opaque; made by `pvdma_vm_new`, freed by `pvdma_vm_free`.
  */
 typedef struct pvdma_vm pvdma_vm;
+
+/**
+ * A virtqueue of one endpoint. Opaque; `pvdma_vq_open` / `pvdma_vq_close`.
+ */
+typedef struct pvdma_vq pvdma_vq;
 
 /**
  * Per-VM configuration, fixed at creation. Start from
@@ -384,6 +450,60 @@ typedef struct pvdma_mapping_info {
      */
     uint32_t nr_segs;
 } pvdma_mapping_info;
+
+/**
+ * Where a split queue's rings are (IOVAs of the endpoint) and what was
+ * negotiated.
+ */
+typedef struct pvdma_vq_config {
+    /**
+     * Descriptor table IOVA (16-byte aligned).
+     */
+    uint64_t desc;
+    /**
+     * Avail ring IOVA (2-byte aligned, not 0).
+     */
+    uint64_t avail;
+    /**
+     * Used ring IOVA (4-byte aligned).
+     */
+    uint64_t used;
+    /**
+     * Negotiated feature bits (EVENT_IDX bit 29, INDIRECT_DESC bit 28;
+     * RING_PACKED bit 34 is refused).
+     */
+    uint64_t features;
+    /**
+     * Queue size: a power of two, 1..=32768.
+     */
+    uint16_t size;
+} pvdma_vq_config;
+
+/**
+ * What `pvdma_vq_pop` found.
+ */
+typedef struct pvdma_vq_chain {
+    /**
+     * Head index, for `pvdma_vq_push`.
+     */
+    uint16_t head;
+    /**
+     * Readable (device reads) iovecs written, or needed.
+     */
+    size_t n_readable;
+    /**
+     * Writable (device writes) iovecs written, or needed.
+     */
+    size_t n_writable;
+    /**
+     * Bytes the device may read.
+     */
+    uint64_t readable_bytes;
+    /**
+     * Bytes the device may write.
+     */
+    uint64_t writable_bytes;
+} pvdma_vq_chain;
 
 #ifdef __cplusplus
 extern "C" {
@@ -712,6 +832,85 @@ pvdma_result pvdma_vm_state_save(const struct pvdma_vm *vm,
  * bytes.
  */
 pvdma_result pvdma_vm_state_load(struct pvdma_vm *vm, const uint8_t *buf, size_t len);
+
+/**
+ * A static description of a result code (never NULL).
+ */
+const char *pvdma_vq_strerror(uint32_t result);
+
+/**
+ * Opens a split virtqueue of endpoint `rid` of `vm` and stores its handle
+ * in `*out`. The endpoint need not be attached yet: its domain is looked
+ * up on every call. `PVDMA_VQ_ERR_INVALID_ARGUMENT` for a bad size,
+ * misaligned ring or packed ring; `PVDMA_VQ_ERR_NOT_FOUND` for an unknown
+ * endpoint.
+ *
+ * # Safety
+ * `vm` is NULL or a live VM handle that outlives the queue; `cfg` is NULL
+ * or valid; `out` is NULL or valid for writing a pointer.
+ */
+pvdma_vq_result pvdma_vq_open(const struct pvdma_vm *vm,
+                              uint32_t rid,
+                              const struct pvdma_vq_config *cfg,
+                              struct pvdma_vq **out);
+
+/**
+ * Closes a queue. NULL is ignored.
+ *
+ * # Safety
+ * `vq` is NULL or a handle from `pvdma_vq_open` not yet closed, unused by
+ * any other thread.
+ */
+void pvdma_vq_close(struct pvdma_vq *vq);
+
+/**
+ * Pops the next chain: device-readable buffers into `readable[0..]`,
+ * device-writable ones into `writable[0..]`, as host pointers (valid while
+ * the guest keeps them mapped). Returns:
+ * - `PVDMA_VQ_OK`: `*chain` filled.
+ * - `PVDMA_VQ_EMPTY`: nothing available; `*chain` untouched.
+ * - `PVDMA_VQ_ERR_BUFFER_TOO_SMALL`: `chain->n_readable/n_writable` are
+ *   the counts needed; the chain stays on the ring (call again).
+ * - `PVDMA_VQ_ERR_BAD_CHAIN`: `chain->head` is the consumed bad chain.
+ * - `PVDMA_VQ_ERR_TRANSLATION_FAULT`, `PVDMA_VQ_ERR_BAD_STATE`.
+ *
+ * # Safety
+ * `vq` is NULL or a live handle; `readable`/`writable` are valid for
+ * `n_readable`/`n_writable` entries (or that count is 0); `chain` is NULL
+ * or valid for writing.
+ */
+pvdma_vq_result pvdma_vq_pop(struct pvdma_vq *vq,
+                             struct pvdma_iovec *readable,
+                             size_t n_readable,
+                             struct pvdma_iovec *writable,
+                             size_t n_writable,
+                             struct pvdma_vq_chain *chain);
+
+/**
+ * Returns chain `head` to the driver with `len` bytes written.
+ *
+ * # Safety
+ * `vq` is NULL or a live handle.
+ */
+pvdma_vq_result pvdma_vq_push(struct pvdma_vq *vq, uint16_t head, uint32_t len);
+
+/**
+ * Stores in `*notify` whether the driver wants an interrupt for the
+ * entries pushed since the last call (EVENT_IDX aware).
+ *
+ * # Safety
+ * `vq` is NULL or a live handle; `notify` is NULL or valid for writing.
+ */
+pvdma_vq_result pvdma_vq_needs_notify(struct pvdma_vq *vq, bool *notify);
+
+/**
+ * Enables (`enable` true) or disables driver notifications. When
+ * enabling, `*pending` (if not NULL) says whether chains arrived meanwhile.
+ *
+ * # Safety
+ * `vq` is NULL or a live handle; `pending` is NULL or valid for writing.
+ */
+pvdma_vq_result pvdma_vq_set_notify(struct pvdma_vq *vq, bool enable, bool *pending);
 
 #ifdef __cplusplus
 }  // extern "C"

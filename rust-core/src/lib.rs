@@ -29,7 +29,6 @@ pub mod table;
 pub mod types;
 pub mod vm;
 pub mod vq;
-pub mod vq_ffi;
 
 pub use abi::{Op, Status};
 pub use types::{Access, Fragment, Perm, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
