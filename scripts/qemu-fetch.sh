@@ -92,9 +92,9 @@ apt_opts=(
     -o "Dir::State::status=$APT_ROOT/status"
     -o "Dir::Cache=$APT_ROOT/cache"
     -o "Dir::Cache::Archives=$APT_ROOT/cache/archives"
+    # The _apt sandbox user cannot write below root's 0700 home directory.
     -o "APT::Sandbox::User=root"
     -o "Acquire::Languages=none"
-    -o "Debug::NoLocking=1"
 )
 mkdir -p "$APT_ROOT/etc/sources.list.d"
 
