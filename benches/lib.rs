@@ -245,7 +245,7 @@ pub fn iotlb_translate(iotlb: &RwLock<Iotlb>, iova: u64, len: usize) -> u64 {
 pub fn criterion() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(3))
         .sample_size(50)
         .configure_from_args()
 }
