@@ -244,8 +244,8 @@ pub fn iotlb_translate(iotlb: &RwLock<Iotlb>, iova: u64, len: usize) -> u64 {
 /// statistics (the noise is handled by comparing in-run ratios).
 pub fn criterion() -> Criterion {
     Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(400))
+        .measurement_time(Duration::from_secs(2))
         .sample_size(50)
         .configure_from_args()
 }
