@@ -31,7 +31,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use pvdma::{Access, Status, PAGE_SIZE};
+use pvdma::sync::epoch;
+use pvdma::{Access, Perm, Status, PAGE_SIZE};
 use pvdma_benches::*;
 use vm_memory::{GuestAddress, Permissions};
 
@@ -163,6 +164,44 @@ fn concurrent(c: &mut Criterion) {
         });
         report(name, &tally);
     }
+
+    // The same with the bare table: readers walk `IoPageTable::lookup` (one
+    // epoch pin per translation, like `Vm::translate`), the writer maps and
+    // unmaps through `TableWriter`. Beside the rows above, this tells how
+    // much of what a writer costs readers comes from the table itself and
+    // how much from the layers around it.
+    let (domain, _pins) = domain_populated(&guest, PAGES);
+    let table = domain.table();
+    table.lock().unmap(hole_iova, SEGS_PER_MAP * PAGE_SIZE);
+    let table_reader = |r: usize, iters: u64| {
+        let hot = &hot[r];
+        (0..iters).fold(0u64, |acc, k| {
+            let guard = epoch::pin();
+            let leaf = table.lookup(black_box(hot[k as usize % HOT]), &guard);
+            acc.wrapping_add(leaf.map_or(0, |l| l.gpa))
+        })
+    };
+    let table_writer = || {
+        table
+            .lock()
+            .map(hole_iova, gpa_of(HOLE), PAGE_SIZE, Perm::RW);
+        table.lock().unmap(hole_iova, PAGE_SIZE);
+    };
+    for (name, writer) in [
+        ("pvdma_table_readers_alone", None),
+        (
+            "pvdma_table_readers_with_cpu_hog",
+            Some(&cpu_hog as &(dyn Fn() + Sync)),
+        ),
+        ("pvdma_table_readers_with_writer", Some(&table_writer)),
+    ] {
+        let mut tally = Tally::default();
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| run(iters, &table_reader, writer, &mut tally))
+        });
+        report(name, &tally);
+    }
+    drop(domain);
     drop(guest);
 
     let iotlb = iotlb_populated(PAGES);
