@@ -30,10 +30,10 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::domain::{FaultReason, FragmentSink, TranslateFault};
-use crate::iova_space::{CachedWindow, IovaSpace};
+use crate::iova_space::{CachedWindow, IovaSpace, PageCache};
 use crate::sync::epoch;
 use crate::types::{Access, Fragment, Perm};
-use crate::vm::Vm;
+use crate::vm::{EndpointCache, Vm};
 
 /// `VIRTIO_RING_F_INDIRECT_DESC`: the driver may use indirect tables.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
@@ -127,15 +127,23 @@ pub struct CacheStats {
     /// Rebuilds whose result differed from the cache they replaced (a ring
     /// page was unmapped or moved).
     pub invalidations: u64,
+    /// Table walks made while the caches were current (each fills the
+    /// buffer page cache): accesses neither the ring windows nor the page
+    /// cache could serve.
+    pub misses: u64,
 }
 
-/// The three rings, translated.
+/// The three rings, translated, and the buffer pages used lately.
 #[derive(Default)]
 struct RingCache {
-    /// `(domain generation, RAM layout address)` the windows are valid
-    /// for; `None`: rebuild before the next access.
-    key: Option<(u64, usize)>,
+    /// `(domain generation, RAM layout id)` the windows were built for;
+    /// `None`: rebuild before the next access.
+    key: Option<(u64, u64)>,
     windows: Vec<CachedWindow>,
+    /// The software IOTLB of buffer pages; its key is the one the windows
+    /// are served under.
+    pages: PageCache,
+    endpoint: EndpointCache,
     stats: CacheStats,
 }
 
@@ -201,7 +209,10 @@ impl<'vm> VirtQueue<'vm> {
 
     /// The ring cache counters.
     pub fn cache_stats(&self) -> CacheStats {
-        self.cache.stats
+        CacheStats {
+            misses: self.cache.pages.misses(),
+            ..self.cache.stats
+        }
     }
 
     /// The queue's IOVA ranges and the permission each needs:
@@ -222,39 +233,65 @@ impl<'vm> VirtQueue<'vm> {
     /// `q.add_used(space, ..)`. A refused access is recorded as a fault.
     pub fn with_queue<R>(&mut self, f: impl FnOnce(&mut Queue, &IovaSpace<'_>) -> R) -> Result<R> {
         let guard = epoch::pin();
-        let (dom, ram) = self.vm.dma_view(self.rid, &guard).inspect_err(|f| {
-            self.vm
-                .record_fault(self.rid, f.iova, Access::Read, f.reason);
-        })?;
-        let key = (dom.map_or(0, |d| d.generation()), ram as *const _ as usize);
-        if self.cache.key != Some(key) {
-            let ranges = self.ring_ranges();
-            let plain = IovaSpace::new(dom, ram, &guard);
-            let mut complete = true;
-            let mut windows = Vec::with_capacity(3);
-            for (iova, len, need) in ranges {
-                match plain.cache_window(iova, len, need) {
-                    Ok(w) => windows.push(w),
-                    Err(_) => complete = false,
-                }
-            }
-            let stats = &mut self.cache.stats;
-            stats.rebuilds += 1;
-            if self.cache.key.is_some() && windows != self.cache.windows {
-                stats.invalidations += 1;
-            }
-            self.cache.windows = windows;
-            // Incomplete (a ring is not mapped): try again next time, as a
-            // MAP does not change the generation.
-            self.cache.key = complete.then_some(key);
+        let (dom, ram) = self
+            .vm
+            .dma_view_cached(self.rid, &guard, &mut self.cache.endpoint)
+            .inspect_err(|f| {
+                self.vm
+                    .record_fault(self.rid, f.iova, Access::Read, f.reason);
+            })?;
+        // The generation is read before the windows are built from the
+        // table: a removal racing with the build changes it, and the
+        // space then serves nothing from them.
+        let key = (dom.map_or(0, |d| d.generation()), ram.id());
+        if self.cache.pages.key() != Some(key) {
+            self.cache.pages.reset(Some(key));
         }
-        let space = IovaSpace::with_windows(dom, ram, &guard, &self.cache.windows);
+        if self.cache.key != Some(key) {
+            self.rebuild_windows(key, dom, ram, &guard);
+        }
+        let space = IovaSpace::with_cache(
+            dom,
+            ram,
+            &guard,
+            &self.cache.windows,
+            &self.cache.pages,
+        );
         let r = f(&mut self.queue, &space);
         if let Some(fault) = space.take_fault() {
             self.vm
                 .record_fault(self.rid, fault.iova, Access::Read, fault.reason);
         }
         Ok(r)
+    }
+
+    #[cold]
+    fn rebuild_windows(
+        &mut self,
+        key: (u64, u64),
+        dom: Option<&crate::domain::Domain>,
+        ram: &crate::ram::RamLayout,
+        guard: &epoch::Guard,
+    ) {
+        let ranges = self.ring_ranges();
+        let plain = IovaSpace::new(dom, ram, guard);
+        let mut complete = true;
+        let mut windows = Vec::with_capacity(3);
+        for (iova, len, need) in ranges {
+            match plain.cache_window(iova, len, need) {
+                Ok(w) => windows.push(w),
+                Err(_) => complete = false,
+            }
+        }
+        let stats = &mut self.cache.stats;
+        stats.rebuilds += 1;
+        if self.cache.key.is_some() && windows != self.cache.windows {
+            stats.invalidations += 1;
+        }
+        self.cache.windows = windows;
+        // Incomplete (a ring is not mapped): try again next time, as a
+        // MAP does not change the generation.
+        self.cache.key = complete.then_some(key);
     }
 
     /// Pops the next available chain and translates its buffers into host
