@@ -220,11 +220,11 @@ impl PageCache {
 
     #[inline]
     fn slot(&self, iova: u64) -> &Cell<PageEntry> {
-        // Fibonacci hashing of the page number: buffers 64 KiB apart (the
-        // same low page bits) land in different slots.
+        // Consecutive pages take consecutive slots; folding in the higher
+        // bits keeps buffers 128 KiB or 4 MiB apart (the same low page
+        // bits) from sharing one.
         let page = iova >> PAGE_SHIFT;
-        let i = (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - PAGE_CACHE_ENTRIES.trailing_zeros()))
-            as usize;
+        let i = (page ^ (page >> 5) ^ (page >> 10)) as usize;
         &self.entries[i % PAGE_CACHE_ENTRIES]
     }
 
@@ -305,16 +305,16 @@ impl<'g> IovaSpace<'g> {
         windows: &'g [CachedWindow],
         pages: &'g PageCache,
     ) -> Self {
-        let cache_gen = match pages.key() {
-            Some((gen, ram_id)) if ram_id == ram.id() => gen,
-            _ => NO_CACHE,
+        let (pages, cache_gen) = match pages.key() {
+            Some((gen, ram_id)) if ram_id == ram.id() => (Some(pages), gen),
+            _ => (None, NO_CACHE),
         };
         IovaSpace {
             domain,
             ram,
             guard,
-            windows,
-            pages: Some(pages),
+            windows: if pages.is_some() { windows } else { &[] },
+            pages,
             cache_gen,
             last_fault: Cell::new(None),
         }
@@ -344,11 +344,9 @@ impl<'g> IovaSpace<'g> {
     /// Whether the caches may be served now: the domain's generation is
     /// still the one they were made under (no translation was removed
     /// since). Read before every cached access.
-    #[inline]
+    /// Only meaningful when `pages` is set (`cache_gen` is then the key's).
+    #[inline(always)]
     fn cache_current(&self) -> bool {
-        if self.cache_gen == NO_CACHE {
-            return false;
-        }
         // Domain::generation is an Acquire load, pairing with the Release
         // store after the table entries were cleared: if it still reads
         // the cache's generation, no removal has completed since.
@@ -394,7 +392,12 @@ impl<'g> IovaSpace<'g> {
     /// ring window, else from the table (filling the page cache).
     /// `left > 0`. Only the cache hits are inlined.
     #[inline(always)]
-    fn piece(&self, iova: u64, left: u64, need: Perm) -> std::result::Result<Piece, TranslateFault> {
+    fn piece(
+        &self,
+        iova: u64,
+        left: u64,
+        need: Perm,
+    ) -> std::result::Result<Piece, TranslateFault> {
         if let Some(pages) = self.pages {
             if self.cache_current() {
                 if let Some(e) = pages.get(iova) {
@@ -454,7 +457,12 @@ impl<'g> IovaSpace<'g> {
     /// Checks `[cur, end)` whole, the rest of an access after its first
     /// piece (all or nothing).
     #[inline(never)]
-    fn check_rest(&self, mut cur: u64, end: u64, need: Perm) -> std::result::Result<(), TranslateFault> {
+    fn check_rest(
+        &self,
+        mut cur: u64,
+        end: u64,
+        need: Perm,
+    ) -> std::result::Result<(), TranslateFault> {
         while cur < end {
             cur += self.piece(cur, end - cur, need)?.len;
         }
@@ -513,6 +521,7 @@ impl<'g> IovaSpace<'g> {
                 .table_step(cur, end - cur, need)
                 .map_err(|f| self.fault(f))?;
             w.perms = Perm::from_bits_truncate(w.perms.bits() & perms.bits());
+            self.prefill(cur, &p, perms);
             let offset = cur - iova;
             match w.runs.last_mut() {
                 Some(last)
@@ -536,10 +545,28 @@ impl<'g> IovaSpace<'g> {
         Ok(w)
     }
 
+    /// Puts the pages of piece `p` (at `iova`, from the table) in the page
+    /// cache while it is current, so that ring accesses hit it too.
+    fn prefill(&self, iova: u64, p: &Piece, perms: Perm) {
+        let Some(pages) = self.pages else {
+            return;
+        };
+        if !self.cache_current() {
+            return;
+        }
+        // A piece is inside one leaf and one RAM region: linear, page by
+        // page. A ring is at most 129 pages; only the last few stay.
+        let mut at = 0;
+        while at < p.len {
+            pages.insert(iova + at, p.hva + at as usize, p.gpa + at, perms);
+            at += PAGE_SIZE - ((iova + at) & PAGE_MASK);
+        }
+    }
+
     /// Plans an access: checks all of it (all or nothing) and keeps the
     /// first piece; the rest, if any, is translated again lazily (from the
     /// caches, as the check just filled them).
-    #[inline]
+    #[inline(always)]
     fn plan(
         &self,
         addr: u64,
@@ -591,7 +618,9 @@ impl<'a> IovaSlices<'a, '_> {
     /// The pieces after the first one, translated again (from the caches
     /// the planning filled).
     #[inline(never)]
-    fn next_slow(&mut self) -> Option<vm_memory::guest_memory::Result<VolatileSlice<'a, BS<'a, ()>>>> {
+    fn next_slow(
+        &mut self,
+    ) -> Option<vm_memory::guest_memory::Result<VolatileSlice<'a, BS<'a, ()>>>> {
         match self.space.piece(self.cur, self.end - self.cur, self.need) {
             Ok(p) => {
                 self.cur += p.len;
@@ -685,7 +714,7 @@ impl GuestMemory for IovaSpace<'_> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn get_slices<'a>(
         &'a self,
         addr: GuestAddress,

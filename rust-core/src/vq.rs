@@ -250,13 +250,7 @@ impl<'vm> VirtQueue<'vm> {
         if self.cache.key != Some(key) {
             self.rebuild_windows(key, dom, ram, &guard);
         }
-        let space = IovaSpace::with_cache(
-            dom,
-            ram,
-            &guard,
-            &self.cache.windows,
-            &self.cache.pages,
-        );
+        let space = IovaSpace::with_cache(dom, ram, &guard, &self.cache.windows, &self.cache.pages);
         let r = f(&mut self.queue, &space);
         if let Some(fault) = space.take_fault() {
             self.vm
@@ -274,7 +268,9 @@ impl<'vm> VirtQueue<'vm> {
         guard: &epoch::Guard,
     ) {
         let ranges = self.ring_ranges();
-        let plain = IovaSpace::new(dom, ram, guard);
+        // From the table, filling the page cache (reset to `key` by the
+        // caller) with the ring pages as it goes.
+        let plain = IovaSpace::with_cache(dom, ram, guard, &[], &self.cache.pages);
         let mut complete = true;
         let mut windows = Vec::with_capacity(3);
         for (iova, len, need) in ranges {
@@ -480,14 +476,15 @@ impl<'vm> VirtQueue<'vm> {
 
 /// Deterministic fuzzing entry point (wired to cargo-fuzz by `fuzz/`): a
 /// VM with 64 KiB of RAM, a domain, mappings, a ring layout and ring
-/// contents all taken from `data`, then pops, pushes and unmaps. Panics
-/// only when an invariant breaks: a fragment outside RAM.
+/// contents all taken from `data`, then pops, pushes and unmaps (the
+/// caches must follow). Panics only when an invariant breaks: an iovec or
+/// a `get_slices` slice outside RAM.
 #[doc(hidden)]
 pub fn fuzz_virtqueue(data: &[u8]) {
     use crate::types::{PAGE_MASK, PAGE_SIZE};
     use crate::vm::{Request, VmConfig};
     use crate::Op;
-    use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+    use vm_memory::{GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Permissions};
 
     const RAM: u64 = 16 * PAGE_SIZE;
     const RID: u32 = 8;
@@ -573,10 +570,39 @@ pub fn fuzz_virtqueue(data: &[u8]) {
                 }
             }
             2 => {
-                // Through virtio-queue's own Reader/Writer.
+                // Through virtio-queue's own Reader/Writer, and the slices
+                // they are built from.
                 let _ = q.with_queue(|queue, space| {
                     if let Some(chain) = queue.pop_descriptor_chain(space) {
                         let head = chain.head_index();
+                        for desc in chain.clone() {
+                            let access = if desc.is_write_only() {
+                                Permissions::Write
+                            } else {
+                                Permissions::Read
+                            };
+                            let Ok(slices) =
+                                space.get_slices(desc.addr(), desc.len() as usize, access)
+                            else {
+                                continue;
+                            };
+                            let mut total = 0;
+                            for s in slices.flatten() {
+                                let hva = s.ptr_guard().as_ptr() as usize;
+                                assert!(
+                                    hva >= base
+                                        && hva
+                                            .checked_add(s.len())
+                                            .is_some_and(|e| e <= base + RAM as usize),
+                                    "slice outside RAM"
+                                );
+                                total += s.len();
+                            }
+                            assert!(
+                                total <= desc.len() as usize,
+                                "slices longer than the access"
+                            );
+                        }
                         if let Ok(mut reader) = chain.clone().reader(space) {
                             let mut sink = [0u8; 64];
                             let _ = std::io::Read::read(&mut reader, &mut sink);

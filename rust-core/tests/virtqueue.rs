@@ -556,7 +556,10 @@ fn unmapping_a_cached_buffer_page_is_seen_at_once() {
     .unwrap();
     let mut page = [0u8; 8];
     g.mem.read_slice(&mut page, GuestAddress(0x21000)).unwrap();
-    assert_eq!(page, [7; 8], "the write before the UNMAP landed, not the one after");
+    assert_eq!(
+        page, [7; 8],
+        "the write before the UNMAP landed, not the one after"
+    );
     match q.pop(&mut r, &mut w) {
         Err(vq::Error::Fault(f)) => {
             assert_eq!((f.iova, f.reason), (0x40000, FaultReason::Unmapped))
@@ -583,7 +586,9 @@ fn cached_pages_keep_their_permissions() {
         assert!(space.read_slice(&mut b, GuestAddress(0x41000)).is_err());
         assert_eq!(space.take_fault().unwrap().reason, FaultReason::Permission);
         // Across the two pages: all or nothing, whatever is cached.
-        assert!(space.read_slice(&mut [0; 8], GuestAddress(0x40ffc)).is_err());
+        assert!(space
+            .read_slice(&mut [0; 8], GuestAddress(0x40ffc))
+            .is_err());
         assert!(space.write_slice(&[1; 8], GuestAddress(0x40ffc)).is_err());
     })
     .unwrap();
