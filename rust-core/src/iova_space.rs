@@ -13,9 +13,11 @@
 //! nothing: a missing page or a missing permission fails the access and
 //! nothing is read or written), and `get_slices` yields one slice per
 //! host-contiguous piece. Unlike `IommuMemory`, the lookups are lock-free
-//! (the domain's radix table under an epoch guard) and a caller may attach
-//! pre-translated windows (virtqueue rings, see [`CachedWindow`]) that are
-//! served without a table walk.
+//! (the domain's radix table under an epoch guard), and a caller that makes
+//! many accesses (a virtqueue) may attach a [`PageCache`] (a software IOTLB
+//! of recently used pages) and pre-translated windows (the rings, see
+//! [`CachedWindow`]) that are served without a table walk, for as long as
+//! no translation of the domain has been removed.
 //!
 //! Lifetimes make the view safe: an `IovaSpace<'g>` borrows the domain, the
 //! RAM layout and the epoch guard they were loaded under, all for `'g`, so
@@ -89,6 +91,9 @@ pub struct CachedWindow {
     /// The first run, copied out of `runs`: a ring is usually one run, and
     /// this is looked at on every access.
     first: WindowRun,
+    /// The page cache key it was built under (`None`: built by a space
+    /// without a current cache; never served).
+    key: Option<(u64, u64)>,
     runs: Vec<WindowRun>,
 }
 
@@ -295,9 +300,10 @@ impl<'g> IovaSpace<'g> {
     /// As [`new`](Self::new), serving accesses from `windows` and `pages`
     /// and filling `pages` on table walks, as long as the domain's
     /// generation is the one in `pages`' key (checked before every cached
-    /// access) and `ram` is the layout in it. The windows must have been
-    /// built under that same key (by [`cache_window`](Self::cache_window)
-    /// after `pages` was [`reset`](PageCache::reset) to it).
+    /// access) and `ram` is the layout in it. The windows are served only
+    /// if every one was built under that same key (by
+    /// [`cache_window`](Self::cache_window) on a space with `pages`
+    /// current).
     pub fn with_cache(
         domain: Option<&'g Domain>,
         ram: &'g RamLayout,
@@ -305,15 +311,19 @@ impl<'g> IovaSpace<'g> {
         windows: &'g [CachedWindow],
         pages: &'g PageCache,
     ) -> Self {
-        let (pages, cache_gen) = match pages.key() {
+        let key = pages.key();
+        let (pages, cache_gen) = match key {
             Some((gen, ram_id)) if ram_id == ram.id() => (Some(pages), gen),
             _ => (None, NO_CACHE),
         };
+        // Windows hold host addresses: serve them only under the key they
+        // were built for, whatever the caller passed.
+        let windows_ok = pages.is_some() && windows.iter().all(|w| w.key == key);
         IovaSpace {
             domain,
             ram,
             guard,
-            windows: if pages.is_some() { windows } else { &[] },
+            windows: if windows_ok { windows } else { &[] },
             pages,
             cache_gen,
             last_fault: Cell::new(None),
@@ -507,6 +517,10 @@ impl<'g> IovaSpace<'g> {
             len,
             perms: Perm::RW,
             first: WindowRun::default(),
+            key: match self.pages {
+                Some(pages) if self.cache_current() => pages.key(),
+                _ => None,
+            },
             runs: Vec::new(),
         };
         let end = iova.checked_add(len).ok_or_else(|| {
@@ -842,16 +856,44 @@ mod tests {
         mem.write_obj(0xabcd_u16, GuestAddress(0x3000)).unwrap();
         let guard = epoch::pin();
         let (dom, ram) = vm.dma_view(RID, &guard).unwrap();
-        let w = IovaSpace::new(dom, ram, &guard)
+        let key = Some((dom.unwrap().generation(), ram.id()));
+        let pages = PageCache::new();
+        pages.reset(key);
+        let w = IovaSpace::with_cache(dom, ram, &guard, &[], &pages)
             .cache_window(0x10800, 0x1000, Perm::READ)
             .unwrap();
         assert_eq!((w.run_count(), w.perms()), (2, Perm::RW));
+        // Empty the page cache the build filled: the window alone serves.
+        pages.reset(key);
         let windows = [w];
-        let pages = PageCache::new();
-        pages.reset(Some((dom.unwrap().generation(), ram.id())));
         let space = IovaSpace::with_cache(dom, ram, &guard, &windows, &pages);
         let v: u16 = space.read_obj(GuestAddress(0x11000)).unwrap();
         assert_eq!(v, 0xabcd);
+        assert_eq!(pages.misses(), 0, "served by the window");
+        // A window built without a current cache is never served.
+        let stray = [IovaSpace::new(dom, ram, &guard)
+            .cache_window(0x10800, 0x1000, Perm::READ)
+            .unwrap()];
+        let space = IovaSpace::with_cache(dom, ram, &guard, &stray, &pages);
+        let v: u16 = space.read_obj(GuestAddress(0x11000)).unwrap();
+        assert_eq!(v, 0xabcd);
+        assert_eq!(pages.misses(), 1, "walked, not served by the stray window");
+        // Nor is any cache once a translation was removed.
+        map(&vm, 0x20000, 0x8000, Perm::RW);
+        let r = vm.execute(&Request {
+            op: Op::Unmap as u16,
+            flags: 0,
+            requester: RID,
+            nr_segs: 0,
+            iova: 0x20000,
+            length: 0,
+            reserved: [0; 3],
+            segs: Vec::new(),
+        });
+        assert_eq!(r.status, crate::Status::Ok);
+        let v: u16 = space.read_obj(GuestAddress(0x11000)).unwrap();
+        assert_eq!(v, 0xabcd);
+        assert_eq!(pages.misses(), 1, "stale generation: plain walk, no fill");
         let identity = IovaSpace::new(None, ram, &guard);
         let v: u16 = identity.read_obj(GuestAddress(0x3000)).unwrap();
         assert_eq!(v, 0xabcd);

@@ -9,15 +9,19 @@
 //! `Writer`); C device models use the strict, iovec-producing operations
 //! ([`VirtQueue::pop`], [`VirtQueue::push`], ...) behind `vq_ffi`.
 //!
-//! Ring cache: the descriptor table, avail ring and used ring are
-//! translated once into [`CachedWindow`]s (the vhost lesson: one table walk
-//! per ring access is too slow). The cache is keyed on the domain's
+//! Caches (the vhost lesson: one table walk per access is too slow): the
+//! descriptor table, avail ring and used ring are translated once into
+//! [`CachedWindow`]s, and a per-queue [`PageCache`] (a small software
+//! IOTLB) keeps the translations of the ring pages and of recently used
+//! buffer pages. Both are keyed on the domain's
 //! [`generation`](crate::domain::Domain::generation), which changes only
 //! when a translation is removed (UNMAP, DETACH, RAM removal), and on the
-//! RAM layout; on a change it is rebuilt from the table before the next
-//! access. A ring that no longer translates is left out, so accesses to it
-//! go through the table and fail cleanly, and the cache is retried on
-//! every operation until the ring is mapped again.
+//! [`RamLayout::id`](crate::ram::RamLayout::id). The generation is compared
+//! before every cached access, so a removal is seen by the next access;
+//! on a key change the caches are reset and the windows rebuilt from the
+//! table before the next access. A ring that no longer translates is left
+//! out, so accesses to it go through the table and fail cleanly, and the
+//! windows are retried on every operation until the ring is mapped again.
 //!
 //! Packed virtqueues are not supported: virtio-queue 0.18 provides the
 //! packed descriptor layout but no packed ring queue; [`VirtQueue::open`]
