@@ -123,6 +123,13 @@ impl CachedWindow {
         self.runs.len()
     }
 
+    /// Whether `other` translates the same range the same way (whatever
+    /// key either was built under).
+    pub fn same_translation(&self, other: &CachedWindow) -> bool {
+        (self.iova, self.len, self.perms, &self.runs)
+            == (other.iova, other.len, other.perms, &other.runs)
+    }
+
     /// The piece of `[iova, iova + left)` that starts at `iova`, if the
     /// window holds `iova` and allows `need`: at most to the end of the run.
     #[inline(always)]

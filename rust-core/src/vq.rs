@@ -285,7 +285,12 @@ impl<'vm> VirtQueue<'vm> {
         }
         let stats = &mut self.cache.stats;
         stats.rebuilds += 1;
-        if self.cache.key.is_some() && windows != self.cache.windows {
+        let same = windows.len() == self.cache.windows.len()
+            && windows
+                .iter()
+                .zip(&self.cache.windows)
+                .all(|(a, b)| a.same_translation(b));
+        if self.cache.key.is_some() && !same {
             stats.invalidations += 1;
         }
         self.cache.windows = windows;
