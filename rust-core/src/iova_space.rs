@@ -13,9 +13,11 @@
 //! nothing: a missing page or a missing permission fails the access and
 //! nothing is read or written), and `get_slices` yields one slice per
 //! host-contiguous piece. Unlike `IommuMemory`, the lookups are lock-free
-//! (the domain's radix table under an epoch guard) and a caller may attach
-//! pre-translated windows (virtqueue rings, see [`CachedWindow`]) that are
-//! served without a table walk.
+//! (the domain's radix table under an epoch guard), and a caller that makes
+//! many accesses (a virtqueue) may attach a [`PageCache`] (a software IOTLB
+//! of recently used pages) and pre-translated windows (the rings, see
+//! [`CachedWindow`]) that are served without a table walk, for as long as
+//! no translation of the domain has been removed.
 //!
 //! Lifetimes make the view safe: an `IovaSpace<'g>` borrows the domain, the
 //! RAM layout and the epoch guard they were loaded under, all for `'g`, so
@@ -34,7 +36,7 @@ use vm_memory::{
 use crate::domain::{Domain, FaultReason, FragmentSink, TranslateFault};
 use crate::ram::RamLayout;
 use crate::sync::epoch::Guard;
-use crate::types::Perm;
+use crate::types::{Perm, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
 
 /// Why an [`IovaSpace`] operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -48,30 +50,50 @@ pub enum Error {
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Pieces an access can be split into without a second table walk. Ring
-/// accesses and page-sized buffers need one or two.
-const INLINE_PIECES: usize = 4;
+/// Entries of a [`PageCache`] (a power of two). A virtqueue request
+/// touches a handful of buffer pages; 32 keep a few requests' worth.
+const PAGE_CACHE_ENTRIES: usize = 32;
+
+/// `cache_gen` of a space without caches: never a domain generation
+/// (those count up from 1) nor the bypass value 0.
+const NO_CACHE: u64 = u64::MAX;
+
+/// One translated piece of an access: contiguous in host and guest memory.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    hva: usize,
+    gpa: u64,
+    len: u64,
+}
 
 /// One host-contiguous run of a [`CachedWindow`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct WindowRun {
     /// Offset of the run's first byte from the window's IOVA.
     offset: u64,
     /// Host address of the run's first byte.
     hva: usize,
+    /// Guest-physical address of the run's first byte.
+    gpa: u64,
     /// Length in bytes.
     len: u64,
 }
 
 /// A translated IOVA window kept across accesses: a virtqueue ring. Built
-/// by [`IovaSpace::cache_window`]; valid only while the domain's generation
-/// and the RAM layout are those it was built under (the owner checks).
+/// by [`IovaSpace::cache_window`]; served only under the [`PageCache`] key
+/// it was built for (see [`IovaSpace::with_cache`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CachedWindow {
     iova: u64,
     len: u64,
     /// What every page of the window allows (the intersection).
     perms: Perm,
+    /// The first run, copied out of `runs`: a ring is usually one run, and
+    /// this is looked at on every access.
+    first: WindowRun,
+    /// The page cache key it was built under (`None`: built by a space
+    /// without a current cache; never served).
+    key: Option<(u64, u64)>,
     runs: Vec<WindowRun>,
 }
 
@@ -101,64 +123,138 @@ impl CachedWindow {
         self.runs.len()
     }
 
-    /// Whether `[addr, addr + len)` (with `end` its checked end) lies inside
-    /// the window and `need` is allowed.
-    #[inline]
-    fn covers(&self, addr: u64, end: u64, need: Perm) -> bool {
-        addr >= self.iova && end <= self.iova + self.len && self.perms.contains(need)
+    /// Whether `other` translates the same range the same way (whatever
+    /// key either was built under).
+    pub fn same_translation(&self, other: &CachedWindow) -> bool {
+        (self.iova, self.len, self.perms, &self.runs)
+            == (other.iova, other.len, other.perms, &other.runs)
     }
 
-    /// Fills `out` with the pieces of `[addr, addr + len)`, which
-    /// [`covers`](Self::covers) accepted. False when they do not fit inline.
-    #[inline]
-    fn fill(&self, addr: u64, len: u64, out: &mut Pieces) -> bool {
-        let mut offset = addr - self.iova;
-        let mut left = len;
-        // Runs are sorted by offset and few (one or two for a ring).
-        for run in &self.runs {
-            if left == 0 {
-                break;
-            }
-            if offset >= run.offset + run.len {
-                continue;
-            }
-            let within = offset - run.offset;
-            let n = (run.len - within).min(left);
-            if !out.push(run.hva + within as usize, n) {
-                return false;
-            }
-            offset += n;
-            left -= n;
+    /// The piece of `[iova, iova + left)` that starts at `iova`, if the
+    /// window holds `iova` and allows `need`: at most to the end of the run.
+    #[inline(always)]
+    fn piece(&self, iova: u64, left: u64, need: Perm) -> Option<Piece> {
+        // Wrapping: an IOVA below the window gives a huge offset.
+        let offset = iova.wrapping_sub(self.iova);
+        if offset >= self.len || !self.perms.contains(need) {
+            return None;
         }
-        left == 0
+        // The first run starts at offset 0.
+        let run = if offset < self.first.len {
+            &self.first
+        } else {
+            // Runs are sorted by offset and few.
+            self.runs
+                .iter()
+                .find(|r| offset >= r.offset && offset - r.offset < r.len)?
+        };
+        let within = offset - run.offset;
+        Some(Piece {
+            hva: run.hva + within as usize,
+            gpa: run.gpa + within,
+            len: (run.len - within).min(left),
+        })
     }
 }
 
-/// Up to [`INLINE_PIECES`] `(hva, len)` pieces, merged when contiguous.
+/// One cached page translation.
 #[derive(Clone, Copy, Debug, Default)]
-struct Pieces {
-    items: [(usize, u64); INLINE_PIECES],
-    n: usize,
+struct PageEntry {
+    /// IOVA of the page, with bit 0 set; 0 for an empty entry.
+    tag: u64,
+    /// Host address of the page's first byte.
+    hva: usize,
+    /// Guest-physical address of the page's first byte.
+    gpa: u64,
+    perms: Perm,
 }
 
-impl Pieces {
-    /// Adds a piece; false when it neither continues the last one nor fits.
+/// A small software IOTLB (vhost's answer to a table walk per access): the
+/// translations of recently used IOVA pages, with their permissions.
+///
+/// Entries are valid only under the key they were made under: the domain
+/// [`generation`](Domain::generation) (0 in bypass) and the
+/// [`RamLayout::id`]. The generation changes with every removal of a
+/// translation (UNMAP, DETACH, RAM removal) and never with a MAP, so a MAP
+/// never invalidates and an entry is never used after a removal: an
+/// [`IovaSpace`] compares the generation before every cached access.
+///
+/// Owned by one device thread (a virtqueue): not `Sync`.
+pub struct PageCache {
+    entries: [Cell<PageEntry>; PAGE_CACHE_ENTRIES],
+    key: Cell<Option<(u64, u64)>>,
+    misses: Cell<u64>,
+}
+
+impl Default for PageCache {
+    fn default() -> Self {
+        PageCache {
+            entries: Default::default(),
+            key: Cell::new(None),
+            misses: Cell::new(0),
+        }
+    }
+}
+
+impl std::fmt::Debug for PageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageCache")
+            .field("key", &self.key.get())
+            .field("misses", &self.misses.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PageCache {
+    /// An empty cache (no key: serves nothing until [`reset`](Self::reset)).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `(domain generation or 0 in bypass, RAM layout id)` the entries
+    /// belong to.
+    pub fn key(&self) -> Option<(u64, u64)> {
+        self.key.get()
+    }
+
+    /// Empties the cache and gives it a new key.
+    pub fn reset(&self, key: Option<(u64, u64)>) {
+        for e in &self.entries {
+            e.set(PageEntry::default());
+        }
+        self.key.set(key);
+    }
+
+    /// Table walks done while the cache was valid.
+    pub fn misses(&self) -> u64 {
+        self.misses.get()
+    }
+
     #[inline]
-    fn push(&mut self, hva: usize, len: u64) -> bool {
-        if let Some(last) = self.n.checked_sub(1).map(|i| &mut self.items[i]) {
-            if last.0.wrapping_add(last.1 as usize) == hva {
-                last.1 += len;
-                return true;
-            }
-        }
-        match self.items.get_mut(self.n) {
-            Some(slot) => {
-                *slot = (hva, len);
-                self.n += 1;
-                true
-            }
-            None => false,
-        }
+    fn slot(&self, iova: u64) -> &Cell<PageEntry> {
+        // Consecutive pages take consecutive slots; folding in the higher
+        // bits keeps buffers 128 KiB or 4 MiB apart (the same low page
+        // bits) from sharing one.
+        let page = iova >> PAGE_SHIFT;
+        let i = (page ^ (page >> 5) ^ (page >> 10)) as usize;
+        &self.entries[i % PAGE_CACHE_ENTRIES]
+    }
+
+    #[inline]
+    fn get(&self, iova: u64) -> Option<PageEntry> {
+        let e = self.slot(iova).get();
+        (e.tag == (iova & !PAGE_MASK) | 1).then_some(e)
+    }
+
+    #[inline]
+    fn insert(&self, iova: u64, hva: usize, gpa: u64, perms: Perm) {
+        let off = iova & PAGE_MASK;
+        self.slot(iova).set(PageEntry {
+            tag: (iova & !PAGE_MASK) | 1,
+            hva: hva - off as usize,
+            gpa: gpa - off,
+            perms,
+        });
     }
 }
 
@@ -174,6 +270,10 @@ pub struct IovaSpace<'g> {
     ram: &'g RamLayout,
     guard: &'g Guard,
     windows: &'g [CachedWindow],
+    pages: Option<&'g PageCache>,
+    /// Domain generation (0 in bypass) under which `windows` and `pages`
+    /// may be served; [`NO_CACHE`] when they may not.
+    cache_gen: u64,
     last_fault: Cell<Option<TranslateFault>>,
 }
 
@@ -182,6 +282,7 @@ impl std::fmt::Debug for IovaSpace<'_> {
         f.debug_struct("IovaSpace")
             .field("translated", &self.domain.is_some())
             .field("windows", &self.windows.len())
+            .field("page_cache", &self.pages.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -189,25 +290,49 @@ impl std::fmt::Debug for IovaSpace<'_> {
 impl<'g> IovaSpace<'g> {
     /// A view of `domain`'s translations (`None`: identity, for an
     /// unattached endpoint in bypass mode) over `ram`, both loaded under
-    /// `guard` (see [`crate::vm::Vm::dma_view`]).
+    /// `guard` (see [`crate::vm::Vm::dma_view`]). Every access walks the
+    /// table.
     pub fn new(domain: Option<&'g Domain>, ram: &'g RamLayout, guard: &'g Guard) -> Self {
-        Self::with_windows(domain, ram, guard, &[])
-    }
-
-    /// As [`new`](Self::new), serving accesses that fall entirely inside
-    /// one of `windows` from it instead of the table. The caller guarantees
-    /// the windows were built for this domain generation and RAM layout.
-    pub fn with_windows(
-        domain: Option<&'g Domain>,
-        ram: &'g RamLayout,
-        guard: &'g Guard,
-        windows: &'g [CachedWindow],
-    ) -> Self {
         IovaSpace {
             domain,
             ram,
             guard,
-            windows,
+            windows: &[],
+            pages: None,
+            cache_gen: NO_CACHE,
+            last_fault: Cell::new(None),
+        }
+    }
+
+    /// As [`new`](Self::new), serving accesses from `windows` and `pages`
+    /// and filling `pages` on table walks, as long as the domain's
+    /// generation is the one in `pages`' key (checked before every cached
+    /// access) and `ram` is the layout in it. The windows are served only
+    /// if every one was built under that same key (by
+    /// [`cache_window`](Self::cache_window) on a space with `pages`
+    /// current).
+    pub fn with_cache(
+        domain: Option<&'g Domain>,
+        ram: &'g RamLayout,
+        guard: &'g Guard,
+        windows: &'g [CachedWindow],
+        pages: &'g PageCache,
+    ) -> Self {
+        let key = pages.key();
+        let (pages, cache_gen) = match key {
+            Some((gen, ram_id)) if ram_id == ram.id() => (Some(pages), gen),
+            _ => (None, NO_CACHE),
+        };
+        // Windows hold host addresses: serve them only under the key they
+        // were built for, whatever the caller passed.
+        let windows_ok = pages.is_some() && windows.iter().all(|w| w.key == key);
+        IovaSpace {
+            domain,
+            ram,
+            guard,
+            windows: if windows_ok { windows } else { &[] },
+            pages,
+            cache_gen,
             last_fault: Cell::new(None),
         }
     }
@@ -233,16 +358,28 @@ impl<'g> IovaSpace<'g> {
         f
     }
 
-    /// Translates the first piece of `[iova, iova + left)`: `(hva, gpa,
-    /// len)` with `0 < len <= left`, contiguous in host and guest memory.
-    /// `left > 0`.
+    /// Whether the caches may be served now: the domain's generation is
+    /// still the one they were made under (no translation was removed
+    /// since). Read before every cached access.
+    /// Only meaningful when `pages` is set (`cache_gen` is then the key's).
+    #[inline(always)]
+    fn cache_current(&self) -> bool {
+        // Domain::generation is an Acquire load, pairing with the Release
+        // store after the table entries were cleared: if it still reads
+        // the cache's generation, no removal has completed since.
+        self.domain.map_or(0, Domain::generation) == self.cache_gen
+    }
+
+    /// Translates the first piece of `[iova, iova + left)` from the table:
+    /// contiguous in host and guest memory, `0 < len <= left`, with the
+    /// permissions of its leaf. `left > 0`.
     #[inline]
-    fn step(
+    fn table_step(
         &self,
         iova: u64,
         left: u64,
         need: Perm,
-    ) -> std::result::Result<(usize, u64, u64), TranslateFault> {
+    ) -> std::result::Result<(Piece, Perm), TranslateFault> {
         let refuse = |reason| TranslateFault { iova, reason };
         let (gpa, perms, run) = match self.domain {
             Some(dom) => {
@@ -265,7 +402,88 @@ impl<'g> IovaSpace<'g> {
             // host_run of a RAM address with left > 0 is never empty.
             return Err(refuse(FaultReason::OutsideRam));
         }
-        Ok((hva, gpa, len))
+        Ok((Piece { hva, gpa, len }, perms))
+    }
+
+    /// The first piece of `[iova, iova + left)`: from the page cache or a
+    /// ring window, else from the table (filling the page cache).
+    /// `left > 0`. Only the cache hits are inlined.
+    #[inline(always)]
+    fn piece(
+        &self,
+        iova: u64,
+        left: u64,
+        need: Perm,
+    ) -> std::result::Result<Piece, TranslateFault> {
+        if let Some(pages) = self.pages {
+            if self.cache_current() {
+                if let Some(e) = pages.get(iova) {
+                    if e.perms.contains(need) {
+                        let off = iova & PAGE_MASK;
+                        return Ok(Piece {
+                            hva: e.hva + off as usize,
+                            gpa: e.gpa + off,
+                            len: (PAGE_SIZE - off).min(left),
+                        });
+                    }
+                }
+                for w in self.windows {
+                    if let Some(p) = w.piece(iova, left, need) {
+                        return Ok(p);
+                    }
+                }
+            }
+        }
+        self.piece_slow(iova, left, need)
+    }
+
+    /// [`piece`](Self::piece) without a cache hit: a permission fault on a
+    /// cached page, or a table walk that, while the cache is current,
+    /// caches the page.
+    #[inline(never)]
+    fn piece_slow(
+        &self,
+        iova: u64,
+        left: u64,
+        need: Perm,
+    ) -> std::result::Result<Piece, TranslateFault> {
+        let pages = match self.pages {
+            Some(pages) if self.cache_current() => pages,
+            _ => return self.table_step(iova, left, need).map(|(p, _)| p),
+        };
+        if pages.get(iova).is_some() {
+            // Cached without the permission (a hit is served by `piece`).
+            // Exact: a mapping's permissions change only by UNMAP + MAP,
+            // which changes the generation.
+            return Err(TranslateFault {
+                iova,
+                reason: FaultReason::Permission,
+            });
+        }
+        let (p, perms) = self.table_step(iova, left, need)?;
+        pages.misses.set(pages.misses.get() + 1);
+        // Regions are page aligned, so the whole page of a RAM address is
+        // RAM, host-contiguous, in one region; and a leaf covers at least
+        // the whole page. The generation was compared before this walk:
+        // should a removal race with it, the entry is never served (the
+        // generation no longer matches at the next access).
+        pages.insert(iova, p.hva, p.gpa, perms);
+        Ok(p)
+    }
+
+    /// Checks `[cur, end)` whole, the rest of an access after its first
+    /// piece (all or nothing).
+    #[inline(never)]
+    fn check_rest(
+        &self,
+        mut cur: u64,
+        end: u64,
+        need: Perm,
+    ) -> std::result::Result<(), TranslateFault> {
+        while cur < end {
+            cur += self.piece(cur, end - cur, need)?.len;
+        }
+        Ok(())
     }
 
     /// Translates `[iova, iova + len)` for `need` into `sink` (which merges
@@ -278,39 +496,38 @@ impl<'g> IovaSpace<'g> {
         need: Perm,
         sink: &mut FragmentSink<'_>,
     ) -> Result<()> {
-        self.walk(iova, len, need, |hva, gpa, n| sink.push(hva, gpa, n))
-            .map_err(|f| Error::Fault(self.fault(f)))
-    }
-
-    fn walk(
-        &self,
-        iova: u64,
-        len: u64,
-        need: Perm,
-        mut f: impl FnMut(usize, u64, u64),
-    ) -> std::result::Result<(), TranslateFault> {
-        let end = iova.checked_add(len).ok_or(TranslateFault {
-            iova,
-            reason: FaultReason::Overflow,
+        let end = iova.checked_add(len).ok_or_else(|| {
+            Error::Fault(self.fault(TranslateFault {
+                iova,
+                reason: FaultReason::Overflow,
+            }))
         })?;
         let mut cur = iova;
-        // Each step advances by at least one byte and at most one table
-        // leaf, so the walk is bounded by the range's pages.
+        // Each piece advances by at least one byte and at most one page or
+        // table leaf, so the walk is bounded by the range's pages.
         while cur < end {
-            let (hva, gpa, n) = self.step(cur, end - cur, need)?;
-            f(hva, gpa, n);
-            cur += n;
+            let p = self
+                .piece(cur, end - cur, need)
+                .map_err(|f| Error::Fault(self.fault(f)))?;
+            sink.push(p.hva, p.gpa, p.len);
+            cur += p.len;
         }
         Ok(())
     }
 
-    /// Translates `[iova, iova + len)` once, for `need`, into a window that
-    /// later accesses are served from (see [`with_windows`](Self::with_windows)).
+    /// Translates `[iova, iova + len)` once, for `need`, from the table,
+    /// into a window that later accesses are served from (see
+    /// [`with_cache`](Self::with_cache)).
     pub fn cache_window(&self, iova: u64, len: u64, need: Perm) -> Result<CachedWindow> {
         let mut w = CachedWindow {
             iova,
             len,
             perms: Perm::RW,
+            first: WindowRun::default(),
+            key: match self.pages {
+                Some(pages) if self.cache_current() => pages.key(),
+                _ => None,
+            },
             runs: Vec::new(),
         };
         let end = iova.checked_add(len).ok_or_else(|| {
@@ -321,30 +538,56 @@ impl<'g> IovaSpace<'g> {
         })?;
         let mut cur = iova;
         while cur < end {
-            let (hva, _, n) = self.step(cur, end - cur, need).map_err(|f| self.fault(f))?;
-            // The permissions of this leaf: look again only to intersect
-            // (cheap, rings are one or two pages).
-            if let Some(dom) = self.domain {
-                if let Some(leaf) = dom.table().lookup(cur, self.guard) {
-                    w.perms = Perm::from_bits_truncate(w.perms.bits() & leaf.perms.bits());
-                }
-            }
+            let (p, perms) = self
+                .table_step(cur, end - cur, need)
+                .map_err(|f| self.fault(f))?;
+            w.perms = Perm::from_bits_truncate(w.perms.bits() & perms.bits());
+            self.prefill(cur, &p, perms);
             let offset = cur - iova;
             match w.runs.last_mut() {
-                Some(last) if last.hva.wrapping_add(last.len as usize) == hva => last.len += n,
+                Some(last)
+                    if last.hva.wrapping_add(last.len as usize) == p.hva
+                        && last.gpa.wrapping_add(last.len) == p.gpa =>
+                {
+                    last.len += p.len
+                }
                 _ => w.runs.push(WindowRun {
                     offset,
-                    hva,
-                    len: n,
+                    hva: p.hva,
+                    gpa: p.gpa,
+                    len: p.len,
                 }),
             }
-            cur += n;
+            cur += p.len;
+        }
+        if let Some(first) = w.runs.first() {
+            w.first = *first;
         }
         Ok(w)
     }
 
-    /// Plans an access: checks all of it and keeps the first pieces.
-    #[inline]
+    /// Puts the pages of piece `p` (at `iova`, from the table) in the page
+    /// cache while it is current, so that ring accesses hit it too.
+    fn prefill(&self, iova: u64, p: &Piece, perms: Perm) {
+        let Some(pages) = self.pages else {
+            return;
+        };
+        if !self.cache_current() {
+            return;
+        }
+        // A piece is inside one leaf and one RAM region: linear, page by
+        // page. A ring is at most 129 pages; only the last few stay.
+        let mut at = 0;
+        while at < p.len {
+            pages.insert(iova + at, p.hva + at as usize, p.gpa + at, perms);
+            at += PAGE_SIZE - ((iova + at) & PAGE_MASK);
+        }
+    }
+
+    /// Plans an access: checks all of it (all or nothing) and keeps the
+    /// first piece; the rest, if any, is translated again lazily (from the
+    /// caches, as the check just filled them).
+    #[inline(always)]
     fn plan(
         &self,
         addr: u64,
@@ -356,56 +599,80 @@ impl<'g> IovaSpace<'g> {
             iova: addr,
             reason: FaultReason::Overflow,
         })?;
-        let mut it = IovaSlices {
-            space: self,
-            pieces: Pieces::default(),
-            next: 0,
-            cur: end,
-            left: 0,
-            need,
-        };
         if len == 0 {
-            return Ok(it);
+            return Ok(IovaSlices {
+                space: self,
+                first: (0, 0),
+                cur: end,
+                end,
+                need,
+            });
         }
-        for w in self.windows {
-            if w.covers(addr, end, need) {
-                if w.fill(addr, len, &mut it.pieces) {
-                    return Ok(it);
-                }
-                it.pieces = Pieces::default();
-                break;
-            }
+        let first = self.piece(addr, len, need)?;
+        let next = addr + first.len;
+        if next < end {
+            self.check_rest(next, end, need)?;
         }
-        // The whole range is checked here, so that an access either happens
-        // entirely or not at all; only the first pieces are kept, the rest
-        // (a buffer scattered over many pages) is walked again lazily.
-        let mut resume: Option<u64> = None;
-        let pieces = &mut it.pieces;
-        self.walk(addr, len, need, |hva, gpa, n| {
-            let _ = gpa;
-            if resume.is_none() && !pieces.push(hva, n) {
-                // `gpa`'s IOVA: the pieces so far cover [addr, here).
-                resume = Some(pieces.items.iter().take(pieces.n).map(|p| p.1).sum::<u64>());
-            }
-        })?;
-        if let Some(done) = resume {
-            it.cur = addr + done;
-            it.left = len - done;
-        }
-        Ok(it)
+        Ok(IovaSlices {
+            space: self,
+            first: (first.hva, first.len),
+            cur: next,
+            end,
+            need,
+        })
     }
 }
 
 /// The slices of one access, as [`GuestMemory::get_slices`] returns them.
 pub struct IovaSlices<'a, 'g> {
     space: &'a IovaSpace<'g>,
-    pieces: Pieces,
-    next: usize,
-    /// IOVA of the first byte after the inline pieces.
+    /// `(hva, len)` of the first piece, translated while planning; `len`
+    /// 0 once handed out.
+    first: (usize, u64),
+    /// IOVA of the first byte after the pieces handed out.
     cur: u64,
-    /// Bytes after the inline pieces (walked lazily).
-    left: u64,
+    end: u64,
     need: Perm,
+}
+
+impl<'a> IovaSlices<'a, '_> {
+    /// The pieces after the first one, translated again (from the caches
+    /// the planning filled).
+    #[inline(never)]
+    fn next_slow(
+        &mut self,
+    ) -> Option<vm_memory::guest_memory::Result<VolatileSlice<'a, BS<'a, ()>>>> {
+        match self.space.piece(self.cur, self.end - self.cur, self.need) {
+            Ok(p) => {
+                self.cur += p.len;
+                Some(Ok(Self::slice(p.hva, p.len)))
+            }
+            Err(f) => {
+                // Only a concurrent UNMAP can get here (the range was
+                // checked whole): stop, as vm-memory requires.
+                self.cur = self.end;
+                self.space.fault(f);
+                Some(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(
+                    f.iova,
+                ))))
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn slice(hva: usize, len: u64) -> VolatileSlice<'a, BS<'a, ()>> {
+        // SAFETY: [hva, hva + len) lies inside one region of the RAM
+        // layout the space borrows (from the table: host_run never crosses
+        // a region's end; from a window or the page cache: a translation
+        // made the same way under the same RAM layout id, which the space
+        // checked), which the VMM keeps mapped, readable and writable
+        // while the epoch guard the layout was loaded under is held
+        // (GuestRam::add's contract). The slice lives for 'a, shorter than
+        // the space's 'g borrow of that guard. Guest memory is only ever
+        // accessed volatilely. `len` is at most the access's `count`, a
+        // usize.
+        unsafe { VolatileSlice::new(hva as *mut u8, len as usize) }
+    }
 }
 
 impl<'a> Iterator for IovaSlices<'a, '_> {
@@ -413,46 +680,46 @@ impl<'a> Iterator for IovaSlices<'a, '_> {
 
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
-        let (hva, len) = if self.next < self.pieces.n {
-            let p = self.pieces.items[self.next];
-            self.next += 1;
-            p
-        } else if self.left > 0 {
-            match self.space.step(self.cur, self.left, self.need) {
-                Ok((hva, _, n)) => {
-                    self.cur += n;
-                    self.left -= n;
-                    (hva, n)
-                }
-                Err(f) => {
-                    // Only a concurrent UNMAP can get here (the range was
-                    // checked whole): stop, as vm-memory requires.
-                    self.left = 0;
-                    self.space.fault(f);
-                    return Some(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(
-                        f.iova,
-                    ))));
-                }
-            }
-        } else {
-            return None;
-        };
-        // SAFETY: [hva, hva + len) lies inside one region of the RAM layout
-        // the space borrows (host_run never crosses a region's end), which
-        // the VMM keeps mapped, readable and writable while the epoch guard
-        // the layout was loaded under is held (GuestRam::add's contract).
-        // The slice lives for 'a, shorter than the space's 'g borrow of that
-        // guard. Guest memory is only ever accessed volatilely. `len` is at
-        // most the access's `count`, a usize.
-        Some(Ok(unsafe {
-            VolatileSlice::new(hva as *mut u8, len as usize)
-        }))
+        if self.first.1 != 0 {
+            let (hva, len) = self.first;
+            self.first.1 = 0;
+            return Some(Ok(Self::slice(hva, len)));
+        }
+        if self.cur < self.end {
+            return self.next_slow();
+        }
+        None
     }
 }
 
 impl FusedIterator for IovaSlices<'_, '_> {}
 
-impl<'a> GuestMemorySliceIterator<'a, BS<'a, ()>> for IovaSlices<'a, '_> {}
+impl<'a> GuestMemorySliceIterator<'a, BS<'a, ()>> for IovaSlices<'a, '_> {
+    /// vm-memory's default wraps the iterator in a `Peekable` to find an
+    /// error in the first slice; here the first slice was translated (and
+    /// the whole range checked) by `get_slices`, so it cannot fail, and
+    /// a later error (a concurrent UNMAP) just ends the iteration. Every
+    /// `Bytes` read and write goes through this: the adapter saves the
+    /// peek on each access.
+    fn stop_on_error(
+        self,
+    ) -> vm_memory::guest_memory::Result<impl Iterator<Item = VolatileSlice<'a, BS<'a, ()>>>> {
+        Ok(StopOnError(self))
+    }
+}
+
+/// [`IovaSlices`] ending at its first error (see `stop_on_error`).
+struct StopOnError<'a, 'g>(IovaSlices<'a, 'g>);
+
+impl<'a> Iterator for StopOnError<'a, '_> {
+    type Item = VolatileSlice<'a, BS<'a, ()>>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        // IovaSlices is fused and returns None after its first error.
+        self.0.next()?.ok()
+    }
+}
 
 impl GuestMemory for IovaSpace<'_> {
     type PhysicalMemory = GuestMemoryMmap<()>;
@@ -468,7 +735,7 @@ impl GuestMemory for IovaSpace<'_> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn get_slices<'a>(
         &'a self,
         addr: GuestAddress,
@@ -487,7 +754,6 @@ impl GuestMemory for IovaSpace<'_> {
 mod tests {
     use super::*;
     use crate::sync::epoch;
-    use crate::types::PAGE_SIZE;
     use crate::vm::{Request, Vm, VmConfig};
     use crate::Op;
     use vm_memory::{Bytes, GuestMemoryBackend};
@@ -597,14 +863,44 @@ mod tests {
         mem.write_obj(0xabcd_u16, GuestAddress(0x3000)).unwrap();
         let guard = epoch::pin();
         let (dom, ram) = vm.dma_view(RID, &guard).unwrap();
-        let w = IovaSpace::new(dom, ram, &guard)
+        let key = Some((dom.unwrap().generation(), ram.id()));
+        let pages = PageCache::new();
+        pages.reset(key);
+        let w = IovaSpace::with_cache(dom, ram, &guard, &[], &pages)
             .cache_window(0x10800, 0x1000, Perm::READ)
             .unwrap();
         assert_eq!((w.run_count(), w.perms()), (2, Perm::RW));
+        // Empty the page cache the build filled: the window alone serves.
+        pages.reset(key);
         let windows = [w];
-        let space = IovaSpace::with_windows(dom, ram, &guard, &windows);
+        let space = IovaSpace::with_cache(dom, ram, &guard, &windows, &pages);
         let v: u16 = space.read_obj(GuestAddress(0x11000)).unwrap();
         assert_eq!(v, 0xabcd);
+        assert_eq!(pages.misses(), 0, "served by the window");
+        // A window built without a current cache is never served.
+        let stray = [IovaSpace::new(dom, ram, &guard)
+            .cache_window(0x10800, 0x1000, Perm::READ)
+            .unwrap()];
+        let space = IovaSpace::with_cache(dom, ram, &guard, &stray, &pages);
+        let v: u16 = space.read_obj(GuestAddress(0x11000)).unwrap();
+        assert_eq!(v, 0xabcd);
+        assert_eq!(pages.misses(), 1, "walked, not served by the stray window");
+        // Nor is any cache once a translation was removed.
+        map(&vm, 0x20000, 0x8000, Perm::RW);
+        let r = vm.execute(&Request {
+            op: Op::Unmap as u16,
+            flags: 0,
+            requester: RID,
+            nr_segs: 0,
+            iova: 0x20000,
+            length: 0,
+            reserved: [0; 3],
+            segs: Vec::new(),
+        });
+        assert_eq!(r.status, crate::Status::Ok);
+        let v: u16 = space.read_obj(GuestAddress(0x11000)).unwrap();
+        assert_eq!(v, 0xabcd);
+        assert_eq!(pages.misses(), 1, "stale generation: plain walk, no fill");
         let identity = IovaSpace::new(None, ram, &guard);
         let v: u16 = identity.read_obj(GuestAddress(0x3000)).unwrap();
         assert_eq!(v, 0xabcd);

@@ -181,6 +181,17 @@ pub struct RamLayout {
     regions: Vec<RamRegion>,
     /// The same regions as vm-memory sees them.
     memory: Arc<GuestMemoryMmap<()>>,
+    /// Never reused by another layout of this process (see [`RamLayout::id`]).
+    id: u64,
+}
+
+/// Source of [`RamLayout::id`] values.
+static NEXT_LAYOUT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_layout_id() -> u64 {
+    // Relaxed: only uniqueness matters; the id is published with the
+    // layout by the AcqRel swap in `publish`.
+    NEXT_LAYOUT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl std::fmt::Debug for RamLayout {
@@ -196,7 +207,17 @@ impl RamLayout {
         RamLayout {
             regions: Vec::new(),
             memory: Arc::new(GuestMemoryMmap::new()),
+            id: next_layout_id(),
         }
+    }
+
+    /// A value that identifies this layout among every layout the process
+    /// ever built (never 0). Unlike the layout's address, which a later
+    /// layout may reuse once this one is freed, it is safe as a cache key
+    /// for host addresses.
+    #[inline]
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The regions, sorted by guest-physical address.
@@ -439,6 +460,7 @@ impl GuestRam {
             RamLayout {
                 regions,
                 memory: Arc::new(memory),
+                id: next_layout_id(),
             },
             &guard,
         );
@@ -467,6 +489,7 @@ impl GuestRam {
             RamLayout {
                 regions,
                 memory: Arc::new(memory),
+                id: next_layout_id(),
             },
             &guard,
         );

@@ -254,6 +254,23 @@ impl Endpoint {
 
 type EndpointMap = HashMap<u32, Arc<Endpoint>>;
 
+/// The endpoint a [`Vm::dma_view_cached`] caller found last, and the
+/// endpoint-map version it was found under.
+#[derive(Default)]
+pub struct EndpointCache {
+    version: u64,
+    endpoint: Option<Arc<Endpoint>>,
+}
+
+impl std::fmt::Debug for EndpointCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointCache")
+            .field("version", &self.version)
+            .field("endpoint", &self.endpoint.as_ref().map(|e| e.rid))
+            .finish()
+    }
+}
+
 /// A parsed request: what the guest asked, read once from its block.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
@@ -314,6 +331,9 @@ pub struct Vm {
     ram: GuestRam,
     pins: PinTable,
     endpoints: Atomic<EndpointMap>,
+    /// Bumped after every replacement of `endpoints`: an
+    /// [`EndpointCache`] made under the current value is still current.
+    endpoints_version: AtomicU64,
     endpoints_writer: Mutex<()>,
     notifier: RwLock<Option<Notifier>>,
     faults: Mutex<VecDeque<FaultRecord>>,
@@ -328,6 +348,7 @@ impl Vm {
             pins: PinTable::new(cfg.pin_limit, cfg.pin_mode),
             ram: GuestRam::new(),
             endpoints: Atomic::new(EndpointMap::new()),
+            endpoints_version: AtomicU64::new(1),
             endpoints_writer: Mutex::new(()),
             notifier: RwLock::new(None),
             faults: Mutex::new(VecDeque::with_capacity(cfg.fault_log_len)),
@@ -506,6 +527,11 @@ impl Vm {
         // SAFETY: `old` is unlinked; readers holding a guard may still use
         // it, and defer_destroy waits for them.
         unsafe { guard.defer_destroy(old) };
+        // Release, after the swap: pairs with the Acquire load in
+        // `dma_view_cached`; a reader that sees the new version then loads
+        // the new map. (One that still sees the old version uses what it
+        // looked up in the old map, as a lookup just before the swap would.)
+        self.endpoints_version.fetch_add(1, Ordering::Release);
     }
 
     fn domain_of<'g>(ep: &Endpoint, guard: &'g Guard) -> Option<&'g Domain> {
@@ -683,6 +709,48 @@ impl Vm {
             Some(dom) => Ok((Some(dom), ram)),
             None if self.cfg.bypass => Ok((None, ram)),
             None => Err(fault(FaultReason::Blocked)),
+        }
+    }
+
+    /// As [`dma_view`](Self::dma_view), for a caller that makes many
+    /// (a virtqueue): the endpoint found is remembered in `cache`, and the
+    /// endpoint map is searched again only after it changed (an endpoint
+    /// was added or removed). The domain is still loaded afresh, so
+    /// ATTACH and DETACH are seen at once.
+    #[inline]
+    pub fn dma_view_cached<'g>(
+        &self,
+        rid: u32,
+        guard: &'g Guard,
+        cache: &mut EndpointCache,
+    ) -> std::result::Result<(Option<&'g Domain>, &'g RamLayout), domain::TranslateFault> {
+        // Acquire pairs with the Release increment in publish_endpoints:
+        // loaded before the map, so a map change after this load makes the
+        // next call search again.
+        let version = self.endpoints_version.load(Ordering::Acquire);
+        let ep = match &cache.endpoint {
+            Some(ep) if cache.version == version && ep.rid == rid => ep,
+            _ => {
+                cache.endpoint = None;
+                let ep = self
+                    .endpoint_map(guard)
+                    .get(&rid)
+                    .ok_or(domain::TranslateFault {
+                        iova: 0,
+                        reason: FaultReason::NoDevice,
+                    })?;
+                cache.version = version;
+                cache.endpoint.insert(ep.clone())
+            }
+        };
+        let ram = self.ram.load(guard);
+        match Self::domain_of(ep, guard) {
+            Some(dom) => Ok((Some(dom), ram)),
+            None if self.cfg.bypass => Ok((None, ram)),
+            None => Err(domain::TranslateFault {
+                iova: 0,
+                reason: FaultReason::Blocked,
+            }),
         }
     }
 

@@ -9,15 +9,19 @@
 //! `Writer`); C device models use the strict, iovec-producing operations
 //! ([`VirtQueue::pop`], [`VirtQueue::push`], ...) behind `vq_ffi`.
 //!
-//! Ring cache: the descriptor table, avail ring and used ring are
-//! translated once into [`CachedWindow`]s (the vhost lesson: one table walk
-//! per ring access is too slow). The cache is keyed on the domain's
+//! Caches (the vhost lesson: one table walk per access is too slow): the
+//! descriptor table, avail ring and used ring are translated once into
+//! [`CachedWindow`]s, and a per-queue [`PageCache`] (a small software
+//! IOTLB) keeps the translations of the ring pages and of recently used
+//! buffer pages. Both are keyed on the domain's
 //! [`generation`](crate::domain::Domain::generation), which changes only
 //! when a translation is removed (UNMAP, DETACH, RAM removal), and on the
-//! RAM layout; on a change it is rebuilt from the table before the next
-//! access. A ring that no longer translates is left out, so accesses to it
-//! go through the table and fail cleanly, and the cache is retried on
-//! every operation until the ring is mapped again.
+//! [`RamLayout::id`](crate::ram::RamLayout::id). The generation is compared
+//! before every cached access, so a removal is seen by the next access;
+//! on a key change the caches are reset and the windows rebuilt from the
+//! table before the next access. A ring that no longer translates is left
+//! out, so accesses to it go through the table and fail cleanly, and the
+//! windows are retried on every operation until the ring is mapped again.
 //!
 //! Packed virtqueues are not supported: virtio-queue 0.18 provides the
 //! packed descriptor layout but no packed ring queue; [`VirtQueue::open`]
@@ -30,10 +34,10 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::domain::{FaultReason, FragmentSink, TranslateFault};
-use crate::iova_space::{CachedWindow, IovaSpace};
+use crate::iova_space::{CachedWindow, IovaSpace, PageCache};
 use crate::sync::epoch;
 use crate::types::{Access, Fragment, Perm};
-use crate::vm::Vm;
+use crate::vm::{EndpointCache, Vm};
 
 /// `VIRTIO_RING_F_INDIRECT_DESC`: the driver may use indirect tables.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
@@ -127,15 +131,23 @@ pub struct CacheStats {
     /// Rebuilds whose result differed from the cache they replaced (a ring
     /// page was unmapped or moved).
     pub invalidations: u64,
+    /// Table walks made while the caches were current (each fills the
+    /// buffer page cache): accesses neither the ring windows nor the page
+    /// cache could serve.
+    pub misses: u64,
 }
 
-/// The three rings, translated.
+/// The three rings, translated, and the buffer pages used lately.
 #[derive(Default)]
 struct RingCache {
-    /// `(domain generation, RAM layout address)` the windows are valid
-    /// for; `None`: rebuild before the next access.
-    key: Option<(u64, usize)>,
+    /// `(domain generation, RAM layout id)` the windows were built for;
+    /// `None`: rebuild before the next access.
+    key: Option<(u64, u64)>,
     windows: Vec<CachedWindow>,
+    /// The software IOTLB of buffer pages; its key is the one the windows
+    /// are served under.
+    pages: PageCache,
+    endpoint: EndpointCache,
     stats: CacheStats,
 }
 
@@ -201,7 +213,10 @@ impl<'vm> VirtQueue<'vm> {
 
     /// The ring cache counters.
     pub fn cache_stats(&self) -> CacheStats {
-        self.cache.stats
+        CacheStats {
+            misses: self.cache.pages.misses(),
+            ..self.cache.stats
+        }
     }
 
     /// The queue's IOVA ranges and the permission each needs:
@@ -222,39 +237,66 @@ impl<'vm> VirtQueue<'vm> {
     /// `q.add_used(space, ..)`. A refused access is recorded as a fault.
     pub fn with_queue<R>(&mut self, f: impl FnOnce(&mut Queue, &IovaSpace<'_>) -> R) -> Result<R> {
         let guard = epoch::pin();
-        let (dom, ram) = self.vm.dma_view(self.rid, &guard).inspect_err(|f| {
-            self.vm
-                .record_fault(self.rid, f.iova, Access::Read, f.reason);
-        })?;
-        let key = (dom.map_or(0, |d| d.generation()), ram as *const _ as usize);
-        if self.cache.key != Some(key) {
-            let ranges = self.ring_ranges();
-            let plain = IovaSpace::new(dom, ram, &guard);
-            let mut complete = true;
-            let mut windows = Vec::with_capacity(3);
-            for (iova, len, need) in ranges {
-                match plain.cache_window(iova, len, need) {
-                    Ok(w) => windows.push(w),
-                    Err(_) => complete = false,
-                }
-            }
-            let stats = &mut self.cache.stats;
-            stats.rebuilds += 1;
-            if self.cache.key.is_some() && windows != self.cache.windows {
-                stats.invalidations += 1;
-            }
-            self.cache.windows = windows;
-            // Incomplete (a ring is not mapped): try again next time, as a
-            // MAP does not change the generation.
-            self.cache.key = complete.then_some(key);
+        let (dom, ram) = self
+            .vm
+            .dma_view_cached(self.rid, &guard, &mut self.cache.endpoint)
+            .inspect_err(|f| {
+                self.vm
+                    .record_fault(self.rid, f.iova, Access::Read, f.reason);
+            })?;
+        // The generation is read before the windows are built from the
+        // table: a removal racing with the build changes it, and the
+        // space then serves nothing from them.
+        let key = (dom.map_or(0, |d| d.generation()), ram.id());
+        if self.cache.pages.key() != Some(key) {
+            self.cache.pages.reset(Some(key));
         }
-        let space = IovaSpace::with_windows(dom, ram, &guard, &self.cache.windows);
+        if self.cache.key != Some(key) {
+            self.rebuild_windows(key, dom, ram, &guard);
+        }
+        let space = IovaSpace::with_cache(dom, ram, &guard, &self.cache.windows, &self.cache.pages);
         let r = f(&mut self.queue, &space);
         if let Some(fault) = space.take_fault() {
             self.vm
                 .record_fault(self.rid, fault.iova, Access::Read, fault.reason);
         }
         Ok(r)
+    }
+
+    #[cold]
+    fn rebuild_windows(
+        &mut self,
+        key: (u64, u64),
+        dom: Option<&crate::domain::Domain>,
+        ram: &crate::ram::RamLayout,
+        guard: &epoch::Guard,
+    ) {
+        let ranges = self.ring_ranges();
+        // From the table, filling the page cache (reset to `key` by the
+        // caller) with the ring pages as it goes.
+        let plain = IovaSpace::with_cache(dom, ram, guard, &[], &self.cache.pages);
+        let mut complete = true;
+        let mut windows = Vec::with_capacity(3);
+        for (iova, len, need) in ranges {
+            match plain.cache_window(iova, len, need) {
+                Ok(w) => windows.push(w),
+                Err(_) => complete = false,
+            }
+        }
+        let stats = &mut self.cache.stats;
+        stats.rebuilds += 1;
+        let same = windows.len() == self.cache.windows.len()
+            && windows
+                .iter()
+                .zip(&self.cache.windows)
+                .all(|(a, b)| a.same_translation(b));
+        if self.cache.key.is_some() && !same {
+            stats.invalidations += 1;
+        }
+        self.cache.windows = windows;
+        // Incomplete (a ring is not mapped): try again next time, as a
+        // MAP does not change the generation.
+        self.cache.key = complete.then_some(key);
     }
 
     /// Pops the next available chain and translates its buffers into host
@@ -443,14 +485,15 @@ impl<'vm> VirtQueue<'vm> {
 
 /// Deterministic fuzzing entry point (wired to cargo-fuzz by `fuzz/`): a
 /// VM with 64 KiB of RAM, a domain, mappings, a ring layout and ring
-/// contents all taken from `data`, then pops, pushes and unmaps. Panics
-/// only when an invariant breaks: a fragment outside RAM.
+/// contents all taken from `data`, then pops, pushes and unmaps (the
+/// caches must follow). Panics only when an invariant breaks: an iovec or
+/// a `get_slices` slice outside RAM.
 #[doc(hidden)]
 pub fn fuzz_virtqueue(data: &[u8]) {
     use crate::types::{PAGE_MASK, PAGE_SIZE};
     use crate::vm::{Request, VmConfig};
     use crate::Op;
-    use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+    use vm_memory::{GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Permissions};
 
     const RAM: u64 = 16 * PAGE_SIZE;
     const RID: u32 = 8;
@@ -536,10 +579,39 @@ pub fn fuzz_virtqueue(data: &[u8]) {
                 }
             }
             2 => {
-                // Through virtio-queue's own Reader/Writer.
+                // Through virtio-queue's own Reader/Writer, and the slices
+                // they are built from.
                 let _ = q.with_queue(|queue, space| {
                     if let Some(chain) = queue.pop_descriptor_chain(space) {
                         let head = chain.head_index();
+                        for desc in chain.clone() {
+                            let access = if desc.is_write_only() {
+                                Permissions::Write
+                            } else {
+                                Permissions::Read
+                            };
+                            let Ok(slices) =
+                                space.get_slices(desc.addr(), desc.len() as usize, access)
+                            else {
+                                continue;
+                            };
+                            let mut total = 0;
+                            for s in slices.flatten() {
+                                let hva = s.ptr_guard().as_ptr() as usize;
+                                assert!(
+                                    hva >= base
+                                        && hva
+                                            .checked_add(s.len())
+                                            .is_some_and(|e| e <= base + RAM as usize),
+                                    "slice outside RAM"
+                                );
+                                total += s.len();
+                            }
+                            assert!(
+                                total <= desc.len() as usize,
+                                "slices longer than the access"
+                            );
+                        }
                         if let Ok(mut reader) = chain.clone().reader(space) {
                             let mut sink = [0u8; 64];
                             let _ = std::io::Read::read(&mut reader, &mut sink);

@@ -507,6 +507,95 @@ fn unmapping_the_used_ring_invalidates_the_cache() {
     assert_eq!(g.used_idx(), 3);
 }
 
+/// Buffer page cache (software IOTLB): a MAP leaves it valid; an UNMAP of
+/// a cached buffer page is seen by the very next access, even one made in
+/// the same `with_queue` call, and a remap of the IOVA elsewhere is
+/// translated afresh, never from the stale entry.
+#[test]
+fn unmapping_a_cached_buffer_page_is_seen_at_once() {
+    let g = Guest::new();
+    let mut q = g.queue(0);
+    g.map(0x40000, 0x20000, Perm::RW);
+    g.desc(DESC, 0, 0x40000, 8, WRITE, 0);
+    g.publish(AVAIL, &[0, 0, 0, 0]);
+    let (mut r, mut w) = ([Z; 4], [Z; 4]);
+    q.pop(&mut r, &mut w).unwrap().unwrap();
+    assert_eq!(w[0].gpa, 0x20000);
+    q.push(0, 8).unwrap();
+    let s0 = q.cache_stats();
+    assert!(s0.misses >= 1, "the buffer page was walked and cached");
+
+    // A MAP elsewhere does not invalidate: the next pop and push are
+    // served from the caches, no table walk.
+    g.map(0x80000, 0x30000, Perm::RW);
+    q.pop(&mut r, &mut w).unwrap().unwrap();
+    q.push(0, 8).unwrap();
+    let s1 = q.cache_stats();
+    assert_eq!((s1.misses, s1.rebuilds), (s0.misses, s0.rebuilds));
+
+    // UNMAP + remap of the buffer IOVA onto another guest page.
+    g.unmap(0x40000);
+    g.map(0x40000, 0x21000, Perm::RW);
+    q.pop(&mut r, &mut w).unwrap().unwrap();
+    assert_eq!(w[0].gpa, 0x21000, "not the stale translation");
+    q.push(0, 8).unwrap();
+
+    // Inside one with_queue call: cache the page, unmap it, access again.
+    q.with_queue(|_, space| {
+        let mut b = [0u8; 8];
+        space.read_slice(&mut b, GuestAddress(0x40000)).unwrap();
+        space.write_slice(&[7; 8], GuestAddress(0x40000)).unwrap();
+        g.unmap(0x40000);
+        assert!(space.read_slice(&mut b, GuestAddress(0x40000)).is_err());
+        assert_eq!(space.take_fault().unwrap().reason, FaultReason::Unmapped);
+        assert!(space.write_slice(&[9; 8], GuestAddress(0x40000)).is_err());
+        // Rings are still served, from the table now.
+        let idx: u16 = space.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+        assert_eq!(idx, 4);
+    })
+    .unwrap();
+    let mut page = [0u8; 8];
+    g.mem.read_slice(&mut page, GuestAddress(0x21000)).unwrap();
+    assert_eq!(
+        page, [7; 8],
+        "the write before the UNMAP landed, not the one after"
+    );
+    match q.pop(&mut r, &mut w) {
+        Err(vq::Error::Fault(f)) => {
+            assert_eq!((f.iova, f.reason), (0x40000, FaultReason::Unmapped))
+        }
+        other => panic!("expected an unmapped fault, got {other:?}"),
+    }
+}
+
+/// The page cache keeps permissions: a READ-only page cached by a read is
+/// still refused for a write, and a write-only page for a read.
+#[test]
+fn cached_pages_keep_their_permissions() {
+    let g = Guest::new();
+    let mut q = g.queue(0);
+    g.map(0x40000, 0x20000, Perm::READ);
+    g.map(0x41000, 0x21000, Perm::WRITE);
+    q.with_queue(|_, space| {
+        let mut b = [0u8; 4];
+        space.read_slice(&mut b, GuestAddress(0x40000)).unwrap();
+        space.read_slice(&mut b, GuestAddress(0x40010)).unwrap();
+        assert!(space.write_slice(&b, GuestAddress(0x40000)).is_err());
+        assert_eq!(space.take_fault().unwrap().reason, FaultReason::Permission);
+        space.write_slice(&b, GuestAddress(0x41000)).unwrap();
+        assert!(space.read_slice(&mut b, GuestAddress(0x41000)).is_err());
+        assert_eq!(space.take_fault().unwrap().reason, FaultReason::Permission);
+        // Across the two pages: all or nothing, whatever is cached.
+        assert!(space
+            .read_slice(&mut [0; 8], GuestAddress(0x40ffc))
+            .is_err());
+        assert!(space.write_slice(&[1; 8], GuestAddress(0x40ffc)).is_err());
+    })
+    .unwrap();
+    assert_eq!(q.cache_stats().misses, 2, "one walk per page");
+    assert_eq!(g.read(0x40ffc, 4), [0; 4]);
+}
+
 /// DETACH removes every ring page: with bypass off the next operation is
 /// refused as blocked; after re-attach and re-map the queue works.
 #[test]
