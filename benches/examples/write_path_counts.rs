@@ -57,6 +57,9 @@ const HOLE_PAGES: u64 = 64;
 const COLD_IOVA: u64 = IOVA_BASE + (PAGES << PAGE_SHIFT) + (64 << 20);
 const PAIRS: u64 = 10_000;
 
+/// One MAP + UNMAP pair.
+type Pair<'a> = Box<dyn Fn() + 'a>;
+
 #[inline(never)]
 fn timed_loop(n: u64, pair: &dyn Fn()) {
     for _ in 0..n {
@@ -100,7 +103,7 @@ fn main() {
         let unmapped = guest.vm.execute(black_box(&one_unmap)).status;
         assert!(mapped == Status::Ok && unmapped == Status::Ok);
     };
-    let cases: [(&str, Box<dyn Fn() + '_>); 4] = [
+    let cases: [(&str, Pair<'_>); 4] = [
         ("submit", Box::new(blocks(sm, su))),
         ("execute", Box::new(execute)),
         ("submit_cold_leaf", Box::new(blocks(cm, cu))),
