@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 
 use crate::iova_alloc::IovaAllocator;
 use crate::pin::{self, PinTable};
@@ -128,22 +129,12 @@ impl Mapping {
     /// The page runs, merging segments that continue each other in
     /// guest-physical space.
     pub fn runs(&self) -> Vec<PageRun> {
-        let mut runs: Vec<PageRun> = Vec::with_capacity(self.segs.len());
-        let mut iova = self.iova & !PAGE_MASK;
-        for &(gpa, len) in &self.segs {
-            let start = gpa & !PAGE_MASK;
-            let bytes = ((gpa & PAGE_MASK) + len).div_ceil(PAGE_SIZE) << PAGE_SHIFT;
-            match runs.last_mut() {
-                Some(last) if last.gpa + last.len == start => last.len += bytes,
-                _ => runs.push(PageRun {
-                    iova,
-                    gpa: start,
-                    len: bytes,
-                }),
-            }
-            iova += bytes;
-        }
-        runs
+        self.run_iter().collect()
+    }
+
+    /// [`Mapping::runs`] without collecting them.
+    pub fn run_iter(&self) -> Runs<'_> {
+        Runs::new(self.iova, &self.segs)
     }
 
     /// Distinct guest page frame numbers covered, ascending.
@@ -152,28 +143,103 @@ impl Mapping {
     /// intervals first, so the work and memory are bounded by the distinct
     /// pages (themselves bounded by guest RAM), not by the IOVA span.
     pub fn gfns(&self) -> Vec<u64> {
-        let mut spans: Vec<(u64, u64)> = self
-            .runs()
-            .iter()
-            .map(|r| (r.gpa >> PAGE_SHIFT, (r.gpa + r.len) >> PAGE_SHIFT))
-            .collect();
-        spans.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
-        for (s, e) in spans {
-            match merged.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
-            }
-        }
-        merged.into_iter().flat_map(|(s, e)| s..e).collect()
+        let mut gfns = Vec::new();
+        for_each_distinct_span(self.run_iter(), |first, end| gfns.extend(first..end));
+        gfns
     }
 
     /// True when some page of the mapping lies in [gpa, gpa + len).
     pub fn touches_gpa(&self, gpa: u64, len: u64) -> bool {
         let end = gpa.saturating_add(len);
-        self.runs()
-            .iter()
-            .any(|r| r.gpa < end && gpa < r.gpa + r.len)
+        self.run_iter().any(|r| r.gpa < end && gpa < r.gpa + r.len)
+    }
+}
+
+/// The page runs of the segments `segs` of a mapping at `iova`: an
+/// iterator, so that MAP and UNMAP walk them without allocating.
+#[derive(Clone)]
+pub struct Runs<'a> {
+    segs: std::slice::Iter<'a, (u64, u64)>,
+    /// IOVA of the next segment's first page.
+    iova: u64,
+    /// The run being extended.
+    pending: Option<PageRun>,
+}
+
+impl<'a> Runs<'a> {
+    fn new(iova: u64, segs: &'a [(u64, u64)]) -> Runs<'a> {
+        Runs {
+            segs: segs.iter(),
+            iova: iova & !PAGE_MASK,
+            pending: None,
+        }
+    }
+}
+
+impl Iterator for Runs<'_> {
+    type Item = PageRun;
+
+    fn next(&mut self) -> Option<PageRun> {
+        for &(gpa, len) in self.segs.by_ref() {
+            let start = gpa & !PAGE_MASK;
+            let bytes = ((gpa & PAGE_MASK) + len).div_ceil(PAGE_SIZE) << PAGE_SHIFT;
+            let iova = self.iova;
+            self.iova += bytes;
+            match &mut self.pending {
+                Some(last) if last.gpa + last.len == start => last.len += bytes,
+                pending => {
+                    let done = pending.replace(PageRun {
+                        iova,
+                        gpa: start,
+                        len: bytes,
+                    });
+                    if done.is_some() {
+                        return done;
+                    }
+                }
+            }
+        }
+        self.pending.take()
+    }
+}
+
+/// Calls `f(first_gfn, end_gfn)` for the distinct guest frames of `runs`,
+/// as disjoint ascending spans. Runs that are already ascending and
+/// disjoint (what drivers send) take one pass without allocating; others
+/// are sorted and merged first.
+fn for_each_distinct_span(runs: Runs<'_>, mut f: impl FnMut(u64, u64)) {
+    let span = |r: PageRun| (r.gpa >> PAGE_SHIFT, (r.gpa + r.len) >> PAGE_SHIFT);
+    let mut prev_end = 0;
+    let ascending = runs.clone().enumerate().all(|(i, r)| {
+        let (first, end) = span(r);
+        let ok = i == 0 || first >= prev_end;
+        prev_end = end;
+        ok
+    });
+    if ascending {
+        runs.for_each(|r| {
+            let (first, end) = span(r);
+            f(first, end);
+        });
+        return;
+    }
+    // At most one run per segment.
+    let mut spans: Vec<(u64, u64)> = Vec::with_capacity(runs.segs.len() + 1);
+    spans.extend(runs.map(span));
+    spans.sort_unstable();
+    let mut merged: Option<(u64, u64)> = None;
+    for (s, e) in spans {
+        match &mut merged {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            last => {
+                if let Some((ls, le)) = last.replace((s, e)) {
+                    f(ls, le);
+                }
+            }
+        }
+    }
+    if let Some((s, e)) = merged {
+        f(s, e);
     }
 }
 
@@ -389,7 +455,7 @@ impl Domain {
         ram: &RamLayout,
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
-    ) -> Result<Mapping> {
+    ) -> Result<(u64, u64)> {
         let (length, npages) = check_segments(&segs)?;
         let offset = segs[0].0 & PAGE_MASK;
         let span = npages << PAGE_SHIFT;
@@ -432,29 +498,29 @@ impl Domain {
             }
         };
 
-        let mapping = Mapping {
-            iova: (first_page << PAGE_SHIFT) | offset,
-            length,
-            perms,
-            segs,
-        };
-        let pages = page_list(&mapping, ram);
+        let iova = (first_page << PAGE_SHIFT) | offset;
+        let pages = page_list(Runs::new(iova, &segs), ram);
         if let Err(e) = pins.pin(&pages) {
             inner.alloc.free(first_page, npages);
             return Err(e.into());
         }
-        let runs = mapping.runs();
         {
             let mut writer = self.table.lock();
-            for run in &runs {
+            for run in Runs::new(iova, &segs) {
                 writer.map(run.iova, run.gpa, run.len, perms);
             }
         }
-        inner.mappings.insert(first_page, mapping.clone());
-        for run in &runs {
-            notify(run);
+        for run in Runs::new(iova, &segs) {
+            notify(&run);
         }
-        Ok(mapping)
+        let mapping = Mapping {
+            iova,
+            length,
+            perms,
+            segs,
+        };
+        inner.mappings.insert(first_page, mapping);
+        Ok((iova, length))
     }
 
     /// UNMAP with `length` 0: removes the mapping whose first page is the
@@ -465,7 +531,7 @@ impl Domain {
         ram: &RamLayout,
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
-    ) -> Result<Vec<Mapping>> {
+    ) -> Result<Removed> {
         let mut inner = self.inner.lock();
         let page = iova >> PAGE_SHIFT;
         if !inner.mappings.contains_key(&page) {
@@ -484,7 +550,7 @@ impl Domain {
         ram: &RamLayout,
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
-    ) -> Result<Vec<Mapping>> {
+    ) -> Result<Removed> {
         let end = iova
             .checked_add(length)
             .ok_or(Error::Inval("UNMAP range wraps"))?;
@@ -500,7 +566,7 @@ impl Domain {
                 });
             }
         }
-        let mut victims = Vec::new();
+        let mut victims = SmallVec::<[u64; 4]>::new();
         for (&page, m) in inner.mappings.range(first..=last) {
             if page + m.npages() - 1 > last {
                 return Err(Error::Range {
@@ -522,7 +588,7 @@ impl Domain {
         ram: &RamLayout,
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
-    ) -> Vec<Mapping> {
+    ) -> Removed {
         let mut inner = self.inner.lock();
         let all: Vec<u64> = inner.mappings.keys().copied().collect();
         self.remove_locked(&mut inner, &all, ram, pins, notify)
@@ -537,7 +603,7 @@ impl Domain {
         ram: &RamLayout,
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
-    ) -> Vec<Mapping> {
+    ) -> Removed {
         let mut inner = self.inner.lock();
         let hit: Vec<u64> = inner
             .mappings
@@ -555,8 +621,8 @@ impl Domain {
         ram: &RamLayout,
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
-    ) -> Vec<Mapping> {
-        let mut removed = Vec::with_capacity(first_pages.len());
+    ) -> Removed {
+        let mut removed = SmallVec::<[Mapping; 2]>::with_capacity(first_pages.len());
         let mut writer = self.table.lock();
         for page in first_pages {
             let Some(m) = inner.mappings.remove(page) else {
@@ -576,13 +642,16 @@ impl Domain {
         drop(writer);
         // The table no longer reaches these pages: release the pins and
         // tell the embedder, before the request returns.
+        let mut summary = Removed::default();
         for m in &removed {
-            pins.unpin(&page_list(m, ram));
-            for run in m.runs() {
+            pins.unpin(&page_list(m.run_iter(), ram));
+            for run in m.run_iter() {
                 notify(&run);
             }
+            summary.mappings += 1;
+            summary.bytes += m.span();
         }
-        removed
+        summary
     }
 
     /// Translates [iova, iova + len) for `access` into host fragments.
@@ -646,12 +715,48 @@ pub fn emit_gpa_range(
     Ok(())
 }
 
-/// The (gfn, hva) list the pin table takes for a mapping. Every page was
-/// checked to be in RAM when the mapping was made; a page whose region
-/// went away since gets hva 0, which the pin table only uses for mlock.
-fn page_list(m: &Mapping, ram: &RamLayout) -> Vec<(u64, usize)> {
-    m.gfns()
-        .into_iter()
-        .map(|gfn| (gfn, ram.hva(gfn << PAGE_SHIFT).unwrap_or(0)))
-        .collect()
+/// The (gfn, hva) list the pin table takes for a mapping: its distinct
+/// frames, ascending. Every page was checked to be in RAM when the mapping
+/// was made; a page whose region went away since gets hva 0, which the pin
+/// table only uses for mlock. Inline (no allocation) up to 16 pages.
+fn page_list(runs: Runs<'_>, ram: &RamLayout) -> PageList {
+    let mut pages = PageList::new();
+    // Room for every page up front (bounded: overlapping segments may
+    // name far more pages than are distinct).
+    let named: u64 = runs.clone().map(|r| r.len >> PAGE_SHIFT).sum();
+    pages.reserve(named.min(1 << 12) as usize);
+    for_each_distinct_span(runs, |first, end| {
+        let mut gfn = first;
+        while gfn < end {
+            let gpa = gfn << PAGE_SHIFT;
+            // One RAM lookup per host-contiguous stretch, not per page.
+            let (hva, bytes) = ram
+                .host_run(gpa, (end - gfn) << PAGE_SHIFT)
+                .filter(|&(_, bytes)| bytes >= PAGE_SIZE)
+                .unwrap_or((0, PAGE_SIZE));
+            let n = bytes >> PAGE_SHIFT;
+            pages.extend((0..n).map(|i| {
+                let hva = if hva == 0 {
+                    0
+                } else {
+                    hva + (i << PAGE_SHIFT) as usize
+                };
+                (gfn + i, hva)
+            }));
+            gfn += n;
+        }
+    });
+    pages
+}
+
+/// A mapping's pinned pages, see [`page_list`].
+type PageList = SmallVec<[(u64, usize); 16]>;
+
+/// What an UNMAP (or DETACH, or RAM removal) took away.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Mappings removed.
+    pub mappings: u64,
+    /// IOVA bytes they occupied (whole pages).
+    pub bytes: u64,
 }

@@ -3,11 +3,16 @@
 //! choose (no FIXED flag).
 //!
 //! Page granular. The free set is a set of maximal free ranges, indexed
-//! twice: by start (to find neighbours when freeing and the range holding a
-//! FIXED reservation) and by `(len, start)` (best fit for allocation). Both
-//! indexes change together, so every operation is O(log n) in the number of
-//! free ranges, with one documented exception for large alignments (see
-//! [`IovaAllocator::alloc`]).
+//! twice: by end (to find neighbours when freeing and the range holding a
+//! FIXED reservation) and by `(len, start)` (best fit for allocation). Every
+//! operation is O(log n) in the number of free ranges, with one documented
+//! exception for large alignments (see [`IovaAllocator::alloc`]).
+//!
+//! Keyed by end, the common updates are in place: a reservation at the start
+//! of a free range, and a free that merges with the range after it, keep
+//! that range's end. The best-fit index is only needed by `alloc`, so it is
+//! built on the first `alloc`: a domain whose driver only maps FIXED never
+//! pays for it.
 //!
 //! IOVA page 0 is never handed out by `alloc`, so that a zero IOVA always
 //! means "none" to a guest driver; FIXED maps may still reserve it.
@@ -28,11 +33,12 @@ const BEST_FIT_PROBES: usize = 8;
 /// Allocator of IOVA pages.
 #[derive(Debug, Clone)]
 pub struct IovaAllocator {
-    /// Free ranges: start page -> length in pages. Never empty ranges, never
-    /// two ranges touching (they are merged).
-    by_start: BTreeMap<u64, u64>,
-    /// The same ranges as `(length, start)`, for best fit.
-    by_len: BTreeSet<(u64, u64)>,
+    /// Free ranges: end page (exclusive) -> start page. Never empty ranges,
+    /// never two ranges touching (they are merged).
+    by_end: BTreeMap<u64, u64>,
+    /// The same ranges as `(length, start)`, for best fit; `None` until the
+    /// first `alloc` needs it (kept in step with `by_end` from then on).
+    by_len: Option<BTreeSet<(u64, u64)>>,
     free_pages: u64,
     total_pages: u64,
 }
@@ -50,8 +56,8 @@ impl IovaAllocator {
         let bits = iova_bits.clamp(MIN_IOVA_BITS, MAX_IOVA_BITS);
         let total_pages = 1u64 << (bits - PAGE_SHIFT);
         let mut alloc = IovaAllocator {
-            by_start: BTreeMap::new(),
-            by_len: BTreeSet::new(),
+            by_end: BTreeMap::new(),
+            by_len: None,
             free_pages: total_pages,
             total_pages,
         };
@@ -61,20 +67,48 @@ impl IovaAllocator {
 
     fn insert_range(&mut self, start: u64, len: u64) {
         debug_assert!(len > 0);
-        self.by_start.insert(start, len);
-        self.by_len.insert((len, start));
+        self.by_end.insert(start + len, start);
+        if let Some(by_len) = &mut self.by_len {
+            by_len.insert((len, start));
+        }
     }
 
     fn remove_range(&mut self, start: u64, len: u64) {
-        self.by_start.remove(&start);
-        self.by_len.remove(&(len, start));
+        self.by_end.remove(&(start + len));
+        if let Some(by_len) = &mut self.by_len {
+            by_len.remove(&(len, start));
+        }
+    }
+
+    /// Moves the start of the free range ending at `end` from `old` to
+    /// `new` (its end stays, so `by_end` is updated in place).
+    fn move_start(&mut self, end: u64, old: u64, new: u64) {
+        debug_assert!(new < end);
+        if let Some(start) = self.by_end.get_mut(&end) {
+            *start = new;
+        }
+        if let Some(by_len) = &mut self.by_len {
+            by_len.remove(&(end - old, old));
+            by_len.insert((end - new, new));
+        }
+    }
+
+    /// The best-fit index, built from `by_end` on first use.
+    fn by_len(&mut self) -> &BTreeSet<(u64, u64)> {
+        let by_end = &self.by_end;
+        self.by_len.get_or_insert_with(|| {
+            by_end
+                .iter()
+                .map(|(&end, &start)| (end - start, start))
+                .collect()
+        })
     }
 
     /// The free range holding page `page`, as `(start, len)`.
     fn range_holding(&self, page: u64) -> Option<(u64, u64)> {
-        let (&start, &len) = self.by_start.range(..=page).next_back()?;
-        // `start + len <= total_pages`, so no overflow.
-        (page < start + len).then_some((start, len))
+        // The first range ending after `page` is the only candidate.
+        let (&end, &start) = self.by_end.range(page.checked_add(1)?..).next()?;
+        (start <= page).then_some((start, end - start))
     }
 
     /// Where `npages` aligned to `align` would go inside the free range
@@ -116,24 +150,13 @@ impl IovaAllocator {
         }
         // Any range this long fits (page 0 aside, handled by probing two).
         let sure = npages.saturating_add(align_pages - 1);
-        let maybe = || self.by_len.range((npages, 0)..(sure, 0));
+        let by_len = self.by_len();
+        let maybe = || by_len.range((npages, 0)..(sure, 0));
         let (start, len, at) = Self::first_fit(maybe().take(BEST_FIT_PROBES), npages, align_pages)
             // At most one range starts at page 0, so two probes suffice.
-            .or_else(|| {
-                Self::first_fit(self.by_len.range((sure, 0)..).take(2), npages, align_pages)
-            })
+            .or_else(|| Self::first_fit(by_len.range((sure, 0)..).take(2), npages, align_pages))
             .or_else(|| Self::first_fit(maybe().skip(BEST_FIT_PROBES), npages, align_pages))?;
-
-        self.remove_range(start, len);
-        if at > start {
-            self.insert_range(start, at - start);
-        }
-        // `fit` checked `at + npages <= start + len`.
-        let end = start + len;
-        if at + npages < end {
-            self.insert_range(at + npages, end - (at + npages));
-        }
-        self.free_pages -= npages;
+        self.take(start, len, at, npages);
         Some(at)
     }
 
@@ -141,24 +164,38 @@ impl IovaAllocator {
     /// may use it). Returns false, changing nothing, unless `npages > 0` and
     /// every page is free and inside the space. O(log n).
     pub fn reserve(&mut self, first: u64, npages: u64) -> bool {
-        if !self.is_free(first, npages) {
-            return false;
-        }
-        let Some((start, len)) = self.range_holding(first) else {
+        let Some(taken_end) = first.checked_add(npages) else {
             return false;
         };
-        self.remove_range(start, len);
-        if first > start {
-            self.insert_range(start, first - start);
+        match self.range_holding(first) {
+            Some((start, len)) if npages > 0 && taken_end <= start + len => {
+                self.take(start, len, first, npages);
+                true
+            }
+            _ => false,
         }
-        // is_free checked `first + npages <= start + len`.
+    }
+
+    /// Takes `[at, at + npages)` out of the free range `[start, start +
+    /// len)` that holds it.
+    fn take(&mut self, start: u64, len: u64, at: u64, npages: u64) {
         let end = start + len;
-        let taken_end = first + npages;
+        let taken_end = at + npages;
+        debug_assert!(start <= at && taken_end <= end && npages > 0);
         if taken_end < end {
-            self.insert_range(taken_end, end - taken_end);
+            // The range keeps its end: what is left after the taken pages
+            // stays under the same key.
+            self.move_start(end, start, taken_end);
+            if at > start {
+                self.insert_range(start, at - start);
+            }
+        } else {
+            self.remove_range(start, len);
+            if at > start {
+                self.insert_range(start, at - start);
+            }
         }
         self.free_pages -= npages;
-        true
     }
 
     /// Returns `[first, first + npages)` to the free set, merging it with
@@ -182,32 +219,38 @@ impl IovaAllocator {
                 return;
             }
         };
-        // The last free range starting before `end` is the only one that
-        // can overlap (free ranges are disjoint and sorted).
-        if let Some((&start, &len)) = self.by_start.range(..end).next_back() {
-            if start + len > first {
+        // The first free range ending after `first` is the only one that
+        // can overlap (free ranges are disjoint and sorted); it is also the
+        // one that may start at `end` and merge.
+        let next = self.by_end.range(first + 1..).next().map(|(&e, &s)| (s, e));
+        if let Some((start, e)) = next {
+            if start < end {
                 log::error!(
-                    "iova_alloc: free of pages [{first:#x}, +{npages:#x}) overlaps free range [{start:#x}, +{len:#x})"
+                    "iova_alloc: free of pages [{first:#x}, +{npages:#x}) overlaps free range [{start:#x}, +{:#x})",
+                    e - start
                 );
                 debug_assert!(false, "iova_alloc: double free");
                 return;
             }
         }
 
-        let mut new_start = first;
-        let mut new_len = npages;
-        if let Some((&start, &len)) = self.by_start.range(..first).next_back() {
-            if start + len == first {
-                self.remove_range(start, len);
-                new_start = start;
-                new_len += len;
+        // A free range ending exactly at `first` merges from the left.
+        let prev = self.by_end.get(&first).copied();
+        match (prev, next) {
+            (prev, Some((start, next_end))) if start == end => {
+                if let Some(prev_start) = prev {
+                    self.remove_range(prev_start, first - prev_start);
+                    self.move_start(next_end, end, prev_start);
+                } else {
+                    self.move_start(next_end, end, first);
+                }
             }
+            (Some(prev_start), _) => {
+                self.remove_range(prev_start, first - prev_start);
+                self.insert_range(prev_start, end - prev_start);
+            }
+            (None, _) => self.insert_range(first, npages),
         }
-        if let Some(&len) = self.by_start.get(&end) {
-            self.remove_range(end, len);
-            new_len += len;
-        }
-        self.insert_range(new_start, new_len);
         self.free_pages += npages;
     }
 
@@ -240,12 +283,17 @@ impl IovaAllocator {
     /// merged and inside the space, and `free_pages` is their sum.
     #[cfg(test)]
     fn check_invariants(&self) {
-        assert_eq!(self.by_start.len(), self.by_len.len());
+        if let Some(by_len) = &self.by_len {
+            assert_eq!(self.by_end.len(), by_len.len());
+        }
         let mut sum = 0;
         let mut prev_end = None;
-        for (&start, &len) in &self.by_start {
-            assert!(len > 0);
-            assert!(self.by_len.contains(&(len, start)));
+        for (&end, &start) in &self.by_end {
+            assert!(end > start);
+            let len = end - start;
+            if let Some(by_len) = &self.by_len {
+                assert!(by_len.contains(&(len, start)));
+            }
             if let Some(prev_end) = prev_end {
                 assert!(start > prev_end, "ranges touch or overlap at {start:#x}");
             }
@@ -374,16 +422,16 @@ mod tests {
         assert!(!a.reserve(5, 0));
         assert_eq!(a.free_pages(), 512 - 11);
         assert!(a.reserve(20, 5));
-        assert_eq!(a.by_start.len(), 2);
+        assert_eq!(a.by_end.len(), 2);
         // Free the middle, then both sides: everything merges back.
         a.free(12, 3);
-        assert_eq!(a.by_start.len(), 3);
+        assert_eq!(a.by_end.len(), 3);
         a.free(10, 2);
         a.free(15, 10);
-        assert_eq!(a.by_start.get(&1), Some(&511));
-        assert_eq!(a.by_start.len(), 1);
+        assert_eq!(a.by_end.get(&512), Some(&1));
+        assert_eq!(a.by_end.len(), 1);
         a.free(0, 1);
-        assert_eq!(a.by_start.len(), 1);
+        assert_eq!(a.by_end.len(), 1);
         assert_eq!(a.free_pages(), 512);
         assert!(a.is_free(0, 512));
         a.check_invariants();
@@ -411,7 +459,7 @@ mod tests {
                 cfg!(debug_assertions),
                 "[{first}, +{npages})"
             );
-            assert_eq!(b.by_start, before.by_start);
+            assert_eq!(b.by_end, before.by_end);
             assert_eq!(b.free_pages(), before.free_pages());
             b.check_invariants();
         }

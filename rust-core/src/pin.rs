@@ -14,7 +14,8 @@
 //! memory (QEMU `-overcommit mem-lock=on`) should use [`PinMode::None`], or
 //! the `munlock` on the last unpin would undo its lock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::sync::{AtomicU64, Ordering};
 use crate::types::{PAGE_SHIFT, PAGE_SIZE};
@@ -96,11 +97,88 @@ fn munlock_page(gfn: u64, hva: usize) {
     }
 }
 
+/// Hashes a guest frame number: one 64x64->128 multiply, folded. Frame
+/// numbers are well spread, and a guest choosing them cannot do better
+/// than collide in a table it is limited to its own RAM's size.
+#[derive(Default)]
+struct GfnHasher(u64);
+
+impl Hasher for GfnHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed; fold anything else in byte by byte.
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, gfn: u64) {
+        let m = u128::from(self.0 ^ gfn) * 0x9e37_79b9_7f4a_7c15_u128;
+        // Truncation intended: the two halves are folded together.
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Frames per block of the range index (2 MiB of guest memory).
+const BLOCK_SHIFT: u32 = 9;
+
+/// The pinned frames: references per frame in a hash map (the hot path:
+/// one probe per page), and how many frames of each 2 MiB block are
+/// pinned in a B-tree, which only changes when a frame is pinned for the
+/// first time or unpinned for the last, and answers range queries.
+#[derive(Debug, Default)]
+struct Frames {
+    /// Guest frame -> references; only frames with a count > 0 are present.
+    counts: HashMap<u64, u32, BuildHasherDefault<GfnHasher>>,
+    /// Block (`gfn >> BLOCK_SHIFT`) -> frames of it in `counts`; only
+    /// blocks with a count > 0 are present.
+    blocks: BTreeMap<u64, u32>,
+}
+
+impl Frames {
+    fn block_gained(&mut self, gfn: u64) {
+        *self.blocks.entry(gfn >> BLOCK_SHIFT).or_insert(0) += 1;
+    }
+
+    fn block_lost(&mut self, gfn: u64) {
+        let block = gfn >> BLOCK_SHIFT;
+        if let Some(n) = self.blocks.get_mut(&block) {
+            *n -= 1;
+            if *n == 0 {
+                self.blocks.remove(&block);
+            }
+        }
+    }
+
+    /// Whether a frame in `[first, last]` is pinned.
+    fn any_in(&self, first: u64, last: u64) -> bool {
+        let (first_block, last_block) = (first >> BLOCK_SHIFT, last >> BLOCK_SHIFT);
+        // Blocks wholly inside the range answer at once; at most the two
+        // end blocks are partial, and those are probed frame by frame
+        // (at most 2 * 512 probes).
+        for (&block, _) in self.blocks.range(first_block..=last_block) {
+            let lo = block << BLOCK_SHIFT;
+            let hi = lo | ((1 << BLOCK_SHIFT) - 1);
+            if first <= lo && hi <= last {
+                return true;
+            }
+            if (first.max(lo)..=last.min(hi)).any(|gfn| self.counts.contains_key(&gfn)) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// The per-VM pin table.
 #[derive(Debug)]
 pub struct PinTable {
-    /// Guest frame -> references; only frames with a count > 0 are present.
-    pages: parking_lot::Mutex<BTreeMap<u64, u32>>,
+    pages: parking_lot::Mutex<Frames>,
     /// `pages.len()`, readable without the lock. Written only with the lock
     /// held, so writers can read-modify-write it with a plain load/store.
     pinned_pages: AtomicU64,
@@ -112,7 +190,7 @@ impl PinTable {
     /// An empty table allowing `limit_bytes` of pinned memory.
     pub fn new(limit_bytes: u64, mode: PinMode) -> PinTable {
         PinTable {
-            pages: parking_lot::Mutex::new(BTreeMap::new()),
+            pages: parking_lot::Mutex::new(Frames::default()),
             pinned_pages: AtomicU64::new(0),
             limit_bytes: AtomicU64::new(limit_bytes),
             mode,
@@ -143,7 +221,7 @@ impl PinTable {
             .enumerate()
             .filter(|&(i, &(gfn, _))| {
                 let repeat = i > 0 && pages[i - 1].0 == gfn;
-                !repeat && !map.contains_key(&gfn)
+                !repeat && !map.counts.contains_key(&gfn)
             })
             .count() as u64;
         let limit_bytes = self.limit_bytes.load(Ordering::Relaxed);
@@ -158,26 +236,27 @@ impl PinTable {
 
         let mut added = 0u64;
         for (done, &(gfn, hva)) in pages.iter().enumerate() {
-            let count = map.entry(gfn).or_insert(0);
-            let Some(next) = count.checked_add(1) else {
-                let gpa = gpa_of(gfn);
-                self.rollback(&mut map, &pages[..done]);
-                return Err(Error::RefcountOverflow { gpa });
-            };
-            if *count == 0 {
-                if self.mode == PinMode::Mlock {
-                    if let Err(errno) = mlock_page(hva) {
-                        map.remove(&gfn);
-                        self.rollback(&mut map, &pages[..done]);
-                        return Err(Error::Mlock {
-                            gpa: gpa_of(gfn),
-                            errno,
-                        });
-                    }
-                }
-                added += 1;
+            if let Some(count) = map.counts.get_mut(&gfn) {
+                let Some(next) = count.checked_add(1) else {
+                    let gpa = gpa_of(gfn);
+                    self.rollback(&mut map, &pages[..done]);
+                    return Err(Error::RefcountOverflow { gpa });
+                };
+                *count = next;
+                continue;
             }
-            *count = next;
+            if self.mode == PinMode::Mlock {
+                if let Err(errno) = mlock_page(hva) {
+                    self.rollback(&mut map, &pages[..done]);
+                    return Err(Error::Mlock {
+                        gpa: gpa_of(gfn),
+                        errno,
+                    });
+                }
+            }
+            map.counts.insert(gfn, 1);
+            map.block_gained(gfn);
+            added += 1;
         }
         // Relaxed: the counter is informational for lock-free readers; the
         // map itself is published by the mutex.
@@ -188,7 +267,7 @@ impl PinTable {
 
     /// Undoes the references `pin` took on `done` (newest first), before
     /// `pinned_pages` was updated.
-    fn rollback(&self, map: &mut BTreeMap<u64, u32>, done: &[(u64, usize)]) {
+    fn rollback(&self, map: &mut Frames, done: &[(u64, usize)]) {
         for &(gfn, hva) in done.iter().rev() {
             if self.release(map, gfn, hva) == Release::Unknown {
                 // `pin` just took this reference under the same lock.
@@ -198,8 +277,8 @@ impl PinTable {
     }
 
     /// Drops one reference on `gfn`, removing and unlocking it on the last.
-    fn release(&self, map: &mut BTreeMap<u64, u32>, gfn: u64, hva: usize) -> Release {
-        let Some(count) = map.get_mut(&gfn) else {
+    fn release(&self, map: &mut Frames, gfn: u64, hva: usize) -> Release {
+        let Some(count) = map.counts.get_mut(&gfn) else {
             return Release::Unknown;
         };
         // Present entries always have count >= 1.
@@ -207,7 +286,8 @@ impl PinTable {
         if *count > 0 {
             return Release::StillPinned;
         }
-        map.remove(&gfn);
+        map.counts.remove(&gfn);
+        map.block_lost(gfn);
         if self.mode == PinMode::Mlock {
             munlock_page(gfn, hva);
         }
@@ -247,7 +327,7 @@ impl PinTable {
 
     /// References on `gfn` (0 when not pinned).
     pub fn refcount(&self, gfn: u64) -> u32 {
-        self.pages.lock().get(&gfn).copied().unwrap_or(0)
+        self.pages.lock().counts.get(&gfn).copied().unwrap_or(0)
     }
 
     /// Distinct pages with a count > 0, without taking the lock.
@@ -286,14 +366,20 @@ impl PinTable {
         let last = gpa.saturating_add(last_offset);
         self.pages
             .lock()
-            .range(gpa >> PAGE_SHIFT..=last >> PAGE_SHIFT)
-            .next()
-            .is_some()
+            .any_in(gpa >> PAGE_SHIFT, last >> PAGE_SHIFT)
     }
 
     /// All pinned pages as `(gfn, refcount)`, ascending.
     pub fn snapshot(&self) -> Vec<(u64, u32)> {
-        self.pages.lock().iter().map(|(&g, &c)| (g, c)).collect()
+        let mut pages: Vec<(u64, u32)> = self
+            .pages
+            .lock()
+            .counts
+            .iter()
+            .map(|(&g, &c)| (g, c))
+            .collect();
+        pages.sort_unstable();
+        pages
     }
 }
 
@@ -394,7 +480,7 @@ mod tests {
     fn refcount_overflow_rolls_back() {
         let t = PinTable::new(1 << 20, PinMode::None);
         t.pin(&frames(5, 1)).unwrap();
-        t.pages.lock().insert(5, u32::MAX);
+        t.pages.lock().counts.insert(5, u32::MAX);
         let err = t.pin(&frames(3, 3)).unwrap_err();
         assert!(
             matches!(err, Error::RefcountOverflow { gpa: 0x5000 }),
@@ -421,6 +507,30 @@ mod tests {
         t.pin(&[(u64::MAX >> PAGE_SHIFT, HVA)]).unwrap();
         assert!(t.any_pinned(u64::MAX, u64::MAX));
         assert!(t.any_pinned(u64::MAX - 0x1000, 0x2000));
+    }
+
+    #[test]
+    fn any_pinned_across_blocks_matches_a_scan() {
+        let t = PinTable::new(u64::MAX, PinMode::None);
+        // Frames at both ends of 2 MiB blocks, in the middle of one, and
+        // two blocks apart.
+        let pinned = [511u64, 512, 1000, 1535, 2048 + 7];
+        let pages: Vec<_> = pinned.iter().map(|&g| (g, HVA)).collect();
+        t.pin(&pages).unwrap();
+        for first in (0..2600u64).step_by(37) {
+            for n in [1u64, 2, 300, 511, 512, 513, 1100, 2000] {
+                let expect = pinned.iter().any(|&g| (first..first + n).contains(&g));
+                let got = t.any_pinned(first << PAGE_SHIFT, n << PAGE_SHIFT);
+                assert_eq!(got, expect, "frames [{first}, +{n})");
+            }
+        }
+        t.unpin(&pages[1..2]);
+        assert!(!t.any_pinned(512 << PAGE_SHIFT, 488 << PAGE_SHIFT));
+        assert!(t.any_pinned(512 << PAGE_SHIFT, 489 << PAGE_SHIFT));
+        t.unpin(&pages[2..]);
+        t.unpin(&pages[..1]);
+        assert!(!t.any_pinned(0, u64::MAX));
+        assert!(t.pages.lock().blocks.is_empty());
     }
 
     #[cfg(debug_assertions)]

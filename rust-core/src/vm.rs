@@ -16,7 +16,9 @@ use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, RwLock};
 
 use crate::abi::{self, Op, Status};
-use crate::domain::{self, Domain, FaultReason, FragmentSink, IovaChoice, Mapping, PageRun};
+use crate::domain::{
+    self, Domain, FaultReason, FragmentSink, IovaChoice, Mapping, PageRun, Removed,
+};
 use crate::pin::{PinMode, PinTable};
 use crate::ram::{self, GuestRam, RamLayout, RamRegion};
 use crate::sync::epoch::{self, Atomic, Guard, Owned, Shared};
@@ -410,8 +412,8 @@ impl Vm {
                     &self.pins,
                     &mut self.unmap_notifier(ep.rid),
                 );
-                self.count_removed(&removed);
-                torn += removed.len();
+                self.count_removed(removed);
+                torn += removed.mappings as usize;
             }
         }
         Ok(torn)
@@ -571,11 +573,11 @@ impl Vm {
         self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE)
     }
 
-    fn count_removed(&self, removed: &[Mapping]) {
+    fn count_removed(&self, removed: Removed) {
         // Relaxed: a statistic, ordered by nothing.
         self.stats
             .mappings
-            .fetch_sub(removed.len() as u64, Ordering::Relaxed);
+            .fetch_sub(removed.mappings, Ordering::Relaxed);
     }
 
     /// Records a refused device access.
@@ -776,7 +778,7 @@ impl Vm {
             self.read_segments(block, &mut req, ram)
         };
         let resp = match early {
-            Ok(()) => self.execute(&req),
+            Ok(()) => self.execute_owned(&mut req),
             Err(status) => {
                 let op = Op::from_raw(req.op).map_or(0, Op::index);
                 self.count_request(op, status);
@@ -801,13 +803,27 @@ impl Vm {
             return Err(Status::TooBig);
         }
         let n = req.nr_segs as usize;
-        let mut raw = vec![0u8; n * abi::SEG_SIZE as usize];
         let at = block.checked_add(abi::HEADER_SIZE).ok_or(Status::Fault)?;
-        ram.read(at, &mut raw).map_err(|_| Status::Fault)?;
-        req.segs = raw
-            .chunks_exact(16)
-            .map(|c| (le64(&c[0..8]), le64(&c[8..16])))
-            .collect();
+        // Straight into the segment list, a stack chunk at a time: one
+        // allocation, the list the mapping keeps.
+        const CHUNK: usize = 16;
+        let mut raw = [0u8; CHUNK * abi::SEG_SIZE as usize];
+        req.segs = Vec::with_capacity(n);
+        let mut done = 0;
+        while done < n {
+            let k = CHUNK.min(n - done);
+            let bytes = &mut raw[..k * abi::SEG_SIZE as usize];
+            let from = at
+                .checked_add(done as u64 * abi::SEG_SIZE)
+                .ok_or(Status::Fault)?;
+            ram.read(from, bytes).map_err(|_| Status::Fault)?;
+            req.segs.extend(
+                bytes
+                    .chunks_exact(16)
+                    .map(|c| (le64(&c[0..8]), le64(&c[8..16]))),
+            );
+            done += k;
+        }
         Ok(())
     }
 
@@ -819,10 +835,15 @@ impl Vm {
             return;
         }
         if Op::from_raw(req.op) == Some(Op::Map) {
-            let _ = ram.write(block + 16, &resp.iova.to_le_bytes());
-            let _ = ram.write(block + 24, &resp.length.to_le_bytes());
+            // iova, length and result are adjacent: one write.
+            let mut out = [0u8; 24];
+            out[0..8].copy_from_slice(&resp.iova.to_le_bytes());
+            out[8..16].copy_from_slice(&resp.length.to_le_bytes());
+            out[16..24].copy_from_slice(&resp.result.to_le_bytes());
+            let _ = ram.write(block + 16, &out);
+        } else {
+            let _ = ram.write(block + 32, &resp.result.to_le_bytes());
         }
-        let _ = ram.write(block + 32, &resp.result.to_le_bytes());
     }
 
     fn count_request(&self, op: usize, status: Status) {
@@ -834,12 +855,29 @@ impl Vm {
     /// mapping, pin or IOVA behind.
     pub fn execute(&self, req: &Request) -> Response {
         let op = Op::from_raw(req.op);
-        let resp = self.execute_inner(op, req);
+        let resp = self.execute_inner(op, req, &mut || req.segs.clone());
         self.count_request(op.map_or(0, Op::index), resp.status);
         resp
     }
 
-    fn execute_inner(&self, op: Option<Op>, req: &Request) -> Response {
+    /// [`Vm::execute`] of a request the caller no longer needs: a MAP
+    /// takes its segment list instead of copying it.
+    fn execute_owned(&self, req: &mut Request) -> Response {
+        let op = Op::from_raw(req.op);
+        let mut segs = std::mem::take(&mut req.segs);
+        let resp = self.execute_inner(op, req, &mut || std::mem::take(&mut segs));
+        self.count_request(op.map_or(0, Op::index), resp.status);
+        resp
+    }
+
+    /// `segs` hands over `req.segs` (the request's own segment list is
+    /// not read here: `execute_owned` moved it out).
+    fn execute_inner(
+        &self,
+        op: Option<Op>,
+        req: &Request,
+        segs: &mut dyn FnMut() -> Vec<(u64, u64)>,
+    ) -> Response {
         let Some(op) = op else {
             return Response::status(Status::Inval);
         };
@@ -885,12 +923,19 @@ impl Vm {
                 }
                 Response::ok(self.detach_locked(&ep, &guard) as u64)
             }
-            Op::Map => self.map_locked(&ep, req, ram, &guard),
+            Op::Map => self.map_locked(&ep, req, segs(), ram, &guard),
             Op::Unmap => self.unmap_locked(&ep, req, ram, &guard),
         }
     }
 
-    fn map_locked(&self, ep: &Endpoint, req: &Request, ram: &RamLayout, guard: &Guard) -> Response {
+    fn map_locked(
+        &self,
+        ep: &Endpoint,
+        req: &Request,
+        segs: Vec<(u64, u64)>,
+        ram: &RamLayout,
+        guard: &Guard,
+    ) -> Response {
         let Some(dom) = Self::domain_of(ep, guard) else {
             return Response::status(Status::State);
         };
@@ -904,7 +949,7 @@ impl Vm {
         if req.nr_segs > self.cfg.max_segs {
             return Response::status(Status::TooBig);
         }
-        if req.segs.len() != req.nr_segs as usize {
+        if segs.len() != req.nr_segs as usize {
             return Response::status(Status::Inval);
         }
         let choice = if u32::from(req.flags) & abi::PVDMA_FLAG_FIXED != 0 {
@@ -915,21 +960,14 @@ impl Vm {
             return Response::status(Status::Inval);
         };
         let mut notify = self.notifier_for(ep.rid, MapEventKind::Map, perms);
-        match dom.map(
-            req.segs.clone(),
-            perms,
-            choice,
-            ram,
-            &self.pins,
-            &mut notify,
-        ) {
-            Ok(m) => {
+        match dom.map(segs, perms, choice, ram, &self.pins, &mut notify) {
+            Ok((iova, length)) => {
                 // Relaxed: a statistic.
                 self.stats.mappings.fetch_add(1, Ordering::Relaxed);
                 Response {
                     status: Status::Ok,
-                    iova: m.iova,
-                    length: m.length,
+                    iova,
+                    length,
                     result: 0,
                 }
             }
@@ -963,8 +1001,8 @@ impl Vm {
         };
         match r {
             Ok(removed) => {
-                self.count_removed(&removed);
-                Response::ok(removed.iter().map(Mapping::span).sum())
+                self.count_removed(removed);
+                Response::ok(removed.bytes)
             }
             Err(e) => Response::status(domain_status(&e)),
         }
@@ -985,11 +1023,11 @@ impl Vm {
         };
         let ram = self.ram.load(guard);
         let removed = dom.clear(ram, &self.pins, &mut self.unmap_notifier(ep.rid));
-        self.count_removed(&removed);
+        self.count_removed(removed);
         // SAFETY: unlinked above; readers that loaded it before hold guards
         // and defer_destroy waits for them.
         unsafe { guard.defer_destroy(old) };
-        removed.len()
+        removed.mappings as usize
     }
 
     /// Device reset: detaches every endpoint (mappings removed, pins
