@@ -12,6 +12,7 @@ the quick check scripts/qemu-pvdma-smoke.sh runs on the built binary.
 usage: pvdma-doorbell-check.py QEMU_BINARY
 """
 
+import json
 import os
 import socket
 import struct
@@ -35,6 +36,7 @@ class QTest:
     def __init__(self, qemu, extra):
         self.tmp = tempfile.mkdtemp()
         path = os.path.join(self.tmp, "qtest.sock")
+        self.qmp_path = os.path.join(self.tmp, "qmp.sock")
         srv = socket.socket(socket.AF_UNIX)
         srv.bind(path)
         srv.listen(1)
@@ -43,12 +45,31 @@ class QTest:
             ["timeout", "--kill-after=5", "60", qemu, "-M", "q35", "-m",
              "128M", "-nographic", "-qtest", f"unix:{path}", "-accel",
              "qtest", "-display", "none", "-serial", "none",
-             "-monitor", "none", "-qtest-log", "/dev/null", *extra],
+             "-monitor", "none", "-qtest-log", "/dev/null",
+             "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT)
         self.sock, _ = srv.accept()
         srv.close()
         self.f = self.sock.makefile("rw")
+        self.qmp_sock = socket.socket(socket.AF_UNIX)
+        self.qmp_sock.connect(self.qmp_path)
+        self.q = self.qmp_sock.makefile("rw")
+        json.loads(self.q.readline())
+        self.qmp("qmp_capabilities")
+
+    def qmp(self, name, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.q.write(json.dumps(msg) + "\n")
+        self.q.flush()
+        while True:
+            r = json.loads(self.q.readline())
+            if "error" in r:
+                sys.exit(f"QMP {name}: {r['error']}")
+            if "return" in r:
+                return r["return"]
 
     def cmd(self, line):
         self.f.write(line + "\n")
@@ -66,6 +87,7 @@ class QTest:
 
     def close(self):
         try:
+            self.qmp_sock.close()
             self.sock.close()
         finally:
             self.proc.terminate()
@@ -129,17 +151,34 @@ def check(cond, what):
         sys.exit(1)
 
 
+def setup(qt):
+    pv = qt.find(0x1b36, 0x0015)
+    edu = qt.find(0x1234, 0x11e8)
+    qt.cfg_write(pv, 0x10, PVDMA_BAR)
+    qt.cfg_write(pv, 0x04, 0x2)
+    qt.cfg_write(edu, 0x10, EDU_BAR)
+    qt.cfg_write(edu, 0x04, 0x6)          # memory + bus master
+    return pv, edu
+
+
+def wait_migration(qt):
+    for _ in range(300):
+        status = qt.qmp("query-migrate").get("status")
+        if status in ("completed", "failed"):
+            return status
+        time.sleep(0.1)
+    return "timeout"
+
+
 def main():
     qemu = sys.argv[1]
-    qt = QTest(qemu, ["-device", "pvdma", "-device", "edu"])
+    devices = ["-device", "pvdma", "-device", "edu",
+               "-device", "pcie-root-port,id=rp1,chassis=1,addr=0x10",
+               "-device", "edu,bus=rp1"]
+    qt = QTest(qemu, devices)
     try:
-        pv = qt.find(0x1b36, 0x0015)
-        edu = qt.find(0x1234, 0x11e8)
+        pv, edu = setup(qt)
         check(qt.cfg_read(pv, 8) == 0x08060001, "class 0x080600 rev 1")
-        qt.cfg_write(pv, 0x10, PVDMA_BAR)
-        qt.cfg_write(pv, 0x04, 0x2)
-        qt.cfg_write(edu, 0x10, EDU_BAR)
-        qt.cfg_write(edu, 0x04, 0x6)          # memory + bus master
 
         check(qt.cmd(f"readl 0x{PVDMA_BAR:x}") == 0x414d4450, "MAGIC")
         check(qt.cmd(f"readl 0x{PVDMA_BAR + 4:x}") == 1, "VERSION")
@@ -193,6 +232,60 @@ def main():
         qt.cmd(f"writel 0x{PVDMA_BAR + 0x2c:x} 0x0")
         check(struct.unpack("<I", qt.mem_read(BLOCK + 4, 4))[0] == 0,
               "32-bit doorbell pair")
+
+        # A function behind a root port has an ID once its bus has a number
+        rp = 0x10 << 3
+        st, *_ = request(qt, QUERY, 0x0500)
+        check(st == 2, f"QUERY 05:00.0 before bus numbering: NODEV ({st})")
+        qt.cfg_write(rp, 0x18, 0x050500)    # primary 0, secondary 5, sub 5
+        st, _, _, res = request(qt, QUERY, 0x0500)
+        check(st == 0 and res == 4, f"QUERY 05:00.0 behind the root port ({st})")
+
+        # Reset detaches
+        request(qt, ATTACH, edu)
+        qt.qmp("system_reset")
+        setup(qt)                           # reset cleared the BARs
+        qt.cfg_write(rp, 0x18, 0x050500)    # and the bus numbers
+        st, _, _, res = request(qt, QUERY, edu)
+        check(st == 0 and res == 4, f"system_reset detached edu ({st}, {res})")
+
+        # Migration: attach with a mapping, save, load into a new QEMU
+        request(qt, ATTACH, edu)
+        request(qt, ATTACH, 0x0500)
+        st, *_ = request(qt, MAP, edu, READ | WRITE | FIXED, IOVA_SRC,
+                         segs=[(SRC_GPA, 8192)])
+        check(st == 0, "MAP before migration")
+        qt.qmp("stop")
+        mig = os.path.join(qt.tmp, "mig")
+        qt.qmp("migrate", uri=f"file:{mig}")
+        check(wait_migration(qt) == "completed", "migration saved")
+    finally:
+        out = qt.close()
+    if out.strip():
+        print(out, file=sys.stderr)
+
+    qt = QTest(qemu, devices + ["-incoming", "defer"])
+    try:
+        qt.qmp("migrate-incoming", uri=f"file:{mig}")
+        check(wait_migration(qt) == "completed", "migration loaded")
+        info = qt.qmp("query-pvdma")[0]
+        eps = {e["requester"]: e for e in info["endpoints"]}
+        e = eps[f"00:{edu >> 3:02x}.{edu & 7}"]
+        check(e["attached"] and e["mappings"] == 1 and
+              e["mapped-bytes"] == 8192,
+              f"destination has edu attached with its mapping ({e})")
+        check(eps.get("05:00.0", {}).get("attached"),
+              "destination has 05:00.0 (behind the root port) attached")
+        qt.qmp("cont")                      # the source was stopped
+        setup(qt)                           # edu has no migration state
+        pattern = bytes(range(255, -1, -1)) * 4
+        qt.mem_write(SRC_GPA + 4096, pattern)
+        edu_dma(qt, IOVA_SRC + 4096, 0x40000, len(pattern), to_pci=False)
+        edu_dma(qt, 0x40000, IOVA_SRC, len(pattern), to_pci=True)
+        got = qt.mem_read(SRC_GPA, len(pattern))
+        check(got == pattern, "destination translates as the source did "
+              f"(faults {qt.qmp('query-pvdma')[0]['last-faults'][:2]}, "
+              f"got {got[:8].hex()})")
     finally:
         out = qt.close()
     if out.strip():
