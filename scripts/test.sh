@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Runs every test of the project: formatting, lints, Rust unit, property,
 # stress and integration tests, the loom model check, the C API tests under
-# meson (with the header drift check), and short fuzz runs.
+# meson (with the header drift check), the patched QEMU with its pvdma smoke
+# tests, and short fuzz runs.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$PVDMA_ROOT"
@@ -30,6 +31,19 @@ if [ -f meson.build ]; then
     builddir="$PVDMA_ROOT/build/meson"
     [ -d "$builddir" ] || meson setup "$builddir" >/dev/null
     meson test -C "$builddir" --print-errorlogs
+fi
+
+# The QEMU side: the patched QEMU builds (cached; a few minutes when the
+# series changed), qemu-glue/ and patches/ agree and pass checkpatch, and
+# the device answers. PVDMA_SKIP_QEMU=1 skips it.
+if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x scripts/qemu-build.sh ]; then
+    step "QEMU: build the patched QEMU"
+    qemu=$(scripts/qemu-build.sh | tail -n1)
+    step "QEMU: patch series agrees with qemu-glue, checkpatch"
+    scripts/check-patches.sh
+    step "QEMU: smoke tests"
+    scripts/qemu-smoke.sh "$qemu"
+    scripts/qemu-pvdma-smoke.sh "$qemu"
 fi
 
 if [ -x scripts/fuzz.sh ]; then
