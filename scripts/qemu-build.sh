@@ -4,10 +4,16 @@
 # a directory keyed by QEMU version + hash of the patch series, so a second run
 # with unchanged inputs does no work.
 #
+# The pvdma library (libpvdma.a, our Rust core) is built first with the
+# project's own meson build (build/meson), staged into the cache directory
+# with a pvdma.pc, and QEMU is configured with --enable-pvdma and
+# PKG_CONFIG_PATH pointing there (see docs/building-qemu.md, "Linking").
+#
 # Usage: scripts/qemu-build.sh
 # Env:   PVDMA_CACHE         cache root (default ~/.cache/pvdma)
 #        PVDMA_JOBS          parallel build jobs (default 2)
 #        PVDMA_SKIP_APT=1    do not apt-get install missing build dependencies
+#        PVDMA_MESON_BUILD   our meson build dir (default <repo>/build/meson)
 # Prints the path of qemu-system-x86_64 on its last line.
 set -euo pipefail
 
@@ -48,10 +54,11 @@ CONFIGURE_ARGS=(
     --firmwarepath="$FIRMWARE_PATH"
     --enable-tcg
     --enable-kvm
+    --enable-pvdma
 )
 
 BUILD_DEPS=(
-    build-essential ninja-build pkgconf python3-venv python3-pip
+    build-essential ninja-build pkgconf python3-venv python3-pip meson
     libglib2.0-dev zlib1g-dev flex bison
     git xz-utils bzip2
     seabios qemu-system-data ipxe-qemu
@@ -105,11 +112,63 @@ SRC=$WORK/src
 BUILD=$WORK/build
 BIN=$BUILD/qemu-system-x86_64
 
-configure_key=$(printf '%s\n' "${CONFIGURE_ARGS[@]}" | sha256sum | cut -c1-12)
+# --- the pvdma library -------------------------------------------------------
+# Build libpvdma.a with the project's meson (cargo underneath; a no-op when
+# nothing changed) and stage it, its headers and a pvdma.pc under $WORK/pvdma.
+# Staging decouples the QEMU build from the worktree it was started from
+# (several worktrees share one cache directory) and gives ninja a stable
+# path: a file is copied only when its contents changed, so a changed
+# libpvdma.a relinks QEMU and a changed header recompiles hw/misc/pvdma.c,
+# while an unchanged library costs nothing. The cache key P therefore stays
+# the patch series only; the library is an input of the incremental build.
+MESON_BUILD=${PVDMA_MESON_BUILD:-$repo/build/meson}
+STAGE=$WORK/pvdma
+stage_file() {   # stage_file SRC DEST: copy when the contents differ
+    mkdir -p "$(dirname "$2")"
+    cmp -s "$1" "$2" || cp "$1" "$2"
+}
+build_pvdma_lib() {
+    local t0; t0=$(now)
+    if [[ ! -f $MESON_BUILD/build.ninja ]]; then
+        log "meson setup $MESON_BUILD (pvdma library)"
+        meson setup "$MESON_BUILD" "$repo" >&2 ||
+            die "meson setup of the pvdma library failed"
+    fi
+    # Re-running meson (when meson.build changed) also rewrites pvdma.pc.
+    ninja -C "$MESON_BUILD" libpvdma.a >&2 ||
+        die "building libpvdma.a failed"
+    stage_file "$MESON_BUILD/libpvdma.a" "$STAGE/lib/libpvdma.a"
+    local h
+    for h in "$repo"/rust-core/include/*.h; do
+        stage_file "$h" "$STAGE/include/$(basename "$h")"
+    done
+    # The generated .pc names the worktree's paths; point it at the stage.
+    sed -e "s|^includedir=.*|includedir=$STAGE/include|" \
+        -e "s|[^ ]*/libpvdma\.a|$STAGE/lib/libpvdma.a|" \
+        "$MESON_BUILD/pvdma.pc" >"$STAGE/pvdma.pc.new"
+    if cmp -s "$STAGE/pvdma.pc.new" "$STAGE/pvdma.pc"; then
+        rm "$STAGE/pvdma.pc.new"
+    else
+        mv "$STAGE/pvdma.pc.new" "$STAGE/pvdma.pc"
+    fi
+    log "pvdma library: $(($(now) - t0))s"
+}
+export PKG_CONFIG_PATH=$STAGE${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+
+# The .pc contents (flags, staged paths) are part of the configure key: a
+# change there reconfigures; a changed libpvdma.a only relinks.
+configure_key() {
+    { printf '%s\n' "${CONFIGURE_ARGS[@]}"; cat "$STAGE/pvdma.pc" 2>/dev/null; } |
+        sha256sum | cut -c1-12
+}
 
 # Fast path: with the tree patched and configured as asked, only ninja (which
 # is a no-op when nothing changed) has to run; skip deps, fetch and wheels.
 fast=0
+if [[ -f $WORK/.pvdma-patched ]]; then
+    build_pvdma_lib
+fi
+configure_key=$(configure_key)
 if [[ -f $WORK/.pvdma-patched && -f $BUILD/.pvdma-configured &&
       $(cat "$BUILD/.pvdma-configured") == "$configure_key" ]]; then
     fast=1
@@ -147,6 +206,8 @@ if [[ ! -f $WORK/.pvdma-patched ]]; then
     )
     touch "$WORK/.pvdma-patched"
     log "extract+patch: $(($(now) - t0))s"
+    build_pvdma_lib
+    configure_key=$(configure_key)
 fi
 
 # --- configure --------------------------------------------------------------

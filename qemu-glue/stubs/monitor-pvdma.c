@@ -1,0 +1,22 @@
+/*
+ * pvdma monitor commands when the pvdma device is not built
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+
+#include "qemu/osdep.h"
+#include "qapi/error.h"
+#include "qapi/qapi-commands-pvdma.h"
+#include "monitor/hmp.h"
+#include "monitor/monitor.h"
+
+PvdmaInfoList *qmp_query_pvdma(Error **errp)
+{
+    error_setg(errp, "pvdma support is not compiled in");
+    return NULL;
+}
+
+void hmp_info_pvdma(Monitor *mon, const QDict *qdict)
+{
+    monitor_printf(mon, "pvdma support is not compiled in\n");
+}
