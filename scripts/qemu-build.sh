@@ -158,7 +158,7 @@ export PKG_CONFIG_PATH=$STAGE${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 # The .pc contents (flags, staged paths) are part of the configure key: a
 # change there reconfigures; a changed libpvdma.a only relinks.
 configure_key() {
-    { printf '%s\n' "${CONFIGURE_ARGS[@]}"; cat "$STAGE/pvdma.pc" 2>/dev/null; } |
+    { printf '%s\n' "${CONFIGURE_ARGS[@]}"; cat "$STAGE/pvdma.pc" 2>/dev/null || true; } |
         sha256sum | cut -c1-12
 }
 
