@@ -51,7 +51,12 @@ fi
 step "QEMU: smoke test (QMP, PCI bus)"
 scripts/qemu-smoke.sh "$qemu"
 
-step "QEMU: pvdma smoke test (edu DMA through pvdma, TCG)"
+if [ -x scripts/qemu-pvdma-smoke.sh ]; then
+    step "QEMU: pvdma smoke test"
+    scripts/qemu-pvdma-smoke.sh "$qemu"
+fi
+
+step "QEMU: run.sh's demo (edu DMA through pvdma under TCG)"
 /usr/bin/python3 scripts/pvdma-demo.py "$qemu" 120 >&2
 
 step "QEMU: qtest pvdma-test"
