@@ -65,8 +65,8 @@ OBJECT_DECLARE_SIMPLE_TYPE(PvdmaState, PVDMA)
 
 /*
  * HYPERCALL_NR reads this even while the hypercall transport is off, so
- * that a driver sees a stable, defined value. It is KVM's first number
- * outside the range KVM itself assigns (KVM_HC_*), reserved for pvdma.
+ * that a driver sees a stable, defined value: the ASCII bytes "PDMA", far
+ * from the small numbers KVM assigns to its own hypercalls (KVM_HC_*).
  */
 #define PVDMA_HYPERCALL_NR 0x50444d41
 
