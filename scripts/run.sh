@@ -16,10 +16,9 @@ set -euo pipefail
 cd "$PVDMA_ROOT"
 ensure_rust_build_deps
 
-log "building the Rust core (release)"
-cargo build --release --quiet -p pvdma
-
-log "building the patched QEMU (about 4.5 min the first time)"
+# qemu-build.sh builds libpvdma (the Rust core) through our meson build
+# first, then QEMU against it.
+log "building libpvdma and the patched QEMU (about 4.5 min the first time)"
 qemu=$(scripts/qemu-build.sh | tail -n1)
 log "QEMU: $qemu"
 
