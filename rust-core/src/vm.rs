@@ -9,7 +9,7 @@
 //! some serial order); the pin table has its own lock, taken last. Lock
 //! order: `endpoints_writer` -> `op_lock` -> domain -> table writer -> pins.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
@@ -252,7 +252,79 @@ impl Endpoint {
     }
 }
 
-type EndpointMap = HashMap<u32, Arc<Endpoint>>;
+/// Endpoints by requester ID (`bus << 8 | devfn`, PCI segment 0 only),
+/// indexed directly: 256 bus slots, each a lazily created table of 256
+/// devfns. A lookup is two indexed loads, no hashing: it is on every
+/// translation. Published copy-on-write like any epoch-protected value; a
+/// copy shares the devfn tables it does not change, so a map costs 2 KiB
+/// plus 2 KiB per bus in use.
+#[derive(Clone)]
+struct EndpointMap {
+    buses: Box<[Option<Arc<DevfnTable>>; 256]>,
+}
+
+type DevfnTable = [Option<Arc<Endpoint>>; 256];
+
+impl EndpointMap {
+    fn new() -> EndpointMap {
+        EndpointMap {
+            buses: Box::new([const { None }; 256]),
+        }
+    }
+
+    /// The endpoint `rid`; None as well for segments other than 0.
+    #[inline]
+    fn get(&self, rid: &u32) -> Option<&Arc<Endpoint>> {
+        let rid = *rid;
+        if rid > 0xffff {
+            return None;
+        }
+        // Both indices are masked to 8 bits: no bounds check can fail.
+        let bus = self.buses[(rid >> 8) as usize & 0xff].as_deref()?;
+        bus[rid as usize & 0xff].as_ref()
+    }
+
+    fn contains_key(&self, rid: &u32) -> bool {
+        self.get(rid).is_some()
+    }
+
+    /// Every endpoint, by ascending requester ID.
+    fn values(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.buses
+            .iter()
+            .flatten()
+            .flat_map(|bus| bus.iter().flatten())
+    }
+
+    /// Every requester ID, ascending.
+    fn keys(&self) -> impl Iterator<Item = &u32> {
+        self.values().map(|ep| &ep.rid)
+    }
+
+    /// Adds `ep` at `rid` (<= 0xffff, checked by the caller).
+    fn insert(&mut self, rid: u32, ep: Arc<Endpoint>) {
+        debug_assert!(rid <= 0xffff);
+        let bus = self.buses[(rid >> 8) as usize & 0xff]
+            .get_or_insert_with(|| Arc::new([const { None }; 256]));
+        // Copies the devfn table if the published map still shares it.
+        Arc::make_mut(bus)[rid as usize & 0xff] = Some(ep);
+    }
+
+    fn remove(&mut self, rid: &u32) {
+        let rid = *rid;
+        if rid > 0xffff {
+            return;
+        }
+        let slot = &mut self.buses[(rid >> 8) as usize & 0xff];
+        if let Some(bus) = slot {
+            let devfns = Arc::make_mut(bus);
+            devfns[rid as usize & 0xff] = None;
+            if devfns.iter().all(Option::is_none) {
+                *slot = None;
+            }
+        }
+    }
+}
 
 /// A parsed request: what the guest asked, read once from its block.
 #[derive(Clone, Debug, PartialEq, Eq)]
