@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
+
 use parking_lot::{Mutex, RwLock};
 
 use crate::abi::{self, Op, Status};
@@ -687,7 +688,8 @@ impl Vm {
     ///
     /// Never takes a lock and never waits. A refused access is counted and
     /// logged as a fault. Unattached endpoints bypass (identity, RAM only)
-    /// or are blocked, per [`VmConfig::bypass`].
+    /// or are blocked, per [`VmConfig::bypass`]. A device model that
+    /// translates often resolves `rid` once with [`Vm::translator`].
     pub fn translate(
         &self,
         rid: u32,
@@ -708,6 +710,7 @@ impl Vm {
 
     /// [`Vm::translate`] under the caller's guard, without counting or
     /// logging: for callers that batch many translations (virtqueues).
+    #[inline]
     pub fn translate_in(
         &self,
         rid: u32,
@@ -717,20 +720,98 @@ impl Vm {
         out: &mut [Fragment],
         guard: &Guard,
     ) -> std::result::Result<usize, domain::TranslateFault> {
-        let fault = |reason| domain::TranslateFault { iova, reason };
         let ep = self
             .endpoint_map(guard)
             .get(&rid)
-            .ok_or(fault(FaultReason::NoDevice))?;
+            .ok_or(domain::TranslateFault {
+                iova,
+                reason: FaultReason::NoDevice,
+            })?;
+        // Just found in the map: registered.
+        self.translate_ep(ep, None, iova, len, access, out, guard)
+    }
+
+    /// A translation handle for endpoint `rid`, for device models that
+    /// translate repeatedly: it skips the requester-ID lookup. `None` when
+    /// `rid` is not an endpoint. The handle follows the endpoint's
+    /// attach/detach; once the endpoint is removed it refuses everything
+    /// with [`FaultReason::NoDevice`] (also if `rid` is registered again:
+    /// that is a new endpoint, ask for a new handle).
+    pub fn translator(&self, rid: u32) -> Option<Translator<'_>> {
+        let guard = epoch::pin();
+        let ep = self.endpoint_map(&guard).get(&rid)?.clone();
+        Some(Translator { vm: self, ep })
+    }
+
+    /// Where `ep`'s DMA goes under `guard`: its domain, or `None` to
+    /// bypass. `handle` is `Some` when `ep` came from a [`Translator`]
+    /// rather than from the current endpoint map: then an unattached
+    /// endpoint is checked to still be registered (removal detaches it
+    /// first, so an attached one always is).
+    #[inline]
+    fn route<'g>(
+        &self,
+        ep: &Endpoint,
+        handle: Option<&Arc<Endpoint>>,
+        guard: &'g Guard,
+    ) -> std::result::Result<Option<&'g Domain>, FaultReason> {
+        if let Some(dom) = Self::domain_of(ep, guard) {
+            return Ok(Some(dom));
+        }
+        self.unattached_route(handle, guard).map(|()| None)
+    }
+
+    /// [`Vm::route`] for an endpoint seen unattached (off the hot path):
+    /// Ok to bypass, else why not.
+    #[cold]
+    fn unattached_route(
+        &self,
+        handle: Option<&Arc<Endpoint>>,
+        guard: &Guard,
+    ) -> std::result::Result<(), FaultReason> {
+        if let Some(handle) = handle {
+            // `domain_of` saw null: if removal nulled it, its Acquire load
+            // synchronised with the swap in `detach_locked`, which
+            // `remove_endpoint` does after publishing the map without the
+            // endpoint, so this load sees that map (or a later one).
+            let still = self
+                .endpoint_map(guard)
+                .get(&handle.rid)
+                .is_some_and(|cur| Arc::ptr_eq(cur, handle));
+            if !still {
+                return Err(FaultReason::NoDevice);
+            }
+        }
+        if self.cfg.bypass {
+            Ok(())
+        } else {
+            Err(FaultReason::Blocked)
+        }
+    }
+
+    /// The translation proper, for an endpoint already resolved.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn translate_ep(
+        &self,
+        ep: &Endpoint,
+        handle: Option<&Arc<Endpoint>>,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        let fault = |reason| domain::TranslateFault { iova, reason };
+        let route = self.route(ep, handle, guard).map_err(fault)?;
         let ram = self.ram.load(guard);
         let mut sink = FragmentSink::new(out);
-        match Self::domain_of(ep, guard) {
+        match route {
             Some(dom) => dom.translate(iova, len, access, ram, guard, &mut sink)?,
-            None if self.cfg.bypass => {
+            None => {
                 iova.checked_add(len).ok_or(fault(FaultReason::Overflow))?;
                 domain::emit_gpa_range(ram, iova, len, iova, &mut sink)?;
             }
-            None => return Err(fault(FaultReason::Blocked)),
         }
         Ok(sink.count())
     }
@@ -1164,30 +1245,36 @@ impl Vm {
             // Relaxed: a statistic.
             self.stats.translations[stripe()].fetch_add(1, Ordering::Relaxed);
         }
-        let r = self.lookup_in(rid, iova, access);
+        let guard = epoch::pin();
+        let r = match self.endpoint_map(&guard).get(&rid) {
+            // Just found in the map: registered.
+            Some(ep) => self.lookup_ep(ep, None, iova, access, &guard),
+            None => Err(domain::TranslateFault {
+                iova,
+                reason: FaultReason::NoDevice,
+            }),
+        };
         if let (Err(f), Some(a)) = (r, access) {
             self.record_fault(rid, f.iova, a, f.reason);
         }
         r
     }
 
-    fn lookup_in(
+    #[inline]
+    fn lookup_ep(
         &self,
-        rid: u32,
+        ep: &Endpoint,
+        handle: Option<&Arc<Endpoint>>,
         iova: u64,
         access: Option<Access>,
+        guard: &Guard,
     ) -> std::result::Result<Lookup, domain::TranslateFault> {
         let fault = |reason| domain::TranslateFault { iova, reason };
-        let guard = epoch::pin();
-        let ep = self
-            .endpoint_map(&guard)
-            .get(&rid)
-            .ok_or(fault(FaultReason::NoDevice))?;
-        let found = match Self::domain_of(ep, &guard) {
+        let found = match self.route(ep, handle, guard).map_err(fault)? {
             Some(dom) => {
                 let leaf = dom
                     .table()
-                    .lookup(iova, &guard)
+                    .lookup(iova, guard)
                     .ok_or(fault(FaultReason::Unmapped))?;
                 Lookup {
                     gpa: leaf.gpa,
@@ -1196,17 +1283,87 @@ impl Vm {
                     bypass: false,
                 }
             }
-            None if self.cfg.bypass => Lookup {
+            None => Lookup {
                 gpa: iova,
                 run: crate::types::PAGE_SIZE - (iova & crate::types::PAGE_MASK),
                 perms: Perm::RW,
                 bypass: true,
             },
-            None => return Err(fault(FaultReason::Blocked)),
         };
         match access {
             Some(a) if !found.perms.allows(a) => Err(fault(FaultReason::Permission)),
             _ => Ok(found),
         }
+    }
+}
+
+/// A translation handle for one endpoint ([`Vm::translator`]): the
+/// endpoint resolved once, so each translation goes straight to its
+/// domain. Lock-free and wait-free like [`Vm::translate`]; `Send` and
+/// `Sync`, so device threads may share one.
+pub struct Translator<'a> {
+    vm: &'a Vm,
+    ep: Arc<Endpoint>,
+}
+
+impl Translator<'_> {
+    /// The endpoint's requester ID.
+    pub fn requester(&self) -> u32 {
+        self.ep.rid
+    }
+
+    /// [`Vm::translate`] for this endpoint, under the caller's guard:
+    /// counted, and a refusal logged as a fault.
+    #[inline]
+    pub fn translate(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        // Relaxed: a statistic.
+        self.vm.stats.translations[stripe()].fetch_add(1, Ordering::Relaxed);
+        let r = self.translate_in(iova, len, access, out, guard);
+        if let Err(f) = r {
+            self.vm.record_fault(self.ep.rid, f.iova, access, f.reason);
+        }
+        r
+    }
+
+    /// [`Vm::translate_in`] for this endpoint: neither counted nor logged.
+    #[inline]
+    pub fn translate_in(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        self.vm
+            .translate_ep(&self.ep, Some(&self.ep), iova, len, access, out, guard)
+    }
+
+    /// [`Vm::lookup`] for this endpoint, under the caller's guard.
+    #[inline]
+    pub fn lookup(
+        &self,
+        iova: u64,
+        access: Option<Access>,
+        guard: &Guard,
+    ) -> std::result::Result<Lookup, domain::TranslateFault> {
+        if access.is_some() {
+            // Relaxed: a statistic.
+            self.vm.stats.translations[stripe()].fetch_add(1, Ordering::Relaxed);
+        }
+        let r = self
+            .vm
+            .lookup_ep(&self.ep, Some(&self.ep), iova, access, guard);
+        if let (Err(f), Some(a)) = (r, access) {
+            self.vm.record_fault(self.ep.rid, f.iova, a, f.reason);
+        }
+        r
     }
 }
