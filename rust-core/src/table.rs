@@ -323,7 +323,10 @@ impl IoPageTable {
     /// holds no reference into the table, but the walk needs the guard.
     ///
     /// Returns None when `iova >= 2^iova_bits` or nothing is mapped there.
-    #[inline]
+    ///
+    /// Always inlined: it is the read path's core, and a call would cost
+    /// a sizeable part of it.
+    #[inline(always)]
     pub fn lookup(&self, iova: u64, guard: &Guard) -> Option<Leaf> {
         debug_assert!(guard
             .collector()
