@@ -636,28 +636,6 @@ pub fn emit_gpa_range(
     iova: u64,
     sink: &mut FragmentSink<'_>,
 ) -> std::result::Result<(), TranslateFault> {
-    // Nearly always one RAM region holds the whole range (a leaf is at
-    // most 2 MiB): one fragment, inline. Anything else (empty, crossing
-    // regions, outside RAM) takes the general loop.
-    match ram.host_run(start, len) {
-        Some((hva, run)) if run == len && len > 0 => {
-            sink.push(hva, start, len);
-            Ok(())
-        }
-        _ => emit_gpa_runs(ram, start, len, iova, sink),
-    }
-}
-
-/// [`emit_gpa_range`]'s general case: one fragment per RAM region.
-#[cold]
-#[inline(never)]
-fn emit_gpa_runs(
-    ram: &RamLayout,
-    start: u64,
-    len: u64,
-    iova: u64,
-    sink: &mut FragmentSink<'_>,
-) -> std::result::Result<(), TranslateFault> {
     let (mut gpa, mut len) = (start, len);
     while len > 0 {
         let (hva, run) = ram.host_run(gpa, len).ok_or(TranslateFault {
