@@ -117,6 +117,21 @@ fn translate_sg(c: &mut Criterion) {
         b.iter(&mut sum);
     });
 
+    group.bench_function("pvdma_translator", |b| {
+        let guard = epoch::pin();
+        let translator = guest.vm.translator(EP).expect("endpoint");
+        let mut out = fragments::<16>();
+        let mut sum = || {
+            buffers.iter().fold(0u64, |acc, &iova| {
+                let r = translator.translate(black_box(iova), LEN, Access::Read, &mut out, &guard);
+                debug_assert_eq!(r, Ok(16));
+                out.iter().fold(acc, |a, f| a.wrapping_add(f.gpa))
+            })
+        };
+        assert_eq!(sum(), want);
+        b.iter(&mut sum);
+    });
+
     group.bench_function("vmm_iotlb_rwlock", |b| {
         let sum = || {
             buffers.iter().fold(0u64, |acc, &iova| {

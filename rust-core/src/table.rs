@@ -209,6 +209,59 @@ fn count_subtree(node: &Node, level: u32) -> usize {
     count
 }
 
+/// One level of a reader's walk.
+enum Step<'a> {
+    /// Go on with this node, one level down.
+    Next(&'a Node),
+    /// The walk ends here: a leaf, or nothing mapped.
+    Done(Option<Leaf>),
+}
+
+/// The reader's step at `LEVEL` (a constant, so the shift and the leaf
+/// size are too): loads the entry indexing `iova` in `node`.
+///
+/// `node` is reachable under the caller's epoch guard (the root, or a
+/// node a previous step returned under the same guard).
+#[inline(always)]
+fn walk_step<const LEVEL: u32>(node: &Node, iova: u64) -> Step<'_> {
+    // The mask keeps the index below ENTRIES: no bounds check remains.
+    let index = ((iova >> entry_shift(LEVEL)) & INDEX_MASK) as usize;
+    // Acquire: pairs with the Release store that published this entry
+    // (`link`, `set_leaf`), so a pointer's node is seen fully initialised,
+    // and a leaf comes with whatever the writer did before mapping it.
+    let entry = node.entries[index].load(Ordering::Acquire);
+    #[cfg(loom)]
+    assert_eq!(
+        node.retired.load(Ordering::Relaxed),
+        0,
+        "reader reached a freed node"
+    );
+    if entry & PRESENT == 0 {
+        return Step::Done(None);
+    }
+    if entry & LEAF != 0 {
+        let size = 1u64 << entry_shift(LEVEL);
+        let offset = iova & (size - 1);
+        return Step::Done(Some(Leaf {
+            // Leaf addresses are aligned to the leaf size: OR, not add.
+            gpa: (entry & LEAF_ADDR_MASK) | offset,
+            perms: leaf_perms(entry),
+            run: size - offset,
+        }));
+    }
+    if LEVEL == 0 {
+        // A pointer at the bottom level is never written.
+        debug_assert!(false, "pointer entry at level 0");
+        return Step::Done(None);
+    }
+    // SAFETY: `entry` is a pointer entry we just loaded from a node
+    // reachable under the caller's guard; nodes are freed only through the
+    // default epoch collector after they are unlinked, so the child stays
+    // live while that guard (which outlives the walk) is pinned. The
+    // returned lifetime is tied to `node`'s, itself bounded by the guard.
+    Step::Next(unsafe { child(entry) })
+}
+
 /// What a lookup found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Leaf {
@@ -270,7 +323,10 @@ impl IoPageTable {
     /// holds no reference into the table, but the walk needs the guard.
     ///
     /// Returns None when `iova >= 2^iova_bits` or nothing is mapped there.
-    #[inline]
+    ///
+    /// Always inlined: it is the read path's core, and a call would cost
+    /// a sizeable part of it.
+    #[inline(always)]
     pub fn lookup(&self, iova: u64, guard: &Guard) -> Option<Leaf> {
         debug_assert!(guard
             .collector()
@@ -279,44 +335,32 @@ impl IoPageTable {
         if iova >> self.iova_bits != 0 {
             return None;
         }
+        // The walk is unrolled, one step per level with its shift a
+        // constant, entered at the table's top level (levels is 2..=5: a
+        // table has at least the levels 1 and 0).
+        let levels = self.levels;
         let mut node: &Node = &self.root;
-        let mut level = self.levels - 1;
-        loop {
-            // Acquire: pairs with the Release store that published this
-            // entry (`link`, `set_leaf`), so a pointer's node is seen fully
-            // initialised, and a leaf comes with whatever the writer did
-            // before mapping it.
-            let entry = node.slot(iova, level).load(Ordering::Acquire);
-            #[cfg(loom)]
-            assert_eq!(
-                node.retired.load(Ordering::Relaxed),
-                0,
-                "reader reached a freed node"
-            );
-            if entry & PRESENT == 0 {
-                return None;
-            }
-            if entry & LEAF != 0 {
-                let size = 1u64 << entry_shift(level);
-                let offset = iova & (size - 1);
-                return Some(Leaf {
-                    // Leaf addresses are aligned to the leaf size: OR, not add.
-                    gpa: (entry & LEAF_ADDR_MASK) | offset,
-                    perms: leaf_perms(entry),
-                    run: size - offset,
-                });
-            }
-            if level == 0 {
-                // A pointer at the bottom level is never written.
-                debug_assert!(false, "pointer entry at level 0");
-                return None;
-            }
-            // SAFETY: `entry` is a pointer entry we just loaded from a node
-            // reachable under `guard`; nodes are freed only through the
-            // default epoch collector after they are unlinked, so it stays
-            // live while `guard` (which outlives `node`) is pinned.
-            node = unsafe { child(entry) };
-            level -= 1;
+        macro_rules! step {
+            ($level:literal) => {
+                match walk_step::<$level>(node, iova) {
+                    Step::Next(next) => node = next,
+                    Step::Done(found) => return found,
+                }
+            };
+        }
+        if levels > 4 {
+            step!(4);
+        }
+        if levels > 3 {
+            step!(3);
+        }
+        if levels > 2 {
+            step!(2);
+        }
+        step!(1);
+        match walk_step::<0>(node, iova) {
+            Step::Done(found) => found,
+            Step::Next(_) => unreachable!("level 0 never steps down"),
         }
     }
 

@@ -9,10 +9,14 @@
 //! some serial order); the pin table has its own lock, taken last. Lock
 //! order: `endpoints_writer` -> `op_lock` -> domain -> table writer -> pins.
 
-use std::collections::{HashMap, VecDeque};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::sync::atomic::{
+    AtomicBool as StdAtomicBool, AtomicPtr as StdAtomicPtr, AtomicU64 as StdAtomicU64,
+    Ordering as StdOrdering,
+};
 use std::sync::Arc;
 
-use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, RwLock};
 
 use crate::abi::{self, Op, Status};
@@ -199,31 +203,251 @@ pub struct StatsSnapshot {
     pub faults: u64,
 }
 
-const STRIPES: usize = 8;
-
 struct Stats {
     requests: [[AtomicU64; 13]; 6],
     mappings: AtomicU64,
-    // Translations are counted on the hot path by every device thread:
-    // striped so that threads do not bounce one cache line.
-    translations: [CachePadded<AtomicU64>; STRIPES],
+    translations: TranslationCounters,
     faults: AtomicU64,
 }
 
-fn stripe() -> usize {
-    use std::cell::Cell;
-    use std::sync::atomic::AtomicUsize as StdAtomicUsize;
-    static NEXT: StdAtomicUsize = StdAtomicUsize::new(0);
-    thread_local! {
-        static MINE: Cell<usize> = const { Cell::new(usize::MAX) };
+/// The translation count, kept per thread: every device thread counts on
+/// the hot path, and a shared counter would cost each translation a locked
+/// read-modify-write (and bounce its cache line between threads). Each
+/// thread that translates owns one slot of this VM, bumps it with a plain
+/// load and store, and [`Vm::stats`] sums the slots.
+///
+/// Slots are never freed before the VM: when a thread exits it gives its
+/// slot up (count included) and the next new thread claims it, so the
+/// list is as long as the most threads that ever translated at the same
+/// time. A thread finds its slot through a thread-local cache keyed by the
+/// VM's [`TranslationCounters::vm_id`].
+///
+/// These atomics are std's even under loom: they are statistics, outside
+/// the table protocol the loom model checks.
+struct TranslationCounters {
+    /// Never reused (unlike the VM's address), so that a thread's cache
+    /// entry of a dropped VM is never taken for a new VM's.
+    vm_id: u64,
+    /// Push-only list of slots (each from `Arc::into_raw`, one reference
+    /// owned by the list), freed in `Drop`.
+    head: StdAtomicPtr<CounterSlot>,
+    /// Translations counted by threads whose thread-local storage was
+    /// already being torn down (a translation from a TLS destructor).
+    orphans: StdAtomicU64,
+}
+
+/// One thread's translation count for one VM.
+#[repr(align(128))]
+struct CounterSlot {
+    /// Written only by the thread that claimed the slot.
+    count: StdAtomicU64,
+    /// Whether a live thread owns the slot.
+    claimed: StdAtomicBool,
+    /// The slot pushed before this one; immutable once published.
+    next: *const CounterSlot,
+}
+
+// SAFETY: `next` is only read, and points to a slot kept alive by the
+// list until the VM drops; every other field is atomic.
+unsafe impl Send for CounterSlot {}
+// SAFETY: as above.
+unsafe impl Sync for CounterSlot {}
+
+impl CounterSlot {
+    #[inline]
+    fn bump(&self) {
+        // Relaxed load and store, no RMW: only the owning thread writes
+        // `count`. It got the slot through the Acquire CAS on `claimed`
+        // (pairing with the previous owner's Release store of false), so
+        // its load sees the previous owner's last store. Readers
+        // (`Vm::stats`) see every increment that happened before them.
+        let c = self.count.load(StdOrdering::Relaxed);
+        self.count.store(c.wrapping_add(1), StdOrdering::Relaxed);
     }
-    MINE.with(|m| {
-        if m.get() == usize::MAX {
-            // Relaxed: only spreads threads over stripes, orders nothing.
-            m.set(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % STRIPES);
+}
+
+/// This thread's counter slots, one per VM it translated for.
+struct ThreadCounters(Vec<(u64, Arc<CounterSlot>)>);
+
+impl Drop for ThreadCounters {
+    fn drop(&mut self) {
+        // The fast-path cache must not outlive the references we drop.
+        // (`LAST` has no destructor, so it is always accessible.)
+        LAST.set((0, std::ptr::null()));
+        for (_, slot) in &self.0 {
+            // Release: our last `bump` happens before whichever thread
+            // claims the slot next (its Acquire CAS in `claim`).
+            slot.claimed.store(false, StdOrdering::Release);
         }
-        m.get()
-    })
+    }
+}
+
+thread_local! {
+    static THREAD_COUNTERS: RefCell<ThreadCounters> =
+        const { RefCell::new(ThreadCounters(Vec::new())) };
+    /// The slot this thread used last, `(vm_id, slot)`: the hot path's one
+    /// compare. Invariant: when the id is not 0, `THREAD_COUNTERS` holds
+    /// a reference to that slot under that id (so the slot is alive). An
+    /// entry is dropped from there only once its VM is gone, and a gone
+    /// VM's id is never asked for again.
+    static LAST: Cell<(u64, *const CounterSlot)> =
+        const { Cell::new((0, std::ptr::null())) };
+}
+
+impl TranslationCounters {
+    fn new() -> TranslationCounters {
+        static NEXT_VM_ID: StdAtomicU64 = StdAtomicU64::new(1);
+        TranslationCounters {
+            // Relaxed: only uniqueness matters.
+            vm_id: NEXT_VM_ID.fetch_add(1, StdOrdering::Relaxed),
+            head: StdAtomicPtr::new(std::ptr::null_mut()),
+            orphans: StdAtomicU64::new(0),
+        }
+    }
+
+    /// Counts one translation by the calling thread.
+    #[inline]
+    fn count(&self) {
+        let (id, slot) = LAST.get();
+        if id == self.vm_id {
+            // SAFETY: ids start at 1, so `slot` was set with this VM's id,
+            // and by `LAST`'s invariant it is alive while we are.
+            unsafe { &*slot }.bump();
+        } else {
+            self.count_other();
+        }
+    }
+
+    /// Counts one translation by a thread whose last count was for
+    /// another VM (or that never counted).
+    #[cold]
+    fn count_other(&self) {
+        let id = self.vm_id;
+        let counted = THREAD_COUNTERS.try_with(|tc| {
+            let tc = tc.borrow();
+            match tc.0.iter().find(|(vm, _)| *vm == id) {
+                Some((_, slot)) => {
+                    slot.bump();
+                    LAST.set((id, Arc::as_ptr(slot)));
+                    true
+                }
+                None => false,
+            }
+        });
+        match counted {
+            Ok(true) => {}
+            Ok(false) => self.count_first(),
+            // Relaxed: a statistic; a rare path (thread exit).
+            Err(_) => {
+                self.orphans.fetch_add(1, StdOrdering::Relaxed);
+            }
+        }
+    }
+
+    /// The calling thread's first translation on this VM: claims a slot
+    /// (lock-free: a CAS per slot tried, a CAS loop to push a new one) and
+    /// remembers it in the thread's cache.
+    #[cold]
+    fn count_first(&self) {
+        let slot = self.claim();
+        slot.bump();
+        let cached = THREAD_COUNTERS.try_with(|tc| {
+            let mut tc = tc.borrow_mut();
+            // Forget the slots of VMs that are gone (only we still hold
+            // them): nobody will claim them again.
+            tc.0.retain(|(_, s)| Arc::strong_count(s) > 1);
+            LAST.set((self.vm_id, Arc::as_ptr(&slot)));
+            tc.0.push((self.vm_id, Arc::clone(&slot)));
+        });
+        if cached.is_err() {
+            // No thread-local storage any more (thread exit): give the
+            // slot back, count included. Release pairs with the Acquire
+            // CAS of the next claimer.
+            slot.claimed.store(false, StdOrdering::Release);
+        }
+    }
+
+    /// A slot no live thread owns, reused or new, claimed for the caller.
+    fn claim(&self) -> Arc<CounterSlot> {
+        // Acquire pairs with the AcqRel CAS that pushed the head: the slot
+        // (and, through its `next` chain, every older one) is initialised.
+        let mut at = self.head.load(StdOrdering::Acquire);
+        while !at.is_null() {
+            // SAFETY: slots in the list live until `self` drops.
+            let slot = unsafe { &*at };
+            // Acquire pairs with the Release store of the previous owner
+            // giving the slot up: its count is ours to continue.
+            if slot
+                .claimed
+                .compare_exchange(false, true, StdOrdering::Acquire, StdOrdering::Relaxed)
+                .is_ok()
+            {
+                // SAFETY: `at` came from `Arc::into_raw` and the list still
+                // holds that reference; this adds one for the caller.
+                return unsafe {
+                    Arc::increment_strong_count(at);
+                    Arc::from_raw(at)
+                };
+            }
+            at = slot.next.cast_mut();
+        }
+        let mut new = Arc::new(CounterSlot {
+            count: StdAtomicU64::new(0),
+            claimed: StdAtomicBool::new(true),
+            next: std::ptr::null(),
+        });
+        let mut head = self.head.load(StdOrdering::Relaxed);
+        loop {
+            Arc::get_mut(&mut new).expect("not shared yet").next = head;
+            let raw = Arc::into_raw(Arc::clone(&new)).cast_mut();
+            // AcqRel: Release publishes the slot's initialisation to
+            // walkers (`claim`, `total`); Acquire so the `next` we link
+            // was itself published.
+            match self.head.compare_exchange_weak(
+                head,
+                raw,
+                StdOrdering::AcqRel,
+                StdOrdering::Relaxed,
+            ) {
+                Ok(_) => return new,
+                Err(now) => {
+                    // SAFETY: `raw` was not published: take it back.
+                    drop(unsafe { Arc::from_raw(raw) });
+                    head = now;
+                }
+            }
+        }
+    }
+
+    /// Every translation counted so far (exact for every translation that
+    /// happened before the call).
+    fn total(&self) -> u64 {
+        // Relaxed: a statistic.
+        let mut sum = self.orphans.load(StdOrdering::Relaxed);
+        // Acquire: as in `claim`.
+        let mut at = self.head.load(StdOrdering::Acquire);
+        while !at.is_null() {
+            // SAFETY: slots in the list live until `self` drops.
+            let slot = unsafe { &*at };
+            // Relaxed: coherence gives every store that happened before us.
+            sum = sum.wrapping_add(slot.count.load(StdOrdering::Relaxed));
+            at = slot.next.cast_mut();
+        }
+        sum
+    }
+}
+
+impl Drop for TranslationCounters {
+    fn drop(&mut self) {
+        let mut at = *self.head.get_mut();
+        while !at.is_null() {
+            // SAFETY: each slot in the list came from `Arc::into_raw`; the
+            // list's reference is released once, here. Threads that cached
+            // the slot keep it alive with their own reference.
+            let slot = unsafe { Arc::from_raw(at) };
+            at = slot.next.cast_mut();
+        }
+    }
 }
 
 /// An endpoint behind this pvdma: a PCI requester ID.
@@ -254,7 +478,79 @@ impl Endpoint {
     }
 }
 
-type EndpointMap = HashMap<u32, Arc<Endpoint>>;
+/// Endpoints by requester ID (`bus << 8 | devfn`, PCI segment 0 only),
+/// indexed directly: 256 bus slots, each a lazily created table of 256
+/// devfns. A lookup is two indexed loads, no hashing: it is on every
+/// translation. Published copy-on-write like any epoch-protected value; a
+/// copy shares the devfn tables it does not change, so a map costs 2 KiB
+/// plus 2 KiB per bus in use.
+#[derive(Clone)]
+struct EndpointMap {
+    buses: Box<[Option<Arc<DevfnTable>>; 256]>,
+}
+
+type DevfnTable = [Option<Arc<Endpoint>>; 256];
+
+impl EndpointMap {
+    fn new() -> EndpointMap {
+        EndpointMap {
+            buses: Box::new([const { None }; 256]),
+        }
+    }
+
+    /// The endpoint `rid`; None as well for segments other than 0.
+    #[inline]
+    fn get(&self, rid: &u32) -> Option<&Arc<Endpoint>> {
+        let rid = *rid;
+        if rid > 0xffff {
+            return None;
+        }
+        // Both indices are masked to 8 bits: no bounds check can fail.
+        let bus = self.buses[(rid >> 8) as usize & 0xff].as_deref()?;
+        bus[rid as usize & 0xff].as_ref()
+    }
+
+    fn contains_key(&self, rid: &u32) -> bool {
+        self.get(rid).is_some()
+    }
+
+    /// Every endpoint, by ascending requester ID.
+    fn values(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.buses
+            .iter()
+            .flatten()
+            .flat_map(|bus| bus.iter().flatten())
+    }
+
+    /// Every requester ID, ascending.
+    fn keys(&self) -> impl Iterator<Item = &u32> {
+        self.values().map(|ep| &ep.rid)
+    }
+
+    /// Adds `ep` at `rid` (<= 0xffff, checked by the caller).
+    fn insert(&mut self, rid: u32, ep: Arc<Endpoint>) {
+        debug_assert!(rid <= 0xffff);
+        let bus = self.buses[(rid >> 8) as usize & 0xff]
+            .get_or_insert_with(|| Arc::new([const { None }; 256]));
+        // Copies the devfn table if the published map still shares it.
+        Arc::make_mut(bus)[rid as usize & 0xff] = Some(ep);
+    }
+
+    fn remove(&mut self, rid: &u32) {
+        let rid = *rid;
+        if rid > 0xffff {
+            return;
+        }
+        let slot = &mut self.buses[(rid >> 8) as usize & 0xff];
+        if let Some(bus) = slot {
+            let devfns = Arc::make_mut(bus);
+            devfns[rid as usize & 0xff] = None;
+            if devfns.iter().all(Option::is_none) {
+                *slot = None;
+            }
+        }
+    }
+}
 
 /// The endpoint a [`Vm::dma_view_cached`] caller found last, and the
 /// endpoint-map version it was found under.
@@ -357,7 +653,7 @@ impl Vm {
             stats: Stats {
                 requests: Default::default(),
                 mappings: AtomicU64::new(0),
-                translations: Default::default(),
+                translations: TranslationCounters::new(),
                 faults: AtomicU64::new(0),
             },
             cfg,
@@ -625,12 +921,7 @@ impl Vm {
         }
         s.mappings = self.stats.mappings.load(Ordering::Relaxed);
         s.pinned_pages = self.pins.pinned_pages();
-        s.translations = self
-            .stats
-            .translations
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum();
+        s.translations = self.stats.translations.total();
         s.faults = self.fault_count();
         s
     }
@@ -643,7 +934,8 @@ impl Vm {
     ///
     /// Never takes a lock and never waits. A refused access is counted and
     /// logged as a fault. Unattached endpoints bypass (identity, RAM only)
-    /// or are blocked, per [`VmConfig::bypass`].
+    /// or are blocked, per [`VmConfig::bypass`]. A device model that
+    /// translates often resolves `rid` once with [`Vm::translator`].
     pub fn translate(
         &self,
         rid: u32,
@@ -652,8 +944,7 @@ impl Vm {
         access: Access,
         out: &mut [Fragment],
     ) -> std::result::Result<usize, domain::TranslateFault> {
-        // Relaxed: a statistic.
-        self.stats.translations[stripe()].fetch_add(1, Ordering::Relaxed);
+        self.stats.translations.count();
         let guard = epoch::pin();
         let r = self.translate_in(rid, iova, len, access, out, &guard);
         if let Err(f) = r {
@@ -664,6 +955,7 @@ impl Vm {
 
     /// [`Vm::translate`] under the caller's guard, without counting or
     /// logging: for callers that batch many translations (virtqueues).
+    #[inline]
     pub fn translate_in(
         &self,
         rid: u32,
@@ -673,20 +965,100 @@ impl Vm {
         out: &mut [Fragment],
         guard: &Guard,
     ) -> std::result::Result<usize, domain::TranslateFault> {
-        let fault = |reason| domain::TranslateFault { iova, reason };
         let ep = self
             .endpoint_map(guard)
             .get(&rid)
-            .ok_or(fault(FaultReason::NoDevice))?;
+            .ok_or(domain::TranslateFault {
+                iova,
+                reason: FaultReason::NoDevice,
+            })?;
+        // Just found in the map: registered.
+        self.translate_ep(ep, None, iova, len, access, out, guard)
+    }
+
+    /// A translation handle for endpoint `rid`, for device models that
+    /// translate repeatedly: it skips the requester-ID lookup. `None` when
+    /// `rid` is not an endpoint. The handle follows the endpoint's
+    /// attach/detach; once the endpoint is removed it refuses everything
+    /// with [`FaultReason::NoDevice`] (also if `rid` is registered again:
+    /// that is a new endpoint, ask for a new handle).
+    pub fn translator(&self, rid: u32) -> Option<Translator<'_>> {
+        let guard = epoch::pin();
+        let ep = self.endpoint_map(&guard).get(&rid)?.clone();
+        Some(Translator { vm: self, ep })
+    }
+
+    /// Where `ep`'s DMA goes under `guard`: its domain, or `None` to
+    /// bypass. `handle` is `Some` when `ep` came from a [`Translator`]
+    /// rather than from the current endpoint map: then an unattached
+    /// endpoint is checked to still be registered (removal detaches it
+    /// first, so an attached one always is).
+    #[inline]
+    fn route<'g>(
+        &self,
+        ep: &Endpoint,
+        handle: Option<&Arc<Endpoint>>,
+        guard: &'g Guard,
+    ) -> std::result::Result<Option<&'g Domain>, FaultReason> {
+        if let Some(dom) = Self::domain_of(ep, guard) {
+            return Ok(Some(dom));
+        }
+        self.unattached_route(handle, guard).map(|()| None)
+    }
+
+    /// [`Vm::route`] for an endpoint seen unattached (off the hot path):
+    /// Ok to bypass, else why not.
+    #[cold]
+    fn unattached_route(
+        &self,
+        handle: Option<&Arc<Endpoint>>,
+        guard: &Guard,
+    ) -> std::result::Result<(), FaultReason> {
+        if let Some(handle) = handle {
+            // `domain_of` saw null: if removal nulled it, its Acquire load
+            // synchronised with the swap in `detach_locked`, which
+            // `remove_endpoint` does after publishing the map without the
+            // endpoint, so this load sees that map (or a later one).
+            let still = self
+                .endpoint_map(guard)
+                .get(&handle.rid)
+                .is_some_and(|cur| Arc::ptr_eq(cur, handle));
+            if !still {
+                return Err(FaultReason::NoDevice);
+            }
+        }
+        if self.cfg.bypass {
+            Ok(())
+        } else {
+            Err(FaultReason::Blocked)
+        }
+    }
+
+    /// The translation proper, for an endpoint already resolved. Always
+    /// inlined into its few callers: out of line, its seven arguments
+    /// and the call cost ~30 instructions per translation.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn translate_ep(
+        &self,
+        ep: &Endpoint,
+        handle: Option<&Arc<Endpoint>>,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        let fault = |reason| domain::TranslateFault { iova, reason };
+        let route = self.route(ep, handle, guard).map_err(fault)?;
         let ram = self.ram.load(guard);
         let mut sink = FragmentSink::new(out);
-        match Self::domain_of(ep, guard) {
+        match route {
             Some(dom) => dom.translate(iova, len, access, ram, guard, &mut sink)?,
-            None if self.cfg.bypass => {
+            None => {
                 iova.checked_add(len).ok_or(fault(FaultReason::Overflow))?;
                 domain::emit_gpa_range(ram, iova, len, iova, &mut sink)?;
             }
-            None => return Err(fault(FaultReason::Blocked)),
         }
         Ok(sink.count())
     }
@@ -1195,33 +1567,38 @@ impl Vm {
         access: Option<Access>,
     ) -> std::result::Result<Lookup, domain::TranslateFault> {
         if access.is_some() {
-            // Relaxed: a statistic.
-            self.stats.translations[stripe()].fetch_add(1, Ordering::Relaxed);
+            self.stats.translations.count();
         }
-        let r = self.lookup_in(rid, iova, access);
+        let guard = epoch::pin();
+        let r = match self.endpoint_map(&guard).get(&rid) {
+            // Just found in the map: registered.
+            Some(ep) => self.lookup_ep(ep, None, iova, access, &guard),
+            None => Err(domain::TranslateFault {
+                iova,
+                reason: FaultReason::NoDevice,
+            }),
+        };
         if let (Err(f), Some(a)) = (r, access) {
             self.record_fault(rid, f.iova, a, f.reason);
         }
         r
     }
 
-    fn lookup_in(
+    #[inline(always)]
+    fn lookup_ep(
         &self,
-        rid: u32,
+        ep: &Endpoint,
+        handle: Option<&Arc<Endpoint>>,
         iova: u64,
         access: Option<Access>,
+        guard: &Guard,
     ) -> std::result::Result<Lookup, domain::TranslateFault> {
         let fault = |reason| domain::TranslateFault { iova, reason };
-        let guard = epoch::pin();
-        let ep = self
-            .endpoint_map(&guard)
-            .get(&rid)
-            .ok_or(fault(FaultReason::NoDevice))?;
-        let found = match Self::domain_of(ep, &guard) {
+        let found = match self.route(ep, handle, guard).map_err(fault)? {
             Some(dom) => {
                 let leaf = dom
                     .table()
-                    .lookup(iova, &guard)
+                    .lookup(iova, guard)
                     .ok_or(fault(FaultReason::Unmapped))?;
                 Lookup {
                     gpa: leaf.gpa,
@@ -1230,17 +1607,85 @@ impl Vm {
                     bypass: false,
                 }
             }
-            None if self.cfg.bypass => Lookup {
+            None => Lookup {
                 gpa: iova,
                 run: crate::types::PAGE_SIZE - (iova & crate::types::PAGE_MASK),
                 perms: Perm::RW,
                 bypass: true,
             },
-            None => return Err(fault(FaultReason::Blocked)),
         };
         match access {
             Some(a) if !found.perms.allows(a) => Err(fault(FaultReason::Permission)),
             _ => Ok(found),
         }
+    }
+}
+
+/// A translation handle for one endpoint ([`Vm::translator`]): the
+/// endpoint resolved once, so each translation goes straight to its
+/// domain. Lock-free and wait-free like [`Vm::translate`]; `Send` and
+/// `Sync`, so device threads may share one.
+pub struct Translator<'a> {
+    vm: &'a Vm,
+    ep: Arc<Endpoint>,
+}
+
+impl Translator<'_> {
+    /// The endpoint's requester ID.
+    pub fn requester(&self) -> u32 {
+        self.ep.rid
+    }
+
+    /// [`Vm::translate`] for this endpoint, under the caller's guard:
+    /// counted, and a refusal logged as a fault.
+    #[inline]
+    pub fn translate(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        self.vm.stats.translations.count();
+        let r = self.translate_in(iova, len, access, out, guard);
+        if let Err(f) = r {
+            self.vm.record_fault(self.ep.rid, f.iova, access, f.reason);
+        }
+        r
+    }
+
+    /// [`Vm::translate_in`] for this endpoint: neither counted nor logged.
+    #[inline]
+    pub fn translate_in(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        self.vm
+            .translate_ep(&self.ep, Some(&self.ep), iova, len, access, out, guard)
+    }
+
+    /// [`Vm::lookup`] for this endpoint, under the caller's guard.
+    #[inline]
+    pub fn lookup(
+        &self,
+        iova: u64,
+        access: Option<Access>,
+        guard: &Guard,
+    ) -> std::result::Result<Lookup, domain::TranslateFault> {
+        if access.is_some() {
+            self.vm.stats.translations.count();
+        }
+        let r = self
+            .vm
+            .lookup_ep(&self.ep, Some(&self.ep), iova, access, guard);
+        if let (Err(f), Some(a)) = (r, access) {
+            self.vm.record_fault(self.ep.rid, f.iova, a, f.reason);
+        }
+        r
     }
 }
