@@ -25,25 +25,18 @@ Exit status 0 when every check passed. QEMU is always killed on exit.
 
 import json
 import os
-import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 
-PAGE = 4096
+from pvdma_qemu import (FLAG_FIXED, FLAG_READ, FLAG_WRITE, OP_ATTACH,
+                        OP_DETACH, OP_MAP, OP_QUERY, REG_FAULTS,
+                        REG_FEATURES, REG_IOVA_BITS, REG_MAGIC, REG_MAX_SEGS,
+                        REG_PAGE_SIZES, REG_VERSION, STATUS, QemuError,
+                        QTestMachine, request)
 
-# pvdma guest ABI v1 (docs/abi.md, rust-core/include/pvdma_abi.h)
-REG_MAGIC, REG_VERSION, REG_FEATURES = 0x00, 0x04, 0x08
-REG_IOVA_BITS, REG_MAX_SEGS, REG_PAGE_SIZES = 0x10, 0x14, 0x18
-REG_DOORBELL, REG_FAULTS, REG_LAST_STATUS = 0x28, 0x30, 0x38
-OP_QUERY, OP_ATTACH, OP_DETACH, OP_MAP, OP_UNMAP = 1, 2, 3, 4, 5
-FLAG_READ, FLAG_WRITE, FLAG_FIXED = 1, 2, 4
-STATUS = {0: "OK", 1: "INVAL", 2: "NODEV", 3: "FAULT", 4: "NOSPC",
-          5: "EXIST", 6: "NOENT", 7: "RANGE", 8: "TOOBIG", 9: "QUOTA",
-          10: "PERM", 11: "STATE", 255: "INTERNAL"}
+PAGE = 4096
 
 # edu (hw/misc/edu.c)
 EDU_DMA_SRC, EDU_DMA_DST, EDU_DMA_CNT, EDU_DMA_CMD = 0x80, 0x88, 0x90, 0x98
@@ -71,85 +64,6 @@ def check(cond, what):
     log(f"  ok: {what}")
 
 
-class Qtest:
-    """QEMU's qtest line protocol (system/qtest.c)."""
-
-    def __init__(self, conn, deadline):
-        self.f = conn.makefile("rw", newline="\n")
-        self.conn = conn
-        self.deadline = deadline
-
-    def cmd(self, line):
-        self.conn.settimeout(max(0.1, self.deadline - time.monotonic()))
-        self.f.write(line + "\n")
-        self.f.flush()
-        while True:
-            reply = self.f.readline()
-            if not reply:
-                raise Fail("qtest connection closed")
-            if reply.startswith("IRQ"):
-                continue
-            words = reply.split()
-            if words[0] != "OK":
-                raise Fail(f"qtest: {line!r} -> {reply.strip()!r}")
-            return words[1:]
-
-    def read(self, addr, size):
-        return bytes.fromhex(self.cmd(f"read 0x{addr:x} 0x{size:x}")[0][2:])
-
-    def write(self, addr, data):
-        self.cmd(f"write 0x{addr:x} 0x{len(data):x} 0x{data.hex()}")
-
-    def readl(self, addr):
-        return int(self.cmd(f"readl 0x{addr:x}")[0], 16)
-
-    def readq(self, addr):
-        return int(self.cmd(f"readq 0x{addr:x}")[0], 16)
-
-    def writeq(self, addr, val):
-        self.cmd(f"writeq 0x{addr:x} 0x{val:x}")
-
-    def cfg_addr(self, slot, reg):
-        self.cmd(f"outl 0xcf8 0x{0x80000000 | slot << 11 | reg:x}")
-
-    def cfg_readl(self, slot, reg):
-        self.cfg_addr(slot, reg)
-        return int(self.cmd("inl 0xcfc")[0], 16)
-
-    def cfg_writel(self, slot, reg, val):
-        self.cfg_addr(slot, reg)
-        self.cmd(f"outl 0xcfc 0x{val:x}")
-
-
-class Qmp:
-    def __init__(self, conn, deadline):
-        self.f = conn.makefile("rw", newline="\n")
-        self.conn = conn
-        self.deadline = deadline
-        self.greeting = self._recv()
-        self.cmd("qmp_capabilities")
-
-    def _recv(self):
-        self.conn.settimeout(max(0.1, self.deadline - time.monotonic()))
-        line = self.f.readline()
-        if not line:
-            raise Fail("QMP connection closed")
-        return json.loads(line)
-
-    def cmd(self, name, **args):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.f.write(json.dumps(msg) + "\n")
-        self.f.flush()
-        while True:
-            reply = self._recv()
-            if "error" in reply:
-                raise Fail(f"QMP {name}: {reply['error']}")
-            if "return" in reply:
-                return reply["return"]
-
-
 class Guest:
     """The guest driver's view: pvdma's BAR0, request blocks, edu."""
 
@@ -162,18 +76,8 @@ class Guest:
     def reg64(self, off):
         return self.qt.readq(PVDMA_BAR + off)
 
-    def request(self, op, requester, flags=0, iova=0, length=0, segs=()):
-        block = struct.pack("<HHIIIQQQ24x", op, flags, 0xDEADBEEF, requester,
-                            len(segs), iova, length, 0)
-        for gpa, seg_len in segs:
-            block += struct.pack("<QQ", gpa, seg_len)
-        self.qt.write(REQ_GPA, block)
-        self.qt.writeq(PVDMA_BAR + REG_DOORBELL, REQ_GPA)
-        _, _, status, _, _, iova, length, result = struct.unpack(
-            "<HHIIIQQQ", self.qt.read(REQ_GPA, 40))
-        if status != self.reg32(REG_LAST_STATUS):
-            raise Fail("LAST_STATUS differs from the written-back status")
-        return status, iova, length, result
+    def request(self, *args, **kw):
+        return request(self.qt, PVDMA_BAR, REQ_GPA, *args, **kw)
 
     def edu_dma(self, to_ram, addr, count):
         qt, bar = self.qt, EDU_BAR
@@ -197,26 +101,26 @@ def halting_firmware(path):
         f.write(image)
 
 
-def demo(qt, qmp):
-    g = Guest(qt)
+def demo(qt):
+    g, qmp = Guest(qt), qt.qmp
     edu_rid = EDU_SLOT << 3
     v = qmp.greeting["QMP"]["version"]["qemu"]
     log(f"QEMU {v['major']}.{v['minor']}.{v['micro']}, "
-        f"status {qmp.cmd('query-status')['status']}")
+        f"status {qmp.execute('query-status')['status']}")
 
     log("\n== PCI functions (query-pci)")
-    for bus in qmp.cmd("query-pci"):
+    for bus in qmp.execute("query-pci"):
         for d in bus["devices"]:
             log(f"  {d['bus']:02x}:{d['slot']:02x}.{d['function']} "
                 f"{d['id']['vendor']:04x}:{d['id']['device']:04x} "
                 f"{d.get('qdev_id') or ''} {d['class_info'].get('desc', '')}")
-    check(qt.cfg_readl(PVDMA_SLOT, 0) == 0x00151B36, "pvdma 1b36:0015 at 00:04.0")
-    check(qt.cfg_readl(EDU_SLOT, 0) == 0x11E81234, "edu 1234:11e8 at 00:05.0")
+    check(qt.cfg_read(PVDMA_SLOT << 3, 0) == 0x00151B36, "pvdma 1b36:0015 at 00:04.0")
+    check(qt.cfg_read(EDU_SLOT << 3, 0) == 0x11E81234, "edu 1234:11e8 at 00:05.0")
 
     # What firmware would do: place BAR0s, enable memory decoding and DMA.
     for slot, bar in ((PVDMA_SLOT, PVDMA_BAR), (EDU_SLOT, EDU_BAR)):
-        qt.cfg_writel(slot, 0x10, bar)
-        qt.cfg_writel(slot, 0x04, 0x6)   # MEMORY | BUS MASTER
+        qt.cfg_write(slot << 3, 0x10, bar)
+        qt.cfg_write(slot << 3, 0x04, 0x6)   # MEMORY | BUS MASTER
 
     log("\n== pvdma registers")
     check(g.reg32(REG_MAGIC) == 0x414D4450, "MAGIC reads 'PDMA'")
@@ -242,33 +146,33 @@ def demo(qt, qmp):
     log("\n== edu DMA through pvdma")
     message = b"pvdma: this page travelled RAM -> edu -> RAM through IOVAs. "
     payload = (message * (PAGE // len(message) + 1))[:PAGE]
-    qt.write(SRC_GPA, payload)
-    qt.write(DST_GPA, b"\0" * PAGE)
-    qt.write(DST_IOVA, b"\xbb" * PAGE)   # the gpa that equals the IOVA
+    qt.mem_write(SRC_GPA, payload)
+    qt.mem_write(DST_GPA, b"\0" * PAGE)
+    qt.mem_write(DST_IOVA, b"\xbb" * PAGE)   # the gpa that equals the IOVA
     g.edu_dma(False, SRC_IOVA, PAGE)
     log(f"  edu read 4 KiB from IOVA 0x{SRC_IOVA:x}")
     g.edu_dma(True, DST_IOVA, PAGE)
     log(f"  edu wrote 4 KiB to IOVA 0x{DST_IOVA:x}")
-    got = qt.read(DST_GPA, PAGE)
+    got = qt.mem_read(DST_GPA, PAGE)
     log(f"  guest page 0x{DST_GPA:x} now holds: {got[:len(message)].decode()!r}")
     check(got == payload, "the data landed in the mapped guest page")
-    check(qt.read(DST_IOVA, PAGE) == b"\xbb" * PAGE,
+    check(qt.mem_read(DST_IOVA, PAGE) == b"\xbb" * PAGE,
           "guest-physical 0x%x (= the IOVA) untouched" % DST_IOVA)
     check(g.reg64(REG_FAULTS) == 0, "FAULTS still 0")
 
     log("\n== edu DMA to an unmapped IOVA")
-    qt.write(UNMAPPED_IOVA, b"\xcc" * PAGE)
+    qt.mem_write(UNMAPPED_IOVA, b"\xcc" * PAGE)
     g.edu_dma(True, UNMAPPED_IOVA, 16)
     faults = g.reg64(REG_FAULTS)
     log(f"  edu wrote 16 bytes to IOVA 0x{UNMAPPED_IOVA:x}; FAULTS = {faults}")
     log("  (QEMU retries a refused DMA in 4-byte pieces: each one is refused)")
     check(faults > 0, "the access was refused (FAULTS grew)")
-    check(qt.read(UNMAPPED_IOVA, PAGE) == b"\xcc" * PAGE, "memory untouched")
+    check(qt.mem_read(UNMAPPED_IOVA, PAGE) == b"\xcc" * PAGE, "memory untouched")
 
     log("\n== QMP query-pvdma")
-    log(json.dumps(qmp.cmd("query-pvdma"), indent=2))
+    log(json.dumps(qmp.execute("query-pvdma"), indent=2))
     log("\n== HMP info pvdma")
-    log(qmp.cmd("human-monitor-command", **{"command-line": "info pvdma"})
+    log(qmp.execute("human-monitor-command", **{"command-line": "info pvdma"})
         .rstrip())
 
     st, _, _, res = g.request(OP_DETACH, edu_rid)
@@ -281,49 +185,36 @@ def main():
         sys.exit(__doc__)
     qemu = sys.argv[1]
     limit = float(sys.argv[2]) if len(sys.argv) > 2 else 60
-    deadline = time.monotonic() + limit
-    tmp = tempfile.TemporaryDirectory(prefix="pvdma-demo-")
-    bios = os.path.join(tmp.name, "halt.bin")
-    halting_firmware(bios)
-    listeners = {}
-    for name in ("qmp", "qtest"):
-        s = socket.socket(socket.AF_UNIX)
-        s.bind(os.path.join(tmp.name, name))
-        s.listen(1)
-        s.settimeout(limit)
-        listeners[name] = s
-    argv = ["timeout", "--kill-after=5", str(int(limit)), qemu,
-            "-M", "q35", "-accel", "tcg", "-m", "128M", "-nographic",
+    with tempfile.TemporaryDirectory(prefix="pvdma-demo-") as tmp:
+        bios = os.path.join(tmp, "halt.bin")
+        halting_firmware(bios)
+        return run(qemu, limit, bios)
+
+
+def run(qemu, limit, bios):
+    args = ["-M", "q35", "-accel", "tcg", "-m", "128M", "-nographic",
             "-bios", bios,
             "-device", "pvdma,id=pvdma0,addr=04.0",
-            "-device", "edu,id=edu0,addr=05.0",
-            "-qmp", "unix:" + os.path.join(tmp.name, "qmp"),
-            "-qtest", "unix:" + os.path.join(tmp.name, "qtest"),
-            "-qtest-log", "/dev/null"]
-    log("$ " + " ".join(argv[4:]))
-    out = open(os.path.join(tmp.name, "qemu.log"), "w+")
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+            "-device", "edu,id=edu0,addr=05.0"]
+    qt = None
     rc = 1
     try:
-        qmp_conn, _ = listeners["qmp"].accept()
-        qtest_conn, _ = listeners["qtest"].accept()
-        qmp = Qmp(qmp_conn, deadline)
-        qt = Qtest(qtest_conn, deadline)
-        demo(qt, qmp)
-        qmp.cmd("quit")
-        proc.wait(timeout=max(1, deadline - time.monotonic()))
+        qt = QTestMachine(qemu, args, timeout=limit)
+        log("$ " + " ".join(qt.argv[4:]))
+        demo(qt.connect())
+        qt.qmp.execute("quit")
+        qt.proc.wait(timeout=max(1, qt.deadline - time.monotonic()))
         log("\nPASS: real DMA went through pvdma's translations")
         rc = 0
-    except (Fail, OSError, subprocess.TimeoutExpired, ValueError) as e:
+    except (Fail, QemuError, OSError, subprocess.TimeoutExpired,
+            ValueError) as e:
         log(f"\nFAIL: {e}")
-        out.seek(0)
-        log("QEMU output:\n" + out.read())
+        if qt is not None:
+            log("QEMU output:\n" + qt.close())
+            qt = None
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        tmp.cleanup()
+        if qt is not None:
+            qt.close()
     return rc
 
 

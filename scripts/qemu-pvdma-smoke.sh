@@ -40,42 +40,16 @@ timeout --kill-after=5 "$limit" "$qemu" \
     </dev/null >"$tmp/console.log" 2>&1 &
 qemu_pid=$!
 
-/usr/bin/python3 - "$sock" "$limit" <<'PY'
-import json, socket, sys, time
+PYTHONPATH="$here" /usr/bin/python3 - "$sock" "$limit" <<'PY'
+import sys, time
+from pvdma_qemu import QMP, exit_on_error
 
 path, limit = sys.argv[1], float(sys.argv[2])
-deadline = time.monotonic() + limit
-while True:
-    try:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(max(1.0, deadline - time.monotonic()))
-        s.connect(path)
-        break
-    except OSError:
-        s.close()
-        if time.monotonic() > deadline:
-            sys.exit("QMP socket never appeared")
-        time.sleep(0.1)
-f = s.makefile("rw")
+qmp = exit_on_error(QMP.connect, path, time.monotonic() + limit)
 
 def cmd(name, **args):
-    msg = {"execute": name}
-    if args:
-        msg["arguments"] = args
-    f.write(json.dumps(msg) + "\n")
-    f.flush()
-    while True:
-        line = f.readline()
-        if not line:
-            sys.exit("QMP connection closed")
-        r = json.loads(line)
-        if "error" in r:
-            sys.exit(f"{name}: {r['error']}")
-        if "return" in r:
-            return r["return"]
+    return exit_on_error(qmp.execute, name, **args)
 
-json.loads(f.readline())
-cmd("qmp_capabilities")
 devs = [d for bus in cmd("query-pci") for d in bus["devices"]]
 pv = [d for d in devs if d["id"]["vendor"] == 0x1b36 and d["id"]["device"] == 0x0015]
 if not pv:

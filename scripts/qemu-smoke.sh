@@ -39,45 +39,18 @@ timeout --kill-after=5 "$limit" "$qemu" \
     </dev/null >"$tmp/console.log" 2>&1 &
 qemu_pid=$!
 
-/usr/bin/python3 - "$sock" "$limit" <<'PY'
-import json, socket, sys, time
+PYTHONPATH="$here" /usr/bin/python3 - "$sock" "$limit" <<'PY'
+import sys, time
+from pvdma_qemu import QMP, exit_on_error
 
 path, limit = sys.argv[1], float(sys.argv[2])
-deadline = time.monotonic() + limit
-while True:
-    try:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(max(1.0, deadline - time.monotonic()))
-        s.connect(path)
-        break
-    except OSError:
-        s.close()
-        if time.monotonic() > deadline:
-            sys.exit("QMP socket never appeared")
-        time.sleep(0.1)
-f = s.makefile("rw")
-
-def reply():
-    # Skip asynchronous events; return the next command response.
-    while True:
-        line = f.readline()
-        if not line:
-            sys.exit("QMP connection closed")
-        msg = json.loads(line)
-        if "return" in msg or "error" in msg:
-            return msg
+qmp = exit_on_error(QMP.connect, path, time.monotonic() + limit)
 
 def cmd(name):
-    f.write(json.dumps({"execute": name}) + "\n")
-    f.flush()
-    msg = reply()
-    if "error" in msg:
-        sys.exit(f"{name}: {msg['error']}")
-    return msg["return"]
+    return exit_on_error(qmp.execute, name)
 
-greeting = json.loads(f.readline())
+greeting = qmp.greeting
 print("QMP greeting: QEMU", greeting["QMP"]["version"]["qemu"], file=sys.stderr)
-cmd("qmp_capabilities")
 found = [
     d for bus in cmd("query-pci") for d in bus["devices"]
     if d["id"]["vendor"] == 0x1234 and d["id"]["device"] == 0x11e8
