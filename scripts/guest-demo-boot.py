@@ -67,9 +67,16 @@ class Qmp:
         self.sock.close()
 
 
+def on_signal(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main():
     if len(sys.argv) < 4:
         sys.exit(__doc__)
+    # SIGTERM/SIGHUP unwind like Ctrl-C, through the `finally` that kills QEMU.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
     qemu, kernel, initrd = sys.argv[1:4]
     limit = float(sys.argv[4]) if len(sys.argv) > 4 else 120
     t0 = time.monotonic()
@@ -153,12 +160,20 @@ def main():
                     failure = "the guest did not print PASS"
     except (OSError, ValueError) as e:
         failure = f"host side: {e}"
+    except KeyboardInterrupt as e:
+        failure = f"interrupted ({e or 'SIGINT'})"
     finally:
         if qmp is not None:
             qmp.close()
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            # `timeout` passes SIGTERM on to QEMU and reaps it; SIGKILL to
+            # the whole group only if that does not end it promptly.
+            proc.terminate()
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         tmp.cleanup()
     total = round(time.monotonic() - t0, 1)
     log(f"\n== timing: QEMU start -> guest /init {times.get('booted', '?')} s,"

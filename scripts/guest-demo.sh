@@ -34,7 +34,8 @@ ABI_H="$PVDMA_ROOT/rust-core/include/pvdma_abi.h"
 
 t_start=$(date +%s.%N)
 
-ensure_apt cpio gcc libc6-dev gzip python3 coreutils
+# qemu-system-data: qboot.rom, the firmware guest-demo-boot.py boots with.
+ensure_apt cpio gcc libc6-dev gzip python3 coreutils qemu-system-data
 
 # fetch_deb PKG VERSION SHA256: prints the path of the verified .deb.
 fetch_deb() {
@@ -65,7 +66,7 @@ fetch_deb() {
 }
 
 # The kernel and busybox, extracted once per version.
-kdir="$CACHE/linux-$KERNEL_PKG-$KERNEL_VER"
+kdir="$CACHE/$KERNEL_PKG-$KERNEL_VER"
 if [ ! -f "$kdir/vmlinuz" ]; then
     deb=$(fetch_deb "$KERNEL_PKG" "$KERNEL_VER" "$KERNEL_SHA256")
     rm -rf "$kdir.tmp" && mkdir -p "$kdir.tmp/x"
