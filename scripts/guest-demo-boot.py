@@ -67,6 +67,26 @@ class Qmp:
         self.sock.close()
 
 
+def compact_json(devices):
+    """query-pvdma's reply, with each endpoint and fault on one line."""
+    out = ["["]
+    for i, dev in enumerate(devices):
+        out.append("  {")
+        items = list(dev.items())
+        for j, (key, val) in enumerate(items):
+            comma = "," if j < len(items) - 1 else ""
+            if isinstance(val, list) and val and isinstance(val[0], dict):
+                out.append(f"    {json.dumps(key)}: [")
+                out += [f"      {json.dumps(v)}" + ("," if k < len(val) - 1 else "")
+                        for k, v in enumerate(val)]
+                out.append(f"    ]{comma}")
+            else:
+                out.append(f"    {json.dumps(key)}: {json.dumps(val)}{comma}")
+        out.append("  }" + ("," if i < len(devices) - 1 else ""))
+    out.append("]")
+    return "\n".join(out)
+
+
 def on_signal(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -137,10 +157,7 @@ def main():
                     if qmp is None:
                         qmp = Qmp(qmp_path, deadline)
                     log(f"\n== host: QMP query-pvdma ({tag})")
-                    log(json.dumps(qmp.cmd("query-pvdma"), indent=2))
-                    log("== host: HMP info pvdma")
-                    log(qmp.cmd("human-monitor-command",
-                                **{"command-line": "info pvdma"}).rstrip())
+                    log(compact_json(qmp.cmd("query-pvdma")))
                     log("== host: guest, go on\n")
                     proc.stdin.write(b"\n")
                     proc.stdin.flush()
