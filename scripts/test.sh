@@ -51,6 +51,8 @@ if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x scripts/qemu-build.sh ]; then
     /usr/bin/python3 scripts/pvdma-demo.py "$qemu" 120 >&2
     step "QEMU: qtest pvdma-test"
     scripts/qemu-qtest.sh pvdma-test
+    step "QEMU: a Debian 12 guest maps and DMAs through the doorbell (TCG)"
+    scripts/guest-demo.sh "$qemu"
 fi
 
 if [ -x scripts/fuzz.sh ]; then
