@@ -13,7 +13,26 @@ cd "$PVDMA_ROOT"
 
 ensure_rust_build_deps
 
-step() { log "$*"; }
+# Each step is a suite; set -e stops at the first that fails, and the EXIT
+# trap then reports it, so the last line always says what ran.
+steps_done=0
+current=""
+step() {
+    [ -n "$current" ] && steps_done=$((steps_done + 1))
+    current=$*
+    log "$*"
+}
+report() {
+    local rc=$?
+    if [ "$rc" -eq 0 ]; then
+        [ -n "$current" ] && steps_done=$((steps_done + 1))
+        echo "test steps: $steps_done passed, 0 failed"
+    else
+        echo "FAILED in step: $current" >&2
+        echo "test steps: $steps_done passed, 1 failed"
+    fi
+}
+trap report EXIT
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
