@@ -8,7 +8,9 @@
 #  2. error paths: hypercall=on without TCG (qtest; KVM when /dev/kvm is
 #     usable) and iova-bits out of range refuse to start;
 #  3. scripts/pvdma-doorbell-check.py drives the doorbell and edu DMA
-#     through the translation over the qtest protocol.
+#     through the translation over the qtest protocol;
+#  4. scripts/pvdma-hypercall-check.py runs VMCALL/VMMCALL hypercalls from
+#     a tiny firmware under TCG, at CPL 0 and CPL 3, hypercall=auto and off.
 # Every QEMU runs under `timeout` and is killed on every exit path.
 #
 # Usage: scripts/qemu-pvdma-smoke.sh [path/to/qemu-system-x86_64]
@@ -142,5 +144,8 @@ refuses pin-mode=foo "pin-mode must be"
 
 # --- 3. doorbell and DMA through the translation ------------------------------
 /usr/bin/python3 "$here/pvdma-doorbell-check.py" "$qemu"
+
+# --- 4. the hypercall transport under TCG -----------------------------------
+/usr/bin/python3 "$here/pvdma-hypercall-check.py" "$qemu" "$limit"
 
 log "PASS"
