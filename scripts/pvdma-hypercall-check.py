@@ -10,14 +10,16 @@ needed). The firmware, from the reset vector:
   and VMMCALL (EAX = HYPERCALL_NR, EBX = block), storing EAX after each;
   then VMCALL and VMMCALL with another EAX, which must raise #UD (a real
   mode #UD handler counts them and skips the instruction);
-  protected mode, CPL 3 (a far return to a DPL 3 code segment): VMCALL and
-  VMMCALL with HYPERCALL_NR, which must return -1 and run nothing;
+  then either 32-bit protected mode at CPL 3 (a far return to a DPL 3 code
+  segment), or 64-bit mode (one identity-mapped 2 MiB page) with a QUERY
+  at CPL 0 and then CPL 3 (iretq): at CPL 3, VMCALL and VMMCALL with
+  HYPERCALL_NR must return -1 (all 64 bits in 64-bit mode), leave RBX
+  alone and run nothing;
 
 writes a marker and spins. The script then reads the results with QMP
-pmemsave and checks them against query-pvdma. A second run with
-hypercall=off checks that every call raises #UD and FEATURES.HYPERCALL is
-clear. (64-bit mode, where RAX is used in full, is not covered: it needs
-page tables; the code path differs only in the 64-bit mask.)
+pmemsave and checks them against query-pvdma. A third run, with
+hypercall=off and only the real mode part, checks that every call raises
+#UD and FEATURES.HYPERCALL is clear.
 
 usage: pvdma-hypercall-check.py QEMU_BINARY [TIMEOUT_SECONDS]
 """
@@ -41,6 +43,7 @@ NO_RID = 0x0100                    # bus 1: nothing there
 
 # guest RAM layout
 BLK_QUERY, BLK_ATTACH, BLK_NODEV, BLK_USER = 0x1000, 0x1100, 0x1200, 0x1300
+BLK_64 = 0x1400
 OUT = 0x2000                       # results, one dword each
 UD_COUNT = 0x2030
 REAL_DONE, USER_DONE = 0x2024, 0x2020
@@ -60,8 +63,12 @@ def u32(v):
     return struct.pack("<I", v)
 
 
-def firmware(ring3):
-    """The -bios image; with ring3 false it halts after the real mode part."""
+def firmware(mode):
+    """The -bios image. mode "real": halt after the real mode part; "pm32":
+    then CPL 3 in 32-bit protected mode; "long64": then CPL 0 and CPL 3 in
+    64-bit mode (identity-mapped 2 MiB page)."""
+    ring3 = mode != "real"
+    long64 = mode == "long64"
     img = bytearray(64 * 1024)
     c = bytearray()
 
@@ -84,7 +91,8 @@ def firmware(ring3):
     for blk, op, rid in ((BLK_QUERY, QUERY, EDU_A),
                          (BLK_ATTACH, ATTACH, EDU_A),
                          (BLK_NODEV, QUERY, NO_RID),
-                         (BLK_USER, ATTACH, EDU_B)):
+                         (BLK_USER, ATTACH, EDU_B),
+                         (BLK_64, QUERY, EDU_A)):
         mov_d16(blk, op)                   # op, flags 0
         mov_d16(blk + 4, 0xDEADBEEF)       # status: must be written back
         mov_d16(blk + 8, rid)
@@ -105,27 +113,63 @@ def firmware(ring3):
         pm32 = len(c)
         c.extend(b"\xb8\x10\x00\x00\x00\x8e\xd8\x8e\xc0\x8e\xd0")
         c.extend(b"\xbc\x00\x70\x00\x00")               # esp = 0x7000
-        c.extend(b"\x6a\x23\x68" + u32(0x6000) + b"\x6a\x1b")  # ss3:esp3, cs3
-        r3_fix = len(c) + 1
-        c.extend(b"\x68" + u32(0) + b"\xcb")            # push eip3; retf
-        ring3_at = len(c)
-        c.extend(b"\xb8\x23\x00\x00\x00\x8e\xd8")       # ds = 0x23
-        for insn, out in ((vmcall, OUT + 0x40), (vmmcall, OUT + 0x48)):
-            c.extend(b"\xb8" + u32(NR) + b"\xbb" + u32(BLK_USER) + insn)
-            c.extend(b"\xa3" + u32(out))                # mov [out], eax
-            c.extend(b"\x89\x1d" + u32(out + 4))        # mov [out+4], ebx
-        c.extend(b"\xc7\x05" + u32(USER_DONE) + u32(0x600D))
+        if not long64:
+            c.extend(b"\x6a\x23\x68" + u32(0x6000) + b"\x6a\x1b")
+            r3_fix = len(c) + 1
+            c.extend(b"\x68" + u32(0) + b"\xcb")        # push eip3; retf
+            ring3_at = len(c)
+            c.extend(b"\xb8\x23\x00\x00\x00\x8e\xd8")   # ds = 0x23
+            for insn, out in ((vmcall, OUT + 0x40), (vmmcall, OUT + 0x50)):
+                c.extend(b"\xb8" + u32(NR) + b"\xbb" + u32(BLK_USER) + insn)
+                c.extend(b"\xa3" + u32(out))            # mov [out], eax
+                c.extend(b"\x89\x1d" + u32(out + 8))    # mov [out+8], ebx
+        else:
+            # identity-map the first 2 MiB (user-accessible), enter long mode
+            for addr, val in ((0x10000, 0x11007), (0x11000, 0x12007),
+                              (0x12000, 0x87)):
+                c.extend(b"\xc7\x05" + u32(addr) + u32(val))
+            c.extend(b"\xb8" + u32(0x10000) + b"\x0f\x22\xd8")   # cr3
+            c.extend(b"\x0f\x20\xe0\x83\xc8\x20\x0f\x22\xe0")  # cr4.PAE
+            c.extend(b"\xb9" + u32(0xC0000080) + b"\x0f\x32")     # EFER
+            c.extend(b"\x0d" + u32(0x100) + b"\x0f\x30")          # .LME
+            c.extend(b"\x0f\x20\xc0\x0d" + u32(0x80000000) + b"\x0f\x22\xc0")
+            lm_fix = len(c) + 1
+            c.extend(b"\xea" + u32(0) + u16(0x28))      # jmp 0x28:lm64
+            lm64 = len(c)
+            # CPL 0, 64-bit: QUERY with the full RAX/RBX, RAX stored whole
+            c.extend(b"\x48\xb8" + struct.pack("<Q", NR))
+            c.extend(b"\x48\xbb" + struct.pack("<Q", BLK_64))
+            c.extend(vmcall + b"\x48\xa3" + struct.pack("<Q", OUT + 0x60))
+            # iretq to CPL 3: ss, rsp, rflags, cs, rip
+            c.extend(b"\x6a\x23\x68" + u32(0x6000) + b"\x6a\x02\x6a\x33")
+            r3_fix = len(c) + 2
+            c.extend(b"\x48\xb8" + bytes(8) + b"\x50\x48\xcf")
+            ring3_at = len(c)
+            for insn, out in ((vmcall, OUT + 0x40), (vmmcall, OUT + 0x50)):
+                c.extend(b"\x48\xb8" + struct.pack("<Q", NR))
+                c.extend(b"\x48\xbb" + struct.pack("<Q", BLK_USER) + insn)
+                c.extend(b"\x48\xa3" + struct.pack("<Q", out))  # rax
+                c.extend(b"\x48\x89\xd8\x48\xa3" +            # rbx
+                         struct.pack("<Q", out + 8))
+            c[lm_fix:lm_fix + 4] = u32(BIOS_BASE + lm64)
+        # mov dword [USER_DONE], 0x600d (same bytes in 32- and 64-bit mode)
+        c.extend(b"\xc7\x04\x25" + u32(USER_DONE) + u32(0x600D))
         c.extend(b"\xeb\xfe")                           # jmp $
         c[pm_fix:pm_fix + 4] = u32(BIOS_BASE + pm32)
-        c[r3_fix:r3_fix + 4] = u32(BIOS_BASE + ring3_at)
+        if long64:
+            c[r3_fix:r3_fix + 8] = struct.pack("<Q", BIOS_BASE + ring3_at)
+        else:
+            c[r3_fix:r3_fix + 4] = u32(BIOS_BASE + ring3_at)
         while len(c) % 8:
             c.append(0x90)
         gdt = len(c)
-        for d in (0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF,
-                  0x00CFFA000000FFFF, 0x00CFF2000000FFFF):
+        descs = (0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF,
+                 0x00CFFA000000FFFF, 0x00CFF2000000FFFF,
+                 0x00AF9A000000FFFF, 0x00AFFA000000FFFF)  # 0x28, 0x33: 64-bit
+        for d in descs:
             c.extend(struct.pack("<Q", d))
         gdtr = len(c)
-        c.extend(u16(5 * 8 - 1) + u32(BIOS_BASE + gdt))
+        c.extend(u16(len(descs) * 8 - 1) + u32(BIOS_BASE + gdt))
         c[gdt_fix:gdt_fix + 2] = u16(gdtr)
     else:
         c.extend(b"\xf4\xeb\xfd")                       # hlt; jmp .-1
@@ -169,13 +213,13 @@ def check(cond, what):
     print(f"  ok  {what}", file=sys.stderr)
 
 
-def run(qemu, hypercall, limit):
-    ring3 = hypercall != "off"
+def run(qemu, hypercall, mode, limit):
+    ring3 = mode != "real"
     deadline = time.monotonic() + limit
     with tempfile.TemporaryDirectory(prefix="pvdma-hc-") as tmp:
         bios = os.path.join(tmp, "fw.bin")
         with open(bios, "wb") as f:
-            f.write(firmware(ring3))
+            f.write(firmware(mode))
         srv = socket.socket(socket.AF_UNIX)
         srv.bind(os.path.join(tmp, "qmp"))
         srv.listen(1)
@@ -186,14 +230,15 @@ def run(qemu, hypercall, limit):
                 "-device", f"pvdma,id=pvdma0,addr=04.0,hypercall={hypercall}",
                 "-device", "edu,addr=05.0", "-device", "edu,addr=06.0",
                 "-qmp", "unix:" + os.path.join(tmp, "qmp")]
-        print(f"== hypercall={hypercall}: $ {' '.join(argv[4:])}",
-              file=sys.stderr)
+        print(f"== hypercall={hypercall}, firmware {mode}: "
+              f"$ {' '.join(argv[4:])}", file=sys.stderr)
         log = open(os.path.join(tmp, "qemu.log"), "w+")
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             conn, _ = srv.accept()
+            conn.settimeout(limit)
             qmp = Qmp(conn, deadline)
             done = USER_DONE if ring3 else REAL_DONE
             dump = os.path.join(tmp, "mem")
@@ -214,7 +259,7 @@ def run(qemu, hypercall, limit):
                 time.sleep(0.05)
             info = qmp.cmd("query-pvdma")[0]
             eps = {e["requester"]: e for e in info["endpoints"]}
-            check_results(hypercall, d, info, eps)
+            check_results(hypercall, mode, d, info, eps)
             qmp.cmd("quit")
             proc.wait(timeout=10)
         except (Fail, OSError, ValueError, subprocess.TimeoutExpired) as e:
@@ -227,7 +272,7 @@ def run(qemu, hypercall, limit):
                 proc.wait()
 
 
-def check_results(hypercall, d, info, eps):
+def check_results(hypercall, mode, d, info, eps):
     attached = sorted(r for r, e in eps.items() if e["attached"])
     if hypercall == "off":
         check(info["features"] & 1 == 0, "FEATURES.HYPERCALL clear")
@@ -251,10 +296,18 @@ def check_results(hypercall, d, info, eps):
     check(d(OUT + 0x10) == NOT_NR and d(OUT + 0x28) == NOT_NR and
           d(UD_COUNT) == 2, "other EAX: VMCALL and VMMCALL raise #UD, "
           "EAX unchanged")
-    check(d(OUT + 0x40) == 0xFFFFFFFF and d(OUT + 0x48) == 0xFFFFFFFF,
-          "CPL 3 VMCALL and VMMCALL -> EAX = -1")
-    check(d(OUT + 0x44) == BLK_USER and d(OUT + 0x4C) == BLK_USER,
-          "CPL 3: EBX unchanged")
+    if mode == "long64":
+        check(d(OUT + 0x60) == S_OK and d(OUT + 0x64) == 0 and
+              d(BLK_64 + 4) == S_OK, "64-bit CPL 0 VMCALL QUERY -> RAX = 0")
+        m1 = all(d(OUT + o) == 0xFFFFFFFF for o in (0x40, 0x44, 0x50, 0x54))
+        check(m1, "64-bit CPL 3 VMCALL and VMMCALL -> RAX = -1, all 64 bits")
+        check(all(d(OUT + o) == BLK_USER and d(OUT + o + 4) == 0
+                  for o in (0x48, 0x58)), "CPL 3: RBX unchanged")
+    else:
+        check(d(OUT + 0x40) == 0xFFFFFFFF and d(OUT + 0x50) == 0xFFFFFFFF,
+              "32-bit CPL 3 VMCALL and VMMCALL -> EAX = -1")
+        check(d(OUT + 0x48) == BLK_USER and d(OUT + 0x58) == BLK_USER,
+              "CPL 3: EBX unchanged")
     check(d(BLK_USER + 4) == 0xDEADBEEF, "CPL 3: block not touched")
     check(attached == ["0000:00:05.0"] or attached == ["00:05.0"],
           f"only 00:05.0 attached ({attached})")
@@ -268,8 +321,9 @@ def main():
     qemu = sys.argv[1]
     limit = float(sys.argv[2]) if len(sys.argv) > 2 else 60
     try:
-        run(qemu, "auto", limit)
-        run(qemu, "off", limit)
+        run(qemu, "auto", "pm32", limit)
+        run(qemu, "auto", "long64", limit)
+        run(qemu, "off", "real", limit)
     except Fail as e:
         print(f"FAIL: {e}", file=sys.stderr)
         return 1

@@ -10,7 +10,7 @@
 #  3. scripts/pvdma-doorbell-check.py drives the doorbell and edu DMA
 #     through the translation over the qtest protocol;
 #  4. scripts/pvdma-hypercall-check.py runs VMCALL/VMMCALL hypercalls from
-#     a tiny firmware under TCG, at CPL 0 and CPL 3, hypercall=auto and off.
+#     a tiny firmware under TCG (CPL 0 and 3; real, 32- and 64-bit mode).
 # Every QEMU runs under `timeout` and is killed on every exit path.
 #
 # Usage: scripts/qemu-pvdma-smoke.sh [path/to/qemu-system-x86_64]
