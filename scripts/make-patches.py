@@ -5,7 +5,8 @@
 qemu-glue/series.toml lists the patches in order. Each patch names the new
 files it introduces (paths under qemu-glue/ mirror QEMU's tree) and the
 edits it makes to existing QEMU files (insert text after/before a unique
-anchor, or append). New files may hold stage markers, lines containing
+anchor, replace a unique anchor, or append). New files may hold stage
+markers, lines containing
 
     @series-begin NAME   ...   @series-end NAME    (from patch NAME on)
     @series-until NAME   ...   @series-end NAME    (before patch NAME only)
@@ -98,17 +99,19 @@ def apply_edit(tree, edit, where):
     with open(path, encoding="utf-8") as f:
         s = f.read()
     text = edit["insert"]
-    if "after" in edit or "before" in edit:
-        anchor = edit.get("after", edit.get("before"))
+    if "after" in edit or "before" in edit or "replace" in edit:
+        anchor = edit.get("after", edit.get("before", edit.get("replace")))
         if s.count(anchor) != 1:
             die(f"{where}: anchor occurs {s.count(anchor)} times in "
                 f"{edit['file']}:\n{anchor}")
         i = s.index(anchor) + (len(anchor) if "after" in edit else 0)
-        s = s[:i] + text + s[i:]
+        j = i + (len(anchor) if "replace" in edit else 0)
+        s = s[:i] + text + s[j:]
     elif edit.get("append"):
         s += text
     else:
-        die(f"{where}: edit of {edit['file']} needs after, before or append")
+        die(f"{where}: edit of {edit['file']} needs after, before, "
+            "replace or append")
     with open(path, "w", encoding="utf-8") as f:
         f.write(s)
 

@@ -5,9 +5,12 @@
 #     query-pci must show 1b36:0015 with class 0x0806, query-pvdma must
 #     answer with the device and edu as an endpoint, and HMP "info pvdma"
 #     (through human-monitor-command) must print it;
-#  2. error paths: hypercall=on and iova-bits out of range refuse to start;
+#  2. error paths: hypercall=on without TCG (qtest; KVM when /dev/kvm is
+#     usable) and iova-bits out of range refuse to start;
 #  3. scripts/pvdma-doorbell-check.py drives the doorbell and edu DMA
-#     through the translation over the qtest protocol.
+#     through the translation over the qtest protocol;
+#  4. scripts/pvdma-hypercall-check.py runs VMCALL/VMMCALL hypercalls from
+#     a tiny firmware under TCG (CPL 0 and 3; real, 32- and 64-bit mode).
 # Every QEMU runs under `timeout` and is killed on every exit path.
 #
 # Usage: scripts/qemu-pvdma-smoke.sh [path/to/qemu-system-x86_64]
@@ -69,7 +72,8 @@ d = info[0]
 eps = {e["requester"]: e for e in d["endpoints"]}
 if edu_rid not in eps or eps[edu_rid]["attached"]:
     sys.exit(f"query-pvdma: edu {edu_rid} missing or attached: {eps}")
-if d["iova-bits"] != 48 or d["faults"] != 0 or d["features"] & 1:
+# TCG with hypercall=auto: the hypercall transport is live (FEATURES bit 0)
+if d["iova-bits"] != 48 or d["faults"] != 0 or not d["features"] & 1:
     sys.exit(f"query-pvdma: unexpected values {d}")
 print(f"query-pvdma: {d['path']}, {len(eps)} endpoints, features "
       f"0x{d['features']:x}", file=sys.stderr)
@@ -91,9 +95,10 @@ if ((rc != 0)); then
 fi
 
 # --- 2. configuration errors -------------------------------------------------
-refuses() {   # refuses PROPS EXPECTED-MESSAGE
+refuses() {   # [accel=ACCEL] refuses PROPS EXPECTED-MESSAGE
     local out
-    if out=$(timeout --kill-after=5 "$limit" "$qemu" -M q35 -accel tcg \
+    if out=$(timeout --kill-after=5 "$limit" "$qemu" -M q35 \
+                -accel "${accel:-tcg}" \
                 -nographic -S -device "pvdma,$1" </dev/null 2>&1); then
         log "FAIL: -device pvdma,$1 started"
         exit 1
@@ -101,12 +106,20 @@ refuses() {   # refuses PROPS EXPECTED-MESSAGE
     grep -q "$2" <<<"$out" || { log "FAIL: -device pvdma,$1: $out"; exit 1; }
     log "-device pvdma,$1 refused: $(grep -m1 "$2" <<<"$out")"
 }
-refuses hypercall=on "not supported yet"
+accel=qtest refuses hypercall=on "hypercall=on needs the TCG accelerator"
+if [[ -r /dev/kvm && -w /dev/kvm ]]; then
+    accel=kvm refuses hypercall=on "needs KVM_CAP_EXIT_HYPERCALL support"
+else
+    log "no usable /dev/kvm: hypercall=on under KVM not checked"
+fi
 refuses iova-bits=20 "iova-bits must be 21..57"
 refuses iova-bits=58 "iova-bits must be 21..57"
 refuses pin-mode=foo "pin-mode must be"
 
 # --- 3. doorbell and DMA through the translation ------------------------------
 /usr/bin/python3 "$here/pvdma-doorbell-check.py" "$qemu"
+
+# --- 4. the hypercall transport under TCG -----------------------------------
+/usr/bin/python3 "$here/pvdma-hypercall-check.py" "$qemu" "$limit"
 
 log "PASS"

@@ -28,6 +28,12 @@
 #include "hw/pci/pci_bus.h"
 /* @series-end iommu */
 #include "hw/qdev-properties.h"
+/* @series-begin hypercall */
+#include "hw/misc/pvdma-hypercall.h"
+#include "qemu/main-loop.h"
+#include "system/kvm.h"
+#include "system/tcg.h"
+/* @series-end hypercall */
 #include "migration/vmstate.h"
 #include "system/address-spaces.h"
 #include "system/memory.h"
@@ -128,7 +134,19 @@ struct PvdmaState {
     uint32_t max_segs;
     bool bypass;
     OnOffAuto hypercall;
+/* @series-begin hypercall */
+
+    /* The hypercall transport is live (FEATURES.HYPERCALL) */
+    bool hypercall_live;
+    QTAILQ_ENTRY(PvdmaState) hypercall_next;
+/* @series-end hypercall */
 };
+
+/* @series-begin hypercall */
+/* The pvdma functions whose hypercall transport is live, under the BQL */
+static QTAILQ_HEAD(, PvdmaState) pvdma_hypercall_devs =
+    QTAILQ_HEAD_INITIALIZER(pvdma_hypercall_devs);
+/* @series-end hypercall */
 
 /* @series-begin iommu */
 static void pvdma_sync_endpoints(PvdmaState *s);
@@ -137,8 +155,14 @@ static void pvdma_sync_attached(PvdmaState *s);
 
 static uint64_t pvdma_features(PvdmaState *s)
 {
+/* @series-until hypercall */
     /* FEATURES.HYPERCALL stays clear until the hypercall transport exists */
     return pvdma_vm_features(s->vm);
+/* @series-end hypercall */
+/* @series-begin hypercall */
+    return pvdma_vm_features(s->vm) |
+           (s->hypercall_live ? PVDMA_FEATURE_HYPERCALL : 0);
+/* @series-end hypercall */
 }
 
 /* The naturally aligned 64-bit register word at @off. */
@@ -177,7 +201,11 @@ static uint64_t pvdma_mmio_read(void *opaque, hwaddr addr, unsigned size)
     return val;
 }
 
-static void pvdma_doorbell(PvdmaState *s, uint64_t block_gpa)
+/*
+ * Run the request whose block is at @block_gpa and return its status. The
+ * doorbell and the hypercall transport both come through here.
+ */
+static uint32_t pvdma_submit(PvdmaState *s, uint64_t block_gpa)
 {
     uint16_t op = 0;
     uint32_t requester = 0;
@@ -188,7 +216,6 @@ static void pvdma_doorbell(PvdmaState *s, uint64_t block_gpa)
     pvdma_sync_endpoints(s);
 /* @series-end iommu */
     status = pvdma_vm_submit(s->vm, block_gpa);
-    s->last_status = status;
 /* @series-begin iommu */
     pvdma_sync_attached(s);
 /* @series-end iommu */
@@ -206,6 +233,12 @@ static void pvdma_doorbell(PvdmaState *s, uint64_t block_gpa)
         trace_pvdma_request(block_gpa, op, requester,
                             pvdma_guest_status_name(status), status);
     }
+    return status;
+}
+
+static void pvdma_doorbell(PvdmaState *s, uint64_t block_gpa)
+{
+    s->last_status = pvdma_submit(s, block_gpa);
 }
 
 static void pvdma_mmio_write(void *opaque, hwaddr addr, uint64_t val,
@@ -750,6 +783,96 @@ static int pvdma_notify_flag_changed(IOMMUMemoryRegion *iommu_mr,
 }
 /* @series-end notify */
 
+/* @series-begin hypercall */
+/*
+ * The hypercall transport
+ *
+ * The request goes to the pvdma function whose scope holds the block's
+ * requester; with none (a bad requester, or a block outside guest RAM),
+ * to the first live one, which answers NODEV or FAULT exactly as its
+ * doorbell would. LAST_STATUS is left alone: the ABI defines it as the
+ * status of the last request that came through the doorbell, and a
+ * hypercall returns its status in RAX anyway.
+ */
+static PvdmaState *pvdma_hypercall_route(uint64_t block_gpa)
+{
+    PvdmaState *s;
+    uint8_t rid_le[4];
+    uint32_t rid;
+
+    if (QTAILQ_FIRST(&pvdma_hypercall_devs) ==
+        QTAILQ_LAST(&pvdma_hypercall_devs)) {
+        return QTAILQ_FIRST(&pvdma_hypercall_devs);
+    }
+    if (address_space_read(&address_space_memory, block_gpa + 8,
+                           MEMTXATTRS_UNSPECIFIED, rid_le,
+                           sizeof(rid_le)) != MEMTX_OK) {
+        return QTAILQ_FIRST(&pvdma_hypercall_devs);
+    }
+    rid = ldl_le_p(rid_le);
+    QTAILQ_FOREACH(s, &pvdma_hypercall_devs, hypercall_next) {
+        pvdma_sync_endpoints(s);
+        if (g_hash_table_contains(s->by_rid, GUINT_TO_POINTER(rid))) {
+            return s;
+        }
+    }
+    return QTAILQ_FIRST(&pvdma_hypercall_devs);
+}
+
+bool pvdma_hypercall(uint64_t nr, uint64_t arg, bool cpl0, uint64_t *ret)
+{
+    PvdmaState *s;
+    uint32_t status;
+
+    BQL_LOCK_GUARD();
+    if (nr != PVDMA_HYPERCALL_NR || QTAILQ_EMPTY(&pvdma_hypercall_devs)) {
+        return false;
+    }
+    if (!cpl0) {
+        trace_pvdma_hypercall_eperm(arg);
+        *ret = (uint64_t)PVDMA_HC_EPERM;
+        return true;
+    }
+    s = pvdma_hypercall_route(arg);
+    status = pvdma_submit(s, arg);
+    trace_pvdma_hypercall(object_get_canonical_path_component(OBJECT(s)),
+                          arg, status);
+    *ret = status;
+    return true;
+}
+
+/*
+ * Whether the transport can be live: TCG's VMCALL and VMMCALL come to
+ * pvdma_hypercall(); KVM handles hypercalls in the kernel and would need
+ * to forward this one to QEMU (KVM_CAP_EXIT_HYPERCALL), which pvdma does
+ * not ask for yet.
+ */
+static bool pvdma_hypercall_check(PvdmaState *s, Error **errp)
+{
+    if (s->hypercall == ON_OFF_AUTO_OFF) {
+        return true;
+    }
+    if (tcg_enabled()) {
+        s->hypercall_live = true;
+        return true;
+    }
+    if (s->hypercall == ON_OFF_AUTO_ON) {
+        if (kvm_enabled()) {
+            error_setg(errp, "pvdma: hypercall=on under KVM needs "
+                       "KVM_CAP_EXIT_HYPERCALL support, which pvdma does "
+                       "not have yet");
+        } else {
+            error_setg(errp, "pvdma: hypercall=on needs the TCG "
+                       "accelerator");
+        }
+        error_append_hint(errp, "Use hypercall=auto or hypercall=off; "
+                          "guests then use the DOORBELL register.\n");
+        return false;
+    }
+    return true;
+}
+/* @series-end hypercall */
+
 /* Device life cycle */
 
 static bool pvdma_check_properties(PvdmaState *s, uint32_t *pin_mode,
@@ -776,12 +899,19 @@ static bool pvdma_check_properties(PvdmaState *s, uint32_t *pin_mode,
                    s->pin_mode);
         return false;
     }
+/* @series-until hypercall */
     if (s->hypercall == ON_OFF_AUTO_ON) {
         error_setg(errp, "pvdma: the hypercall transport is not supported yet");
         error_append_hint(errp, "Use hypercall=auto or hypercall=off; "
                           "guests then use the DOORBELL register.\n");
         return false;
     }
+/* @series-end hypercall */
+/* @series-begin hypercall */
+    if (!pvdma_hypercall_check(s, errp)) {
+        return false;
+    }
+/* @series-end hypercall */
     return true;
 }
 
@@ -890,6 +1020,11 @@ static void pvdma_realize(PCIDevice *pdev, Error **errp)
 /* @series-begin iommu */
     pci_setup_iommu(pci_get_bus(pdev), &pvdma_iommu_ops, s);
 /* @series-end iommu */
+/* @series-begin hypercall */
+    if (s->hypercall_live) {
+        QTAILQ_INSERT_TAIL(&pvdma_hypercall_devs, s, hypercall_next);
+    }
+/* @series-end hypercall */
 }
 
 static void pvdma_exit(PCIDevice *pdev)
@@ -900,6 +1035,12 @@ static void pvdma_exit(PCIDevice *pdev)
     if (!s->vm) {
         return;
     }
+/* @series-begin hypercall */
+    if (s->hypercall_live) {
+        QTAILQ_REMOVE(&pvdma_hypercall_devs, s, hypercall_next);
+        s->hypercall_live = false;
+    }
+/* @series-end hypercall */
     memory_listener_unregister(&s->ram_listener);
     pvdma_vm_set_notifier(s->vm, NULL, NULL);
     pvdma_vm_free(s->vm);
@@ -1305,9 +1446,16 @@ static void pvdma_class_init(ObjectClass *klass, const void *data)
     object_class_property_set_description(klass, "bypass",
         "Whether endpoints that are not attached DMA untranslated (on) "
         "or are blocked (off)");
+/* @series-until hypercall */
     object_class_property_set_description(klass, "hypercall",
         "The hypercall transport: not supported yet, so 'auto' means "
         "off and 'on' is an error");
+/* @series-end hypercall */
+/* @series-begin hypercall */
+    object_class_property_set_description(klass, "hypercall",
+        "The VMCALL/VMMCALL transport (FEATURES.HYPERCALL): 'auto' makes "
+        "it live under TCG; under KVM it is not supported yet");
+/* @series-end hypercall */
 }
 
 /* @series-begin iommu */
