@@ -16,11 +16,13 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pvdma_qemu import QMP, QemuError  # noqa: E402  (the scripts' shared client)
 
 MARK = "PVDMA-GUEST-DEMO: "
 # qboot (shipped with QEMU) starts the kernel in well under a second under
@@ -31,40 +33,6 @@ BIOS = os.environ.get("GUEST_DEMO_BIOS", "qboot.rom")
 
 def log(msg=""):
     print(msg, flush=True)
-
-
-class Qmp:
-    def __init__(self, path, deadline):
-        self.deadline = deadline
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(max(0.1, deadline - time.monotonic()))
-        self.sock.connect(path)
-        self.f = self.sock.makefile("rw", newline="\n")
-        self._recv()                       # greeting
-        self.cmd("qmp_capabilities")
-
-    def _recv(self):
-        self.sock.settimeout(max(0.1, self.deadline - time.monotonic()))
-        line = self.f.readline()
-        if not line:
-            raise OSError("QMP connection closed")
-        return json.loads(line)
-
-    def cmd(self, name, **args):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.f.write(json.dumps(msg) + "\n")
-        self.f.flush()
-        while True:
-            reply = self._recv()
-            if "error" in reply:
-                raise OSError(f"QMP {name}: {reply['error']}")
-            if "return" in reply:
-                return reply["return"]
-
-    def close(self):
-        self.sock.close()
 
 
 def compact_json(devices):
@@ -155,9 +123,9 @@ def main():
                 elif word[0] == "PAUSE":
                     tag = word[1] if len(word) > 1 else "?"
                     if qmp is None:
-                        qmp = Qmp(qmp_path, deadline)
+                        qmp = QMP.connect(qmp_path, deadline)
                     log(f"\n== host: QMP query-pvdma ({tag})")
-                    log(compact_json(qmp.cmd("query-pvdma")))
+                    log(compact_json(qmp.execute("query-pvdma")))
                     log("== host: guest, go on\n")
                     proc.stdin.write(b"\n")
                     proc.stdin.flush()
@@ -175,7 +143,7 @@ def main():
                     failure = f"QEMU exited with status {rc}"
                 elif not passed:
                     failure = "the guest did not print PASS"
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, QemuError) as e:
         failure = f"host side: {e}"
     except KeyboardInterrupt as e:
         failure = f"interrupted ({e or 'SIGINT'})"
