@@ -10,7 +10,11 @@
  * makes edu DMA through the IOVAs it mapped and checks the bytes.
  *
  * Output: one "  ok:"/"FAIL:" line per check, and finally
- * "PVDMA-GUEST-DEMO: PASS" or "PVDMA-GUEST-DEMO: FAIL <reason>".
+ * "pvdma-guest-test: PASS" (exit 0; /init has the last word on the demo's
+ * PASS, after the kernel module's part) or
+ * "PVDMA-GUEST-DEMO: FAIL <reason>" (exit 1).
+ * With FEATURES.HYPERCALL it also checks that a VMCALL/VMMCALL from CPL 3
+ * returns -1 and does nothing.
  * With mappings live it prints "PVDMA-GUEST-DEMO: PAUSE live" and waits up
  * to PAUSE_SECONDS for a line on stdin, so the host can look at pvdma's
  * state over QMP (scripts/guest-demo.sh does); without one it goes on.
@@ -29,6 +33,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <cpuid.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -320,6 +326,70 @@ static struct result request(uint16_t op, uint16_t flags, uint32_t rid,
     return out;
 }
 
+/* ---- the hypercall from CPL 3 ----------------------------------------- */
+
+/* AMD (and Hygon) CPUs take VMMCALL, the others VMCALL. */
+static int cpu_is_amd(char vendor[13])
+{
+    unsigned a, b, c, d;
+
+    __cpuid(0, a, b, c, d);
+    memcpy(vendor, &b, 4);
+    memcpy(vendor + 4, &d, 4);
+    memcpy(vendor + 8, &c, 4);
+    vendor[12] = 0;
+    return !strcmp(vendor, "AuthenticAMD") || !strcmp(vendor, "HygonGenuine");
+}
+
+/* Runs the hypercall from userspace in a child (a #UD there kills only the
+ * child), with RAX = nr and RBX = the request page's GPA; the block is a
+ * QUERY of rid. Returns the child's RAX; the block must stay untouched. */
+static void hypercall_from_cpl3(uint32_t nr, uint32_t rid)
+{
+    volatile struct pvdma_req *r = (volatile struct pvdma_req *)req_page->va;
+    char vendor[13];
+    int amd = cpu_is_amd(vendor), fds[2], wst;
+    uint64_t rax = 0;
+    pid_t pid;
+
+    memset((void *)r, 0, PVDMA_REQ_HEADER_SIZE);
+    r->op = PVDMA_OP_QUERY;
+    r->status = 0xdeadbeef;
+    r->requester = rid;
+    r->result = 0x1234567887654321ull;
+    if (pipe(fds))
+        fail("pipe: %s", strerror(errno));
+    pid = fork();
+    if (pid < 0)
+        fail("fork: %s", strerror(errno));
+    if (pid == 0) {
+        uint64_t v = nr;
+
+        if (amd)
+            __asm__ volatile("vmmcall" : "+a"(v) : "b"(req_page->gpa) : "memory");
+        else
+            __asm__ volatile("vmcall" : "+a"(v) : "b"(req_page->gpa) : "memory");
+        (void)!write(fds[1], &v, sizeof(v));
+        _exit(0);
+    }
+    close(fds[1]);
+    if (read(fds[0], &rax, sizeof(rax)) != sizeof(rax))
+        rax = 0;
+    close(fds[0]);
+    if (waitpid(pid, &wst, 0) != pid)
+        fail("waitpid: %s", strerror(errno));
+    if (WIFSIGNALED(wst))
+        fail("%s from CPL 3 killed the child with signal %d (%s)",
+             amd ? "VMMCALL" : "VMCALL", WTERMSIG(wst), strsignal(WTERMSIG(wst)));
+    printf("  CPU vendor %s: %s from CPL 3, RAX = HYPERCALL_NR 0x%x, RBX = gpa 0x%"
+           PRIx64 " -> RAX 0x%" PRIx64 "\n", vendor, amd ? "VMMCALL" : "VMCALL",
+           nr, req_page->gpa, rax);
+    CHECK(rax == (uint64_t)PVDMA_HC_EPERM, "CPL 3 hypercall returns -1 (RAX 0x%"
+          PRIx64 ")", rax);
+    CHECK(r->status == 0xdeadbeef && r->result == 0x1234567887654321ull,
+          "request block untouched (status 0x%x)", r->status);
+}
+
 /* ---- edu ------------------------------------------------------------- */
 
 static void edu_dma(int to_ram, uint64_t addr, uint64_t count)
@@ -427,6 +497,12 @@ int main(void)
     memset((void *)canary->va, 0xcc, PAGE);
     CHECK(src_iova != src->gpa, "src IOVA 0x%" PRIx64 " differs from its gpa",
           src_iova);
+
+    step("hypercall from userspace (CPL 3)");
+    if (features & PVDMA_FEATURE_HYPERCALL)
+        hypercall_from_cpl3(rd32(&pvdma, PVDMA_REG_HYPERCALL_NR), rid);
+    else
+        printf("  skipped: FEATURES.HYPERCALL is clear (the call would #UD)\n");
 
     step("requests through the doorbell");
     r = request(PVDMA_OP_QUERY, 0, rid, 0, 0, NULL, 0);
@@ -556,7 +632,7 @@ int main(void)
     CHECK(r.status == PVDMA_S_OK && !(r.result & PVDMA_QUERY_ATTACHED),
           "QUERY edu -> result 0x%" PRIx64 " (detached)", r.result);
 
-    printf("\nPVDMA-GUEST-DEMO: PASS (FAULTS %" PRIu64 ")\n",
+    printf("\npvdma-guest-test: PASS (FAULTS %" PRIu64 ")\n",
            rd64(&pvdma, PVDMA_REG_FAULTS));
     return 0;
 }
