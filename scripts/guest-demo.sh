@@ -154,7 +154,7 @@ if [ ! -f "$idir/initramfs.cpio.gz" ]; then
     strip "$root/bin/pvdma-guest-test"
     cp "$bdir/busybox" "$root/bin/busybox"
     for applet in sh mount umount cat echo ls sleep stty uname poweroff \
-                  reboot cut dmesg lspci sync insmod grep; do
+                  reboot cut dmesg lspci sync insmod rmmod grep; do
         ln -s busybox "$root/bin/$applet"
     done
     install -m 0755 "$GUEST_SRC/init" "$root/init"

@@ -9,8 +9,10 @@
  * requester that does not exist, each through VMCALL (Intel) or VMMCALL
  * (AMD) with RAX = HYPERCALL_NR and RBX = the request block's
  * guest-physical address. It prints one "pvdma_hc: " line per step and
- * "pvdma_hc: PASS" or "pvdma_hc: FAIL ...", then refuses to stay loaded
- * (-EAGAIN): everything it did is undone by then.
+ * "pvdma_hc: PASS" or "pvdma_hc: FAIL ...". Everything it did is undone
+ * by then; on PASS it loads (0) so /init can rmmod it, on FAIL the load
+ * fails (-EIO). (Not -EAGAIN on PASS: busybox insmod retries a failed
+ * finit_module() with init_module(), which would run the demo twice.)
  *
  * The request layout comes from rust-core/include/pvdma_abi.h, unchanged.
  */
@@ -211,8 +213,7 @@ static int __init pvdma_hc_init(void)
 		pr_info("pvdma_hc: FAIL: %d step(s) failed\n", c.failed);
 	else
 		pr_info("pvdma_hc: PASS (%s)\n", c.amd ? "VMMCALL" : "VMCALL");
-	/* Done; nothing to keep loaded for. */
-	ret = c.failed ? -EIO : -EAGAIN;
+	ret = c.failed ? -EIO : 0;
 out_free:
 	free_page(page);
 	kfree(c.req);
@@ -226,6 +227,12 @@ out:
 	return ret;
 }
 module_init(pvdma_hc_init);
+
+/* Nothing is held once init returns; an exit function makes it unloadable. */
+static void __exit pvdma_hc_exit(void)
+{
+}
+module_exit(pvdma_hc_exit);
 
 MODULE_LICENSE("GPL");
 MODULE_DESCRIPTION("pvdma hypercall transport demo (guest-demo.sh)");
