@@ -40,6 +40,9 @@ rc=0
 for f in "$tmp"/patches/* "$repo"/patches/*; do
     name=$(basename "$f")
     [[ $name == 000[12]-* ]] && continue
+    # patches/linux/ holds the host-kernel patch, checked by
+    # scripts/linux-kvm-check.sh, not part of the QEMU series.
+    [[ -d $f ]] && continue
     if ! cmp -s "$tmp/patches/$name" "$repo/patches/$name"; then
         log "DIFFERS: patches/$name (run scripts/make-patches.py and commit)"
         diff -u "$repo/patches/$name" "$tmp/patches/$name" 2>&1 | head -40 >&2 || true
