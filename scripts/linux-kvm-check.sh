@@ -20,7 +20,7 @@
 #        LINUX_DEB_VERSION  linux-source-6.1 version (default pinned below)
 #        LINUX_DEB_SHA256   its .deb's SHA-256 (must follow the version)
 #        JOBS               make -j (default: nproc)
-# Needs: gcc, make, flex, bison, bc, libelf-dev, libssl-dev, xz-utils.
+# Installs what it needs (gcc, make, flex, bison, bc, libelf-dev, ...).
 set -euo pipefail
 
 LINUX_DEB_VERSION=${LINUX_DEB_VERSION:-6.1.176-1}
@@ -45,11 +45,10 @@ sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 shopt -s nullglob
 patches=("$repo"/patches/linux/*.patch)
 ((${#patches[@]})) || die "no patches/linux/*.patch"
-for tool in gcc make flex bison bc xz; do
-    command -v "$tool" >/dev/null || die "$tool not found"
-done
-[[ -e /usr/include/gelf.h ]] || die "libelf-dev is needed (objtool)"
-[[ -e /usr/include/openssl/ssl.h ]] || die "libssl-dev is needed"
+# What a kernel build needs, installed when missing (libelf-dev: objtool).
+. "$here/lib.sh"
+ensure_apt gcc make flex bison bc xz-utils libelf-dev libssl-dev \
+    debian-archive-keyring
 
 t0=$SECONDS
 
