@@ -42,3 +42,30 @@ ensure_rust_build_deps() {
         exit 1
     }
 }
+
+# private_apt ROOT LINE...: an apt configuration of our own under ROOT whose
+# sources.list holds the LINEs (never the machine's /etc/apt), and the -o
+# options every apt-get / apt-cache call must take in PRIVATE_APT.
+private_apt() {
+    local root=$1
+    shift
+    mkdir -p "$root"/{etc/apt.conf.d,etc/preferences.d,etc/trusted.gpg.d,etc/sources.list.d,lists/partial,cache/archives/partial}
+    printf '%s\n' "$@" >"$root/etc/sources.list"
+    touch "$root/status"
+    PRIVATE_APT=(
+        -o "Dir::Etc::SourceList=$root/etc/sources.list"
+        -o "Dir::Etc::SourceParts=$root/etc/sources.list.d"
+        -o "Dir::Etc::Parts=$root/etc/apt.conf.d"
+        -o "Dir::Etc::PreferencesParts=$root/etc/preferences.d"
+        -o "Dir::Etc::TrustedParts=$root/etc/trusted.gpg.d"
+        -o "Dir::State=$root"
+        -o "Dir::State::Lists=$root/lists"
+        -o "Dir::State::status=$root/status"
+        -o "Dir::Cache=$root/cache"
+        -o "Dir::Cache::Archives=$root/cache/archives"
+        # The _apt sandbox user cannot write below root's 0700 home.
+        -o "APT::Sandbox::User=root"
+        -o "Acquire::Languages=none"
+        -o "APT::Architecture=amd64"
+    )
+}

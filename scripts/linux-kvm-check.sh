@@ -38,6 +38,7 @@ deb=$LDIR/linux-source-6.1_${LINUX_DEB_VERSION}_all.deb
 tree=$LDIR/linux-source-6.1-$LINUX_DEB_VERSION
 orig=$tree/.pvdma-orig            # pristine copies of files the patches touch
 
+. "$here/lib.sh"
 log() { printf '[linux-kvm-check] %s\n' "$*" >&2; }
 die() { printf '[linux-kvm-check] ERROR: %s\n' "$*" >&2; exit 1; }
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
@@ -46,7 +47,6 @@ shopt -s nullglob
 patches=("$repo"/patches/linux/*.patch)
 ((${#patches[@]})) || die "no patches/linux/*.patch"
 # What a kernel build needs, installed when missing (libelf-dev: objtool).
-. "$here/lib.sh"
 ensure_apt gcc make flex bison bc xz-utils libelf-dev libssl-dev \
     debian-archive-keyring
 
@@ -55,27 +55,10 @@ t0=$SECONDS
 # --- 1. download + verify ------------------------------------------------
 mkdir -p "$LDIR"
 if [[ ! -f $deb ]]; then
-    mkdir -p "$APT_ROOT"/{etc/apt.conf.d,etc/preferences.d,etc/trusted.gpg.d,etc/sources.list.d,lists/partial,cache/archives/partial}
-    {
-        echo "deb [signed-by=$KEYRING] $APT_MIRROR bookworm main"
-        echo "deb [signed-by=$KEYRING] $APT_MIRROR bookworm-updates main"
-    } >"$APT_ROOT/etc/sources.list"
-    touch "$APT_ROOT/status"
-    apt_opts=(
-        -o "Dir::Etc::SourceList=$APT_ROOT/etc/sources.list"
-        -o "Dir::Etc::SourceParts=$APT_ROOT/etc/sources.list.d"
-        -o "Dir::Etc::Parts=$APT_ROOT/etc/apt.conf.d"
-        -o "Dir::Etc::PreferencesParts=$APT_ROOT/etc/preferences.d"
-        -o "Dir::Etc::TrustedParts=$APT_ROOT/etc/trusted.gpg.d"
-        -o "Dir::State=$APT_ROOT"
-        -o "Dir::State::Lists=$APT_ROOT/lists"
-        -o "Dir::State::status=$APT_ROOT/status"
-        -o "Dir::Cache=$APT_ROOT/cache"
-        -o "Dir::Cache::Archives=$APT_ROOT/cache/archives"
-        -o "APT::Sandbox::User=root"
-        -o "Acquire::Languages=none"
-        -o "APT::Architecture=amd64"
-    )
+    private_apt "$APT_ROOT" \
+        "deb [signed-by=$KEYRING] $APT_MIRROR bookworm main" \
+        "deb [signed-by=$KEYRING] $APT_MIRROR bookworm-updates main"
+    apt_opts=("${PRIVATE_APT[@]}")
     log "updating private package lists (bookworm)"
     apt-get "${apt_opts[@]}" -q update >&2
     if ! apt-cache "${apt_opts[@]}" show "linux-source-6.1=$LINUX_DEB_VERSION" >/dev/null 2>&1; then

@@ -25,6 +25,7 @@ APT_SUITES=${PVDMA_APT_SUITES:-"sid forky"}
 APT_MIRROR=${PVDMA_APT_MIRROR:-http://deb.debian.org/debian}
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 log() { printf '[qemu-fetch] %s\n' "$*" >&2; }
 die() { printf '[qemu-fetch] ERROR: %s\n' "$*" >&2; exit 1; }
 
@@ -73,30 +74,12 @@ if [[ -f $DL/$dsc_name && -f $DL/$orig_name ]] &&
 fi
 
 # --- private apt configuration -------------------------------------------
-mkdir -p "$APT_ROOT"/{etc/apt.conf.d,etc/preferences.d,etc/trusted.gpg.d,lists/partial,cache/archives/partial}
-{
-    for suite in $APT_SUITES; do
-        echo "deb-src [signed-by=$KEYRING] $APT_MIRROR $suite main"
-    done
-} >"$APT_ROOT/etc/sources.list"
-touch "$APT_ROOT/status"
-
-apt_opts=(
-    -o "Dir::Etc::SourceList=$APT_ROOT/etc/sources.list"
-    -o "Dir::Etc::SourceParts=$APT_ROOT/etc/sources.list.d"
-    -o "Dir::Etc::Parts=$APT_ROOT/etc/apt.conf.d"
-    -o "Dir::Etc::PreferencesParts=$APT_ROOT/etc/preferences.d"
-    -o "Dir::Etc::TrustedParts=$APT_ROOT/etc/trusted.gpg.d"
-    -o "Dir::State=$APT_ROOT"
-    -o "Dir::State::Lists=$APT_ROOT/lists"
-    -o "Dir::State::status=$APT_ROOT/status"
-    -o "Dir::Cache=$APT_ROOT/cache"
-    -o "Dir::Cache::Archives=$APT_ROOT/cache/archives"
-    # The _apt sandbox user cannot write below root's 0700 home directory.
-    -o "APT::Sandbox::User=root"
-    -o "Acquire::Languages=none"
-)
-mkdir -p "$APT_ROOT/etc/sources.list.d"
+sources=()
+for suite in $APT_SUITES; do
+    sources+=("deb-src [signed-by=$KEYRING] $APT_MIRROR $suite main")
+done
+private_apt "$APT_ROOT" "${sources[@]}"
+apt_opts=("${PRIVATE_APT[@]}")
 
 log "updating private source lists ($APT_SUITES)"
 apt-get "${apt_opts[@]}" -q update >&2
