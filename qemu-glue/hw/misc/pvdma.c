@@ -138,6 +138,10 @@ struct PvdmaState {
 
     /* The hypercall transport is live (FEATURES.HYPERCALL) */
     bool hypercall_live;
+/* @series-begin kvm */
+    /* The number it answers to (HYPERCALL_NR): the accelerator's choice */
+    uint64_t hypercall_nr;
+/* @series-end kvm */
     QTAILQ_ENTRY(PvdmaState) hypercall_next;
 /* @series-end hypercall */
 };
@@ -178,7 +182,12 @@ static uint64_t pvdma_reg_qword(PvdmaState *s, hwaddr off)
     case PVDMA_REG_PAGE_SIZES:
         return pvdma_vm_page_sizes(s->vm);
     case PVDMA_REG_HYPERCALL_NR:
+/* @series-until kvm */
         return PVDMA_HYPERCALL_NR;
+/* @series-end kvm */
+/* @series-begin kvm */
+        return s->hypercall_live ? s->hypercall_nr : PVDMA_HYPERCALL_NR;
+/* @series-end kvm */
     case PVDMA_REG_FAULTS:
         return pvdma_vm_fault_count(s->vm);
     case PVDMA_REG_LAST_STATUS:
@@ -825,9 +834,18 @@ bool pvdma_hypercall(uint64_t nr, uint64_t arg, bool cpl0, uint64_t *ret)
     uint32_t status;
 
     BQL_LOCK_GUARD();
+/* @series-until kvm */
     if (nr != PVDMA_HYPERCALL_NR || QTAILQ_EMPTY(&pvdma_hypercall_devs)) {
         return false;
     }
+/* @series-end kvm */
+/* @series-begin kvm */
+    /* Every live function answers to the same number: one accelerator */
+    if (QTAILQ_EMPTY(&pvdma_hypercall_devs) ||
+        nr != QTAILQ_FIRST(&pvdma_hypercall_devs)->hypercall_nr) {
+        return false;
+    }
+/* @series-end kvm */
     if (!cpl0) {
         trace_pvdma_hypercall_eperm(arg);
         *ret = (uint64_t)PVDMA_HC_EPERM;
@@ -841,12 +859,22 @@ bool pvdma_hypercall(uint64_t nr, uint64_t arg, bool cpl0, uint64_t *ret)
     return true;
 }
 
+/* @series-until kvm */
 /*
  * Whether the transport can be live: TCG's VMCALL and VMMCALL come to
  * pvdma_hypercall(); KVM handles hypercalls in the kernel and would need
  * to forward this one to QEMU (KVM_CAP_EXIT_HYPERCALL), which pvdma does
  * not ask for yet.
  */
+/* @series-end kvm */
+/* @series-begin kvm */
+/*
+ * Whether the transport can be live, and with which number: TCG's VMCALL
+ * and VMMCALL come to pvdma_hypercall() with any number, so it keeps
+ * PVDMA_HYPERCALL_NR; KVM handles hypercalls in the kernel and forwards
+ * only KVM_HC_PVDMA, and only when the host kernel has the pvdma KVM patch.
+ */
+/* @series-end kvm */
 static bool pvdma_hypercall_check(PvdmaState *s, Error **errp)
 {
     if (s->hypercall == ON_OFF_AUTO_OFF) {
@@ -854,13 +882,34 @@ static bool pvdma_hypercall_check(PvdmaState *s, Error **errp)
     }
     if (tcg_enabled()) {
         s->hypercall_live = true;
+/* @series-begin kvm */
+        s->hypercall_nr = PVDMA_HYPERCALL_NR;
+/* @series-end kvm */
         return true;
     }
+/* @series-begin kvm */
+    if (kvm_enabled()) {
+        s->hypercall_nr = pvdma_kvm_hypercall_enable();
+        if (s->hypercall_nr) {
+            s->hypercall_live = true;
+            return true;
+        }
+    }
+/* @series-end kvm */
     if (s->hypercall == ON_OFF_AUTO_ON) {
         if (kvm_enabled()) {
+/* @series-until kvm */
             error_setg(errp, "pvdma: hypercall=on under KVM needs "
                        "KVM_CAP_EXIT_HYPERCALL support, which pvdma does "
                        "not have yet");
+/* @series-end kvm */
+/* @series-begin kvm */
+            error_setg(errp, "pvdma: hypercall=on under KVM needs a host "
+                       "kernel that forwards the pvdma hypercall to QEMU, "
+                       "and this one does not (KVM_CAP_EXIT_HYPERCALL)");
+            error_append_hint(errp, "The pvdma project's patches/linux adds "
+                              "that to KVM.\n");
+/* @series-end kvm */
         } else {
             error_setg(errp, "pvdma: hypercall=on needs the TCG "
                        "accelerator");
@@ -1452,9 +1501,17 @@ static void pvdma_class_init(ObjectClass *klass, const void *data)
         "off and 'on' is an error");
 /* @series-end hypercall */
 /* @series-begin hypercall */
+/* @series-until kvm */
     object_class_property_set_description(klass, "hypercall",
         "The VMCALL/VMMCALL transport (FEATURES.HYPERCALL): 'auto' makes "
         "it live under TCG; under KVM it is not supported yet");
+/* @series-end kvm */
+/* @series-begin kvm */
+    object_class_property_set_description(klass, "hypercall",
+        "The VMCALL/VMMCALL transport (FEATURES.HYPERCALL): 'auto' makes "
+        "it live under TCG, and under KVM when the host kernel forwards "
+        "it (the pvdma KVM patch); 'on' fails where it cannot be live");
+/* @series-end kvm */
 /* @series-end hypercall */
 }
 
