@@ -2,6 +2,7 @@
 # Run QEMU qtests for x86_64 from the cached build (scripts/qemu-build.sh).
 #
 # Usage: scripts/qemu-qtest.sh [TEST...]   e.g. intel-iommu-test pvpanic-pci-test
+#        scripts/qemu-qtest.sh unit/test-pvdma-kvm   # a tests/unit test
 #        scripts/qemu-qtest.sh             # the whole qtest-x86_64 suite
 # Naming tests builds just their binaries (seconds) instead of every default
 # target, then runs them through `meson test` with QEMU's own test setup.
@@ -15,9 +16,17 @@ meson=$build/pyvenv/bin/meson
 if (($#)); then
     targets=() names=()
     for t in "$@"; do
-        t=${t#qtest-x86_64/}
-        targets+=("tests/qtest/$t")
-        names+=("qtest-x86_64/$t")
+        case $t in
+        unit/*)
+            targets+=("tests/$t")
+            names+=("${t#unit/}")
+            ;;
+        *)
+            t=${t#qtest-x86_64/}
+            targets+=("tests/qtest/$t")
+            names+=("qtest-x86_64/$t")
+            ;;
+        esac
     done
     ninja -C "$build" -j"${PVDMA_JOBS:-2}" "${targets[@]}" >&2
     exec timeout 1800 "$meson" test -C "$build" --no-rebuild --print-errorlogs "${names[@]}"

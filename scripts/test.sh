@@ -5,8 +5,8 @@
 # meson (with the header drift check), the QEMU side, and short fuzz runs.
 # The QEMU side builds the patched QEMU (about 4.5 min when the cache is cold
 # or the series changed, seconds after), checks the patch series, runs the
-# smoke tests, run.sh's DMA demo and QEMU's own qtest for the device,
-# pvdma-test.
+# smoke tests, run.sh's DMA demo, QEMU's own qtest for the device,
+# pvdma-test, and the unit test of the KVM exit handler, test-pvdma-kvm.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$PVDMA_ROOT"
@@ -68,8 +68,8 @@ if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x scripts/qemu-build.sh ]; then
     scripts/qemu-pvdma-smoke.sh "$qemu"
     step "QEMU: run.sh's demo (edu DMA through pvdma under TCG)"
     /usr/bin/python3 scripts/pvdma-demo.py "$qemu" 120 >&2
-    step "QEMU: qtest pvdma-test"
-    scripts/qemu-qtest.sh pvdma-test
+    step "QEMU: qtest pvdma-test, unit test test-pvdma-kvm (KVM exit handler)"
+    scripts/qemu-qtest.sh pvdma-test unit/test-pvdma-kvm
     step "QEMU: a Debian 12 guest maps and DMAs through the doorbell (TCG)"
     scripts/guest-demo.sh "$qemu"
 fi
