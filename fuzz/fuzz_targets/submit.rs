@@ -12,7 +12,8 @@
 //!   address that region gives the guest-physical address;
 //! - every mapping translates in full, and lies in RAM;
 //! - pin refcounts equal what the mappings of all endpoints imply;
-//! - `stats().mappings` and `pinned_pages` agree with the mappings and pins;
+//! - `stats().mappings`, `pinned_pages` and `mem_used` agree with the mappings
+//!   and pins, and `mem_used` stays within `mem_limit`;
 //! - the status written back is the status returned;
 //! - after reset nothing is mapped, pinned or attached.
 #![no_main]
@@ -319,6 +320,12 @@ impl World {
         let want: Vec<(u64, u32)> = pins.into_iter().collect();
         assert_eq!(vm.pins().snapshot(), want, "pin refcounts");
         assert_eq!(s.pinned_pages, want.len() as u64, "stats().pinned_pages");
+        assert!(s.mem_used <= vm.config().mem_limit, "memory budget passed");
+        assert_eq!(
+            count == 0,
+            s.mem_used == 0,
+            "memory charged without mappings"
+        );
     }
 
     /// A fragment is inside one registered region, at the host address
@@ -408,7 +415,7 @@ impl World {
             Step::Reset => {
                 self.vm.reset();
                 let s = self.vm.stats();
-                assert_eq!((s.mappings, s.pinned_pages), (0, 0));
+                assert_eq!((s.mappings, s.pinned_pages, s.mem_used), (0, 0, 0));
                 assert!(self.vm.pins().snapshot().is_empty());
                 for &rid in &RIDS[..ENDPOINTS] {
                     assert!(!self.vm.endpoint(rid).unwrap().is_attached());
@@ -438,6 +445,10 @@ fn run(input: &Input) {
         pin_limit: input
             .pin_limit_pages
             .map_or(u64::MAX, |p| u64::from(p) * PAGE_SIZE),
+        // Tight enough that sparse MAPs meet it: about 2 nodes per page.
+        mem_limit: input
+            .pin_limit_pages
+            .map_or(u64::MAX, |p| u64::from(p) * 8192),
         bypass: input.bypass,
         host_iova: input.host_iova,
         max_segs: 252,

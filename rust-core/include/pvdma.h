@@ -233,6 +233,12 @@ typedef struct pvdma_config {
      */
     uint64_t pin_limit;
     /**
+     * Host memory the mappings may take (page tables and mapping
+     * records) in bytes; UINT64_MAX: unlimited. A MAP that would pass it
+     * gets QUOTA.
+     */
+    uint64_t mem_limit;
+    /**
      * `PVDMA_PIN_NONE` or `PVDMA_PIN_MLOCK`.
      */
     uint32_t pin_mode;
@@ -393,6 +399,14 @@ typedef struct pvdma_stats {
      */
     uint64_t pin_limit;
     /**
+     * Bytes of host memory the mappings take (page tables, records).
+     */
+    uint64_t mem_used;
+    /**
+     * The limit on `mem_used` (UINT64_MAX: none).
+     */
+    uint64_t mem_limit;
+    /**
      * Translations performed (`pvdma_vm_translate`, and `pvdma_vm_lookup`
      * with an access).
      */
@@ -529,7 +543,7 @@ const char *pvdma_version(void);
 
 /**
  * Fills `*out` with the default configuration (48 IOVA bits, 512
- * segments, no pin limit, no mlock, bypass and host IOVA on, 64 fault
+ * segments, no pin or memory limit, no mlock, bypass and host IOVA on, 64 fault
  * records). Does nothing when `out` is NULL.
  *
  * # Safety

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use smallvec::SmallVec;
@@ -18,7 +19,7 @@ use crate::pin::{self, PinTable};
 use crate::ram::RamLayout;
 use crate::sync::epoch::Guard;
 use crate::sync::{AtomicU64, Ordering};
-use crate::table::{IoPageTable, HUGE_SIZE};
+use crate::table::{IoPageTable, HUGE_SIZE, NODE_BYTES};
 use crate::types::{Access, Fragment, Perm, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
 
 /// Why a domain operation failed. Each maps onto one ABI status.
@@ -66,6 +67,82 @@ pub enum Error {
     /// The pin table refused.
     #[error(transparent)]
     Pin(#[from] pin::Error),
+    /// The mapping's page tables and records would pass the VM's memory
+    /// limit.
+    #[error("mapping needs up to {need} bytes of host memory; {used} of {limit} in use")]
+    MemQuota {
+        /// Bytes reserved for the request (an upper bound).
+        need: u64,
+        /// Bytes in use before it.
+        used: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+/// Host memory the mappings of one VM may take: page-table nodes below
+/// each domain's root, and the records of each mapping. Shared by the VM's
+/// domains. A guest may map one page at any number of IOVAs (pins count
+/// distinct pages only), so without this bound a guest could make the host
+/// allocate page tables without limit.
+#[derive(Debug)]
+pub struct MemBudget {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl MemBudget {
+    /// A budget of `limit` bytes (`u64::MAX`: unlimited).
+    pub fn new(limit: u64) -> MemBudget {
+        MemBudget {
+            limit,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes in use.
+    pub fn used(&self) -> u64 {
+        // Relaxed: a statistic; reservations use read-modify-write.
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` if they fit under the limit.
+    fn reserve(&self, bytes: u64) -> Result<()> {
+        // Relaxed: the counter guards no other memory; the read-modify-write
+        // alone makes concurrent reservations add up exactly.
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&n| n <= self.limit)
+            })
+            .map(|_| ())
+            .map_err(|used| Error::MemQuota {
+                need: bytes,
+                used,
+                limit: self.limit,
+            })
+    }
+
+    /// Gives back `bytes` taken by [`MemBudget::reserve`].
+    fn release(&self, bytes: u64) {
+        // Relaxed: see reserve.
+        let old = self.used.fetch_sub(bytes, Ordering::Relaxed);
+        debug_assert!(old >= bytes, "memory budget underflow");
+    }
+}
+
+/// Bytes charged for one mapping's record besides its table nodes: the
+/// record, its segment list, and the B-tree and IOVA allocator entries it
+/// may add (an estimate of the allocator's share, on the safe side).
+fn record_bytes(segs: usize) -> u64 {
+    const BOOKKEEPING: u64 = 128;
+    std::mem::size_of::<Mapping>() as u64
+        + segs as u64 * std::mem::size_of::<(u64, u64)>() as u64
+        + BOOKKEEPING
 }
 
 /// Result alias for domain operations.
@@ -371,6 +448,15 @@ impl<'a> FragmentSink<'a> {
     }
 }
 
+impl Drop for Domain {
+    fn drop(&mut self) {
+        // DETACH clears a domain before dropping it, so this is 0 but when
+        // a VM goes away with mappings in place.
+        let charged = self.inner.get_mut().charged;
+        self.budget.release(charged);
+    }
+}
+
 /// Source of [`Domain::generation`] values: one counter for every domain
 /// of the process, so that a value is never seen twice, not even by a
 /// domain allocated where a freed one was (a cache keyed on it has no ABA).
@@ -389,25 +475,42 @@ pub struct Domain {
     /// Changes whenever a translation is removed (UNMAP, DETACH, RAM
     /// removal): caches of translations (virtqueue rings) compare it.
     generation: AtomicU64,
+    /// The VM's memory budget, charged for nodes and records.
+    budget: Arc<MemBudget>,
 }
 
 struct DomainInner {
     /// Mappings by first IOVA page.
     mappings: BTreeMap<u64, Mapping>,
     alloc: IovaAllocator,
+    /// Bytes this domain holds of the budget.
+    charged: u64,
 }
 
 impl Domain {
-    /// An empty domain with an IOVA space of `iova_bits` bits.
+    /// An empty domain with an IOVA space of `iova_bits` bits and a
+    /// memory budget of its own, unlimited.
     pub fn new(iova_bits: u32) -> Domain {
+        Domain::with_budget(iova_bits, Arc::new(MemBudget::new(u64::MAX)))
+    }
+
+    /// An empty domain whose nodes and records are charged to `budget`.
+    pub fn with_budget(iova_bits: u32, budget: Arc<MemBudget>) -> Domain {
         Domain {
             table: IoPageTable::new(iova_bits),
             inner: Mutex::new(DomainInner {
                 mappings: BTreeMap::new(),
                 alloc: IovaAllocator::new(iova_bits),
+                charged: 0,
             }),
             generation: AtomicU64::new(next_generation()),
+            budget,
         }
+    }
+
+    /// Bytes of the memory budget this domain holds.
+    pub fn charged_bytes(&self) -> u64 {
+        self.inner.lock().charged
     }
 
     /// A value that changes (to one never used before by any domain)
@@ -499,16 +602,32 @@ impl Domain {
         };
 
         let iova = (first_page << PAGE_SHIFT) | offset;
-        let pages = page_list(Runs::new(iova, &segs), ram);
-        if let Err(e) = pins.pin(&pages) {
-            inner.alloc.free(first_page, npages);
-            return Err(e.into());
-        }
         {
+            // Taken before the reservation so that the table cannot change
+            // between counting the nodes it lacks and adding them.
             let mut writer = self.table.lock();
+            let record = record_bytes(segs.len());
+            let reserved = writer.nodes_needed(iova & !PAGE_MASK, span) * NODE_BYTES + record;
+            if let Err(e) = self.budget.reserve(reserved) {
+                inner.alloc.free(first_page, npages);
+                return Err(e);
+            }
+            let pages = page_list(Runs::new(iova, &segs), ram);
+            if let Err(e) = pins.pin(&pages) {
+                self.budget.release(reserved);
+                inner.alloc.free(first_page, npages);
+                return Err(e.into());
+            }
+            let nodes_before = self.table.node_count();
             for run in Runs::new(iova, &segs) {
                 writer.map(run.iova, run.gpa, run.len, perms);
             }
+            // Writers are serialised: the difference is this MAP's.
+            let added = (self.table.node_count() - nodes_before) as u64;
+            let charge = added * NODE_BYTES + record;
+            debug_assert!(charge <= reserved, "MAP took more nodes than reserved");
+            self.budget.release(reserved.saturating_sub(charge));
+            inner.charged += charge;
         }
         for run in Runs::new(iova, &segs) {
             notify(&run);
@@ -624,14 +743,25 @@ impl Domain {
     ) -> Removed {
         let mut removed = SmallVec::<[Mapping; 2]>::with_capacity(first_pages.len());
         let mut writer = self.table.lock();
+        let nodes_before = self.table.node_count();
+        let mut released = 0;
         for page in first_pages {
             let Some(m) = inner.mappings.remove(page) else {
                 continue;
             };
             writer.unmap(m.iova & !PAGE_MASK, m.span());
             inner.alloc.free(m.first_page(), m.npages());
+            released += record_bytes(m.segs.len());
             removed.push(m);
         }
+        released += (nodes_before - self.table.node_count()) as u64 * NODE_BYTES;
+        debug_assert!(
+            released <= inner.charged,
+            "domain releases more than it holds"
+        );
+        let released = released.min(inner.charged);
+        inner.charged -= released;
+        self.budget.release(released);
         if !removed.is_empty() {
             // Release: ordered after the table entries were cleared above,
             // so a cache that sees the new generation and rebuilds finds

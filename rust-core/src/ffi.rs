@@ -731,6 +731,10 @@ pub struct pvdma_config {
     pub max_segs: u32,
     /// Pin limit in bytes; UINT64_MAX: unlimited.
     pub pin_limit: u64,
+    /// Host memory the mappings may take (page tables and mapping
+    /// records) in bytes; UINT64_MAX: unlimited. A MAP that would pass it
+    /// gets QUOTA.
+    pub mem_limit: u64,
     /// `PVDMA_PIN_NONE` or `PVDMA_PIN_MLOCK`.
     pub pin_mode: u32,
     /// Unattached endpoints bypass translation (else their DMA is blocked).
@@ -752,6 +756,7 @@ impl pvdma_config {
             iova_bits: self.iova_bits,
             max_segs: self.max_segs,
             pin_limit: self.pin_limit,
+            mem_limit: self.mem_limit,
             pin_mode,
             bypass: self.bypass,
             host_iova: self.host_iova,
@@ -764,6 +769,7 @@ impl pvdma_config {
             iova_bits: c.iova_bits,
             max_segs: c.max_segs,
             pin_limit: c.pin_limit,
+            mem_limit: c.mem_limit,
             pin_mode: match c.pin_mode {
                 PinMode::None => PVDMA_PIN_NONE,
                 PinMode::Mlock => PVDMA_PIN_MLOCK,
@@ -776,7 +782,7 @@ impl pvdma_config {
 }
 
 /// Fills `*out` with the default configuration (48 IOVA bits, 512
-/// segments, no pin limit, no mlock, bypass and host IOVA on, 64 fault
+/// segments, no pin or memory limit, no mlock, bypass and host IOVA on, 64 fault
 /// records). Does nothing when `out` is NULL.
 ///
 /// # Safety
@@ -1488,6 +1494,10 @@ pub struct pvdma_stats {
     pub pinned_pages: u64,
     /// The pin limit in bytes (UINT64_MAX: none).
     pub pin_limit: u64,
+    /// Bytes of host memory the mappings take (page tables, records).
+    pub mem_used: u64,
+    /// The limit on `mem_used` (UINT64_MAX: none).
+    pub mem_limit: u64,
     /// Translations performed (`pvdma_vm_translate`, and `pvdma_vm_lookup`
     /// with an access).
     pub translations: u64,
@@ -1513,6 +1523,8 @@ pub unsafe extern "C" fn pvdma_vm_stats(
             mappings: s.mappings,
             pinned_pages: s.pinned_pages,
             pin_limit: vm.pins().limit_bytes(),
+            mem_used: s.mem_used,
+            mem_limit: vm.config().mem_limit,
             translations: s.translations,
             faults: s.faults,
         };

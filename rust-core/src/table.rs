@@ -82,6 +82,9 @@ fn leaf_perms(entry: u64) -> Perm {
     Perm::from_bits_truncate((entry >> PERM_SHIFT) as u8)
 }
 
+/// Host memory one table node takes (memory accounting).
+pub const NODE_BYTES: u64 = std::mem::size_of::<Node>() as u64;
+
 /// One table node: 512 entries plus the writer's count of present ones.
 #[repr(C, align(64))]
 struct Node {
@@ -440,6 +443,50 @@ impl TableWriter<'_> {
         let delta = gpa.wrapping_sub(iova);
         let top = self.table.levels - 1;
         self.map_in(&self.table.root, top, start, end, delta, perms);
+    }
+
+    /// An upper bound on the nodes a [`TableWriter::map`] of `[iova, iova +
+    /// len)` adds to the table as it is now: every node on the range's path
+    /// that does not exist yet (counted even where a 2 MiB leaf would make
+    /// a 4 KiB-leaf node unnecessary). Memory accounting reserves this much
+    /// before a MAP, under the same lock.
+    pub fn nodes_needed(&self, iova: u64, len: u64) -> u64 {
+        let Some((start, end)) = self.table.clip(iova, len) else {
+            return 0;
+        };
+        self.needed_in(&self.table.root, self.table.levels - 1, start, end)
+    }
+
+    fn needed_in(&self, node: &Node, level: u32, start: u64, end: u64) -> u64 {
+        if level == 0 {
+            return 0;
+        }
+        let size = 1u64 << entry_shift(level);
+        let mut lo = start & !(size - 1);
+        let mut needed = 0;
+        while lo < end {
+            // `end <= 2^57`, so these never overflow.
+            let hi = lo + size;
+            let (sub_start, sub_end) = (start.max(lo), end.min(hi));
+            // Relaxed: only writers store entries, and we hold the mutex.
+            let entry = node.slot(lo, level).load(Ordering::Relaxed);
+            needed += if entry & (PRESENT | LEAF) == PRESENT {
+                // SAFETY: a pointer entry of a linked node; we hold the
+                // mutex, and only writers free nodes.
+                self.needed_in(unsafe { child(entry) }, level - 1, sub_start, sub_end)
+            } else {
+                // Empty (or a leaf map would split): a new subtree, one node
+                // per node-sized block the range touches at each level.
+                (0..level)
+                    .map(|l| {
+                        let shift = entry_shift(l + 1);
+                        ((sub_end - 1) >> shift) - (sub_start >> shift) + 1
+                    })
+                    .sum()
+            };
+            lo = hi;
+        }
+        needed
     }
 
     /// Removes every leaf in [iova, iova+len) (page aligned).
@@ -928,6 +975,54 @@ mod tests {
         unmap(&t, PAGE_SIZE, PAGE_SIZE);
         assert_eq!(look(&t, 0), None);
         assert_eq!(look(&t, HUGE_SIZE - 1), None);
+    }
+
+    #[test]
+    fn nodes_needed_is_exact_for_4k_leaves_and_an_upper_bound_else() {
+        let t = IoPageTable::new(48);
+        let mut mapped = BTreeSet::new();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            // xorshift64: deterministic, no dependency.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..400 {
+            // Clustered and far-apart ranges, 1 page to 4 MiB.
+            let region = (next() % 4) << 39;
+            let page = region | ((next() % 4096) << PAGE_SHIFT);
+            let len = (1 + next() % 1024) << PAGE_SHIFT;
+            if (page..page + len)
+                .step_by(PAGE_SIZE as usize)
+                .any(|p| mapped.contains(&p))
+            {
+                continue;
+            }
+            // Odd pages: the gpa is never 2 MiB aligned, so no 2 MiB leaf.
+            let huge_possible = i % 3 == 0;
+            let gpa = if huge_possible {
+                page
+            } else {
+                page + PAGE_SIZE
+            };
+            let before = t.node_count() as u64;
+            let needed = t.lock().nodes_needed(page, len);
+            map(&t, page, gpa, len, Perm::READ);
+            let added = t.node_count() as u64 - before;
+            if huge_possible {
+                assert!(added <= needed, "{page:#x}+{len:#x}: {added} > {needed}");
+            } else {
+                assert_eq!(added, needed, "{page:#x}+{len:#x}");
+            }
+            mapped.extend((page..page + len).step_by(PAGE_SIZE as usize));
+        }
+        assert_eq!(
+            t.lock().nodes_needed(1 << 48, PAGE_SIZE),
+            0,
+            "outside the table"
+        );
     }
 
     #[test]

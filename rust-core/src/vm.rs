@@ -21,7 +21,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::abi::{self, Op, Status};
 use crate::domain::{
-    self, Domain, FaultReason, FragmentSink, IovaChoice, Mapping, PageRun, Removed,
+    self, Domain, FaultReason, FragmentSink, IovaChoice, Mapping, MemBudget, PageRun, Removed,
 };
 use crate::pin::{PinMode, PinTable};
 use crate::ram::{self, GuestRam, RamLayout, RamRegion};
@@ -71,6 +71,10 @@ pub struct VmConfig {
     pub max_segs: u32,
     /// Pin limit in bytes (u64::MAX: unlimited).
     pub pin_limit: u64,
+    /// Host memory the VM's mappings may take, page-table nodes and
+    /// mapping records, in bytes (u64::MAX: unlimited). A MAP that would
+    /// pass it gets QUOTA.
+    pub mem_limit: u64,
     /// Whether pinning mlocks pages.
     pub pin_mode: PinMode,
     /// Unattached endpoints bypass translation (else they are blocked).
@@ -87,6 +91,7 @@ impl Default for VmConfig {
             iova_bits: DEFAULT_IOVA_BITS,
             max_segs: DEFAULT_MAX_SEGS,
             pin_limit: u64::MAX,
+            mem_limit: u64::MAX,
             pin_mode: PinMode::None,
             bypass: true,
             host_iova: true,
@@ -197,6 +202,8 @@ pub struct StatsSnapshot {
     pub mappings: u64,
     /// Distinct pinned guest pages.
     pub pinned_pages: u64,
+    /// Bytes of host memory the mappings take (see [`VmConfig::mem_limit`]).
+    pub mem_used: u64,
     /// Translations performed through [`Vm::translate`].
     pub translations: u64,
     /// Refused device accesses.
@@ -628,6 +635,8 @@ pub struct Vm {
     cfg: VmConfig,
     ram: GuestRam,
     pins: PinTable,
+    /// What the domains' nodes and records may take.
+    mem: Arc<MemBudget>,
     endpoints: Atomic<EndpointMap>,
     /// Bumped after every replacement of `endpoints`: an
     /// [`EndpointCache`] made under the current value is still current.
@@ -644,6 +653,7 @@ impl Vm {
         cfg.validate()?;
         Ok(Vm {
             pins: PinTable::new(cfg.pin_limit, cfg.pin_mode),
+            mem: Arc::new(MemBudget::new(cfg.mem_limit)),
             ram: GuestRam::new(),
             endpoints: Atomic::new(EndpointMap::new()),
             endpoints_version: AtomicU64::new(1),
@@ -921,6 +931,7 @@ impl Vm {
         }
         s.mappings = self.stats.mappings.load(Ordering::Relaxed);
         s.pinned_pages = self.pins.pinned_pages();
+        s.mem_used = self.mem.used();
         s.translations = self.stats.translations.total();
         s.faults = self.fault_count();
         s
@@ -1284,7 +1295,7 @@ impl Vm {
                 }
                 // Release pairs with the Acquire loads in domain_of.
                 ep.domain.store(
-                    Owned::new(Domain::new(self.cfg.iova_bits)),
+                    Owned::new(Domain::with_budget(self.cfg.iova_bits, self.mem.clone())),
                     Ordering::Release,
                 );
                 Response::ok(0)
@@ -1477,6 +1488,8 @@ fn domain_status(e: &domain::Error) -> Status {
         domain::Error::Pin(PinError::Quota { .. } | PinError::Mlock { .. }) => Status::Quota,
         // A page referenced 2^32 times: no room to count one more.
         domain::Error::Pin(PinError::RefcountOverflow { .. }) => Status::Quota,
+        // The VM's mappings would take more host memory than allowed.
+        domain::Error::MemQuota { .. } => Status::Quota,
     }
 }
 

@@ -295,6 +295,61 @@ fn quota() {
     assert!(!g.vm.ram_range_pinned(0x6000, 0x1000));
 }
 
+/// A guest may map one page at many IOVAs (pins count distinct pages), so
+/// the host memory its page tables and records take has a limit of its
+/// own, shared by the VM's domains: QUOTA, leaving nothing behind.
+#[test]
+fn quota_memory() {
+    use pvdma::table::NODE_BYTES;
+    // 48-bit IOVAs: four levels, so a page alone in its 512 GiB region
+    // needs three nodes below the root.
+    let limit = 8 * NODE_BYTES;
+    let g = Guest::with(VmConfig {
+        mem_limit: limit,
+        ..VmConfig::default()
+    });
+    assert_eq!(g.attach(EP), Status::Ok);
+    assert_eq!(g.attach(EP2), Status::Ok);
+    let used = || g.vm.stats().mem_used;
+    assert_eq!(used(), 0);
+
+    // The same guest page, 512 GiB apart in IOVA space.
+    let far = |i: u64| (i + 1) << 39;
+    let m = g.map(EP, RW | FIXED, far(0), &[(0x1000, 0x1000)]);
+    assert_eq!(m.status, Status::Ok);
+    let one = used();
+    assert!(one > 3 * NODE_BYTES && one < 4 * NODE_BYTES, "{one}");
+    assert_eq!(
+        g.map(EP2, RW | FIXED, far(1), &[(0x1000, 0x1000)]).status,
+        Status::Ok
+    );
+    assert_eq!(used(), 2 * one, "both domains charge one budget");
+    // A third sparse page does not fit; nothing is left behind.
+    fails_cleanly(&g, Status::Quota, |g| {
+        g.map(EP, RW | FIXED, far(2), &[(0x1000, 0x1000)])
+    });
+    // A host-chosen IOVA lands in the first 512 GiB, also empty so far.
+    fails_cleanly(&g, Status::Quota, |g| g.map(EP, RW, 0, &[(0x1000, 0x1000)]));
+    // Next to an existing page only the record is new: it fits.
+    let near = g.map(EP, RW | FIXED, far(0) + 0x1000, &[(0x1000, 0x1000)]);
+    assert_eq!(near.status, Status::Ok);
+    assert!(used() - 2 * one < NODE_BYTES);
+    assert!(used() <= limit);
+
+    // UNMAP gives the memory back, DETACH all of it.
+    assert_eq!(g.unmap(EP2, far(1), 0).status, Status::Ok);
+    // Left: EP's first page (nodes and record) and the record of its
+    // neighbour.
+    assert_eq!(used(), 2 * one - 3 * NODE_BYTES);
+    assert_eq!(
+        g.map(EP, RW | FIXED, far(2), &[(0x1000, 0x1000)]).status,
+        Status::Ok
+    );
+    assert_eq!(g.detach(EP).status, Status::Ok);
+    assert_eq!(used(), 0);
+    assert_eq!(g.vm.stats().pinned_pages, 0);
+}
+
 #[test]
 fn perm() {
     let g = Guest::new();

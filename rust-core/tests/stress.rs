@@ -257,7 +257,7 @@ fn racing_fixed_maps_one_wins_and_racing_unmaps_one_wins() {
             vec![(Status::Ok, 0x1000), (Status::NoEnt, 0xdead_beef)],
             "round {round}"
         );
-        assert_eq!(g.footprint(), (0, 0, vec![], vec![vec![], vec![]]));
+        assert_eq!(g.footprint(), (0, 0, 0, vec![], vec![vec![], vec![]]));
     }
 }
 

@@ -389,6 +389,7 @@ static void test_config(void)
     CHECK_U64(c.iova_bits, 48);
     CHECK_U64(c.max_segs, 512);
     CHECK_U64(c.pin_limit, UINT64_MAX);
+    CHECK_U64(c.mem_limit, UINT64_MAX);
     CHECK_U64(c.pin_mode, PVDMA_PIN_NONE);
     CHECK(c.bypass && c.host_iova);
     CHECK_U64(c.fault_log_len, 64);
@@ -653,6 +654,38 @@ static void test_quota(void)
     CHECK_U64(st.requests[PVDMA_OP_MAP][PVDMA_S_QUOTA], 2);
     CHECK(pvdma_vm_ram_pinned(vm, 0x70000, PAGE));
     CHECK(!pvdma_vm_ram_pinned(vm, 0x71000, PAGE));
+    pvdma_vm_free(vm);
+}
+
+/*
+ * One guest page mapped at IOVAs 512 GiB apart costs page tables each time
+ * but no new pin: mem_limit bounds that memory.
+ */
+static void test_mem_quota(void)
+{
+    pvdma_config c = default_config();
+    c.mem_limit = 64 * 1024;
+    pvdma_vm *vm = new_vm_with(&c);
+    CHECK_ST(op_simple(vm, PVDMA_OP_ATTACH, RID_A, NULL), PVDMA_S_OK);
+    struct pvdma_seg page = { 0x10000, PAGE };
+    unsigned ok = 0;
+    uint32_t st = PVDMA_S_OK;
+    for (uint64_t i = 1; i < 64 && st == PVDMA_S_OK; i++) {
+        st = map(vm, RID_A, RW | FIXED, i << 39, &page, 1, NULL);
+        ok += st == PVDMA_S_OK;
+    }
+    CHECK_ST(st, PVDMA_S_QUOTA);
+    CHECK(ok >= 2 && ok < 10);
+    pvdma_stats s;
+    CHECK_RES(pvdma_vm_stats(vm, &s), PVDMA_OK);
+    CHECK_U64(s.mappings, ok);
+    CHECK_U64(s.pinned_pages, 1);
+    CHECK_U64(s.mem_limit, 64 * 1024);
+    CHECK(s.mem_used > 0 && s.mem_used <= 64 * 1024);
+    CHECK_U64(s.requests[PVDMA_OP_MAP][PVDMA_S_QUOTA], 1);
+    CHECK_ST(op_simple(vm, PVDMA_OP_DETACH, RID_A, NULL), PVDMA_S_OK);
+    CHECK_RES(pvdma_vm_stats(vm, &s), PVDMA_OK);
+    CHECK_U64(s.mem_used, 0);
     pvdma_vm_free(vm);
 }
 
@@ -1566,6 +1599,7 @@ int main(void)
     run_test("malformed requests", test_malformed_requests);
     run_test("MAP and UNMAP, with every error", test_map_unmap);
     run_test("QUOTA at the pin limit", test_quota);
+    run_test("QUOTA at the memory limit", test_mem_quota);
     run_test("NOSPC, and INVAL without HOST_IOVA", test_nospc_and_host_iova_off);
     run_test("translate into an iovec array", test_translate);
     run_test("the fault log keeps the newest", test_fault_log_wraps);

@@ -24,7 +24,13 @@ pub struct Guest {
 }
 
 /// Live mappings, pinned pages, pin refcounts, and each endpoint's mappings.
-pub type Footprint = (u64, u64, Vec<(u64, u32)>, Vec<Vec<pvdma::domain::Mapping>>);
+pub type Footprint = (
+    u64,
+    u64,
+    u64,
+    Vec<(u64, u32)>,
+    Vec<Vec<pvdma::domain::Mapping>>,
+);
 
 /// What the host wrote back into the block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +126,7 @@ impl Guest {
         (
             s.mappings,
             s.pinned_pages,
+            s.mem_used,
             self.vm.pins().snapshot(),
             [EP, EP2].iter().map(|&r| self.vm.mappings(r)).collect(),
         )
