@@ -129,6 +129,7 @@ struct PvdmaState {
 
     /* properties */
     uint64_t pin_limit;
+    uint64_t mem_limit;
     char *pin_mode;
     uint32_t iova_bits;
     uint32_t max_segs;
@@ -1020,6 +1021,7 @@ static void pvdma_realize(PCIDevice *pdev, Error **errp)
     cfg.iova_bits = s->iova_bits;
     cfg.max_segs = s->max_segs;
     cfg.pin_limit = s->pin_limit ? s->pin_limit : UINT64_MAX;
+    cfg.mem_limit = s->mem_limit ? s->mem_limit : UINT64_MAX;
     cfg.pin_mode = pin_mode;
     cfg.bypass = s->bypass;
     r = pvdma_vm_new(&cfg, &s->vm);
@@ -1267,8 +1269,9 @@ static bool pvdma_post_load(void *opaque, int version_id, Error **errp)
     r = pvdma_vm_state_load(s->vm, s->mig_state, s->mig_state_len);
     if (r != PVDMA_OK) {
         error_setg(errp, "pvdma: the remapping state was refused: %s "
-                   "(different iova-bits, max-segs, pin-limit, bypass or "
-                   "guest RAM layout than the source?)", pvdma_strerror(r));
+                   "(different iova-bits, max-segs, pin-limit, mem-limit, "
+                   "bypass or guest RAM layout than the source?)",
+                   pvdma_strerror(r));
         goto out;
     }
     trace_pvdma_migration("load", s->mig_state_len,
@@ -1354,6 +1357,8 @@ static PvdmaInfo *pvdma_query_one(PvdmaState *s)
     info->pin_limit = s->pin_limit;
     info->pin_mode = g_strdup(s->pin_mode ? s->pin_mode : "none");
     info->pinned_bytes = stats.pinned_pages * PVDMA_PAGE_SIZE;
+    info->mem_limit = s->mem_limit;
+    info->mem_used = stats.mem_used;
     info->mappings = stats.mappings;
     info->faults = pvdma_vm_fault_count(s->vm);
     info->last_status = s->last_status;
@@ -1434,6 +1439,9 @@ void hmp_info_pvdma(Monitor *mon, const QDict *qdict)
                        ", faults %" PRIu64 "\n", d->pin_mode, d->pin_limit,
                        d->pin_limit ? "" : " (unlimited)", d->pinned_bytes,
                        d->mappings, d->faults);
+        monitor_printf(mon, "  mem-limit %" PRIu64 "%s, mapping memory %"
+                       PRIu64 " bytes\n", d->mem_limit,
+                       d->mem_limit ? "" : " (unlimited)", d->mem_used);
         for (e = d->endpoints; e; e = e->next) {
             monitor_printf(mon, "  endpoint %s: %s%s, %" PRIu64
                            " mappings, %" PRIu64 " bytes mapped\n",
@@ -1454,6 +1462,7 @@ void hmp_info_pvdma(Monitor *mon, const QDict *qdict)
 
 static const Property pvdma_properties[] = {
     DEFINE_PROP_SIZE("pin-limit", PvdmaState, pin_limit, 0),
+    DEFINE_PROP_SIZE("mem-limit", PvdmaState, mem_limit, 256 * MiB),
     DEFINE_PROP_STRING("pin-mode", PvdmaState, pin_mode),
     DEFINE_PROP_UINT32("iova-bits", PvdmaState, iova_bits, 48),
     DEFINE_PROP_UINT32("max-segs", PvdmaState, max_segs, 512),
@@ -1484,6 +1493,9 @@ static void pvdma_class_init(ObjectClass *klass, const void *data)
     object_class_property_set_description(klass, "pin-limit",
         "Most guest RAM that mappings may pin, in bytes (0: no limit). "
         "MAP requests past it fail with QUOTA");
+    object_class_property_set_description(klass, "mem-limit",
+        "Most host memory the mappings' page tables and records may take, "
+        "in bytes (0: no limit). MAP requests past it fail with QUOTA");
     object_class_property_set_description(klass, "pin-mode",
         "none: pins are only counted; mlock: pinned pages are also "
         "mlock()ed (subject to RLIMIT_MEMLOCK)");

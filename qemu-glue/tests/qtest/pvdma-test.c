@@ -1277,6 +1277,50 @@ static QDict *pvdma_info(QTestState *qts)
     return info;
 }
 
+/*
+ * One guest page at IOVAs 512 GiB apart: no new pins, but new page tables
+ * each time, until mem-limit stops it with QUOTA.
+ */
+static void test_status_quota_mem(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS(",mem-limit=64K"));
+    uint64_t iova, result;
+    unsigned ok = 0;
+    uint32_t st = S_OK;
+    QDict *info;
+
+    attach(t, EDU_RID);
+    while (st == S_OK && ok < 64) {
+        iova = (uint64_t)(ok + 1) << 39;
+        st = map_range(t, EDU_RID, FLAG_READ | FLAG_FIXED, &iova, DATA_GPA,
+                       PAGE);
+        ok += st == S_OK;
+    }
+    g_assert_cmpuint(st, ==, S_QUOTA);
+    g_assert_cmpuint(ok, >=, 2);
+    g_assert_cmpuint(ok, <, 10);
+
+    info = pvdma_info(t->qts);
+    g_assert_cmpint(qdict_get_int(info, "mem-limit"), ==, 64 * KiB);
+    g_assert_cmpint(qdict_get_int(info, "mem-used"), >, 0);
+    g_assert_cmpint(qdict_get_int(info, "mem-used"), <=, 64 * KiB);
+    g_assert_cmpint(qdict_get_int(info, "mappings"), ==, ok);
+    g_assert_cmpint(qdict_get_int(info, "pinned-bytes"), ==, PAGE);
+    qobject_unref(info);
+
+    /* Next to a mapped page only the record is new */
+    iova = (1ULL << 39) + PAGE;
+    g_assert_cmpuint(map_range(t, EDU_RID, FLAG_READ | FLAG_FIXED, &iova,
+                               DATA_GPA, PAGE), ==, S_OK);
+    g_assert_cmpuint(do_op(t, OP_DETACH, EDU_RID, &result), ==, S_OK);
+    g_assert_cmpuint(result, ==, ok + 1);
+    info = pvdma_info(t->qts);
+    g_assert_cmpint(qdict_get_int(info, "mem-used"), ==, 0);
+    g_assert_cmpint(qdict_get_int(info, "pinned-bytes"), ==, 0);
+    qobject_unref(info);
+    pvdma_stop(t);
+}
+
 /* The endpoints[] entry of @info for requester "bus:dev.fn", or NULL. */
 static QDict *endpoint_info(QDict *info, const char *requester)
 {
@@ -1327,6 +1371,9 @@ static void test_qmp_hmp(void)
                     reg_readl(t, PVDMA_REG_MAX_SEGS));
     g_assert_cmpint(qdict_get_int(info, "pin-limit"), ==, 1 * MiB);
     g_assert_cmpint(qdict_get_int(info, "pinned-bytes"), ==, 0);
+    /* The default bound on mapping memory */
+    g_assert_cmpint(qdict_get_int(info, "mem-limit"), ==, 256 * MiB);
+    g_assert_cmpint(qdict_get_int(info, "mem-used"), ==, 0);
     g_assert_cmpint(qdict_get_int(info, "mappings"), ==, 0);
     g_assert_cmpint(qdict_get_int(info, "faults"), ==, 0);
     g_assert_cmpuint(qlist_size(qdict_get_qlist(info, "last-faults")), ==, 0);
@@ -1527,6 +1574,7 @@ int main(int argc, char **argv)
                    test_status_exist_noent_range);
     qtest_add_func("/pvdma/status/toobig-perm", test_status_toobig_perm);
     qtest_add_func("/pvdma/status/quota", test_status_quota);
+    qtest_add_func("/pvdma/status/quota-mem", test_status_quota_mem);
     qtest_add_func("/pvdma/dma/translated", test_dma_translated);
     qtest_add_func("/pvdma/dma/scatter", test_dma_scatter);
     qtest_add_func("/pvdma/dma/unmapped", test_dma_unmapped);
