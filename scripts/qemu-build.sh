@@ -112,6 +112,16 @@ SRC=$WORK/src
 BUILD=$WORK/build
 BIN=$BUILD/qemu-system-x86_64
 
+# Several checkouts (clones, worktrees, CI jobs) share the cache: one of
+# them at a time extracts, configures, stages the library and builds a
+# given key. The lock is released when this script exits.
+mkdir -p "$CACHE"
+exec {lock_fd}>"$WORK.lock"
+if ! flock -n "$lock_fd"; then
+    log "waiting for another build of $(basename "$WORK") to finish"
+    flock "$lock_fd"
+fi
+
 # --- the pvdma library -------------------------------------------------------
 # Build libpvdma.a with the project's meson (cargo underneath; a no-op when
 # nothing changed) and stage it, its headers and a pvdma.pc under $WORK/pvdma.
