@@ -671,13 +671,30 @@ impl Domain {
         guard: &Guard,
         sink: &mut FragmentSink<'_>,
     ) -> std::result::Result<(), TranslateFault> {
+        Self::translate_with(iova, len, access, ram, sink, |a| {
+            self.table.lookup(a, guard)
+        })
+    }
+
+    /// [`Domain::translate`] with the table walk supplied by the caller:
+    /// `lookup(iova)` answers what [`IoPageTable::lookup`] would (a cache
+    /// in front of the table, see [`crate::iotlb`]).
+    #[inline(always)]
+    pub fn translate_with(
+        iova: u64,
+        len: u64,
+        access: Access,
+        ram: &RamLayout,
+        sink: &mut FragmentSink<'_>,
+        mut lookup: impl FnMut(u64) -> Option<crate::table::Leaf>,
+    ) -> std::result::Result<(), TranslateFault> {
         let end = iova.checked_add(len).ok_or(TranslateFault {
             iova,
             reason: FaultReason::Overflow,
         })?;
         let mut cur = iova;
         while cur < end {
-            let leaf = self.table.lookup(cur, guard).ok_or(TranslateFault {
+            let leaf = lookup(cur).ok_or(TranslateFault {
                 iova: cur,
                 reason: FaultReason::Unmapped,
             })?;

@@ -23,6 +23,7 @@ use crate::abi::{self, Op, Status};
 use crate::domain::{
     self, Domain, FaultReason, FragmentSink, IovaChoice, Mapping, PageRun, Removed,
 };
+use crate::iotlb::Iotlb;
 use crate::pin::{PinMode, PinTable};
 use crate::ram::{self, GuestRam, RamLayout, RamRegion};
 use crate::sync::epoch::{self, Atomic, Guard, Owned, Shared};
@@ -973,7 +974,7 @@ impl Vm {
                 reason: FaultReason::NoDevice,
             })?;
         // Just found in the map: registered.
-        self.translate_ep(ep, None, iova, len, access, out, guard)
+        self.translate_ep(ep, None, None, iova, len, access, out, guard)
     }
 
     /// A translation handle for endpoint `rid`, for device models that
@@ -986,6 +987,12 @@ impl Vm {
         let guard = epoch::pin();
         let ep = self.endpoint_map(&guard).get(&rid)?.clone();
         Some(Translator { vm: self, ep })
+    }
+
+    /// [`Vm::translator`] with a software IOTLB of its own
+    /// ([`Translator::cached`]).
+    pub fn cached_translator(&self, rid: u32) -> Option<CachedTranslator<'_>> {
+        self.translator(rid).map(Translator::cached)
     }
 
     /// Where `ep`'s DMA goes under `guard`: its domain, or `None` to
@@ -1043,6 +1050,7 @@ impl Vm {
         &self,
         ep: &Endpoint,
         handle: Option<&Arc<Endpoint>>,
+        tlb: Option<&mut Iotlb>,
         iova: u64,
         len: u64,
         access: Access,
@@ -1053,9 +1061,16 @@ impl Vm {
         let route = self.route(ep, handle, guard).map_err(fault)?;
         let ram = self.ram.load(guard);
         let mut sink = FragmentSink::new(out);
-        match route {
-            Some(dom) => dom.translate(iova, len, access, ram, guard, &mut sink)?,
-            None => {
+        match (route, tlb) {
+            (Some(dom), None) => dom.translate(iova, len, access, ram, guard, &mut sink)?,
+            (Some(dom), Some(tlb)) => {
+                // Read once, before any walk (see `crate::iotlb`).
+                tlb.set_generation(dom.generation());
+                Domain::translate_with(iova, len, access, ram, &mut sink, |a| {
+                    tlb.lookup_at(dom.table(), a, guard)
+                })?
+            }
+            (None, _) => {
                 iova.checked_add(len).ok_or(fault(FaultReason::Overflow))?;
                 domain::emit_gpa_range(ram, iova, len, iova, &mut sink)?;
             }
@@ -1572,7 +1587,7 @@ impl Vm {
         let guard = epoch::pin();
         let r = match self.endpoint_map(&guard).get(&rid) {
             // Just found in the map: registered.
-            Some(ep) => self.lookup_ep(ep, None, iova, access, &guard),
+            Some(ep) => self.lookup_ep(ep, None, None, iova, access, &guard),
             None => Err(domain::TranslateFault {
                 iova,
                 reason: FaultReason::NoDevice,
@@ -1589,6 +1604,7 @@ impl Vm {
         &self,
         ep: &Endpoint,
         handle: Option<&Arc<Endpoint>>,
+        tlb: Option<&mut Iotlb>,
         iova: u64,
         access: Option<Access>,
         guard: &Guard,
@@ -1596,10 +1612,11 @@ impl Vm {
         let fault = |reason| domain::TranslateFault { iova, reason };
         let found = match self.route(ep, handle, guard).map_err(fault)? {
             Some(dom) => {
-                let leaf = dom
-                    .table()
-                    .lookup(iova, guard)
-                    .ok_or(fault(FaultReason::Unmapped))?;
+                let leaf = match tlb {
+                    Some(tlb) => tlb.lookup(dom, iova, guard),
+                    None => dom.table().lookup(iova, guard),
+                }
+                .ok_or(fault(FaultReason::Unmapped))?;
                 Lookup {
                     gpa: leaf.gpa,
                     run: leaf.run,
@@ -1630,7 +1647,24 @@ pub struct Translator<'a> {
     ep: Arc<Endpoint>,
 }
 
-impl Translator<'_> {
+impl<'a> Translator<'a> {
+    /// This handle with a software IOTLB in front of the domain's table
+    /// ([`crate::iotlb`]): for one device thread that translates the same
+    /// pages over and over. The cache is invalidated by every removal of a
+    /// translation (UNMAP, DETACH, RAM removal), so it never serves a
+    /// translation removed before the call started.
+    pub fn cached(self) -> CachedTranslator<'a> {
+        self.cached_with(Iotlb::new())
+    }
+
+    /// [`Translator::cached`] with a cache the caller already has (from
+    /// [`CachedTranslator::into_parts`]), say when a device model moves
+    /// to another VM or endpoint: entries made for any other domain, or
+    /// under an older generation of this one, are never served.
+    pub fn cached_with(self, tlb: Iotlb) -> CachedTranslator<'a> {
+        CachedTranslator { tr: self, tlb }
+    }
+
     /// The endpoint's requester ID.
     pub fn requester(&self) -> u32 {
         self.ep.rid
@@ -1665,8 +1699,16 @@ impl Translator<'_> {
         out: &mut [Fragment],
         guard: &Guard,
     ) -> std::result::Result<usize, domain::TranslateFault> {
-        self.vm
-            .translate_ep(&self.ep, Some(&self.ep), iova, len, access, out, guard)
+        self.vm.translate_ep(
+            &self.ep,
+            Some(&self.ep),
+            None,
+            iova,
+            len,
+            access,
+            out,
+            guard,
+        )
     }
 
     /// [`Vm::lookup`] for this endpoint, under the caller's guard.
@@ -1682,9 +1724,110 @@ impl Translator<'_> {
         }
         let r = self
             .vm
-            .lookup_ep(&self.ep, Some(&self.ep), iova, access, guard);
+            .lookup_ep(&self.ep, Some(&self.ep), None, iova, access, guard);
         if let (Err(f), Some(a)) = (r, access) {
             self.vm.record_fault(self.ep.rid, f.iova, a, f.reason);
+        }
+        r
+    }
+}
+
+/// A [`Translator`] with a software IOTLB ([`Translator::cached`],
+/// [`Vm::cached_translator`]): the same answers, but a page translated
+/// before is served from the cache without a table walk for as long as no
+/// translation of the endpoint's domain has been removed. Its methods take
+/// `&mut self`: one per device thread (it is `Send`, not shared).
+pub struct CachedTranslator<'a> {
+    tr: Translator<'a>,
+    tlb: Iotlb,
+}
+
+impl std::fmt::Debug for CachedTranslator<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedTranslator")
+            .field("rid", &self.tr.ep.rid)
+            .field("tlb", &self.tlb)
+            .finish()
+    }
+}
+
+impl<'a> CachedTranslator<'a> {
+    /// The endpoint's requester ID.
+    pub fn requester(&self) -> u32 {
+        self.tr.ep.rid
+    }
+
+    /// The cache (its miss count).
+    pub fn iotlb(&self) -> &Iotlb {
+        &self.tlb
+    }
+
+    /// The uncached handle and the cache.
+    pub fn into_parts(self) -> (Translator<'a>, Iotlb) {
+        (self.tr, self.tlb)
+    }
+
+    /// [`Translator::translate`] through the cache: counted, and a refusal
+    /// logged as a fault.
+    #[inline]
+    pub fn translate(
+        &mut self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        self.tr.vm.stats.translations.count();
+        let r = self.translate_in(iova, len, access, out, guard);
+        if let Err(f) = r {
+            self.tr
+                .vm
+                .record_fault(self.tr.ep.rid, f.iova, access, f.reason);
+        }
+        r
+    }
+
+    /// [`Translator::translate_in`] through the cache: neither counted nor
+    /// logged.
+    #[inline]
+    pub fn translate_in(
+        &mut self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        let ep = &self.tr.ep;
+        self.tr.vm.translate_ep(
+            ep,
+            Some(ep),
+            Some(&mut self.tlb),
+            iova,
+            len,
+            access,
+            out,
+            guard,
+        )
+    }
+
+    /// [`Translator::lookup`] through the cache.
+    #[inline]
+    pub fn lookup(
+        &mut self,
+        iova: u64,
+        access: Option<Access>,
+        guard: &Guard,
+    ) -> std::result::Result<Lookup, domain::TranslateFault> {
+        let vm = self.tr.vm;
+        if access.is_some() {
+            vm.stats.translations.count();
+        }
+        let ep = &self.tr.ep;
+        let r = vm.lookup_ep(ep, Some(ep), Some(&mut self.tlb), iova, access, guard);
+        if let (Err(f), Some(a)) = (r, access) {
+            vm.record_fault(ep.rid, f.iova, a, f.reason);
         }
         r
     }
