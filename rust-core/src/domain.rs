@@ -376,7 +376,7 @@ impl<'a> FragmentSink<'a> {
 /// domain allocated where a freed one was (a cache keyed on it has no ABA).
 static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-fn next_generation() -> u64 {
+pub(crate) fn next_generation() -> u64 {
     // Relaxed: only uniqueness matters; publication of the new value is
     // ordered by the Release store into `Domain::generation`.
     NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -389,6 +389,9 @@ pub struct Domain {
     /// Changes whenever a translation is removed (UNMAP, DETACH, RAM
     /// removal): caches of translations (virtqueue rings) compare it.
     generation: AtomicU64,
+    /// A generation shared with other domains (the VM's, see
+    /// `Vm::lookup`), set to a new value after this one on every removal.
+    shared_generation: Option<std::sync::Arc<AtomicU64>>,
 }
 
 struct DomainInner {
@@ -400,7 +403,19 @@ struct DomainInner {
 impl Domain {
     /// An empty domain with an IOVA space of `iova_bits` bits.
     pub fn new(iova_bits: u32) -> Domain {
+        Self::with_shared_generation(iova_bits, None)
+    }
+
+    /// [`Domain::new`] that also stores a new value into `shared` on every
+    /// removal of a translation (after its own generation, with Release),
+    /// so that a cache spanning several domains can be invalidated by one
+    /// load.
+    pub fn with_shared_generation(
+        iova_bits: u32,
+        shared: Option<std::sync::Arc<AtomicU64>>,
+    ) -> Domain {
         Domain {
+            shared_generation: shared,
             table: IoPageTable::new(iova_bits),
             inner: Mutex::new(DomainInner {
                 mappings: BTreeMap::new(),
@@ -638,6 +653,10 @@ impl Domain {
             // the pages gone. Stored before the request returns (and before
             // pins are released below).
             self.generation.store(next_generation(), Ordering::Release);
+            if let Some(shared) = &self.shared_generation {
+                // Release, after the table was cleared: as above.
+                shared.store(next_generation(), Ordering::Release);
+            }
         }
         drop(writer);
         // The table no longer reaches these pages: release the pins and

@@ -637,6 +637,11 @@ pub struct Vm {
     notifier: RwLock<Option<Notifier>>,
     faults: Mutex<VecDeque<FaultRecord>>,
     stats: Stats,
+    /// Changes (to a value never used before, by any VM or domain) after
+    /// every removal of a translation in any of this VM's domains and
+    /// every DETACH or endpoint removal: the key of the thread-local
+    /// cache of [`Vm::lookup`], which it lets serve hits without pinning.
+    lookup_generation: Arc<AtomicU64>,
 }
 
 impl Vm {
@@ -657,6 +662,7 @@ impl Vm {
                 translations: TranslationCounters::new(),
                 faults: AtomicU64::new(0),
             },
+            lookup_generation: Arc::new(AtomicU64::new(domain::next_generation())),
             cfg,
         })
     }
@@ -775,6 +781,8 @@ impl Vm {
         self.publish_endpoints(next, &guard);
         let _op = ep.op_lock.lock();
         self.detach_locked(&ep, &guard);
+        // After the map without the endpoint was published.
+        self.bump_lookup_generation();
         Ok(())
     }
 
@@ -868,6 +876,15 @@ impl Vm {
     fn unmap_notifier(&self, rid: u32) -> impl FnMut(&PageRun) + '_ {
         // Unmap events carry no meaningful permissions.
         self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE)
+    }
+
+    /// Invalidates every cached [`Vm::lookup`] of this VM, on every thread.
+    fn bump_lookup_generation(&self) {
+        // Release: pairs with the Acquire load in `Vm::lookup`; everything
+        // this thread changed before (table, endpoint routes) is seen by a
+        // lookup that loads the new value, and such a lookup misses.
+        self.lookup_generation
+            .store(domain::next_generation(), Ordering::Release);
     }
 
     fn count_removed(&self, removed: Removed) {
@@ -1299,9 +1316,16 @@ impl Vm {
                 }
                 // Release pairs with the Acquire loads in domain_of.
                 ep.domain.store(
-                    Owned::new(Domain::new(self.cfg.iova_bits)),
+                    Owned::new(Domain::with_shared_generation(
+                        self.cfg.iova_bits,
+                        Some(Arc::clone(&self.lookup_generation)),
+                    )),
                     Ordering::Release,
                 );
+                // Not needed (the endpoint had no domain, so no cached
+                // lookup of it is valid), but keeps the rule simple: every
+                // route change moves the lookup generation.
+                self.bump_lookup_generation();
                 Response::ok(0)
             }
             Op::Detach => {
@@ -1411,6 +1435,10 @@ impl Vm {
         let ram = self.ram.load(guard);
         let removed = dom.clear(ram, &self.pins, &mut self.unmap_notifier(ep.rid));
         self.count_removed(removed);
+        // After the swap above: a lookup that sees the new value sees the
+        // endpoint detached (the domain's removals bumped it too, but not
+        // when it was empty).
+        self.bump_lookup_generation();
         // SAFETY: unlinked above; readers that loaded it before hold guards
         // and defer_destroy waits for them.
         unsafe { guard.defer_destroy(old) };
@@ -1575,6 +1603,10 @@ impl Vm {
     /// access: counted as a translation, refused without the permission,
     /// and a refusal is logged as a fault. Lock-free, like
     /// [`Vm::translate`].
+    ///
+    /// Successful lookups through a domain are cached per thread (see
+    /// [`LookupCache`]); a hit costs no epoch pin and no table walk.
+    #[inline]
     pub fn lookup(
         &self,
         rid: u32,
@@ -1584,6 +1616,29 @@ impl Vm {
         if access.is_some() {
             self.stats.translations.count();
         }
+        // Acquire: pairs with the Release stores of `bump_lookup_generation`
+        // and `Domain::remove_locked` (see `crate::iotlb` for the argument,
+        // which is the same with this VM-wide generation). Read before the
+        // cache is probed, and before the walk that may fill it.
+        let generation = self.lookup_generation.load(Ordering::Acquire);
+        if let Some(found) = LookupCache::get(rid, iova, generation) {
+            // A refused access takes the slow path, which logs it.
+            if access.is_none_or(|a| found.perms.allows(a)) {
+                return Ok(found);
+            }
+        }
+        self.lookup_slow(rid, iova, access, generation)
+    }
+
+    /// [`Vm::lookup`] through the table, filling the cache.
+    #[inline(never)]
+    fn lookup_slow(
+        &self,
+        rid: u32,
+        iova: u64,
+        access: Option<Access>,
+        generation: u64,
+    ) -> std::result::Result<Lookup, domain::TranslateFault> {
         let guard = epoch::pin();
         let r = match self.endpoint_map(&guard).get(&rid) {
             // Just found in the map: registered.
@@ -1593,8 +1648,10 @@ impl Vm {
                 reason: FaultReason::NoDevice,
             }),
         };
-        if let (Err(f), Some(a)) = (r, access) {
-            self.record_fault(rid, f.iova, a, f.reason);
+        match (r, access) {
+            (Ok(found), _) if !found.bypass => LookupCache::put(rid, iova, generation, &found),
+            (Err(f), Some(a)) => self.record_fault(rid, f.iova, a, f.reason),
+            _ => {}
         }
         r
     }
@@ -1635,6 +1692,98 @@ impl Vm {
             Some(a) if !found.perms.allows(a) => Err(fault(FaultReason::Permission)),
             _ => Ok(found),
         }
+    }
+}
+
+/// The thread-local cache of [`Vm::lookup`] (what QEMU's IOMMU translate
+/// calls for every access, with no handle to keep a cache in): a
+/// direct-mapped table of successful domain lookups keyed by (requester
+/// ID, IOVA page) and tagged with the VM's lookup generation, which is
+/// unique across VMs. Served only while the VM's generation still has
+/// that value; it changes after every removal of a translation in any of
+/// the VM's domains and after every DETACH or endpoint removal, before the
+/// operation returns (the ordering argument is `crate::iotlb`'s). Bypass
+/// and refusals are never cached; permissions are checked on every hit.
+/// No epoch pin is needed on a hit: nothing epoch-protected is read.
+struct LookupCache;
+
+/// Entries of the [`LookupCache`] (a power of two): 12 KiB of
+/// thread-local storage per thread that calls [`Vm::lookup`] or not (it is
+/// static TLS, zero-initialised).
+const LOOKUP_CACHE_ENTRIES: usize = 512;
+
+/// One cached lookup; `key == 0` is empty.
+#[derive(Clone, Copy)]
+struct LookupEntry {
+    /// `iova_page << 17 | rid << 1 | 1` (IOVAs below 2^57 only).
+    key: u64,
+    /// The VM lookup generation it was made under.
+    generation: u64,
+    /// gpa of the page's first byte | pages to the end of the leaf << 2 |
+    /// permission bits (as `crate::iotlb` packs it).
+    value: u64,
+}
+
+thread_local! {
+    static LOOKUP_CACHE: [Cell<LookupEntry>; LOOKUP_CACHE_ENTRIES] = const {
+        [const {
+            Cell::new(LookupEntry {
+                key: 0,
+                generation: 0,
+                value: 0,
+            })
+        }; LOOKUP_CACHE_ENTRIES]
+    };
+}
+
+impl LookupCache {
+    /// The key and slot of (`rid`, `iova`); None when not cacheable.
+    #[inline(always)]
+    fn key(rid: u32, iova: u64) -> Option<(u64, usize)> {
+        if iova >> MAX_IOVA_BITS != 0 || rid > 0xffff {
+            return None;
+        }
+        let page = iova >> crate::types::PAGE_SHIFT;
+        let key = page << 17 | u64::from(rid) << 1 | 1;
+        let slot = (page ^ u64::from(rid) << 3) as usize & (LOOKUP_CACHE_ENTRIES - 1);
+        Some((key, slot))
+    }
+
+    #[inline(always)]
+    fn get(rid: u32, iova: u64, generation: u64) -> Option<Lookup> {
+        let (key, slot) = Self::key(rid, iova)?;
+        // No destructor: the storage is always accessible, `try_with` only
+        // keeps a hypothetical failure off the hot path's panic paths.
+        let e = LOOKUP_CACHE.try_with(|c| c[slot].get()).ok()?;
+        if e.key != key || e.generation != generation {
+            return None;
+        }
+        let off = iova & crate::types::PAGE_MASK;
+        let span = (e.value & crate::types::PAGE_MASK) >> 2;
+        Some(Lookup {
+            gpa: (e.value & !crate::types::PAGE_MASK) | off,
+            run: (span << crate::types::PAGE_SHIFT) - off,
+            // Truncation intended: the low bits hold the permissions.
+            perms: Perm::from_bits_truncate(e.value as u8),
+            bypass: false,
+        })
+    }
+
+    fn put(rid: u32, iova: u64, generation: u64, found: &Lookup) {
+        let Some((key, slot)) = Self::key(rid, iova) else {
+            return;
+        };
+        let off = iova & crate::types::PAGE_MASK;
+        let span = (off + found.run) >> crate::types::PAGE_SHIFT;
+        if span > crate::types::PAGE_MASK >> 2 {
+            return;
+        }
+        let e = LookupEntry {
+            key,
+            generation,
+            value: (found.gpa - off) | span << 2 | u64::from(found.perms.bits()),
+        };
+        let _ = LOOKUP_CACHE.try_with(|c| c[slot].set(e));
     }
 }
 

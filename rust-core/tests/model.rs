@@ -952,18 +952,39 @@ impl Run {
         }
         let pages = self.m.pages(ep);
         let accesses = [Access::Read, Access::Write, Access::ReadWrite];
-        // Single-address lookups through the cache (what an IOMMU
-        // translate asks): equal to `Vm::lookup`, mapped or not.
+        // Single-address lookups (what an IOMMU translate asks), mapped
+        // or not: the uncached `Translator::lookup` as the model says,
+        // then `Vm::lookup` (thread-local cache) and the endpoint's
+        // `CachedTranslator`, each twice (fill, then hit), equal to it.
+        let uncached = vm.translator(RIDS[ep]).expect("both endpoints exist");
         for &p in pages.keys().chain(&[0, 47]) {
             let iova = p * PAGE_SIZE + 0x18;
             if iova >> self.m.bits != 0 {
                 continue;
             }
             for access in [None, Some(Access::Write)] {
-                let want = vm.lookup(RIDS[ep], iova, access);
+                let ctx = format!("ep{ep} lookup {iova:#x} {access:?}");
+                let want = uncached.lookup(iova, access, &epoch::pin());
+                match (pages.get(&p), &want) {
+                    (None, Err(f)) => assert_eq!(f.reason, FaultReason::Unmapped, "{ctx}"),
+                    (Some(&(gpage, perms)), _)
+                        if access.is_some_and(|a| !Perm::from_bits_truncate(perms).allows(a)) =>
+                    {
+                        let f = want.expect_err(&ctx);
+                        assert_eq!(f.reason, FaultReason::Permission, "{ctx}: {gpage:#x}");
+                    }
+                    (Some(&(gpage, perms)), Ok(l)) => {
+                        assert_eq!(l.gpa, gpage * PAGE_SIZE + 0x18, "{ctx}");
+                        assert_eq!(l.perms.bits(), perms, "{ctx}");
+                        assert!(!l.bypass && l.run > 0, "{ctx}");
+                    }
+                    (model, got) => panic!("{ctx}: model {model:?}, got {got:?}"),
+                }
                 for pass in 0..2 {
+                    let got = vm.lookup(RIDS[ep], iova, access);
+                    assert_eq!(got, want, "{ctx}: Vm::lookup pass {pass}");
                     let got = self.with_cached(vm, ep, |tr, guard| tr.lookup(iova, access, guard));
-                    assert_eq!(got, want, "ep{ep} cached lookup {iova:#x} pass {pass}");
+                    assert_eq!(got, want, "{ctx}: cached translator pass {pass}");
                 }
             }
         }

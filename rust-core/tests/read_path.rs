@@ -242,8 +242,9 @@ fn counting_is_exact_while_stats_are_read() {
 const EXPECT_UNMAPPED: u64 = 1;
 const EXPECT_UNATTACHED: u64 = 2;
 
-/// A `CachedTranslator` on another thread, its cache filled with a page's
-/// translation, never serves that translation once UNMAP, DETACH or the
+/// A `CachedTranslator` (and `Vm::lookup`, with its thread-local cache)
+/// on another thread, its cache filled with a page's translation, never
+/// serves that translation once UNMAP, DETACH or the
 /// removal of the page's RAM has returned, nor a mapping made in the
 /// previous attachment. Lock-step: the writer does one operation, then
 /// publishes what every translation from now on must give, and waits until
@@ -283,6 +284,12 @@ fn cached_translator_is_never_stale_across_threads() {
                     let guard = epoch::pin();
                     let l = tr.lookup(IOVA + 8, Some(Access::Read), &guard);
                     let t = tr.translate_in(IOVA, PAGE_SIZE, Access::Read, &mut out, &guard);
+                    // `Vm::lookup` and its thread-local cache: the same.
+                    assert_eq!(
+                        g.vm.lookup(EP, IOVA + 8, Some(Access::Read)),
+                        l,
+                        "phase {p}"
+                    );
                     match want {
                         EXPECT_UNMAPPED => {
                             assert_eq!(l.unwrap_err().reason, FaultReason::Unmapped, "phase {p}");
