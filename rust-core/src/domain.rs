@@ -690,14 +690,37 @@ impl Domain {
         guard: &Guard,
         sink: &mut FragmentSink<'_>,
     ) -> std::result::Result<(), TranslateFault> {
-        Self::translate_with(iova, len, access, ram, sink, |a| {
-            self.table.lookup(a, guard)
-        })
+        // The body of `translate_with`, written out rather than calling it
+        // with a closure: the hot uncached path keeps its own copy (see
+        // the note there).
+        let end = iova.checked_add(len).ok_or(TranslateFault {
+            iova,
+            reason: FaultReason::Overflow,
+        })?;
+        let mut cur = iova;
+        while cur < end {
+            let leaf = self.table.lookup(cur, guard).ok_or(TranslateFault {
+                iova: cur,
+                reason: FaultReason::Unmapped,
+            })?;
+            if !leaf.perms.allows(access) {
+                return Err(TranslateFault {
+                    iova: cur,
+                    reason: FaultReason::Permission,
+                });
+            }
+            let n = leaf.run.min(end - cur);
+            emit_gpa_range(ram, leaf.gpa, n, cur, sink)?;
+            cur += n;
+        }
+        Ok(())
     }
 
     /// [`Domain::translate`] with the table walk supplied by the caller:
     /// `lookup(iova)` answers what [`IoPageTable::lookup`] would (a cache
-    /// in front of the table, see [`crate::iotlb`]).
+    /// in front of the table, see [`crate::iotlb`]). `Domain::translate`
+    /// has its own copy of this loop: calling this with a closure gave the
+    /// same instruction count but measured 15-19% slower (code layout).
     #[inline(always)]
     pub fn translate_with(
         iova: u64,
