@@ -12,7 +12,8 @@ cd "$PVDMA_ROOT"
 variants=("$@")
 if [ ${#variants[@]} -eq 0 ]; then
     variants=(table_lookup domain_translate vm_translate_in vm_translate vm_lookup
-        translator_translate_in translator_translate translator_lookup)
+        translator_translate_in translator_translate translator_lookup
+        translator_cached_translate translator_cached_lookup)
 fi
 cargo build -q --release -p pvdma-benches --example ir_translate
 target_dir=$(cargo metadata --format-version 1 --no-deps |

@@ -153,6 +153,34 @@ fn run_translator_lookup(vm: &Vm, hot: &[u64], guard: &Guard) -> u64 {
     acc
 }
 
+#[inline(never)]
+fn run_translator_cached_translate(vm: &Vm, hot: &[u64], guard: &Guard) -> u64 {
+    let mut t = vm.cached_translator(EP).expect("endpoint");
+    let mut out = fragments::<1>();
+    let mut acc = 0u64;
+    for _ in 0..ITERS {
+        for &iova in hot {
+            let r = t.translate(black_box(iova), PAGE_SIZE, Access::Read, &mut out, guard);
+            assert_eq!(r, Ok(1));
+            acc = acc.wrapping_add(out[0].gpa);
+        }
+    }
+    acc
+}
+
+#[inline(never)]
+fn run_translator_cached_lookup(vm: &Vm, hot: &[u64], guard: &Guard) -> u64 {
+    let mut t = vm.cached_translator(EP).expect("endpoint");
+    let mut acc = 0u64;
+    for _ in 0..ITERS {
+        for &iova in hot {
+            let l = t.lookup(black_box(iova), Some(Access::Read), guard);
+            acc = acc.wrapping_add(l.map_or(0, |l| l.gpa));
+        }
+    }
+    acc
+}
+
 fn main() {
     let variant = std::env::args().nth(1).unwrap_or_default();
     let guest = Guest::populated(PAGES);
@@ -174,6 +202,8 @@ fn main() {
         "translator_translate_in" => run_translator_translate_in(vm, &hot, &guard),
         "translator_translate" => run_translator_translate(vm, &hot, &guard),
         "translator_lookup" => run_translator_lookup(vm, &hot, &guard),
+        "translator_cached_translate" => run_translator_cached_translate(vm, &hot, &guard),
+        "translator_cached_lookup" => run_translator_cached_lookup(vm, &hot, &guard),
         _ => {
             eprintln!("usage: ir_translate VARIANT (see scripts/ir-translate.sh)");
             std::process::exit(2);

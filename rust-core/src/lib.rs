@@ -12,6 +12,7 @@
 //! - [`pin`]: the per-VM pin table (refcounts, limit, optional mlock).
 //! - [`iova_alloc`]: the IOVA allocator used when the host picks the IOVA.
 //! - [`domain`]: a translation domain: table + mapping records + allocator.
+//! - [`iotlb`]: a per-handle software IOTLB in front of the table.
 //! - [`vm`]: the VM: endpoints, domains, notifications, faults, statistics,
 //!   the request engine ([`vm::Vm::submit`]) and migration state.
 //! - [`ffi`]: the C API (header `include/pvdma.h`, made by cbindgen).
@@ -19,6 +20,7 @@
 pub mod abi;
 pub mod domain;
 pub mod ffi;
+pub mod iotlb;
 pub mod iova_alloc;
 pub mod iova_space;
 pub mod pin;

@@ -23,6 +23,7 @@ use crate::abi::{self, Op, Status};
 use crate::domain::{
     self, Domain, FaultReason, FragmentSink, IovaChoice, Mapping, MemBudget, PageRun, Removed,
 };
+use crate::iotlb::Iotlb;
 use crate::pin::{PinMode, PinTable};
 use crate::ram::{self, GuestRam, RamLayout, RamRegion};
 use crate::sync::epoch::{self, Atomic, Guard, Owned, Shared};
@@ -645,6 +646,11 @@ pub struct Vm {
     notifier: RwLock<Option<Notifier>>,
     faults: Mutex<VecDeque<FaultRecord>>,
     stats: Stats,
+    /// Changes (to a value never used before, by any VM or domain) after
+    /// every removal of a translation in any of this VM's domains and
+    /// every DETACH or endpoint removal: the key of the thread-local
+    /// cache of [`Vm::lookup`], which it lets serve hits without pinning.
+    lookup_generation: Arc<AtomicU64>,
 }
 
 impl Vm {
@@ -666,6 +672,7 @@ impl Vm {
                 translations: TranslationCounters::new(),
                 faults: AtomicU64::new(0),
             },
+            lookup_generation: Arc::new(AtomicU64::new(domain::next_generation())),
             cfg,
         })
     }
@@ -784,6 +791,8 @@ impl Vm {
         self.publish_endpoints(next, &guard);
         let _op = ep.op_lock.lock();
         self.detach_locked(&ep, &guard);
+        // After the map without the endpoint was published.
+        self.bump_lookup_generation();
         Ok(())
     }
 
@@ -877,6 +886,15 @@ impl Vm {
     fn unmap_notifier(&self, rid: u32) -> impl FnMut(&PageRun) + '_ {
         // Unmap events carry no meaningful permissions.
         self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE)
+    }
+
+    /// Invalidates every cached [`Vm::lookup`] of this VM, on every thread.
+    fn bump_lookup_generation(&self) {
+        // Release: pairs with the Acquire load in `Vm::lookup`; everything
+        // this thread changed before (table, endpoint routes) is seen by a
+        // lookup that loads the new value, and such a lookup misses.
+        self.lookup_generation
+            .store(domain::next_generation(), Ordering::Release);
     }
 
     fn count_removed(&self, removed: Removed) {
@@ -984,7 +1002,7 @@ impl Vm {
                 reason: FaultReason::NoDevice,
             })?;
         // Just found in the map: registered.
-        self.translate_ep(ep, None, iova, len, access, out, guard)
+        self.translate_ep(ep, None, None, iova, len, access, out, guard)
     }
 
     /// A translation handle for endpoint `rid`, for device models that
@@ -997,6 +1015,12 @@ impl Vm {
         let guard = epoch::pin();
         let ep = self.endpoint_map(&guard).get(&rid)?.clone();
         Some(Translator { vm: self, ep })
+    }
+
+    /// [`Vm::translator`] with a software IOTLB of its own
+    /// ([`Translator::cached`]).
+    pub fn cached_translator(&self, rid: u32) -> Option<CachedTranslator<'_>> {
+        self.translator(rid).map(Translator::cached)
     }
 
     /// Where `ep`'s DMA goes under `guard`: its domain, or `None` to
@@ -1054,6 +1078,7 @@ impl Vm {
         &self,
         ep: &Endpoint,
         handle: Option<&Arc<Endpoint>>,
+        tlb: Option<&mut Iotlb>,
         iova: u64,
         len: u64,
         access: Access,
@@ -1064,9 +1089,16 @@ impl Vm {
         let route = self.route(ep, handle, guard).map_err(fault)?;
         let ram = self.ram.load(guard);
         let mut sink = FragmentSink::new(out);
-        match route {
-            Some(dom) => dom.translate(iova, len, access, ram, guard, &mut sink)?,
-            None => {
+        match (route, tlb) {
+            (Some(dom), None) => dom.translate(iova, len, access, ram, guard, &mut sink)?,
+            (Some(dom), Some(tlb)) => {
+                // Read once, before any walk (see `crate::iotlb`).
+                tlb.set_generation(dom.generation());
+                Domain::translate_with(iova, len, access, ram, &mut sink, |a| {
+                    tlb.lookup_at(dom.table(), a, guard)
+                })?
+            }
+            (None, _) => {
                 iova.checked_add(len).ok_or(fault(FaultReason::Overflow))?;
                 domain::emit_gpa_range(ram, iova, len, iova, &mut sink)?;
             }
@@ -1295,9 +1327,17 @@ impl Vm {
                 }
                 // Release pairs with the Acquire loads in domain_of.
                 ep.domain.store(
-                    Owned::new(Domain::with_budget(self.cfg.iova_bits, self.mem.clone())),
+                    Owned::new(Domain::in_vm(
+                        self.cfg.iova_bits,
+                        Arc::clone(&self.mem),
+                        Some(Arc::clone(&self.lookup_generation)),
+                    )),
                     Ordering::Release,
                 );
+                // Not needed (the endpoint had no domain, so no cached
+                // lookup of it is valid), but keeps the rule simple: every
+                // route change moves the lookup generation.
+                self.bump_lookup_generation();
                 Response::ok(0)
             }
             Op::Detach => {
@@ -1407,6 +1447,10 @@ impl Vm {
         let ram = self.ram.load(guard);
         let removed = dom.clear(ram, &self.pins, &mut self.unmap_notifier(ep.rid));
         self.count_removed(removed);
+        // After the swap above: a lookup that sees the new value sees the
+        // endpoint detached (the domain's removals bumped it too, but not
+        // when it was empty).
+        self.bump_lookup_generation();
         // SAFETY: unlinked above; readers that loaded it before hold guards
         // and defer_destroy waits for them.
         unsafe { guard.defer_destroy(old) };
@@ -1573,6 +1617,10 @@ impl Vm {
     /// access: counted as a translation, refused without the permission,
     /// and a refusal is logged as a fault. Lock-free, like
     /// [`Vm::translate`].
+    ///
+    /// Successful lookups through a domain are cached per thread (see
+    /// [`LookupCache`]); a hit costs no epoch pin and no table walk.
+    #[inline]
     pub fn lookup(
         &self,
         rid: u32,
@@ -1582,17 +1630,42 @@ impl Vm {
         if access.is_some() {
             self.stats.translations.count();
         }
+        // Acquire: pairs with the Release stores of `bump_lookup_generation`
+        // and `Domain::remove_locked` (see `crate::iotlb` for the argument,
+        // which is the same with this VM-wide generation). Read before the
+        // cache is probed, and before the walk that may fill it.
+        let generation = self.lookup_generation.load(Ordering::Acquire);
+        if let Some(found) = LookupCache::get(rid, iova, generation) {
+            // A refused access takes the slow path, which logs it.
+            if access.is_none_or(|a| found.perms.allows(a)) {
+                return Ok(found);
+            }
+        }
+        self.lookup_slow(rid, iova, access, generation)
+    }
+
+    /// [`Vm::lookup`] through the table, filling the cache.
+    #[inline(never)]
+    fn lookup_slow(
+        &self,
+        rid: u32,
+        iova: u64,
+        access: Option<Access>,
+        generation: u64,
+    ) -> std::result::Result<Lookup, domain::TranslateFault> {
         let guard = epoch::pin();
         let r = match self.endpoint_map(&guard).get(&rid) {
             // Just found in the map: registered.
-            Some(ep) => self.lookup_ep(ep, None, iova, access, &guard),
+            Some(ep) => self.lookup_ep(ep, None, None, iova, access, &guard),
             None => Err(domain::TranslateFault {
                 iova,
                 reason: FaultReason::NoDevice,
             }),
         };
-        if let (Err(f), Some(a)) = (r, access) {
-            self.record_fault(rid, f.iova, a, f.reason);
+        match (r, access) {
+            (Ok(found), _) if !found.bypass => LookupCache::put(rid, iova, generation, &found),
+            (Err(f), Some(a)) => self.record_fault(rid, f.iova, a, f.reason),
+            _ => {}
         }
         r
     }
@@ -1602,6 +1675,7 @@ impl Vm {
         &self,
         ep: &Endpoint,
         handle: Option<&Arc<Endpoint>>,
+        tlb: Option<&mut Iotlb>,
         iova: u64,
         access: Option<Access>,
         guard: &Guard,
@@ -1609,10 +1683,11 @@ impl Vm {
         let fault = |reason| domain::TranslateFault { iova, reason };
         let found = match self.route(ep, handle, guard).map_err(fault)? {
             Some(dom) => {
-                let leaf = dom
-                    .table()
-                    .lookup(iova, guard)
-                    .ok_or(fault(FaultReason::Unmapped))?;
+                let leaf = match tlb {
+                    Some(tlb) => tlb.lookup(dom, iova, guard),
+                    None => dom.table().lookup(iova, guard),
+                }
+                .ok_or(fault(FaultReason::Unmapped))?;
                 Lookup {
                     gpa: leaf.gpa,
                     run: leaf.run,
@@ -1634,6 +1709,98 @@ impl Vm {
     }
 }
 
+/// The thread-local cache of [`Vm::lookup`] (what QEMU's IOMMU translate
+/// calls for every access, with no handle to keep a cache in): a
+/// direct-mapped table of successful domain lookups keyed by (requester
+/// ID, IOVA page) and tagged with the VM's lookup generation, which is
+/// unique across VMs. Served only while the VM's generation still has
+/// that value; it changes after every removal of a translation in any of
+/// the VM's domains and after every DETACH or endpoint removal, before the
+/// operation returns (the ordering argument is `crate::iotlb`'s). Bypass
+/// and refusals are never cached; permissions are checked on every hit.
+/// No epoch pin is needed on a hit: nothing epoch-protected is read.
+struct LookupCache;
+
+/// Entries of the [`LookupCache`] (a power of two): 12 KiB of
+/// thread-local storage per thread that calls [`Vm::lookup`] or not (it is
+/// static TLS, zero-initialised).
+const LOOKUP_CACHE_ENTRIES: usize = 512;
+
+/// One cached lookup; `key == 0` is empty.
+#[derive(Clone, Copy)]
+struct LookupEntry {
+    /// `iova_page << 17 | rid << 1 | 1` (IOVAs below 2^57 only).
+    key: u64,
+    /// The VM lookup generation it was made under.
+    generation: u64,
+    /// gpa of the page's first byte | pages to the end of the leaf << 2 |
+    /// permission bits (as `crate::iotlb` packs it).
+    value: u64,
+}
+
+thread_local! {
+    static LOOKUP_CACHE: [Cell<LookupEntry>; LOOKUP_CACHE_ENTRIES] = const {
+        [const {
+            Cell::new(LookupEntry {
+                key: 0,
+                generation: 0,
+                value: 0,
+            })
+        }; LOOKUP_CACHE_ENTRIES]
+    };
+}
+
+impl LookupCache {
+    /// The key and slot of (`rid`, `iova`); None when not cacheable.
+    #[inline(always)]
+    fn key(rid: u32, iova: u64) -> Option<(u64, usize)> {
+        if iova >> MAX_IOVA_BITS != 0 || rid > 0xffff {
+            return None;
+        }
+        let page = iova >> crate::types::PAGE_SHIFT;
+        let key = page << 17 | u64::from(rid) << 1 | 1;
+        let slot = (page ^ u64::from(rid) << 3) as usize & (LOOKUP_CACHE_ENTRIES - 1);
+        Some((key, slot))
+    }
+
+    #[inline(always)]
+    fn get(rid: u32, iova: u64, generation: u64) -> Option<Lookup> {
+        let (key, slot) = Self::key(rid, iova)?;
+        // No destructor: the storage is always accessible, `try_with` only
+        // keeps a hypothetical failure off the hot path's panic paths.
+        let e = LOOKUP_CACHE.try_with(|c| c[slot].get()).ok()?;
+        if e.key != key || e.generation != generation {
+            return None;
+        }
+        let off = iova & crate::types::PAGE_MASK;
+        let span = (e.value & crate::types::PAGE_MASK) >> 2;
+        Some(Lookup {
+            gpa: (e.value & !crate::types::PAGE_MASK) | off,
+            run: (span << crate::types::PAGE_SHIFT) - off,
+            // Truncation intended: the low bits hold the permissions.
+            perms: Perm::from_bits_truncate(e.value as u8),
+            bypass: false,
+        })
+    }
+
+    fn put(rid: u32, iova: u64, generation: u64, found: &Lookup) {
+        let Some((key, slot)) = Self::key(rid, iova) else {
+            return;
+        };
+        let off = iova & crate::types::PAGE_MASK;
+        let span = (off + found.run) >> crate::types::PAGE_SHIFT;
+        if span > crate::types::PAGE_MASK >> 2 {
+            return;
+        }
+        let e = LookupEntry {
+            key,
+            generation,
+            value: (found.gpa - off) | span << 2 | u64::from(found.perms.bits()),
+        };
+        let _ = LOOKUP_CACHE.try_with(|c| c[slot].set(e));
+    }
+}
+
 /// A translation handle for one endpoint ([`Vm::translator`]): the
 /// endpoint resolved once, so each translation goes straight to its
 /// domain. Lock-free and wait-free like [`Vm::translate`]; `Send` and
@@ -1643,7 +1810,24 @@ pub struct Translator<'a> {
     ep: Arc<Endpoint>,
 }
 
-impl Translator<'_> {
+impl<'a> Translator<'a> {
+    /// This handle with a software IOTLB in front of the domain's table
+    /// ([`crate::iotlb`]): for one device thread that translates the same
+    /// pages over and over. The cache is invalidated by every removal of a
+    /// translation (UNMAP, DETACH, RAM removal), so it never serves a
+    /// translation removed before the call started.
+    pub fn cached(self) -> CachedTranslator<'a> {
+        self.cached_with(Iotlb::new())
+    }
+
+    /// [`Translator::cached`] with a cache the caller already has (from
+    /// [`CachedTranslator::into_parts`]), say when a device model moves
+    /// to another VM or endpoint: entries made for any other domain, or
+    /// under an older generation of this one, are never served.
+    pub fn cached_with(self, tlb: Iotlb) -> CachedTranslator<'a> {
+        CachedTranslator { tr: self, tlb }
+    }
+
     /// The endpoint's requester ID.
     pub fn requester(&self) -> u32 {
         self.ep.rid
@@ -1678,8 +1862,16 @@ impl Translator<'_> {
         out: &mut [Fragment],
         guard: &Guard,
     ) -> std::result::Result<usize, domain::TranslateFault> {
-        self.vm
-            .translate_ep(&self.ep, Some(&self.ep), iova, len, access, out, guard)
+        self.vm.translate_ep(
+            &self.ep,
+            Some(&self.ep),
+            None,
+            iova,
+            len,
+            access,
+            out,
+            guard,
+        )
     }
 
     /// [`Vm::lookup`] for this endpoint, under the caller's guard.
@@ -1695,9 +1887,110 @@ impl Translator<'_> {
         }
         let r = self
             .vm
-            .lookup_ep(&self.ep, Some(&self.ep), iova, access, guard);
+            .lookup_ep(&self.ep, Some(&self.ep), None, iova, access, guard);
         if let (Err(f), Some(a)) = (r, access) {
             self.vm.record_fault(self.ep.rid, f.iova, a, f.reason);
+        }
+        r
+    }
+}
+
+/// A [`Translator`] with a software IOTLB ([`Translator::cached`],
+/// [`Vm::cached_translator`]): the same answers, but a page translated
+/// before is served from the cache without a table walk for as long as no
+/// translation of the endpoint's domain has been removed. Its methods take
+/// `&mut self`: one per device thread (it is `Send`, not shared).
+pub struct CachedTranslator<'a> {
+    tr: Translator<'a>,
+    tlb: Iotlb,
+}
+
+impl std::fmt::Debug for CachedTranslator<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedTranslator")
+            .field("rid", &self.tr.ep.rid)
+            .field("tlb", &self.tlb)
+            .finish()
+    }
+}
+
+impl<'a> CachedTranslator<'a> {
+    /// The endpoint's requester ID.
+    pub fn requester(&self) -> u32 {
+        self.tr.ep.rid
+    }
+
+    /// The cache (its miss count).
+    pub fn iotlb(&self) -> &Iotlb {
+        &self.tlb
+    }
+
+    /// The uncached handle and the cache.
+    pub fn into_parts(self) -> (Translator<'a>, Iotlb) {
+        (self.tr, self.tlb)
+    }
+
+    /// [`Translator::translate`] through the cache: counted, and a refusal
+    /// logged as a fault.
+    #[inline]
+    pub fn translate(
+        &mut self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        self.tr.vm.stats.translations.count();
+        let r = self.translate_in(iova, len, access, out, guard);
+        if let Err(f) = r {
+            self.tr
+                .vm
+                .record_fault(self.tr.ep.rid, f.iova, access, f.reason);
+        }
+        r
+    }
+
+    /// [`Translator::translate_in`] through the cache: neither counted nor
+    /// logged.
+    #[inline]
+    pub fn translate_in(
+        &mut self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        let ep = &self.tr.ep;
+        self.tr.vm.translate_ep(
+            ep,
+            Some(ep),
+            Some(&mut self.tlb),
+            iova,
+            len,
+            access,
+            out,
+            guard,
+        )
+    }
+
+    /// [`Translator::lookup`] through the cache.
+    #[inline]
+    pub fn lookup(
+        &mut self,
+        iova: u64,
+        access: Option<Access>,
+        guard: &Guard,
+    ) -> std::result::Result<Lookup, domain::TranslateFault> {
+        let vm = self.tr.vm;
+        if access.is_some() {
+            vm.stats.translations.count();
+        }
+        let ep = &self.tr.ep;
+        let r = vm.lookup_ep(ep, Some(ep), Some(&mut self.tlb), iova, access, guard);
+        if let (Err(f), Some(a)) = (r, access) {
+            vm.record_fault(ep.rid, f.iova, a, f.reason);
         }
         r
     }

@@ -14,12 +14,15 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 use proptest::prelude::*;
 use pvdma::abi::Op;
 use pvdma::domain::FaultReason;
+use pvdma::iotlb::Iotlb;
+use pvdma::sync::epoch;
 use pvdma::vm::Request;
 use pvdma::{Access, Fragment, Perm, Status, Vm, VmConfig, PAGE_SIZE};
 
@@ -405,6 +408,11 @@ fn segment_rules(segs: &[(u64, u64)]) -> Result<(u64, Vec<u64>), Status> {
 struct Run {
     g: Guest,
     m: Model,
+    /// One software IOTLB per endpoint, kept for the whole run (across
+    /// UNMAP, DETACH, RAM removal, reset and migration to a new VM):
+    /// every translation is also made through a `CachedTranslator` using
+    /// it, and must agree with the model like the uncached one.
+    tlbs: RefCell<[Iotlb; 2]>,
 }
 
 fn fresh_vm(g: &Guest, bits: u32, high: bool) -> Vm {
@@ -440,6 +448,7 @@ impl Run {
                 maps: [BTreeMap::new(), BTreeMap::new()],
                 high: true,
             },
+            tlbs: RefCell::default(),
         }
     }
 
@@ -876,6 +885,18 @@ impl Run {
         }; 16];
         let got = vm.translate(RIDS[ep], iova, len, access, &mut out);
         let ctx = format!("ep{ep} translate {iova:#x}+{len:#x} {access:?}");
+        // The same through the endpoint's cache, twice (fill, then hit),
+        // before the uncached result is checked against the model.
+        for pass in 0..2 {
+            let mut cached_out = out;
+            let cached = self.with_cached(vm, ep, |tr, guard| {
+                tr.translate_in(iova, len, access, &mut cached_out, guard)
+            });
+            assert_eq!(cached, got, "{ctx}: cached pass {pass}");
+            if let Ok(n) = got {
+                assert_eq!(cached_out[..n.min(16)], out[..n.min(16)], "{ctx}: cached");
+            }
+        }
         match want {
             Ok(w) => {
                 let n = got.unwrap_or_else(|e| panic!("{ctx}: {e}, want {w:x?}"));
@@ -897,6 +918,25 @@ impl Run {
         }
     }
 
+    /// Runs `f` on a `CachedTranslator` of endpoint `ep` that uses the
+    /// run's cache for it.
+    fn with_cached<R>(
+        &self,
+        vm: &Vm,
+        ep: usize,
+        f: impl FnOnce(&mut pvdma::vm::CachedTranslator<'_>, &epoch::Guard) -> R,
+    ) -> R {
+        let mut tlbs = self.tlbs.borrow_mut();
+        let tlb = std::mem::take(&mut tlbs[ep]);
+        let mut tr = vm
+            .translator(RIDS[ep])
+            .expect("both endpoints exist")
+            .cached_with(tlb);
+        let r = f(&mut tr, &epoch::pin());
+        tlbs[ep] = tr.into_parts().1;
+        r
+    }
+
     fn check_translations(&self, vm: &Vm, ep: usize) {
         if !self.m.attached[ep] {
             // Bypass: identity onto RAM.
@@ -912,6 +952,42 @@ impl Run {
         }
         let pages = self.m.pages(ep);
         let accesses = [Access::Read, Access::Write, Access::ReadWrite];
+        // Single-address lookups (what an IOMMU translate asks), mapped
+        // or not: the uncached `Translator::lookup` as the model says,
+        // then `Vm::lookup` (thread-local cache) and the endpoint's
+        // `CachedTranslator`, each twice (fill, then hit), equal to it.
+        let uncached = vm.translator(RIDS[ep]).expect("both endpoints exist");
+        for &p in pages.keys().chain(&[0, 47]) {
+            let iova = p * PAGE_SIZE + 0x18;
+            if iova >> self.m.bits != 0 {
+                continue;
+            }
+            for access in [None, Some(Access::Write)] {
+                let ctx = format!("ep{ep} lookup {iova:#x} {access:?}");
+                let want = uncached.lookup(iova, access, &epoch::pin());
+                match (pages.get(&p), &want) {
+                    (None, Err(f)) => assert_eq!(f.reason, FaultReason::Unmapped, "{ctx}"),
+                    (Some(&(gpage, perms)), _)
+                        if access.is_some_and(|a| !Perm::from_bits_truncate(perms).allows(a)) =>
+                    {
+                        let f = want.expect_err(&ctx);
+                        assert_eq!(f.reason, FaultReason::Permission, "{ctx}: {gpage:#x}");
+                    }
+                    (Some(&(gpage, perms)), Ok(l)) => {
+                        assert_eq!(l.gpa, gpage * PAGE_SIZE + 0x18, "{ctx}");
+                        assert_eq!(l.perms.bits(), perms, "{ctx}");
+                        assert!(!l.bypass && l.run > 0, "{ctx}");
+                    }
+                    (model, got) => panic!("{ctx}: model {model:?}, got {got:?}"),
+                }
+                for pass in 0..2 {
+                    let got = vm.lookup(RIDS[ep], iova, access);
+                    assert_eq!(got, want, "{ctx}: Vm::lookup pass {pass}");
+                    let got = self.with_cached(vm, ep, |tr, guard| tr.lookup(iova, access, guard));
+                    assert_eq!(got, want, "{ctx}: cached translator pass {pass}");
+                }
+            }
+        }
         // Every mapped page, one page at a time, every access kind.
         for &p in pages.keys() {
             for a in accesses {

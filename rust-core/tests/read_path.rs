@@ -237,3 +237,136 @@ fn counting_is_exact_while_stats_are_read() {
     });
     assert_eq!(g.vm.stats().translations, 2 * EACH);
 }
+
+/// What the reader thread of the test below must see in a phase.
+const EXPECT_UNMAPPED: u64 = 1;
+const EXPECT_UNATTACHED: u64 = 2;
+
+/// A `CachedTranslator` (and `Vm::lookup`, with its thread-local cache)
+/// on another thread, its cache filled with a page's translation, never
+/// serves that translation once UNMAP, DETACH or the
+/// removal of the page's RAM has returned, nor a mapping made in the
+/// previous attachment. Lock-step: the writer does one operation, then
+/// publishes what every translation from now on must give, and waits until
+/// the reader has checked it (several times, so also from the cache).
+#[test]
+fn cached_translator_is_never_stale_across_threads() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    let phase = AtomicU64::new(0);
+    let expect = AtomicU64::new(EXPECT_UNMAPPED);
+    let ack = AtomicU64::new(0);
+    const DONE: u64 = u64::MAX;
+    let blocked = if g.vm.config().bypass {
+        None
+    } else {
+        Some(FaultReason::Blocked)
+    };
+
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut tr = g.vm.cached_translator(EP).expect("endpoint");
+            let mut out = frags::<1>();
+            let mut seen = 0;
+            loop {
+                let p = phase.load(Ordering::Acquire);
+                if p == DONE {
+                    break;
+                }
+                if p == seen {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let want = expect.load(Ordering::Relaxed);
+                for _ in 0..3 {
+                    let guard = epoch::pin();
+                    let l = tr.lookup(IOVA + 8, Some(Access::Read), &guard);
+                    let t = tr.translate_in(IOVA, PAGE_SIZE, Access::Read, &mut out, &guard);
+                    // `Vm::lookup` and its thread-local cache: the same.
+                    assert_eq!(
+                        g.vm.lookup(EP, IOVA + 8, Some(Access::Read)),
+                        l,
+                        "phase {p}"
+                    );
+                    match want {
+                        EXPECT_UNMAPPED => {
+                            assert_eq!(l.unwrap_err().reason, FaultReason::Unmapped, "phase {p}");
+                            assert_eq!(t.unwrap_err().reason, FaultReason::Unmapped, "phase {p}");
+                        }
+                        EXPECT_UNATTACHED => match blocked {
+                            Some(reason) => assert_eq!(l.unwrap_err().reason, reason),
+                            None => {
+                                let l = l.unwrap();
+                                assert!(l.bypass && l.gpa == IOVA + 8, "phase {p}: {l:?}");
+                            }
+                        },
+                        gpa => {
+                            let l = l.unwrap_or_else(|f| panic!("phase {p}: {f}"));
+                            assert_eq!((l.gpa, l.bypass), (gpa + 8, false), "phase {p}");
+                            assert_eq!(t, Ok(1), "phase {p}");
+                            assert_eq!((out[0].gpa, out[0].hva), (gpa, g.hva(gpa)), "phase {p}");
+                        }
+                    }
+                }
+                seen = p;
+                ack.store(p, Ordering::Release);
+            }
+        });
+
+        let mut p = 0;
+        let mut publish = |want: u64| {
+            p += 1;
+            expect.store(want, Ordering::Relaxed);
+            // Release: the operation that just returned happens before
+            // every translation the reader makes for this phase.
+            phase.store(p, Ordering::Release);
+            while ack.load(Ordering::Acquire) != p {
+                // A failed check ends the reader: fail, do not hang.
+                assert!(!reader.is_finished(), "the reader failed in phase {p}");
+                std::thread::yield_now();
+            }
+        };
+        for round in 0..300u64 {
+            let page = (round % 7) * PAGE_SIZE;
+            match round % 3 {
+                0 => {
+                    let gpa = GPA + page;
+                    assert_eq!(
+                        g.map(EP, RW | FIXED, IOVA, &[(gpa, PAGE_SIZE)]).status,
+                        Status::Ok
+                    );
+                    publish(gpa);
+                    assert_eq!(g.unmap(EP, IOVA, 0).status, Status::Ok);
+                    publish(EXPECT_UNMAPPED);
+                }
+                1 => {
+                    let gpa = GPA + 0x10_0000 + page;
+                    assert_eq!(
+                        g.map(EP, RW | FIXED, IOVA, &[(gpa, PAGE_SIZE)]).status,
+                        Status::Ok
+                    );
+                    publish(gpa);
+                    assert_eq!(g.detach(EP).status, Status::Ok);
+                    publish(EXPECT_UNATTACHED);
+                    assert_eq!(g.attach(EP), Status::Ok);
+                    publish(EXPECT_UNMAPPED);
+                }
+                _ => {
+                    let gpa = HIGH.0 + page;
+                    assert_eq!(
+                        g.map(EP, RW | FIXED, IOVA, &[(gpa, PAGE_SIZE)]).status,
+                        Status::Ok
+                    );
+                    publish(gpa);
+                    assert_eq!(g.vm.remove_ram_region(HIGH.0, HIGH.1).unwrap(), 1);
+                    publish(EXPECT_UNMAPPED);
+                    // SAFETY: `g.mem` owns this memory and outlives the VM.
+                    unsafe { g.vm.add_ram_region(HIGH.0, HIGH.1, g.hva(HIGH.0)) }.unwrap();
+                }
+            }
+        }
+        phase.store(DONE, Ordering::Release);
+    });
+}
