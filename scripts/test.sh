@@ -6,7 +6,8 @@
 # The QEMU side builds the patched QEMU (about 4.5 min when the cache is cold
 # or the series changed, seconds after), checks the patch series, runs the
 # smoke tests, run.sh's DMA demo, QEMU's own qtest for the device,
-# pvdma-test, and the unit test of the KVM exit handler, test-pvdma-kvm.
+# pvdma-test, the unit test of the KVM exit handler, test-pvdma-kvm, and a
+# libvirt domain with pvdma (a private session libvirtd; installs libvirt).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$PVDMA_ROOT"
@@ -70,6 +71,8 @@ if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x scripts/qemu-build.sh ]; then
     /usr/bin/python3 scripts/pvdma-demo.py "$qemu" 120 >&2
     step "QEMU: qtest pvdma-test, unit test test-pvdma-kvm (KVM exit handler)"
     scripts/qemu-qtest.sh pvdma-test unit/test-pvdma-kvm
+    step "QEMU: libvirt starts a domain with pvdma from <qemu:commandline>"
+    scripts/libvirt-check.sh "$qemu"
     step "QEMU: a Debian 12 guest maps and DMAs through the doorbell (TCG)"
     scripts/guest-demo.sh "$qemu"
 fi
