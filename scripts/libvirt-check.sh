@@ -52,10 +52,12 @@ gid=${ids##*:}
 dom=pvdma-libvirt-check
 # pvdma at the slot pvdma.rst's XML gives it. On q35 libvirt fills slots
 # from 00:01 upwards and puts devices of its own at fixed slots only at
-# 00:01 (video), 00:1a and 00:1d (ICH9 USB2), 00:1e (a dmi-to-pci-bridge
-# in the XML without an address) and 00:1f (ICH9), so edu goes to 00:1c.
-pvdma_slot=0x1e
-edu_slot=0x1c
+# 00:01 (video), 00:1a and 00:1d (ICH9 USB2), 00:1b (ICH9 sound), 00:1e
+# (a dmi-to-pci-bridge in the XML without an address) and 00:1f (ICH9);
+# 00:1e was the documented slot until a domain with such a bridge failed
+# to start ("slot 30 function 0 not available"). edu goes to 00:19.
+pvdma_slot=0x1c
+edu_slot=0x19
 
 [[ -x $qemu ]] || die "no QEMU binary at $qemu"
 # the whole check runs under one deadline: on it the EXIT trap still cleans
