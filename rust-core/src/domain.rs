@@ -100,11 +100,6 @@ impl MemBudget {
         }
     }
 
-    /// The limit in bytes.
-    pub fn limit(&self) -> u64 {
-        self.limit
-    }
-
     /// Bytes in use.
     pub fn used(&self) -> u64 {
         // Relaxed: a statistic; reservations use read-modify-write.
@@ -486,7 +481,9 @@ struct DomainInner {
     /// Mappings by first IOVA page.
     mappings: BTreeMap<u64, Mapping>,
     alloc: IovaAllocator,
-    /// Bytes this domain holds of the budget.
+    /// Bytes this domain holds of the budget: tracked rather than
+    /// recomputed from the table at drop, because the table's writer is
+    /// public and tests write it directly, past the budget.
     charged: u64,
 }
 
@@ -514,11 +511,6 @@ impl Domain {
             generation: AtomicU64::new(next_generation()),
             budget,
         }
-    }
-
-    /// Bytes of the memory budget this domain holds.
-    pub fn charged_bytes(&self) -> u64 {
-        self.inner.lock().charged
     }
 
     /// A value that changes (to one never used before by any domain)
