@@ -84,12 +84,15 @@ apt_opts=("${PRIVATE_APT[@]}")
 log "updating private source lists ($APT_SUITES)"
 apt-get "${apt_opts[@]}" -q update >&2
 
+# Read the list once: `apt-cache ... | grep -q` under pipefail fails
+# whenever grep finds the version before apt-cache has written everything
+# (apt-cache then dies of SIGPIPE), which depends on the archive's order.
+offered=$(apt-cache "${apt_opts[@]}" showsrc qemu 2>/dev/null |
+          awk '/^Version:/ { print $2 }')
 log "versions of qemu source available:"
-apt-cache "${apt_opts[@]}" showsrc qemu 2>/dev/null |
-    awk '/^Version:/ { print "  " $2 }' >&2
+printf '  %s\n' $offered >&2
 
-if ! apt-cache "${apt_opts[@]}" showsrc qemu 2>/dev/null |
-        grep -qx "Version: $QEMU_DEB_VERSION"; then
+if ! grep -qxF -- "$QEMU_DEB_VERSION" <<<"$offered"; then
     die "qemu $QEMU_DEB_VERSION not offered by suites: $APT_SUITES (see list above)"
 fi
 
