@@ -62,6 +62,8 @@ BUILD_DEPS=(
     libglib2.0-dev zlib1g-dev flex bison
     git xz-utils bzip2
     seabios qemu-system-data ipxe-qemu
+    # libpvdma itself (built first): bindgen needs libclang.
+    libclang-dev clang
 )
 
 log() { printf '[qemu-build] %s\n' "$*" >&2; }
