@@ -1,0 +1,1085 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * pvdma-iommu: the pvdma paravirtual IOMMU as a Linux IOMMU driver.
+ *
+ * pvdma (PCI 1b36:0015) translates the DMA of every other function on its
+ * PCI root bus through tables the guest fills with MAP and UNMAP requests.
+ * This driver registers it with the IOMMU core, so dma-iommu provides the
+ * DMA API, IOVA allocation, scatter-gather merging and strict or lazy
+ * (flush-queue) invalidation; the driver only turns the core's domain
+ * operations into pvdma requests:
+ *
+ *   map_pages        a FIXED MAP of the pages (on 6.12 gathered per
+ *                    iotlb_sync_map into one multi-segment MAP)
+ *   unmap_pages      strict: gathered, one UNMAP of the range in iotlb_sync
+ *                    lazy: queued per domain, sent by flush_iotlb_all as
+ *                    UNMAP_LIST requests (or UNMAPs without that feature)
+ *   attach_dev       ATTACH (paging, blocked) or DETACH (identity)
+ *
+ * A shadow interval tree per domain answers iova_to_phys, which dma-iommu
+ * calls on every unmap. See docs/guest-driver.md for use and limits.
+ *
+ * Every request is synchronous: it is complete when the doorbell write or
+ * the hypercall returns. Requests are built in a per-CPU block with the
+ * domain's spinlock held and interrupts off, so any context the DMA API
+ * allows (including the flush-queue timer) may issue them.
+ */
+#define pr_fmt(fmt) "pvdma-iommu: " fmt
+
+#include <linux/module.h>
+#include <linux/pci.h>
+#include <linux/iommu.h>
+#include <linux/interval_tree.h>
+#include <linux/dma-map-ops.h>
+#include <linux/slab.h>
+#include <linux/percpu.h>
+#include <linux/io.h>
+#include <asm/kvm_para.h>
+
+#include "pvdma_abi.h"
+
+/*
+ * The two IOMMU driver APIs this module supports; Kbuild chooses one from
+ * the kernel's version (PVDMA_CORE_612 is 0 for 6.1.y, 1 for 6.12+).
+ * 6.1: domain_alloc(type) for every type, detach_dev, iommu_setup_dma_ops()
+ *      from probe_finalize, iotlb_sync_map returns void (so MAP is issued
+ *      synchronously from map_pages), no IOMMU_CAP_DEFERRED_FLUSH.
+ * 6.12: domain_alloc_paging + static identity/blocked domains, the core
+ *      sets up the DMA ops, iotlb_sync_map returns int and a failure is
+ *      unwound by the core (so one map_sg can be one MAP), lazy mode needs
+ *      IOMMU_CAP_DEFERRED_FLUSH.
+ */
+#ifndef PVDMA_CORE_612
+#error "build pvdma-iommu through its Kbuild file"
+#endif
+
+#define PVDMA_MSI_BASE		0xfee00000UL
+#define PVDMA_MSI_SIZE		0x00100000UL
+/* A request block of one page holds this many segments. */
+#define PVDMA_BLOCK_SEGS	((PAGE_SIZE - PVDMA_REQ_HEADER_SIZE) / PVDMA_SEG_SIZE)
+
+static char *exclude;
+module_param(exclude, charp, 0444);
+MODULE_PARM_DESC(exclude,
+		 "comma-separated PCI functions (bb:dd.f) to leave alone; they keep bypassing or being blocked as the host decides");
+
+static char *transport = "auto";
+module_param(transport, charp, 0444);
+MODULE_PARM_DESC(transport,
+		 "auto (hypercall when FEATURES.HYPERCALL, else doorbell), doorbell or hypercall");
+
+static bool batch_map = true;
+module_param(batch_map, bool, 0444);
+MODULE_PARM_DESC(batch_map,
+		 "6.12+: send the pages of one iommu_map/map_sg as one MAP from iotlb_sync_map (ignored on 6.1, where a deferred MAP could fail unseen)");
+
+static int skip_map_rid = -1;
+
+struct pvdma_iommu {
+	struct iommu_device iommu;
+	struct pci_dev *pdev;
+	void __iomem *regs;
+	u64 features;
+	u32 iova_bits;
+	u32 max_segs;		/* segments per request: min(MAX_SEGS, block) */
+	u32 hc_nr;
+	bool use_hypercall;
+};
+
+/* One pvdma per guest: the IOMMU core of 6.1 allows one driver per bus. */
+static struct pvdma_iommu *pvdma;
+static DEFINE_PER_CPU(struct pvdma_req *, pvdma_block);
+/* Set while iommu_device_register() probes devices that may be bound. */
+static bool pvdma_registering;
+
+struct pvdma_domain;
+
+/* One PCI function behind pvdma (an IOMMU core "device"). */
+struct pvdma_endpoint {
+	struct device *dev;
+	u32 rid;		/* requester ID: bus << 8 | devfn */
+	bool attached;		/* ATTACHed on the host */
+	struct pvdma_domain *domain;
+	struct list_head link;	/* in domain->endpoints, under domain->lock */
+};
+
+/* A mapping as the guest made it: the shadow behind iova_to_phys. */
+struct pvdma_mapping {
+	struct interval_tree_node it;	/* [iova, iova + size - 1] */
+	phys_addr_t paddr;
+	u16 flags;			/* PVDMA_FLAG_READ / _WRITE */
+	bool sent;			/* MAP issued to the attached endpoints */
+};
+
+struct pvdma_domain {
+	struct iommu_domain domain;
+	spinlock_t lock;		/* everything below; requests too */
+	struct rb_root_cached mappings;
+	struct list_head endpoints;
+	unsigned int nr_pending;	/* lazy: UNMAPs not yet sent */
+	struct pvdma_range pending[PVDMA_BLOCK_SEGS];
+};
+
+static struct pvdma_domain *to_pvdma_domain(struct iommu_domain *d)
+{
+	return container_of(d, struct pvdma_domain, domain);
+}
+
+/* ---- requests ---------------------------------------------------------- */
+
+static int pvdma_errno(u32 status)
+{
+	switch (status) {
+	case PVDMA_S_OK:
+		return 0;
+	case PVDMA_S_QUOTA:
+		return -ENOMEM;
+	case PVDMA_S_NOSPC:
+		return -ENOSPC;
+	case PVDMA_S_EXIST:
+		return -EEXIST;
+	case PVDMA_S_NOENT:
+		return -ENOENT;
+	case PVDMA_S_NODEV:
+		return -ENODEV;
+	case PVDMA_S_FAULT:
+		return -EFAULT;
+	case PVDMA_S_TOOBIG:
+		return -E2BIG;
+	case PVDMA_S_PERM:
+		return -EPERM;
+	case PVDMA_S_STATE:
+		return -EBUSY;
+	case PVDMA_S_RANGE:
+		return -ERANGE;
+	default:
+		return -EIO;
+	}
+}
+
+/* This CPU's request block, header cleared. Interrupts must be off. */
+static struct pvdma_req *pvdma_req_begin(u16 op, u16 flags, u32 rid)
+{
+	struct pvdma_req *r = this_cpu_read(pvdma_block);
+
+	lockdep_assert_irqs_disabled();
+	memset(r, 0, PVDMA_REQ_HEADER_SIZE);
+	r->op = op;
+	r->flags = flags;
+	r->requester = rid;
+	return r;
+}
+
+/* Issues the block; returns the pvdma status. Interrupts must be off. */
+static u32 pvdma_req_issue(struct pvdma_req *r)
+{
+	phys_addr_t gpa = virt_to_phys(r);
+
+	r->status = PVDMA_S_INTERNAL;
+	if (pvdma->use_hypercall)
+		return (u32)kvm_hypercall1(pvdma->hc_nr, gpa);
+	/* The host has processed the request when this write completes. */
+	writeq(gpa, pvdma->regs + PVDMA_REG_DOORBELL);
+	return READ_ONCE(r->status);
+}
+
+/* A request without segments (QUERY, ATTACH, DETACH, UNMAP). */
+static u32 pvdma_simple(u16 op, u32 rid, u64 iova, u64 length, u64 *result)
+{
+	unsigned long irqflags;
+	struct pvdma_req *r;
+	u32 st;
+
+	local_irq_save(irqflags);
+	r = pvdma_req_begin(op, 0, rid);
+	r->iova = iova;
+	r->length = length;
+	st = pvdma_req_issue(r);
+	if (result)
+		*result = READ_ONCE(r->result);
+	local_irq_restore(irqflags);
+	return st;
+}
+
+static const char *pvdma_op_name(u16 op)
+{
+	static const char *const names[] = {
+		"?", "QUERY", "ATTACH", "DETACH", "MAP", "UNMAP", "UNMAP_LIST",
+	};
+
+	return op < ARRAY_SIZE(names) ? names[op] : "?";
+}
+
+static void pvdma_report(struct pvdma_endpoint *ep, u16 op, u64 iova, u32 st)
+{
+	dev_err_ratelimited(ep->dev, "%s at iova 0x%llx: status %u (%d)\n",
+			    pvdma_op_name(op), iova, st, pvdma_errno(st));
+}
+
+/* ---- endpoints and attach ---------------------------------------------- */
+
+static bool pvdma_excluded(struct pci_dev *pdev)
+{
+	const char *p = exclude;
+	unsigned int bus, slot, fn;
+
+	while (p && *p) {
+		if (sscanf(p, "%x:%x.%x", &bus, &slot, &fn) == 3 &&
+		    pdev->bus->number == bus &&
+		    pdev->devfn == PCI_DEVFN(slot, fn))
+			return true;
+		p = strchr(p, ',');
+		if (p)
+			p++;
+	}
+	return false;
+}
+
+/* The endpoint's host state: DETACHed, then ATTACHed if @attach. */
+static int pvdma_host_reset(struct pvdma_endpoint *ep, bool attach)
+{
+	u32 st;
+
+	if (ep->attached) {
+		st = pvdma_simple(PVDMA_OP_DETACH, ep->rid, 0, 0, NULL);
+		if (st != PVDMA_S_OK && st != PVDMA_S_STATE) {
+			pvdma_report(ep, PVDMA_OP_DETACH, 0, st);
+			return pvdma_errno(st);
+		}
+		ep->attached = false;
+	}
+	if (!attach)
+		return 0;
+	st = pvdma_simple(PVDMA_OP_ATTACH, ep->rid, 0, 0, NULL);
+	if (st != PVDMA_S_OK) {
+		pvdma_report(ep, PVDMA_OP_ATTACH, 0, st);
+		return pvdma_errno(st);
+	}
+	ep->attached = true;
+	return 0;
+}
+
+/* ---- MAP --------------------------------------------------------------- */
+
+static bool pvdma_skip_this_map(struct pvdma_endpoint *ep)
+{
+	if (READ_ONCE(skip_map_rid) != (int)ep->rid)
+		return false;
+	if (cmpxchg(&skip_map_rid, (int)ep->rid, -1) != (int)ep->rid)
+		return false;
+	dev_warn(ep->dev, "test_skip_map: not sending this MAP\n");
+	return true;
+}
+
+/*
+ * Sends the MAP already laid out in this CPU's block (flags, iova, segs)
+ * to every endpoint of the domain; on a failure, removes it again from
+ * those that took it. Domain lock held.
+ */
+static int pvdma_map_all(struct pvdma_domain *dom)
+{
+	struct pvdma_req *r = this_cpu_read(pvdma_block);
+	struct pvdma_endpoint *ep, *undo;
+	u64 iova = r->iova;
+	u32 st;
+
+	list_for_each_entry(ep, &dom->endpoints, link) {
+		if (!ep->attached || pvdma_skip_this_map(ep))
+			continue;
+		r->requester = ep->rid;
+		r->iova = iova;
+		st = pvdma_req_issue(r);
+		if (st == PVDMA_S_OK)
+			continue;
+		pvdma_report(ep, PVDMA_OP_MAP, iova, st);
+		list_for_each_entry(undo, &dom->endpoints, link) {
+			if (undo == ep)
+				break;
+			if (undo->attached)
+				pvdma_simple(PVDMA_OP_UNMAP, undo->rid, iova, 0,
+					     NULL);
+		}
+		return pvdma_errno(st);
+	}
+	return 0;
+}
+
+static u16 pvdma_prot_flags(int prot)
+{
+	u16 flags = 0;
+
+	if (prot & IOMMU_READ)
+		flags |= PVDMA_FLAG_READ;
+	if (prot & IOMMU_WRITE)
+		flags |= PVDMA_FLAG_WRITE;
+	return flags;
+}
+
+/* One MAP of one mapping; domain lock held. */
+static int pvdma_send_one(struct pvdma_domain *dom, struct pvdma_mapping *m)
+{
+	struct pvdma_req *r;
+
+	r = pvdma_req_begin(PVDMA_OP_MAP, m->flags | PVDMA_FLAG_FIXED, 0);
+	r->iova = m->it.start;
+	r->nr_segs = 1;
+	r->segs[0].gpa = m->paddr;
+	r->segs[0].len = m->it.last - m->it.start + 1;
+	return pvdma_map_all(dom);
+}
+
+static bool pvdma_batching(void)
+{
+	return PVDMA_CORE_612 && batch_map;
+}
+
+static int pvdma_map_pages(struct iommu_domain *domain, unsigned long iova,
+			   phys_addr_t paddr, size_t pgsize, size_t pgcount,
+			   int prot, gfp_t gfp, size_t *mapped)
+{
+	struct pvdma_domain *dom = to_pvdma_domain(domain);
+	size_t size = pgsize * pgcount;
+	struct pvdma_mapping *m;
+	unsigned long irqflags;
+	int ret = 0;
+
+	if (!(prot & (IOMMU_READ | IOMMU_WRITE)))
+		return -EINVAL;
+	if (iova + size - 1 < iova || iova + size - 1 > domain->geometry.aperture_end)
+		return -EINVAL;
+	m = kzalloc(sizeof(*m), gfp);
+	if (!m)
+		return -ENOMEM;
+	m->it.start = iova;
+	m->it.last = iova + size - 1;
+	m->paddr = paddr;
+	m->flags = pvdma_prot_flags(prot);
+
+	spin_lock_irqsave(&dom->lock, irqflags);
+	if (interval_tree_iter_first(&dom->mappings, m->it.start, m->it.last)) {
+		ret = -EEXIST;
+	} else if (!pvdma_batching()) {
+		ret = pvdma_send_one(dom, m);
+		m->sent = !ret;
+	}
+	if (!ret)
+		interval_tree_insert(&m->it, &dom->mappings);
+	spin_unlock_irqrestore(&dom->lock, irqflags);
+	if (ret) {
+		kfree(m);
+		return ret;
+	}
+	*mapped = size;
+	return 0;
+}
+
+#if PVDMA_CORE_612
+/*
+ * The mappings of one iommu_map()/iommu_map_sg() call, not yet sent, go to
+ * the host here: IOVA-contiguous runs with equal permissions become one
+ * MAP each, of up to max_segs segments (physically adjacent pages share a
+ * segment). On a failure the core unmaps [iova, iova + size) again, which
+ * removes what was sent through the usual unmap path.
+ */
+static int pvdma_iotlb_sync_map(struct iommu_domain *domain, unsigned long iova,
+				size_t size)
+{
+	struct pvdma_domain *dom = to_pvdma_domain(domain);
+	struct interval_tree_node *it;
+	struct pvdma_req *r = NULL;
+	unsigned long irqflags;
+	u64 next_iova = 0;
+	u16 flags = 0;
+	int ret = 0;
+
+	if (!pvdma_batching() || !size)
+		return 0;
+	spin_lock_irqsave(&dom->lock, irqflags);
+	for (it = interval_tree_iter_first(&dom->mappings, iova, iova + size - 1);
+	     it; it = interval_tree_iter_next(it, iova, iova + size - 1)) {
+		struct pvdma_mapping *m = container_of(it, struct pvdma_mapping,
+						       it);
+		u64 len = it->last - it->start + 1;
+		struct pvdma_seg *last;
+
+		if (m->sent)
+			continue;
+		if (r && (it->start != next_iova || m->flags != flags)) {
+			ret = pvdma_map_all(dom);	/* the run ends here */
+			r = NULL;
+			if (ret)
+				break;
+		}
+		if (r) {
+			last = &r->segs[r->nr_segs - 1];
+			if (last->gpa + last->len == m->paddr) {
+				last->len += len;	/* physically adjacent */
+				goto added;
+			}
+			if (r->nr_segs == pvdma->max_segs) {
+				ret = pvdma_map_all(dom);
+				r = NULL;
+				if (ret)
+					break;
+			}
+		}
+		if (!r) {
+			flags = m->flags;
+			r = pvdma_req_begin(PVDMA_OP_MAP, flags | PVDMA_FLAG_FIXED,
+					    0);
+			r->iova = it->start;
+		}
+		r->segs[r->nr_segs].gpa = m->paddr;
+		r->segs[r->nr_segs].len = len;
+		r->nr_segs++;
+added:
+		next_iova = it->last + 1;
+		m->sent = true;
+	}
+	if (r && !ret)
+		ret = pvdma_map_all(dom);
+	spin_unlock_irqrestore(&dom->lock, irqflags);
+	return ret;
+}
+#endif
+
+/* ---- UNMAP ------------------------------------------------------------- */
+
+/* UNMAP of [iova, iova + len) on every endpoint; domain lock held. */
+static void pvdma_unmap_range_all(struct pvdma_domain *dom, u64 iova, u64 len)
+{
+	struct pvdma_endpoint *ep;
+	u32 st;
+
+	list_for_each_entry(ep, &dom->endpoints, link) {
+		if (!ep->attached)
+			continue;
+		st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid, iova, len, NULL);
+		/* NOENT: nothing was mapped there for this endpoint. */
+		if (st != PVDMA_S_OK && st != PVDMA_S_NOENT)
+			pvdma_report(ep, PVDMA_OP_UNMAP, iova, st);
+	}
+}
+
+/* Sends the lazily queued UNMAPs; domain lock held. */
+static void pvdma_flush_pending(struct pvdma_domain *dom)
+{
+	struct pvdma_endpoint *ep;
+	unsigned int i;
+	u32 st;
+
+	if (!dom->nr_pending)
+		return;
+	list_for_each_entry(ep, &dom->endpoints, link) {
+		struct pvdma_req *r;
+
+		if (!ep->attached)
+			continue;
+		if (pvdma->features & PVDMA_FEATURE_UNMAP_LIST) {
+			r = pvdma_req_begin(PVDMA_OP_UNMAP_LIST, 0, ep->rid);
+			r->nr_segs = dom->nr_pending;
+			memcpy(r->segs, dom->pending,
+			       dom->nr_pending * sizeof(dom->pending[0]));
+			st = pvdma_req_issue(r);
+			if (st == PVDMA_S_OK)
+				continue;
+			/*
+			 * The list is atomic: one range the host does not
+			 * hold (a MAP it refused) fails all of it. Fall back
+			 * to one UNMAP per range.
+			 */
+			dev_dbg(ep->dev, "UNMAP_LIST: status %u, retrying per range\n",
+				st);
+		}
+		for (i = 0; i < dom->nr_pending; i++) {
+			st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid,
+					  dom->pending[i].iova,
+					  dom->pending[i].len, NULL);
+			if (st != PVDMA_S_OK && st != PVDMA_S_NOENT)
+				pvdma_report(ep, PVDMA_OP_UNMAP,
+					     dom->pending[i].iova, st);
+		}
+	}
+	dom->nr_pending = 0;
+}
+
+/* Queues a lazy UNMAP, merging with the previous range; lock held. */
+static void pvdma_queue_unmap(struct pvdma_domain *dom, u64 iova, u64 len)
+{
+	struct pvdma_range *prev;
+
+	if (dom->nr_pending) {
+		prev = &dom->pending[dom->nr_pending - 1];
+		if (prev->iova + prev->len == iova) {
+			prev->len += len;
+			return;
+		}
+	}
+	if (dom->nr_pending == pvdma->max_segs)
+		pvdma_flush_pending(dom);
+	dom->pending[dom->nr_pending].iova = iova;
+	dom->pending[dom->nr_pending].len = len;
+	dom->nr_pending++;
+}
+
+static size_t pvdma_unmap_pages(struct iommu_domain *domain, unsigned long iova,
+				size_t pgsize, size_t pgcount,
+				struct iommu_iotlb_gather *gather)
+{
+	struct pvdma_domain *dom = to_pvdma_domain(domain);
+	u64 last = iova + pgsize * pgcount - 1;
+	struct interval_tree_node *it, *next;
+	u64 sent_first = U64_MAX, sent_last = 0;
+	unsigned long irqflags;
+	bool found = false;
+	u64 end = 0;
+
+	spin_lock_irqsave(&dom->lock, irqflags);
+	it = interval_tree_iter_first(&dom->mappings, iova, last);
+	while (it) {
+		struct pvdma_mapping *m = container_of(it, struct pvdma_mapping,
+						       it);
+
+		next = interval_tree_iter_next(it, iova, last);
+		interval_tree_remove(it, &dom->mappings);
+		/* A mapping is removed whole, as a page of a larger size. */
+		end = max_t(u64, end, it->last);
+		found = true;
+		if (m->sent) {
+			sent_first = min_t(u64, sent_first, it->start);
+			sent_last = max_t(u64, sent_last, it->last);
+			if (iommu_iotlb_gather_queued(gather))
+				pvdma_queue_unmap(dom, it->start,
+						  it->last - it->start + 1);
+		}
+		kfree(m);
+		it = next;
+	}
+	spin_unlock_irqrestore(&dom->lock, irqflags);
+
+	if (!found)
+		return 0;
+	if (sent_first <= sent_last && !iommu_iotlb_gather_queued(gather)) {
+		/*
+		 * Strict: one UNMAP of the gathered range in iotlb_sync.
+		 * Everything between two gathered mappings of one call is
+		 * unmapped by that call too; a gap towards an earlier call's
+		 * range may hold live mappings, so that range goes first.
+		 */
+		if (iommu_iotlb_gather_is_disjoint(gather, sent_first,
+						   sent_last - sent_first + 1))
+			iommu_iotlb_sync(domain, gather);
+		iommu_iotlb_gather_add_range(gather, sent_first,
+					     sent_last - sent_first + 1);
+	}
+	return end - iova + 1;
+}
+
+static void pvdma_iotlb_sync(struct iommu_domain *domain,
+			     struct iommu_iotlb_gather *gather)
+{
+	struct pvdma_domain *dom = to_pvdma_domain(domain);
+	unsigned long irqflags;
+
+	if (gather->start > gather->end)
+		return;
+	spin_lock_irqsave(&dom->lock, irqflags);
+	pvdma_unmap_range_all(dom, gather->start,
+			      gather->end - gather->start + 1);
+	spin_unlock_irqrestore(&dom->lock, irqflags);
+	iommu_iotlb_gather_init(gather);
+}
+
+static void pvdma_flush_iotlb_all(struct iommu_domain *domain)
+{
+	struct pvdma_domain *dom = to_pvdma_domain(domain);
+	unsigned long irqflags;
+
+	spin_lock_irqsave(&dom->lock, irqflags);
+	pvdma_flush_pending(dom);
+	spin_unlock_irqrestore(&dom->lock, irqflags);
+}
+
+static phys_addr_t pvdma_iova_to_phys(struct iommu_domain *domain,
+				      dma_addr_t iova)
+{
+	struct pvdma_domain *dom = to_pvdma_domain(domain);
+	struct interval_tree_node *it;
+	unsigned long irqflags;
+	phys_addr_t pa = 0;
+
+	spin_lock_irqsave(&dom->lock, irqflags);
+	it = interval_tree_iter_first(&dom->mappings, iova, iova);
+	if (it)
+		pa = container_of(it, struct pvdma_mapping, it)->paddr +
+		     (iova - it->start);
+	spin_unlock_irqrestore(&dom->lock, irqflags);
+	return pa;
+}
+
+/* ---- domains ----------------------------------------------------------- */
+
+static void pvdma_leave_domain(struct pvdma_endpoint *ep)
+{
+	struct pvdma_domain *old = ep->domain;
+	unsigned long irqflags;
+
+	if (!old)
+		return;
+	spin_lock_irqsave(&old->lock, irqflags);
+	list_del(&ep->link);
+	spin_unlock_irqrestore(&old->lock, irqflags);
+	ep->domain = NULL;
+}
+
+/*
+ * Paging domains: the endpoint is DETACHed (dropping the old domain's
+ * mappings on the host), ATTACHed, and given the mappings the domain
+ * already holds. Blocked: ATTACHed with no mappings. Identity: DETACHed,
+ * so it bypasses (only offered with FEATURES.BYPASS).
+ */
+static int pvdma_attach_dev(struct iommu_domain *domain, struct device *dev)
+{
+	struct pvdma_endpoint *ep = dev_iommu_priv_get(dev);
+	struct pvdma_domain *dom = NULL;
+	struct interval_tree_node *it;
+	unsigned long irqflags;
+	int ret;
+
+	if (!ep)
+		return -ENODEV;
+	pvdma_leave_domain(ep);
+	if (domain->type == IOMMU_DOMAIN_IDENTITY)
+		return pvdma_host_reset(ep, false);
+	ret = pvdma_host_reset(ep, true);
+	if (ret || domain->type == IOMMU_DOMAIN_BLOCKED)
+		return ret;
+
+	dom = to_pvdma_domain(domain);
+	spin_lock_irqsave(&dom->lock, irqflags);
+	for (it = interval_tree_iter_first(&dom->mappings, 0, U64_MAX); it;
+	     it = interval_tree_iter_next(it, 0, U64_MAX)) {
+		struct pvdma_mapping *m = container_of(it, struct pvdma_mapping,
+						       it);
+		struct pvdma_req *r;
+		u32 st;
+
+		if (!m->sent)
+			continue;
+		r = pvdma_req_begin(PVDMA_OP_MAP, m->flags | PVDMA_FLAG_FIXED,
+				    ep->rid);
+		r->iova = it->start;
+		r->nr_segs = 1;
+		r->segs[0].gpa = m->paddr;
+		r->segs[0].len = it->last - it->start + 1;
+		st = pvdma_req_issue(r);
+		if (st != PVDMA_S_OK) {
+			pvdma_report(ep, PVDMA_OP_MAP, it->start, st);
+			ret = pvdma_errno(st);
+			break;
+		}
+	}
+	if (!ret) {
+		list_add_tail(&ep->link, &dom->endpoints);
+		ep->domain = dom;
+	}
+	spin_unlock_irqrestore(&dom->lock, irqflags);
+	if (ret)
+		pvdma_host_reset(ep, false);
+	return ret;
+}
+
+static const struct iommu_domain_ops pvdma_domain_ops;
+
+static struct pvdma_domain *pvdma_alloc_domain(void)
+{
+	struct pvdma_domain *dom = kzalloc(sizeof(*dom), GFP_KERNEL);
+
+	if (!dom)
+		return NULL;
+	spin_lock_init(&dom->lock);
+	dom->mappings = RB_ROOT_CACHED;
+	INIT_LIST_HEAD(&dom->endpoints);
+	dom->domain.ops = &pvdma_domain_ops;
+	dom->domain.pgsize_bitmap = SZ_4K;
+	dom->domain.geometry.aperture_start = 0;
+	dom->domain.geometry.aperture_end =
+		pvdma->iova_bits >= 64 ? U64_MAX :
+		(1ULL << pvdma->iova_bits) - 1;
+	dom->domain.geometry.force_aperture = true;
+	return dom;
+}
+
+static void pvdma_domain_free(struct iommu_domain *domain)
+{
+	struct pvdma_domain *dom = to_pvdma_domain(domain);
+	struct interval_tree_node *it;
+
+	/* No endpoint is left: nothing to send; drop the shadow. */
+	while ((it = interval_tree_iter_first(&dom->mappings, 0, U64_MAX))) {
+		interval_tree_remove(it, &dom->mappings);
+		kfree(container_of(it, struct pvdma_mapping, it));
+	}
+	kfree(dom);
+}
+
+static bool pvdma_capable(struct device *dev, enum iommu_cap cap)
+{
+	switch (cap) {
+	case IOMMU_CAP_CACHE_COHERENCY:
+		return true;
+#if PVDMA_CORE_612
+	case IOMMU_CAP_DEFERRED_FLUSH:
+		return true;
+#endif
+	default:
+		return false;
+	}
+}
+
+/* ---- device probe ------------------------------------------------------ */
+
+static struct iommu_device *pvdma_probe_device(struct device *dev)
+{
+	struct pvdma_endpoint *ep;
+	struct pci_dev *pdev;
+	u64 result = 0;
+	u32 rid = 0;
+	u32 st;
+
+	if (!pvdma || !dev_is_pci(dev))
+		return ERR_PTR(-ENODEV);
+	pdev = to_pci_dev(dev);
+	if (pdev == pvdma->pdev || pvdma_excluded(pdev))
+		return ERR_PTR(-ENODEV);
+	/*
+	 * The function's own ID. One behind a conventional PCI bridge DMAs
+	 * under the bridge's alias; pvdma keys that endpoint by the alias,
+	 * so QUERY says NODEV here and the function is left alone.
+	 */
+	rid = pci_dev_id(pdev);
+	st = pvdma_simple(PVDMA_OP_QUERY, rid, 0, 0, &result);
+	if (st != PVDMA_S_OK)
+		return ERR_PTR(-ENODEV);	/* not in pvdma's scope */
+	ep = kzalloc(sizeof(*ep), GFP_KERNEL);
+	if (!ep)
+		return ERR_PTR(-ENOMEM);
+	ep->dev = dev;
+	ep->rid = rid;
+	/* Attached by an earlier driver instance (kexec): start over. */
+	ep->attached = result & PVDMA_QUERY_ATTACHED;
+	INIT_LIST_HEAD(&ep->link);
+	dev_iommu_priv_set(dev, ep);
+	dev_dbg(dev, "behind pvdma as requester 0x%04x%s\n", rid,
+		result & PVDMA_QUERY_PASSTHROUGH ? " (passthrough)" : "");
+	return &pvdma->iommu;
+}
+
+static void pvdma_release_device(struct device *dev)
+{
+	struct pvdma_endpoint *ep = dev_iommu_priv_get(dev);
+
+	if (!ep)
+		return;
+	pvdma_leave_domain(ep);
+	pvdma_host_reset(ep, false);
+	dev_iommu_priv_set(dev, NULL);
+	kfree(ep);
+}
+
+/*
+ * A function that already has a driver when pvdma registers may have DMA
+ * in flight to physical addresses: it starts in an identity domain and is
+ * moved by unbind, a write to iommu_group/type and a rebind. Afterwards
+ * (and for every function without a driver) the kernel's default applies.
+ */
+static int pvdma_def_domain_type(struct device *dev)
+{
+	if (READ_ONCE(pvdma_registering) && dev->driver &&
+	    (pvdma->features & PVDMA_FEATURE_BYPASS))
+		return IOMMU_DOMAIN_IDENTITY;
+	return 0;
+}
+
+static void pvdma_get_resv_regions(struct device *dev, struct list_head *head)
+{
+	struct iommu_resv_region *msi;
+
+	/* The host leaves the MSI window untranslated. */
+	msi = iommu_alloc_resv_region(PVDMA_MSI_BASE, PVDMA_MSI_SIZE,
+				      IOMMU_WRITE | IOMMU_MMIO, IOMMU_RESV_MSI,
+				      GFP_KERNEL);
+	if (msi)
+		list_add_tail(&msi->list, head);
+}
+
+#if PVDMA_CORE_612
+static struct iommu_domain *pvdma_domain_alloc_paging(struct device *dev)
+{
+	struct pvdma_domain *dom = pvdma_alloc_domain();
+
+	return dom ? &dom->domain : ERR_PTR(-ENOMEM);
+}
+
+static const struct iommu_domain_ops pvdma_static_domain_ops = {
+	.attach_dev = pvdma_attach_dev,
+};
+
+static struct iommu_domain pvdma_identity_domain = {
+	.type = IOMMU_DOMAIN_IDENTITY,
+	.ops = &pvdma_static_domain_ops,
+};
+
+static struct iommu_domain pvdma_blocked_domain = {
+	.type = IOMMU_DOMAIN_BLOCKED,
+	.ops = &pvdma_static_domain_ops,
+};
+#else
+static struct iommu_domain *pvdma_domain_alloc(unsigned int type)
+{
+	struct pvdma_domain *dom;
+
+	switch (type) {
+	case IOMMU_DOMAIN_IDENTITY:
+		if (!(pvdma->features & PVDMA_FEATURE_BYPASS))
+			return NULL;
+		break;
+	case IOMMU_DOMAIN_BLOCKED:
+	case IOMMU_DOMAIN_UNMANAGED:
+	case IOMMU_DOMAIN_DMA:
+	case IOMMU_DOMAIN_DMA_FQ:
+		break;
+	default:
+		return NULL;
+	}
+	dom = pvdma_alloc_domain();
+	return dom ? &dom->domain : NULL;
+}
+
+static void pvdma_detach_dev(struct iommu_domain *domain, struct device *dev)
+{
+	struct pvdma_endpoint *ep = dev_iommu_priv_get(dev);
+
+	if (!ep || ep->domain != to_pvdma_domain(domain))
+		return;
+	pvdma_leave_domain(ep);
+	pvdma_host_reset(ep, false);
+}
+
+static void pvdma_probe_finalize(struct device *dev)
+{
+	/* Clear the ops first in case the device left a DMA domain. */
+	set_dma_ops(dev, NULL);
+	iommu_setup_dma_ops(dev, 0, U64_MAX);
+}
+#endif
+
+static const struct iommu_domain_ops pvdma_domain_ops = {
+	.attach_dev		= pvdma_attach_dev,
+#if !PVDMA_CORE_612
+	.detach_dev		= pvdma_detach_dev,
+#else
+	.iotlb_sync_map		= pvdma_iotlb_sync_map,
+#endif
+	.map_pages		= pvdma_map_pages,
+	.unmap_pages		= pvdma_unmap_pages,
+	.flush_iotlb_all	= pvdma_flush_iotlb_all,
+	.iotlb_sync		= pvdma_iotlb_sync,
+	.iova_to_phys		= pvdma_iova_to_phys,
+	.free			= pvdma_domain_free,
+};
+
+/* Not const: the identity domain exists only with FEATURES.BYPASS. */
+static struct iommu_ops pvdma_iommu_ops = {
+	.capable		= pvdma_capable,
+#if PVDMA_CORE_612
+	.domain_alloc_paging	= pvdma_domain_alloc_paging,
+	.blocked_domain		= &pvdma_blocked_domain,
+#else
+	.domain_alloc		= pvdma_domain_alloc,
+	.probe_finalize		= pvdma_probe_finalize,
+#endif
+	.probe_device		= pvdma_probe_device,
+	.release_device		= pvdma_release_device,
+	.device_group		= pci_device_group,
+	.get_resv_regions	= pvdma_get_resv_regions,
+	.def_domain_type	= pvdma_def_domain_type,
+	.pgsize_bitmap		= SZ_4K,
+	.owner			= THIS_MODULE,
+	.default_domain_ops	= &pvdma_domain_ops,
+};
+
+/* ---- the pvdma PCI function -------------------------------------------- */
+
+static int param_set_skip_map(const char *val, const struct kernel_param *kp)
+{
+	unsigned int bus, slot, fn;
+
+	if (sysfs_streq(val, "none")) {
+		WRITE_ONCE(skip_map_rid, -1);
+		return 0;
+	}
+	if (sscanf(val, "%x:%x.%x", &bus, &slot, &fn) != 3 || bus > 0xff ||
+	    slot > 0x1f || fn > 7)
+		return -EINVAL;
+	WRITE_ONCE(skip_map_rid, (int)PCI_DEVID(bus, PCI_DEVFN(slot, fn)));
+	return 0;
+}
+
+static int param_get_skip_map(char *buf, const struct kernel_param *kp)
+{
+	int rid = READ_ONCE(skip_map_rid);
+
+	if (rid < 0)
+		return sysfs_emit(buf, "none\n");
+	return sysfs_emit(buf, "%02x:%02x.%x\n", PCI_BUS_NUM(rid),
+			  PCI_SLOT(rid & 0xff), PCI_FUNC(rid & 0xff));
+}
+
+static const struct kernel_param_ops skip_map_ops = {
+	.set = param_set_skip_map,
+	.get = param_get_skip_map,
+};
+module_param_cb(test_skip_map, &skip_map_ops, NULL, 0644);
+MODULE_PARM_DESC(test_skip_map,
+		 "testing only: bb:dd.f whose next MAP is not sent (its DMA there faults), or none");
+
+static void pvdma_free_blocks(void)
+{
+	int cpu;
+
+	for_each_possible_cpu(cpu) {
+		free_page((unsigned long)per_cpu(pvdma_block, cpu));
+		per_cpu(pvdma_block, cpu) = NULL;
+	}
+}
+
+static int pvdma_alloc_blocks(void)
+{
+	struct page *page;
+	int cpu;
+
+	for_each_possible_cpu(cpu) {
+		page = alloc_pages_node(cpu_to_node(cpu),
+					GFP_KERNEL | __GFP_ZERO, 0);
+		if (!page) {
+			pvdma_free_blocks();
+			return -ENOMEM;
+		}
+		per_cpu(pvdma_block, cpu) = page_address(page);
+	}
+	return 0;
+}
+
+static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
+{
+	struct device *dev = &pdev->dev;
+	struct pvdma_iommu *p;
+	int ret;
+
+	if (pvdma) {
+		dev_err(dev, "only one pvdma function is supported\n");
+		return -EBUSY;
+	}
+	if (iommu_present(&pci_bus_type)) {
+		dev_err(dev, "another IOMMU drives the PCI bus; not registering\n");
+		return -EBUSY;
+	}
+	p = devm_kzalloc(dev, sizeof(*p), GFP_KERNEL);
+	if (!p)
+		return -ENOMEM;
+	p->pdev = pdev;
+	ret = pcim_enable_device(pdev);
+	if (ret)
+		return ret;
+	ret = pcim_iomap_regions(pdev, BIT(0), KBUILD_MODNAME);
+	if (ret)
+		return ret;
+	p->regs = pcim_iomap_table(pdev)[0];
+	if (readl(p->regs + PVDMA_REG_MAGIC) != PVDMA_MAGIC ||
+	    readl(p->regs + PVDMA_REG_VERSION) != PVDMA_VERSION) {
+		dev_err(dev, "not a pvdma version %u register block\n",
+			PVDMA_VERSION);
+		return -ENODEV;
+	}
+	p->features = readq(p->regs + PVDMA_REG_FEATURES);
+	p->iova_bits = readl(p->regs + PVDMA_REG_IOVA_BITS);
+	p->max_segs = min_t(u32, readl(p->regs + PVDMA_REG_MAX_SEGS),
+			    PVDMA_BLOCK_SEGS);
+	p->hc_nr = readl(p->regs + PVDMA_REG_HYPERCALL_NR);
+	if (p->iova_bits < 32 || p->iova_bits > 64 || !p->max_segs) {
+		dev_err(dev, "unusable IOVA_BITS %u / MAX_SEGS %u\n",
+			p->iova_bits, p->max_segs);
+		return -ENODEV;
+	}
+	if (sysfs_streq(transport, "hypercall")) {
+		if (!(p->features & PVDMA_FEATURE_HYPERCALL)) {
+			dev_err(dev, "transport=hypercall, but FEATURES.HYPERCALL is clear\n");
+			return -ENODEV;
+		}
+		p->use_hypercall = true;
+	} else if (sysfs_streq(transport, "auto")) {
+		p->use_hypercall = p->features & PVDMA_FEATURE_HYPERCALL;
+	} else if (!sysfs_streq(transport, "doorbell")) {
+		dev_err(dev, "transport=%s: want auto, doorbell or hypercall\n",
+			transport);
+		return -EINVAL;
+	}
+
+	ret = pvdma_alloc_blocks();
+	if (ret)
+		return ret;
+#if PVDMA_CORE_612
+	if (p->features & PVDMA_FEATURE_BYPASS)
+		pvdma_iommu_ops.identity_domain = &pvdma_identity_domain;
+#endif
+	ret = iommu_device_sysfs_add(&p->iommu, dev, NULL, "pvdma-%s",
+				     pci_name(pdev));
+	if (ret)
+		goto err_blocks;
+	pvdma = p;
+	/*
+	 * Probes every PCI device. The 6.1 core leaves its bus ops set even
+	 * after an unregister, so from here on the module stays (no remove,
+	 * no unbind, no module_exit).
+	 */
+	WRITE_ONCE(pvdma_registering, true);
+	ret = iommu_device_register(&p->iommu, &pvdma_iommu_ops, NULL);
+	WRITE_ONCE(pvdma_registering, false);
+	if (ret) {
+		dev_err(dev, "iommu_device_register: %d\n", ret);
+		pvdma = NULL;
+		iommu_device_sysfs_remove(&p->iommu);
+		goto err_blocks;
+	}
+	dev_info(dev, "IOMMU for PCI bus %02x: features 0x%llx, %u-bit IOVAs, %u segments per request, %s\n",
+		 pdev->bus->number, p->features, p->iova_bits, p->max_segs,
+		 p->use_hypercall ? "hypercall" : "doorbell");
+	return 0;
+
+err_blocks:
+	pvdma_free_blocks();
+	return ret;
+}
+
+static const struct pci_device_id pvdma_pci_ids[] = {
+	{ PCI_DEVICE(PVDMA_PCI_VENDOR_ID, PVDMA_PCI_DEVICE_ID) },
+	{ }
+};
+MODULE_DEVICE_TABLE(pci, pvdma_pci_ids);
+
+static struct pci_driver pvdma_pci_driver = {
+	.name = "pvdma-iommu",
+	.id_table = pvdma_pci_ids,
+	.probe = pvdma_pci_probe,
+	.driver.suppress_bind_attrs = true,
+};
+
+static int __init pvdma_iommu_init(void)
+{
+	return pci_register_driver(&pvdma_pci_driver);
+}
+module_init(pvdma_iommu_init);
+
+MODULE_DESCRIPTION("pvdma paravirtual IOMMU");
+MODULE_LICENSE("GPL");
