@@ -168,12 +168,13 @@ static int __init pvdma_hc_init(void)
 		pr_info("pvdma_hc: FAIL: out of memory\n");
 		goto out_free;
 	}
-	if ((unsigned long)c.req & 7) {
-		pr_info("pvdma_hc: FAIL: request block %px is not 8-byte aligned\n", c.req);
+	c.req_gpa = virt_to_phys(c.req);
+	if (c.req_gpa & 7) {
+		pr_info("pvdma_hc: FAIL: request block at %pa is not 8-byte aligned\n",
+			&c.req_gpa);
 		ret = -EINVAL;
 		goto out_free;
 	}
-	c.req_gpa = virt_to_phys(c.req);
 	pr_info("pvdma_hc: request block gpa 0x%llx, data page gpa 0x%llx\n",
 		(u64)c.req_gpa, (u64)virt_to_phys((void *)page));
 
