@@ -884,8 +884,10 @@ void pvdma_vq_close(struct pvdma_vq *vq);
  * - `PVDMA_VQ_OK`: `*chain` filled.
  * - `PVDMA_VQ_EMPTY`: nothing available; `*chain` untouched.
  * - `PVDMA_VQ_ERR_BUFFER_TOO_SMALL`: `chain->n_readable/n_writable` are
- *   the counts needed; the chain stays on the ring (call again).
- * - `PVDMA_VQ_ERR_BAD_CHAIN`: `chain->head` is the consumed bad chain.
+ *   the counts needed (at most 65536 each); the chain stays on the ring
+ *   (call again).
+ * - `PVDMA_VQ_ERR_BAD_CHAIN`: `chain->head` is the consumed bad chain,
+ *   also one needing more than 65536 fragments on a side.
  * - `PVDMA_VQ_ERR_TRANSLATION_FAULT`, `PVDMA_VQ_ERR_BAD_STATE`.
  *
  * # Safety

@@ -246,8 +246,10 @@ pub mod vq {
     /// - `PVDMA_VQ_OK`: `*chain` filled.
     /// - `PVDMA_VQ_EMPTY`: nothing available; `*chain` untouched.
     /// - `PVDMA_VQ_ERR_BUFFER_TOO_SMALL`: `chain->n_readable/n_writable` are
-    ///   the counts needed; the chain stays on the ring (call again).
-    /// - `PVDMA_VQ_ERR_BAD_CHAIN`: `chain->head` is the consumed bad chain.
+    ///   the counts needed (at most 65536 each); the chain stays on the ring
+    ///   (call again).
+    /// - `PVDMA_VQ_ERR_BAD_CHAIN`: `chain->head` is the consumed bad chain,
+    ///   also one needing more than 65536 fragments on a side.
     /// - `PVDMA_VQ_ERR_TRANSLATION_FAULT`, `PVDMA_VQ_ERR_BAD_STATE`.
     ///
     /// # Safety
@@ -276,9 +278,11 @@ pub mod vq {
                 gpa: 0,
                 len: 0,
             };
-            // A chain has at most queue-size descriptors per table; each yields
-            // few fragments. Cap the scratch so a huge n_* costs nothing.
-            let cap = |n: usize| n.min(1 << 16);
+            // pop() refuses a chain needing more than MAX_CHAIN_FRAGMENTS on a
+            // side (BAD_CHAIN, consumed), so scratch beyond that is never
+            // used: a huge n_* costs nothing and TOO_SMALL always asks for a
+            // count this call can satisfy.
+            let cap = |n: usize| n.min(vq::MAX_CHAIN_FRAGMENTS);
             let (mut rs, mut ws) = ([Z; STACK_FRAGMENTS], [Z; STACK_FRAGMENTS]);
             let (mut rh, mut wh) = (Vec::new(), Vec::new());
             let rbuf: &mut [Fragment] = if cap(n_readable) <= STACK_FRAGMENTS {

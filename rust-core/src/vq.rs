@@ -93,6 +93,13 @@ pub enum Error {
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The most fragments one side (readable or writable) of a chain may need.
+/// A chain can need far more (one 4 GiB descriptor over scattered pages is
+/// a million), and asking the caller for arrays that large would only turn
+/// [`Error::TooSmall`] into a retry loop that never ends: such a chain is an
+/// [`Error::BadChain`] instead, consumed like any other malformed chain.
+pub const MAX_CHAIN_FRAGMENTS: usize = 1 << 16;
+
 /// Where a split queue's rings are, in the endpoint's IOVA space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueConfig {
@@ -389,6 +396,9 @@ impl<'vm> VirtQueue<'vm> {
             }
             info.readable = rsink.count();
             info.writable = wsink.count();
+            if info.readable > MAX_CHAIN_FRAGMENTS || info.writable > MAX_CHAIN_FRAGMENTS {
+                return Err(bad("chain needs more than MAX_CHAIN_FRAGMENTS fragments"));
+            }
             if info.readable > readable.len() || info.writable > writable.len() {
                 // Leave the chain on the ring for a retry with bigger arrays.
                 queue.go_to_previous_position();

@@ -241,6 +241,36 @@ fn more_fragments_than_iovecs_reports_the_count_needed() {
     assert!(w4.iter().all(|f| f.len == PAGE_SIZE));
 }
 
+/// Hazard: a chain that needs more fragments than MAX_CHAIN_FRAGMENTS. As
+/// TooSmall it would ask for the same impossible count on every retry, and
+/// a device model following the documented retry loop would spin: it is a
+/// final BadChain, consumed. 65,537 IOVA pages alternate between two
+/// non-adjacent guest pages, so no two fragments merge.
+#[test]
+fn chain_beyond_the_fragment_bound_is_a_final_error() {
+    let g = Guest::new();
+    let mut q = g.queue(0);
+    let pages = vq::MAX_CHAIN_FRAGMENTS as u64 + 1;
+    let base = 0x1000_0000;
+    for i in 0..pages {
+        let gpa = if i % 2 == 0 { 0x80000 } else { 0x82000 };
+        g.map(base + i * PAGE_SIZE, gpa, Perm::RW);
+    }
+    g.desc(DESC, 0, base, (pages * PAGE_SIZE) as u32, WRITE, 0);
+    g.publish(AVAIL, &[0]);
+    let mut r = [Z; 1];
+    let mut w = vec![Z; vq::MAX_CHAIN_FRAGMENTS];
+    match q.pop(&mut r, &mut w) {
+        Err(vq::Error::BadChain { head: 0, .. }) => {}
+        other => panic!("expected BadChain, got {other:?}"),
+    }
+    assert_eq!(
+        q.pop(&mut r, &mut w).unwrap(),
+        None,
+        "the chain is consumed"
+    );
+}
+
 /// Hazard: devices must not depend on message framing. A 16-byte virtio
 /// header split over two non-adjacent guest pages reads correctly through
 /// virtio-queue's Reader, and a Writer writes across fragments.
