@@ -1305,6 +1305,18 @@ impl Vm {
             return Response::status(Status::NoDev);
         };
         let _op = ep.op_lock.lock();
+        // remove_endpoint unpublishes an endpoint and then detaches it under
+        // this lock. A request that found it before it was unpublished and
+        // got the lock after that detach must not run on it: an ATTACH would
+        // install a domain nothing could reach, detach or free again. The
+        // lock orders this load after the unpublishing store.
+        if !self
+            .endpoint_map(&guard)
+            .get(&req.requester)
+            .is_some_and(|cur| Arc::ptr_eq(cur, &ep))
+        {
+            return Response::status(Status::NoDev);
+        }
         let ram = self.ram.load(&guard);
         match op {
             Op::Query => {

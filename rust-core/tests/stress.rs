@@ -16,7 +16,7 @@ use std::thread;
 use common::*;
 use pvdma::domain::FaultReason;
 use pvdma::vm::{MapEvent, MapEventKind};
-use pvdma::{Access, Fragment, Perm, Status, PAGE_SIZE};
+use pvdma::{Access, Fragment, Op, Perm, Status, PAGE_SIZE};
 
 /// Map/unmap rounds per writer.
 const ROUNDS: u64 = 1500;
@@ -379,4 +379,49 @@ fn notifier_sees_every_event_before_the_request_returns() {
     }
     assert!(live.is_empty());
     g.vm.set_notifier(None);
+}
+
+/// A request racing `remove_endpoint` must not run on the removed
+/// endpoint. The engine looks the endpoint up and then takes its request
+/// lock, while removal unpublishes it and then detaches it under that lock:
+/// an ATTACH arriving in between would install a domain on an endpoint
+/// that nothing can reach, detach or free again. One thread adds and
+/// removes an endpoint; another keeps attaching whatever incarnation is
+/// published. Once every incarnation is removed, none may be attached.
+#[test]
+fn requests_racing_endpoint_removal_leave_nothing_behind() {
+    const RID: u32 = 0x0300;
+    const CHURN: u64 = 200_000;
+    let g = Guest::new();
+    let done = AtomicBool::new(false);
+    let seen = thread::scope(|sc| {
+        sc.spawn(|| {
+            for _ in 0..CHURN {
+                g.vm.add_endpoint(RID, None).unwrap();
+                g.vm.remove_endpoint(RID).unwrap();
+            }
+            done.store(true, Ordering::Release);
+        });
+        let attacher = sc.spawn(|| {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::Acquire) {
+                if let Some(ep) = g.vm.endpoint(RID) {
+                    g.vm.execute(&req(Op::Attach, RID));
+                    if !seen.last().is_some_and(|last| Arc::ptr_eq(last, &ep)) {
+                        seen.push(ep);
+                    }
+                }
+            }
+            seen
+        });
+        attacher.join().unwrap()
+    });
+    assert!(g.vm.endpoint(RID).is_none());
+    let leaked = seen.iter().filter(|ep| ep.is_attached()).count();
+    assert_eq!(
+        leaked,
+        0,
+        "{leaked} removed endpoints of {} still attached",
+        seen.len()
+    );
 }
