@@ -20,7 +20,9 @@ set -euo pipefail
 [ $# -eq 1 ] || { echo "usage: $0 6.1|6.12" >&2; exit 2; }
 guest_kernel_select "$1"
 IO_SRC="$PVDMA_ROOT/guest/io"
-LINUX_SRC="$PVDMA_ROOT/guest/linux"
+# The guest IOMMU driver's sources (pvdma-iommu.c, Kbuild taking
+# PVDMA_ABI_INC, Makefile); PVDMA_GUEST_LINUX points elsewhere.
+LINUX_SRC=${PVDMA_GUEST_LINUX:-$PVDMA_ROOT/guest/linux}
 
 guest_tools
 guest_kernel

@@ -100,6 +100,7 @@ class RunResult:
     snapshots: dict = dataclasses.field(default_factory=dict)
     times: dict = dataclasses.field(default_factory=dict)
     cpu_total_s: float = None
+    devices: dict = dataclasses.field(default_factory=dict)
     console: list = dataclasses.field(default_factory=list)
 
 
@@ -120,21 +121,33 @@ def parse_result(line):
     return out
 
 
-def check_pvdma(snapshot, want_attached=True):
-    """Problems (strings) in a query-pvdma reply: FAULTS must be 0 and,
-    with want_attached, the endpoints with mappings or attached must be
-    there; an empty list means fine."""
+def requester(bdf):
+    """sysfs's 0000:00:02.0 -> query-pvdma's 00:02.0."""
+    return bdf.split(":", 1)[1] if bdf.count(":") == 2 else bdf
+
+
+def check_pvdma(snapshot, requesters=(), attached=True):
+    """Problems (strings) in a query-pvdma reply; empty means fine. FAULTS
+    must be 0, and each endpoint in requesters (query-pvdma's bus:dev.fn)
+    must be listed and attached (attached=True) or not (False)."""
     if not snapshot:
         return ["query-pvdma shows no pvdma device"]
     problems = []
+    eps = {}
     for dev in snapshot:
+        name = dev.get("id", dev["path"])
         if dev.get("faults", 0) != 0:
-            problems.append(f"{dev.get('id', dev['path'])}: FAULTS "
-                            f"{dev['faults']}: {dev.get('last-faults')}")
-        eps = dev.get("endpoints", [])
-        if want_attached and not any(e.get("attached") for e in eps):
-            problems.append(f"{dev.get('id', dev['path'])}: no endpoint "
-                            f"attached: {eps}")
+            problems.append(f"{name}: FAULTS {dev['faults']}, last: "
+                            f"{dev.get('last-faults')}")
+        for e in dev.get("endpoints", []):
+            eps[e["requester"]] = e
+    for rid in requesters:
+        e = eps.get(rid)
+        if e is None:
+            problems.append(f"endpoint {rid}: not in query-pvdma")
+        elif e["attached"] != attached:
+            problems.append(f"endpoint {rid}: attached={e['attached']}, "
+                            f"expected {attached}")
     return problems
 
 
@@ -202,7 +215,10 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
 
     At every `PVDMA-IO: PAUSE <tag>` of the guest, runs query-pvdma (when
     the variant has a pvdma device and query is true) into
-    .snapshots[tag], then lets the guest go on. QEMU's CPU time (utime +
+    .snapshots[tag], then lets the guest go on. With a pvdma device, a
+    run only passes when the final snapshot shows FAULTS 0 and every
+    device under test (.devices, from the guest's DEVICE lines) attached
+    (variant pvdma) or not (pvdma-bypass). QEMU's CPU time (utime +
     stime of all its threads) is read at the guest's markers:
     .phases["boot"] (QEMU start -> /init), "run:<what>" (RUN .. DONE of
     each pvdma-io run, e.g. run:verify-blk), "<name>" (MARK begin:<name>
@@ -247,6 +263,9 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
             if words[0] == "BOOTED":
                 res.times["booted"] = round(now, 2)
                 res.phases["boot"] = Phase(now, vm.cpu_seconds())
+            elif words[0] == "DEVICE" and len(words) > 1:
+                res.devices[words[1]] = dict(
+                    w.split("=", 1) for w in words[2:] if "=" in w)
             elif words[0] == "READY":
                 res.times["ready"] = round(now, 2)
             elif words[0] in ("RUN", "MARK", "DONE"):
@@ -302,6 +321,15 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
             res.times["exit"] = round(vm.elapsed(), 2)
             vm.close()
         disk_dir.cleanup()
+    # pvdma's view at the end: no refused DMA, and the devices under test
+    # translated (pvdma) or bypassing (pvdma-bypass).
+    if res.passed and has_pvdma and query:
+        problems = check_pvdma(
+            res.snapshots.get("final"),
+            [requester(d["pci"]) for d in res.devices.values() if "pci" in d],
+            attached=variant == "pvdma")
+        if problems:
+            res.failure = "query-pvdma (final): " + "; ".join(problems)
     if res.failure is not None:
         res.passed = False
     if res.cpu_total_s is not None:
