@@ -9,7 +9,8 @@ As a library (for the tests and benchmarks):
     r = pg.run_variant(qemu, image, "pvdma", strict=True, mode="bench",
                        bench=["blk:rand:4k:2:5", "net:5"])
     r.passed, r.failure          # verdict
-    r.results                    # parsed RESULT lines (dicts)
+    r.results                    # parsed RESULT lines (dicts), each with
+                                 # qemu_cpu_s / qemu_cpu_us_per_op
     r.phases                     # name -> Phase(wall_s, cpu_s): QEMU CPU
     r.snapshots                  # PAUSE tag -> query-pvdma reply
 
@@ -244,6 +245,7 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
         return res
     vm = None
     open_marks = {}          # name -> (monotonic, cpu)
+    last_mark = None
     try:
         vm = ConsoleMachine(qemu, args, timeout)
         say("$ " + " ".join(vm.argv[3:]), flush=True)
@@ -251,7 +253,17 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
             res.console.append(line)
             say(line, flush=True)
             if line.startswith("RESULT "):
-                res.results.append(parse_result(line))
+                # pvdma-io prints MARK end:<name> right before its RESULT:
+                # attach that phase's QEMU CPU time, and per I/O / frame.
+                r = parse_result(line)
+                if last_mark in res.phases:
+                    p = res.phases[last_mark]
+                    ops = r.get("ios", r.get("frames", 0))
+                    r["phase"] = last_mark
+                    r["qemu_cpu_s"] = p.cpu_s
+                    r["qemu_cpu_us_per_op"] = (round(p.cpu_s / ops * 1e6, 2)
+                                               if ops else None)
+                res.results.append(r)
                 continue
             at = line.find(MARK)
             if at < 0:
@@ -283,8 +295,14 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                     open_marks[name] = (now, vm.cpu_seconds())
                 elif name in open_marks:
                     t, c = open_marks.pop(name)
+                    base, n = name, 1
+                    while name in res.phases:     # the same run again
+                        n += 1
+                        name = f"{base}#{n}"
                     res.phases[name] = Phase(round(now - t, 3),
                                              round(vm.cpu_seconds() - c, 3))
+                    if words[0] == "MARK":
+                        last_mark = name
             elif words[0] == "PASS":
                 res.times["result"] = round(now, 2)
                 res.passed = True

@@ -13,8 +13,9 @@
  *     block landing in the wrong place (or a stale one) names where it came
  *     from. Exit status 1 on a mismatch or an I/O error.
  * pvdma-io disk-bench DEV seq|rand BS JOBS SECONDS
- *     O_DIRECT reads by JOBS threads for SECONDS; prints
- *     RESULT disk mode=.. bs=.. jobs=.. ios=N bytes=N secs=F iops=F mbps=F
+ *     O_DIRECT reads by JOBS threads for SECONDS (seq: a stripe of the
+ *     disk each; rand: anywhere, block-aligned); prints
+ *     RESULT disk dev=.. mode=.. bs=.. jobs=.. ios=N bytes=N secs=F iops=F mbps=F
  * pvdma-io net-verify IF_A IF_B [N]
  *     Sends N (default 2000) full-size raw frames (ethertype 0x88b5, 1500
  *     bytes of payload) on IF_A to IF_B's MAC and receives them on IF_B:
@@ -27,7 +28,8 @@
  * mbps is 10^6 bytes per second in both RESULT lines (bytes= counts disk
  * data, or Ethernet payload bytes received). Benchmarks print
  * `PVDMA-IO: MARK begin:<what>` right before the timed part and
- * `PVDMA-IO: MARK end:<what>` right after it, for the host to read QEMU's
+ * `PVDMA-IO: MARK end:<what>` right after it (what: disk-DEV-MODE-BS-JOBS,
+ * e.g. disk-vda-rand-4096-2, or net-1500), for the host to read QEMU's
  * CPU time at both. Nothing waits without a timeout: every network wait is
  * a poll() against a deadline.
  */
@@ -368,7 +370,8 @@ static int disk_bench(int argc, char **argv)
 	t = calloc(jobs, sizeof(*t));
 	if (!b || !t)
 		die("out of memory");
-	snprintf(name, sizeof(name), "disk-%s-%zu-%lu", mode, bs, jobs);
+	snprintf(name, sizeof(name), "disk-%s-%s-%zu-%lu",
+		 strrchr(dev, '/') ? strrchr(dev, '/') + 1 : dev, mode, bs, jobs);
 	mark("begin", name);
 	t0 = now();
 	for (unsigned long j = 0; j < jobs; j++) {
@@ -388,8 +391,9 @@ static int disk_bench(int argc, char **argv)
 	}
 	t1 = now();
 	mark("end", name);
-	printf("RESULT disk mode=%s bs=%zu jobs=%lu ios=%" PRIu64
+	printf("RESULT disk dev=%s mode=%s bs=%zu jobs=%lu ios=%" PRIu64
 	       " bytes=%" PRIu64 " secs=%.3f iops=%.1f mbps=%.2f\n",
+	       strrchr(dev, '/') ? strrchr(dev, '/') + 1 : dev,
 	       mode, bs, jobs, ios, bytes, t1 - t0, ios / (t1 - t0),
 	       bytes / (t1 - t0) / 1e6);
 	free(b);
