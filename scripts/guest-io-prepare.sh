@@ -74,7 +74,8 @@ mkdir -p "$mods/ko"
 # The initramfs, keyed by everything that goes into it.
 key=$( { echo "$GK_IMAGE_PKG $GK_VER $GUEST_BUSYBOX_VER"
          cat "$IO_SRC/init" "$pio" "$mods/load" ${iommu_ko:+"$iommu_ko"}
-         (cd "$mods/ko" && LC_ALL=C ls | xargs -r cat); } |
+         find "$mods/ko" -name '*.ko' -print0 | LC_ALL=C sort -z |
+             xargs -0r cat; } |
        sha256sum | cut -c1-16)
 idir="$GUEST_CACHE/io-initramfs-$GK_NAME-$key"
 if [ ! -f "$idir/initramfs.cpio.gz" ]; then

@@ -49,7 +49,17 @@ for k in $KERNELS; do
     "$PVDMA_ROOT/scripts/guest-io-prepare.sh" "$k" >/dev/null
 done
 
-results=()
+# Each boot runs in the background so a signal reaches it: pvdma_guest.py
+# turns SIGTERM into its clean-up, which ends QEMU.
+summary=$(mktemp)
+pypid=
+cleanup() {
+    [ -z "$pypid" ] || { kill -TERM "$pypid" 2>/dev/null; wait "$pypid" 2>/dev/null; }
+    rm -f "$summary"
+}
+trap cleanup EXIT
+trap 'exit 143' TERM HUP
+trap 'exit 130' INT
 failed=0
 for k in $KERNELS; do
     for v in $VARIANTS; do
@@ -60,20 +70,23 @@ for k in $KERNELS; do
             strict=(--strict)
         fi
         log "kernel $k, variant $v"
-        out=$(mktemp)
-        rc=0
         python3 "$PVDMA_ROOT/scripts/pvdma_guest.py" --qemu "$qemu" \
             --kernel "$k" --variant "$variant" "${strict[@]}" \
-            --timeout "$TIMEOUT" 2>&1 | tee "$out" || rc=$?
-        [ "$rc" -eq 0 ] || failed=1
-        results+=("$(grep '^== kernel ' "$out" | tail -n1 | cut -c4- ||
-                     echo "kernel $k variant $v: no result (status $rc)")")
-        rm -f "$out"
+            --timeout "$TIMEOUT" --summary-file "$summary" &
+        pypid=$!
+        rc=0
+        wait "$pypid" || rc=$?
+        pypid=
+        if [ $rc -ne 0 ]; then
+            failed=1
+            grep -q "^kernel $k variant $variant${strict:+ strict} " "$summary" ||
+                echo "kernel $k variant $v: no result (status $rc)" >>"$summary"
+        fi
     done
 done
 
 log "summary"
-printf '%s\n' "${results[@]}"
+cat "$summary"
 if [ $failed -ne 0 ]; then
     echo "guest-io-test: FAIL"
     exit 1

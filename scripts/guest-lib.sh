@@ -57,9 +57,10 @@ guest_kernel_select() {
         return 1
         ;;
     esac
+    # shellcheck disable=SC2034  # GK_NAME is for the callers
     GK_NAME=$1
     GK_RELEASE=$GK_ABI-cloud-amd64
-    GK_DIR= GK_KBUILD=     # set by guest_kernel and guest_headers
+    GK_DIR='' GK_KBUILD=''     # set by guest_kernel and guest_headers
     GK_HEADERS_VER=$GK_VER
 }
 

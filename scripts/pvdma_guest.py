@@ -19,6 +19,7 @@ As a script:
     scripts/pvdma_guest.py [--qemu BIN] [--kernel 6.1|6.12] [--variant V]
         [--strict] [--mode test|bench|demo] [--bench SPEC ...]
         [--modparams a=1,b=2] [--timeout S] [--append ARG ...] [--quiet]
+        [--summary-file FILE] [--json FILE]
 
 Variants (what translates the devices' DMA):
   none          no IOMMU
@@ -35,6 +36,7 @@ killed on every exit path (pvdma_qemu.ConsoleMachine).
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -388,6 +390,10 @@ def main():
     ap.add_argument("--append", nargs="*", default=[],
                     help="more kernel command line arguments")
     ap.add_argument("--quiet", action="store_true", help="no console copy")
+    ap.add_argument("--summary-file",
+                    help="append the one-line summary to this file")
+    ap.add_argument("--json", help="write the whole result (RunResult) "
+                    "as JSON to this file")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
@@ -403,6 +409,12 @@ def main():
     for res in r.results:
         print(f"== result {res}")
     print("== " + summary(r))
+    if a.summary_file:
+        with open(a.summary_file, "a") as f:
+            f.write(summary(r) + "\n")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dataclasses.asdict(r), f, indent=1)
     return 0 if r.passed else 1
 
 
