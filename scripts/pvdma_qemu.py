@@ -2,11 +2,16 @@
 """Driving QEMU from the project's scripts: QMP, qtest and pvdma requests.
 
 Python 3.11 standard library only. Used by pvdma-demo.py,
-pvdma-doorbell-check.py, qemu-smoke.sh and qemu-pvdma-smoke.sh:
+pvdma-doorbell-check.py, qemu-smoke.sh, qemu-pvdma-smoke.sh,
+guest-demo-boot.py and pvdma_guest.py:
 
   * `QMP`: a QMP client on a unix socket, every read bounded by a deadline;
   * `QTestMachine`: QEMU started under `timeout --kill-after` with a qtest
     and a QMP socket, for playing a guest driver without a guest;
+  * `ConsoleMachine`: QEMU booting a real guest under `timeout
+    --kill-after`, its serial console read line by line against a
+    deadline, QMP on a socket, and QEMU's CPU time (all its threads);
+  * `compact_json`: query-pvdma's reply, one line per endpoint and fault;
   * the pvdma guest ABI v1 (docs/abi.md): register offsets, ops, flags,
     status names, request-block encoding/decoding and a doorbell submit.
 
@@ -15,6 +20,7 @@ Failures raise `QemuError`; `exit_on_error` turns one into an exit message.
 
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -253,6 +259,160 @@ class QTestMachine:
             if self.cfg_read(devfn, 0) == (device << 16 | vendor):
                 return devfn
         raise QemuError(f"{vendor:04x}:{device:04x} not found")
+
+
+class QemuTimeout(QemuError):
+    """The deadline passed before QEMU said what was waited for."""
+
+
+def compact_json(devices):
+    """query-pvdma's reply, with each endpoint and fault on one line."""
+    out = ["["]
+    for i, dev in enumerate(devices):
+        out.append("  {")
+        items = list(dev.items())
+        for j, (key, val) in enumerate(items):
+            comma = "," if j < len(items) - 1 else ""
+            if isinstance(val, list) and val and isinstance(val[0], dict):
+                out.append(f"    {json.dumps(key)}: [")
+                out += [f"      {json.dumps(v)}" + ("," if k < len(val) - 1 else "")
+                        for k, v in enumerate(val)]
+                out.append(f"    ]{comma}")
+            else:
+                out.append(f"    {json.dumps(key)}: {json.dumps(val)}{comma}")
+        out.append("  }" + ("," if i < len(devices) - 1 else ""))
+    out.append("]")
+    return "\n".join(out)
+
+
+class ConsoleMachine:
+    """A guest booting in QEMU under `timeout --kill-after`, in its own
+    process group: serial console on QEMU's stdio (-nographic), QMP on a
+    unix socket (connected on first use of .qmp()).
+
+    Every read is bounded by the deadline (start + timeout seconds), after
+    which `timeout` kills QEMU anyway. close() (also by `with`) ends QEMU
+    on every path: SIGTERM to `timeout`, which passes it on and reaps
+    QEMU, then SIGKILL to the group if that did not end it within 3 s.
+    """
+
+    def __init__(self, qemu, args, timeout=60):
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + timeout
+        self.timeout = timeout
+        self._tmp = tempfile.TemporaryDirectory(prefix="pvdma-guest-")
+        self.tmp = self._tmp.name
+        self.qmp_path = os.path.join(self.tmp, "qmp")
+        self._qmp = None
+        self._qemu_pid = None
+        self._buf = b""
+        self.argv = ["timeout", "--kill-after=5", str(int(timeout)), qemu,
+                     "-nographic", *args,
+                     "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def elapsed(self):
+        return time.monotonic() - self.t0
+
+    def lines(self):
+        """Yields the console's lines (str, without the line end) until
+        QEMU closes its output; raises QemuTimeout at the deadline."""
+        fd = self.proc.stdout.fileno()
+        while True:
+            while b"\n" in self._buf:
+                raw, self._buf = self._buf.split(b"\n", 1)
+                yield raw.decode(errors="replace").rstrip("\r")
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise QemuTimeout(f"no result within {self.timeout:.0f} s")
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:               # QEMU exited
+                if self._buf:
+                    rest, self._buf = self._buf, b""
+                    yield rest.decode(errors="replace").rstrip("\r")
+                return
+            self._buf += chunk
+
+    def send_line(self, text=""):
+        """Types a line on the guest's console."""
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def qmp(self):
+        """The QMP connection, opened on first use."""
+        if self._qmp is None:
+            self._qmp = QMP.connect(self.qmp_path, self.deadline)
+        return self._qmp
+
+    def qemu_pid(self):
+        """QEMU's pid: the child of `timeout` (not `timeout` itself)."""
+        if self._qemu_pid is None:
+            tpid = self.proc.pid
+            try:
+                with open(f"/proc/{tpid}/task/{tpid}/children") as f:
+                    kids = f.read().split()
+            except OSError:
+                kids = []
+            if not kids:                # no CONFIG_PROC_CHILDREN: scan
+                for pid in filter(str.isdigit, os.listdir("/proc")):
+                    try:
+                        with open(f"/proc/{pid}/stat") as f:
+                            st = f.read()
+                    except OSError:
+                        continue
+                    if int(st[st.rindex(")") + 2:].split()[1]) == tpid:
+                        kids.append(pid)
+            if not kids:
+                raise QemuError("QEMU is not running under timeout")
+            self._qemu_pid = int(kids[0])
+        return self._qemu_pid
+
+    def cpu_seconds(self):
+        """QEMU's user + system CPU time in seconds, over all its threads
+        (also the ones that exited): utime + stime of /proc/PID/stat, in
+        clock ticks (10 ms here)."""
+        with open(f"/proc/{self.qemu_pid()}/stat") as f:
+            st = f.read()
+        fields = st[st.rindex(")") + 2:].split()
+        # fields[0] is stat's 3rd field (state); utime, stime: 14th, 15th
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+    def wait(self, timeout):
+        """QEMU's exit status (of `timeout`: 124/137 when it killed it);
+        raises subprocess.TimeoutExpired."""
+        return self.proc.wait(timeout=timeout)
+
+    def close(self):
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        if self.proc.poll() is None:
+            self.proc.terminate()       # `timeout` passes it on to QEMU
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self._tmp.cleanup()
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def encode_request(op, requester, flags=0, iova=0, length=0, segs=()):
