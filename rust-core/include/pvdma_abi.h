@@ -12,7 +12,11 @@
 #ifndef PVDMA_ABI_H
 #define PVDMA_ABI_H
 
+#ifdef __KERNEL__
+#include <linux/types.h> /* uint16_t .. uint64_t, for guest kernel drivers */
+#else
 #include <stdint.h>
+#endif
 
 /* PCI identity of the pvdma function. */
 #define PVDMA_PCI_VENDOR_ID         0x1b36
