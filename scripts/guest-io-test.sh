@@ -66,8 +66,9 @@ for k in $KERNELS; do
         strict=()
         variant=$v
         if [ "$v" = pvdma-strict ]; then
+            # Strict, and ending with a refused DMA on the NVMe disk.
             variant=pvdma
-            strict=(--strict)
+            strict=(--strict --refuse)
         fi
         log "kernel $k, variant $v"
         python3 "$PVDMA_ROOT/scripts/pvdma_guest.py" --qemu "$qemu" \

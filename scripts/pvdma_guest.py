@@ -193,7 +193,7 @@ def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
 
 
 def guest_append(variant, strict, mode, bench=(), modparams="",
-                 extra=(), pause_timeout=15):
+                 extra=(), pause_timeout=15, refuse=False):
     """The kernel command line for a run."""
     iommu = {"pvdma-bypass": "none"}.get(variant, variant)
     out = ["console=ttyS0", "quiet", "panic=-1",
@@ -207,12 +207,30 @@ def guest_append(variant, strict, mode, bench=(), modparams="",
         out.append(f"pvdmaio.modparams={modparams}")
     if bench:
         out.append("pvdmaio.bench=" + ",".join(bench))
+    if refuse:
+        out.append("pvdmaio.refuse=1")
     return out + list(extra)
+
+
+def check_refused(snapshot, rid):
+    """Problems in the final query-pvdma of a refusal run: FAULTS must have
+    risen, and every recorded fault must be the refused device's."""
+    if not snapshot:
+        return ["query-pvdma shows no pvdma device"]
+    problems = []
+    for dev in snapshot:
+        if dev.get("faults", 0) == 0:
+            problems.append("FAULTS is 0 after the refused DMA")
+        others = {f["requester"] for f in dev.get("last-faults", [])} - {rid}
+        if others:
+            problems.append(f"faults from {sorted(others)}, not only {rid}")
+    return problems
 
 
 def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                 modparams="", timeout=90, extra_append=(), echo=True,
-                disk_cache="writeback", disk_mib=64, query=True):
+                disk_cache="writeback", disk_mib=64, query=True,
+                refuse=False):
     """Boots the I/O guest once; returns a RunResult (never raises for a
     guest failure; QEMU is gone when it returns).
 
@@ -227,10 +245,15 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     each pvdma-io run, e.g. run:verify-blk), "<name>" (MARK begin:<name>
     .. end:<name>, around a benchmark's timed part only: use these to
     compute host CPU per I/O with .results), "total".
+
+    refuse (variant pvdma, mode test): after the checks the guest shows a
+    refused DMA on the NVMe disk; then the snapshot taken before it
+    ("verified") must be clean, and the final one must show faults, all
+    of them the NVMe function's.
     """
     say = print if echo else (lambda *a, **k: None)
     append = guest_append(variant, strict, mode, bench, modparams,
-                          extra_append)
+                          extra_append, refuse=refuse)
     import tempfile
     disk_dir = tempfile.TemporaryDirectory(prefix="pvdma-io-disks-")
     args = qemu_args(image, variant, disk_dir.name, append, disk_cache,
@@ -344,12 +367,20 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     # pvdma's view at the end: no refused DMA, and the devices under test
     # translated (pvdma) or bypassing (pvdma-bypass).
     if res.passed and has_pvdma and query:
-        problems = check_pvdma(
-            res.snapshots.get("final"),
-            [requester(d["pci"]) for d in res.devices.values() if "pci" in d],
-            attached=variant == "pvdma")
+        tested = [requester(d["pci"]) for d in res.devices.values()
+                  if "pci" in d]
+        clean = "verified" if refuse else "final"
+        problems = check_pvdma(res.snapshots.get(clean), tested,
+                               attached=variant == "pvdma")
         if problems:
-            res.failure = "query-pvdma (final): " + "; ".join(problems)
+            res.failure = f"query-pvdma ({clean}): " + "; ".join(problems)
+        elif refuse:
+            nvme = [requester(d["pci"]) for name, d in res.devices.items()
+                    if name.startswith("nvme") and "pci" in d]
+            problems = check_refused(res.snapshots.get("final"),
+                                     nvme[0] if nvme else "?")
+            if problems:
+                res.failure = "query-pvdma (final): " + "; ".join(problems)
     if res.failure is not None:
         res.passed = False
     if res.cpu_total_s is not None:
@@ -390,6 +421,9 @@ def main():
     ap.add_argument("--append", nargs="*", default=[],
                     help="more kernel command line arguments")
     ap.add_argument("--quiet", action="store_true", help="no console copy")
+    ap.add_argument("--refuse", action="store_true",
+                    help="variant pvdma, mode test: end with a refused DMA "
+                    "on the NVMe disk (FAULTS must rise, for it only)")
     ap.add_argument("--summary-file",
                     help="append the one-line summary to this file")
     ap.add_argument("--json", help="write the whole result (RunResult) "
@@ -401,7 +435,8 @@ def main():
     image = prepare(a.kernel)
     try:
         r = run_variant(qemu, image, a.variant, a.strict, a.mode, a.bench,
-                        a.modparams, a.timeout, a.append, echo=not a.quiet)
+                        a.modparams, a.timeout, a.append, echo=not a.quiet,
+                        refuse=a.refuse)
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted ({e or 'SIGINT'})")
     for name, p in r.phases.items():

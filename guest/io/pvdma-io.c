@@ -709,6 +709,67 @@ static int net_bench(int argc, char **argv)
 	return 0;
 }
 
+/* --- refusal --------------------------------------------------------------- */
+
+/*
+ * disk-refused DEV BDF: shows a DMA that pvdma refuses. Writes a pattern to
+ * one 4 KiB block, then asks pvdma_iommu.ko (its test_skip_map parameter)
+ * not to send the next MAP of the disk's PCI function BDF, and reads the
+ * block back with O_DIRECT into a buffer filled with 0x5a: the device's
+ * write into that buffer is refused by the host (FAULTS rises), so the
+ * data must not arrive. QEMU's DMA helpers drop a refused transfer without
+ * the device reporting an error, so the read may "succeed"; an I/O error
+ * is accepted too. A second read, mapped normally, must return the
+ * pattern: the device keeps working.
+ */
+static int disk_refused(int argc, char **argv)
+{
+	static const char param[] =
+		"/sys/module/pvdma_iommu/parameters/test_skip_map";
+	const uint64_t off = 3 * MiB;
+	const unsigned gen = 0x77;
+	uint64_t *buf = xalloc_aligned(4 * KiB);
+	unsigned char *bytes = (unsigned char *)buf;
+	const char *dev, *bdf;
+	ssize_t n;
+	size_t kept = 0;
+	int fd, pfd;
+
+	if (argc != 2)
+		die("usage: disk-refused DEV BDF");
+	dev = argv[0];
+	bdf = argv[1];
+	fd = open_direct(dev, O_RDWR, NULL);
+	disk_fill(buf, off, 4 * KiB, gen);
+	if (pwrite(fd, buf, 4 * KiB, off) != (ssize_t)(4 * KiB))
+		die("%s: writing the pattern: %s", dev, strerror(errno));
+
+	memset(buf, 0x5a, 4 * KiB);
+	pfd = open(param, O_WRONLY);
+	if (pfd < 0 || write(pfd, bdf, strlen(bdf)) != (ssize_t)strlen(bdf))
+		die("%s: %s", param, strerror(errno));
+	close(pfd);
+	n = pread(fd, buf, 4 * KiB, off);
+	for (size_t i = 0; i < 4 * KiB; i++)
+		kept += bytes[i] == 0x5a;
+	printf("refused read: %s, %zu of 4096 bytes unchanged\n",
+	       n < 0 ? strerror(errno) : "no error reported", kept);
+	if (n >= 0 && kept != 4 * KiB)
+		die("%s: %zu bytes of a read whose MAP was skipped arrived",
+		    dev, 4 * KiB - kept);
+
+	if (pread(fd, buf, 4 * KiB, off) != (ssize_t)(4 * KiB))
+		die("%s: the read after the refusal failed: %s", dev,
+		    strerror(errno));
+	if (disk_check(dev, buf, off, 4 * KiB, gen))
+		die("%s: the read after the refusal returned wrong data", dev);
+	printf("%s: disk-refused %s PASS (refused DMA kept out, next read "
+	       "correct)\n", prog, dev);
+	close(fd);
+	free(buf);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -720,11 +781,14 @@ int main(int argc, char **argv)
 		return net_verify(argc - 2, argv + 2);
 	if (argc >= 2 && !strcmp(argv[1], "net-bench"))
 		return net_bench(argc - 2, argv + 2);
+	if (argc >= 2 && !strcmp(argv[1], "disk-refused"))
+		return disk_refused(argc - 2, argv + 2);
 	fprintf(stderr,
 		"usage: %s disk-verify DEV [MiB]\n"
 		"       %s disk-bench DEV seq|rand BS JOBS SECONDS\n"
 		"       %s net-verify IF_A IF_B [N]\n"
-		"       %s net-bench IF_A IF_B SECONDS\n",
-		prog, prog, prog, prog);
+		"       %s net-bench IF_A IF_B SECONDS\n"
+		"       %s disk-refused DEV BDF\n",
+		prog, prog, prog, prog, prog);
 	return 2;
 }
