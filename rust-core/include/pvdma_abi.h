@@ -44,6 +44,7 @@
 #define PVDMA_FEATURE_HYPERCALL     (1ull << 0)
 #define PVDMA_FEATURE_HOST_IOVA     (1ull << 1)
 #define PVDMA_FEATURE_BYPASS        (1ull << 2)
+#define PVDMA_FEATURE_UNMAP_LIST    (1ull << 3) /* op 6 is available */
 
 /* Request operations. */
 #define PVDMA_OP_QUERY              1
@@ -51,6 +52,7 @@
 #define PVDMA_OP_DETACH             3
 #define PVDMA_OP_MAP                4
 #define PVDMA_OP_UNMAP              5
+#define PVDMA_OP_UNMAP_LIST         6 /* with PVDMA_FEATURE_UNMAP_LIST */
 
 /* Request flags. */
 #define PVDMA_FLAG_READ             (1u << 0) /* the device may read */
@@ -88,6 +90,15 @@ struct pvdma_seg {
 };
 
 /*
+ * One IOVA range of an UNMAP_LIST request. It takes a segment slot of the
+ * request block (nr_segs counts ranges), in place of a struct pvdma_seg.
+ */
+struct pvdma_range {
+    uint64_t iova;
+    uint64_t len;
+};
+
+/*
  * The request block: 8-byte aligned in guest RAM, 64 + 16 * nr_segs bytes.
  * The host writes back only status, iova, length and result.
  */
@@ -106,9 +117,14 @@ struct pvdma_req {
 
 #define PVDMA_REQ_HEADER_SIZE       64u
 #define PVDMA_SEG_SIZE              16u
+#define PVDMA_RANGE_SIZE            16u
 
 #if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
 _Static_assert(sizeof(struct pvdma_seg) == PVDMA_SEG_SIZE, "pvdma_seg size");
+_Static_assert(sizeof(struct pvdma_range) == PVDMA_RANGE_SIZE,
+               "pvdma_range size");
+_Static_assert(sizeof(struct pvdma_range) == sizeof(struct pvdma_seg),
+               "a pvdma_range fills a segment slot");
 _Static_assert(sizeof(struct pvdma_req) == PVDMA_REQ_HEADER_SIZE,
                "pvdma_req header size");
 #endif

@@ -22,6 +22,8 @@ pub use bindings::*;
 pub type ReqHeader = pvdma_req;
 /// One guest-physical segment of a MAP request.
 pub type Seg = pvdma_seg;
+/// One IOVA range of an UNMAP_LIST request (it fills a segment slot).
+pub type Range = pvdma_range;
 
 /// Size of the request header in bytes.
 pub const HEADER_SIZE: u64 = PVDMA_REQ_HEADER_SIZE as u64;
@@ -182,6 +184,10 @@ mod tests {
         assert_eq!(offset_of!(pvdma_req, segs), 64);
         assert_eq!(offset_of!(pvdma_seg, gpa), 0);
         assert_eq!(offset_of!(pvdma_seg, len), 8);
+        assert_eq!(size_of::<pvdma_range>(), 16);
+        assert_eq!(offset_of!(pvdma_range, iova), 0);
+        assert_eq!(offset_of!(pvdma_range, len), 8);
+        assert_eq!(PVDMA_RANGE_SIZE, PVDMA_SEG_SIZE);
     }
 
     #[test]
@@ -194,6 +200,8 @@ mod tests {
         assert_eq!(PVDMA_REG_DOORBELL, 0x28);
         assert_eq!(PVDMA_REG_LAST_STATUS, 0x38);
         assert_eq!(PVDMA_FEATURE_BYPASS, 4);
+        assert_eq!(PVDMA_FEATURE_UNMAP_LIST, 8);
+        assert_eq!(PVDMA_OP_UNMAP_LIST, 6);
         assert_eq!(PVDMA_S_INTERNAL, 255);
     }
 
