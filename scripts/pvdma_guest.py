@@ -212,6 +212,25 @@ def guest_append(variant, strict, mode, bench=(), modparams="",
     return out + list(extra)
 
 
+def check_requests(snapshot, strict):
+    """Problems in the request counts of a run with pvdma_iommu.ko: it must
+    have made mappings and removed them, lazily through UNMAP_LIST (when
+    the device offers it, FEATURES bit 3), strictly through UNMAP."""
+    problems = []
+    for dev in snapshot or []:
+        req = dev.get("requests")
+        if req is None:
+            continue                      # a QEMU without the counters
+        if not req.get("map"):
+            problems.append("no MAP requests")
+        removal = "unmap" if strict or not dev.get("features", 0) & 8 \
+            else "unmap-list"
+        if not req.get(removal):
+            problems.append(f"no {removal.upper().replace('-', '_')} "
+                            f"requests ({'strict' if strict else 'lazy'})")
+    return problems
+
+
 def check_refused(snapshot, rid):
     """Problems in the final query-pvdma of a refusal run: FAULTS must have
     risen, and every recorded fault must be the refused device's."""
@@ -372,6 +391,8 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
         clean = "verified" if refuse else "final"
         problems = check_pvdma(res.snapshots.get(clean), tested,
                                attached=variant == "pvdma")
+        if not problems and variant == "pvdma":
+            problems = check_requests(res.snapshots.get("final"), strict)
         if problems:
             res.failure = f"query-pvdma ({clean}): " + "; ".join(problems)
         elif refuse:
