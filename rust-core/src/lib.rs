@@ -25,7 +25,6 @@ pub mod iova_alloc;
 pub mod iova_space;
 pub mod pin;
 pub mod ram;
-pub mod state;
 pub mod sync;
 pub mod table;
 pub mod types;

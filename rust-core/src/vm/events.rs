@@ -1,0 +1,162 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! What a VM tells its embedder: MAP/UNMAP notifications, the fault log,
+//! and the transport a request came through.
+
+use super::*;
+
+/// Whether a notification adds or removes a translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MapEventKind {
+    /// A translation was added.
+    Map = 1,
+    /// A translation was removed.
+    Unmap = 2,
+}
+
+/// A notification: `len` bytes at `iova` translate (or translated) to
+/// guest-physical `gpa` for endpoint `requester`. Page aligned; one event
+/// per run contiguous in both spaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapEvent {
+    /// Added or removed.
+    pub kind: MapEventKind,
+    /// The endpoint.
+    pub requester: u32,
+    /// Page-aligned IOVA.
+    pub iova: u64,
+    /// Length, a multiple of 4 KiB.
+    pub len: u64,
+    /// Page-aligned guest-physical address.
+    pub gpa: u64,
+    /// Permissions of the mapping.
+    pub perms: Perm,
+}
+
+/// The embedder's notification callback. It runs after the table commits
+/// (adds) or before the request returns (removes), under the endpoint's
+/// request lock: it may translate, but must not submit requests.
+pub type Notifier = Arc<dyn Fn(&MapEvent) + Send + Sync>;
+
+/// A refused device access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRecord {
+    /// Requester ID of the device.
+    pub requester: u32,
+    /// First IOVA refused.
+    pub iova: u64,
+    /// What the device tried.
+    pub access: Access,
+    /// Why it was refused.
+    pub reason: FaultReason,
+    /// Sequence number (total faults before this one).
+    pub seq: u64,
+}
+
+/// The path a request came by, for [`StatsSnapshot::transports`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Transport {
+    /// Neither of the guest transports: [`Vm::submit`], [`Vm::execute`]
+    /// (tests, migration import).
+    Other = 0,
+    /// The DOORBELL register.
+    Doorbell = 1,
+    /// The VMCALL/VMMCALL hypercall.
+    Hypercall = 2,
+}
+
+impl Transport {
+    /// Decodes a raw transport number (the C API's `PVDMA_TRANSPORT_*`).
+    pub fn from_raw(raw: u32) -> Option<Transport> {
+        Some(match raw {
+            0 => Transport::Other,
+            1 => Transport::Doorbell,
+            2 => Transport::Hypercall,
+            _ => return None,
+        })
+    }
+}
+
+impl Vm {
+    /// Sets (or with `None` clears) the notification callback.
+    pub fn set_notifier(&self, notifier: Option<Notifier>) {
+        *self.notifier.write() = notifier;
+    }
+
+    pub(super) fn notifier_for(
+        &self,
+        rid: u32,
+        kind: MapEventKind,
+        perms: Perm,
+    ) -> impl FnMut(&PageRun) + '_ {
+        let n = self.notifier.read().clone();
+        move |run: &PageRun| {
+            if let Some(n) = &n {
+                n(&MapEvent {
+                    kind,
+                    requester: rid,
+                    iova: run.iova,
+                    len: run.len,
+                    gpa: run.gpa,
+                    perms,
+                })
+            }
+        }
+    }
+
+    pub(super) fn unmap_notifier(&self, rid: u32) -> impl FnMut(&PageRun) + '_ {
+        // Unmap events carry no meaningful permissions.
+        self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE)
+    }
+
+    /// Invalidates every cached [`Vm::lookup`] of this VM, on every thread.
+    pub(super) fn bump_lookup_generation(&self) {
+        // Release: pairs with the Acquire load in `Vm::lookup`; everything
+        // this thread changed before (table, endpoint routes) is seen by a
+        // lookup that loads the new value, and such a lookup misses.
+        self.lookup_generation
+            .store(domain::next_generation(), Ordering::Release);
+    }
+
+    pub(super) fn count_removed(&self, removed: Removed) {
+        // Relaxed: a statistic, ordered by nothing.
+        self.stats
+            .mappings
+            .fetch_sub(removed.mappings, Ordering::Relaxed);
+    }
+
+    /// Records a refused device access.
+    pub fn record_fault(&self, requester: u32, iova: u64, access: Access, reason: FaultReason) {
+        // Relaxed: the count is a statistic; the log below is locked.
+        let seq = self.stats.faults.fetch_add(1, Ordering::Relaxed);
+        let mut log = self.faults.lock();
+        if log.len() == self.cfg.fault_log_len {
+            log.pop_front();
+        }
+        log.push_back(FaultRecord {
+            requester,
+            iova,
+            access,
+            reason,
+            seq,
+        });
+    }
+
+    /// The most recent faults, oldest first.
+    pub fn faults(&self) -> Vec<FaultRecord> {
+        self.faults.lock().iter().copied().collect()
+    }
+
+    /// Refused device accesses since creation or reset.
+    pub fn fault_count(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.stats.faults.load(Ordering::Relaxed)
+    }
+
+    /// Sets the fault count (migration import).
+    pub(crate) fn restore_fault_count(&self, n: u64) {
+        // Relaxed: a statistic.
+        self.stats.faults.store(n, Ordering::Relaxed);
+    }
+}
