@@ -17,11 +17,12 @@ use std::time::Duration;
 
 use criterion::Criterion;
 use pvdma::abi::Op;
-use pvdma::domain::{Domain, IovaChoice};
-use pvdma::pin::{PinMode, PinTable};
-use pvdma::vm::{encode_request, Request};
+use pvdma::testing::{self, GuestMem};
+use pvdma::{encode_request, Request};
+use pvdma::{Domain, IovaChoice};
 use pvdma::{Fragment, Perm, Status, Vm, VmConfig, PAGE_SHIFT, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Iotlb, Permissions};
+use pvdma::{PinMode, PinTable};
+use vm_memory::{Bytes, GuestAddress, Iotlb, Permissions};
 
 /// Guest RAM: one region at guest-physical 0.
 pub const RAM_SIZE: u64 = 64 << 20;
@@ -75,38 +76,12 @@ pub fn segs_of(first: u64, n: u64) -> Vec<(u64, u64)> {
 
 /// A MAP request (FIXED at `iova`, read-write) with `segs`.
 pub fn map_request(iova: u64, segs: Vec<(u64, u64)>) -> Request {
-    Request {
-        op: Op::Map as u16,
-        flags: (Perm::RW.bits() as u16) | pvdma::abi::PVDMA_FLAG_FIXED as u16,
-        requester: EP,
-        nr_segs: segs.len() as u32,
-        iova,
-        length: 0,
-        reserved: [0; 3],
-        segs,
-    }
+    testing::map_fixed(EP, Perm::RW, iova, &segs)
 }
 
 /// An UNMAP request removing every mapping inside `[iova, iova + length)`.
 pub fn unmap_request(iova: u64, length: u64) -> Request {
-    Request {
-        op: Op::Unmap as u16,
-        flags: 0,
-        requester: EP,
-        nr_segs: 0,
-        iova,
-        length,
-        reserved: [0; 3],
-        segs: Vec::new(),
-    }
-}
-
-/// An ATTACH request.
-fn attach_request() -> Request {
-    Request {
-        op: Op::Attach as u16,
-        ..unmap_request(0, 0)
-    }
+    testing::unmap_req(EP, iova, length)
 }
 
 /// A fragment array of `N` empty fragments.
@@ -124,7 +99,7 @@ pub struct Guest {
     /// Declared first so it drops before the memory it points into.
     pub vm: Vm,
     /// The guest RAM.
-    pub mem: GuestMemoryMmap<()>,
+    pub mem: GuestMem,
 }
 
 impl Default for Guest {
@@ -137,15 +112,13 @@ impl Guest {
     /// A guest with [`RAM_SIZE`] bytes of RAM and [`EP`] attached.
     pub fn new() -> Guest {
         let vm = Vm::new(VmConfig::default()).expect("default config is valid");
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM_SIZE as usize)])
-            .expect("allocating guest RAM");
-        let hva = mem.get_host_address(GuestAddress(0)).expect("RAM at 0") as usize;
-        // SAFETY: `mem` owns the mapping and outlives `vm`, which is
-        // declared first in `Guest` and so dropped first.
-        unsafe { vm.add_ram_region(0, RAM_SIZE, hva) }.expect("adding RAM");
+        let mem = GuestMem::new(&[(0, RAM_SIZE)]);
+        // SAFETY: `mem` outlives `vm`, which is declared first in `Guest`
+        // and so dropped first.
+        unsafe { mem.register(&vm) };
         vm.add_endpoint(EP, None).expect("adding the endpoint");
         let guest = Guest { vm, mem };
-        guest.execute(&attach_request());
+        guest.execute(&testing::req(Op::Attach, EP));
         guest
     }
 

@@ -2,8 +2,9 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
 # Fails when rust-core/include/pvdma.h is not what the pinned cbindgen
-# generates from rust-core/src/ffi.rs, i.e. when someone changed the C API
-# without regenerating (or hand-edited) the committed header.
+# generates from the C API crate (capi/, package pvdma-capi), i.e. when
+# someone changed the C API without regenerating (or hand-edited) the
+# committed header.
 #
 #   scripts/check-header.sh          check (exit 1 and a diff on drift)
 #   scripts/check-header.sh --fix    regenerate the committed header
@@ -17,8 +18,8 @@ CBINDGEN_VERSION=0.29.4
 root=$(cd "$(dirname "$0")/.." && pwd)
 tools=${PVDMA_TOOLS:-${HOME}/.cache/pvdma/tools}
 cbindgen=$tools/bin/cbindgen
-config=$root/rust-core/cbindgen.toml
-source=$root/rust-core/src/ffi.rs
+config=$root/capi/cbindgen.toml
+crate_dir=$root/capi
 header=$root/rust-core/include/pvdma.h
 
 have_pinned() {
@@ -34,7 +35,8 @@ fi
 
 tmp=$(mktemp "${TMPDIR:-/tmp}/pvdma.h.XXXXXX")
 trap 'rm -f "$tmp"' EXIT INT TERM
-"$cbindgen" --quiet --config "$config" --output "$tmp" "$source"
+"$cbindgen" --quiet --config "$config" --crate pvdma-capi --output "$tmp" \
+    "$crate_dir"
 
 if [ "${1:-}" = "--fix" ]; then
     cp "$tmp" "$header"
@@ -44,7 +46,7 @@ fi
 
 if ! diff -u "$header" "$tmp"; then
     echo "check-header: rust-core/include/pvdma.h is out of date with" \
-        "rust-core/src/ffi.rs (cbindgen $CBINDGEN_VERSION)." >&2
+        "the capi/ crate (cbindgen $CBINDGEN_VERSION)." >&2
     echo "check-header: run scripts/check-header.sh --fix and commit" \
         "the header." >&2
     exit 1

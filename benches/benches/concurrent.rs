@@ -31,7 +31,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use pvdma::sync::epoch;
+use pvdma::epoch;
 use pvdma::{Access, Perm, Status, PAGE_SIZE};
 use pvdma_benches::*;
 use vm_memory::{GuestAddress, Permissions};

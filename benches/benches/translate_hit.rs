@@ -14,9 +14,9 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use pvdma::domain::FragmentSink;
-use pvdma::sync::epoch;
-use pvdma::table::IoPageTable;
+use pvdma::epoch;
+use pvdma::FragmentSink;
+use pvdma::IoPageTable;
 use pvdma::{Access, Perm, PAGE_SHIFT, PAGE_SIZE};
 use pvdma_benches::*;
 

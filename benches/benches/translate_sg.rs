@@ -11,8 +11,8 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use pvdma::domain::FragmentSink;
-use pvdma::sync::epoch;
+use pvdma::epoch;
+use pvdma::FragmentSink;
 use pvdma::{Access, PAGE_SHIFT, PAGE_SIZE};
 use pvdma_benches::*;
 use vm_memory::{GuestAddress, Iotlb, Permissions};

@@ -10,15 +10,13 @@ use std::io::{Read, Write};
 use std::sync::{Arc, RwLock};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use pvdma::abi::PVDMA_FLAG_FIXED;
-use pvdma::vm::Request;
-use pvdma::vq::{QueueConfig, VirtQueue};
+use pvdma::testing::{self, GuestMem};
 use pvdma::{Op, Perm, Vm, VmConfig, PAGE_SIZE};
+use pvdma::{QueueConfig, VirtQueue};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::iommu::{Error as IommuError, IotlbIterator};
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Iommu, IommuMemory,
-    Iotlb, Permissions,
+    Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Iommu, IommuMemory, Iotlb, Permissions,
 };
 
 const RAM: u64 = 4 << 20;
@@ -68,41 +66,27 @@ fn queue() -> Queue {
 }
 
 fn ram() -> GuestMemoryMmap<()> {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap()
+    GuestMem::new(&[(0, RAM)]).mem
 }
 
 fn map(vm: &Vm, iova: u64, gpa: u64) {
-    let r = vm.execute(&Request {
-        op: Op::Map as u16,
-        flags: Perm::RW.bits() as u16 | PVDMA_FLAG_FIXED as u16,
-        requester: RID,
-        nr_segs: 1,
+    let r = vm.execute(&testing::map_fixed(
+        RID,
+        Perm::RW,
         iova,
-        length: 0,
-        reserved: [0; 3],
-        segs: vec![(gpa, PAGE_SIZE)],
-    });
+        &[(gpa, PAGE_SIZE)],
+    ));
     assert_eq!(r.status, pvdma::Status::Ok);
 }
 
 /// A VM whose rings are mapped 1:1-ish and buffers at IOVA 0x100000+,
 /// each `pages` pages scattered over guest memory (reverse order).
-fn pvdma_setup(mem: &GuestMemoryMmap<()>, pages: u64) -> (Vm, [u64; 3]) {
+fn pvdma_setup(mem: &GuestMem, pages: u64) -> (Vm, [u64; 3]) {
     let vm = Vm::new(VmConfig::default()).unwrap();
-    let hva = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
     // SAFETY: `mem` outlives the VM in every benchmark below.
-    unsafe { vm.add_ram_region(0, RAM, hva).unwrap() };
+    unsafe { mem.register(&vm) };
     vm.add_endpoint(RID, None).unwrap();
-    vm.execute(&Request {
-        op: Op::Attach as u16,
-        flags: 0,
-        requester: RID,
-        nr_segs: 0,
-        iova: 0,
-        length: 0,
-        reserved: [0; 3],
-        segs: Vec::new(),
-    });
+    vm.execute(&testing::req(Op::Attach, RID));
     for (i, ring) in [DESC, AVAIL, USED].into_iter().enumerate() {
         map(&vm, ring, 0x200000 + i as u64 * PAGE_SIZE);
     }
@@ -169,7 +153,7 @@ fn bench(c: &mut Criterion) {
 
     // (b), (c) through pvdma, rings cached.
     for (name, pages) in [("b_pvdma_1page", 1u64), ("c_pvdma_4pages", 4)] {
-        let mem = ram();
+        let mem = GuestMem::new(&[(0, RAM)]);
         let (vm, bufs) = pvdma_setup(&mem, pages);
         let mut vq = VirtQueue::open(
             &vm,

@@ -16,9 +16,9 @@
 
 use std::hint::black_box;
 
-use pvdma::domain::{Domain, FragmentSink};
-use pvdma::sync::epoch::{self, Guard};
+use pvdma::epoch::{self, Guard};
 use pvdma::{Access, Vm, PAGE_SHIFT, PAGE_SIZE};
+use pvdma::{Domain, FragmentSink};
 use pvdma_benches::*;
 
 /// Mapped pages (the 64K row of `translate_hit`).

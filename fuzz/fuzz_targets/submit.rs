@@ -29,8 +29,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use pvdma::domain::Mapping;
-use pvdma::vm::{encode_request, parse_header, Request};
+use pvdma::Mapping;
+use pvdma::{encode_request, parse_header, Request};
 use pvdma::{Access, Fragment, Status, Vm, VmConfig, PAGE_SIZE};
 
 /// Every endpoint's mappings, pin refcounts, memory charged.

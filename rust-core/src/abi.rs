@@ -147,23 +147,30 @@ impl Status {
         Status::ALL.iter().copied().find(|s| *s as u32 == raw)
     }
 
+    /// The status name as the spec spells it, NUL-terminated for C (the
+    /// one table of status names: `pvdma_guest_status_name` returns it).
+    pub fn c_name(self) -> &'static std::ffi::CStr {
+        match self {
+            Status::Ok => c"OK",
+            Status::Inval => c"INVAL",
+            Status::NoDev => c"NODEV",
+            Status::Fault => c"FAULT",
+            Status::NoSpc => c"NOSPC",
+            Status::Exist => c"EXIST",
+            Status::NoEnt => c"NOENT",
+            Status::Range => c"RANGE",
+            Status::TooBig => c"TOOBIG",
+            Status::Quota => c"QUOTA",
+            Status::Perm => c"PERM",
+            Status::State => c"STATE",
+            Status::Internal => c"INTERNAL",
+        }
+    }
+
     /// The status name as the spec spells it.
     pub fn name(self) -> &'static str {
-        match self {
-            Status::Ok => "OK",
-            Status::Inval => "INVAL",
-            Status::NoDev => "NODEV",
-            Status::Fault => "FAULT",
-            Status::NoSpc => "NOSPC",
-            Status::Exist => "EXIST",
-            Status::NoEnt => "NOENT",
-            Status::Range => "RANGE",
-            Status::TooBig => "TOOBIG",
-            Status::Quota => "QUOTA",
-            Status::Perm => "PERM",
-            Status::State => "STATE",
-            Status::Internal => "INTERNAL",
-        }
+        // The names are ASCII.
+        self.c_name().to_str().unwrap_or("?")
     }
 }
 

@@ -754,34 +754,24 @@ impl GuestMemory for IovaSpace<'_> {
 mod tests {
     use super::*;
     use crate::sync::epoch;
-    use crate::vm::{Request, Vm, VmConfig};
-    use crate::Op;
-    use vm_memory::{Bytes, GuestMemoryBackend};
+    use crate::testing::{self, GuestMem};
+    use crate::vm::{Vm, VmConfig};
+    use vm_memory::Bytes;
 
     const RID: u32 = 0x10;
 
-    fn vm_with_ram() -> (Vm, GuestMemoryMmap<()>) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    fn vm_with_ram() -> (Vm, GuestMem) {
+        let mem = GuestMem::new(&[(0, 1 << 20)]);
         let vm = Vm::new(VmConfig::default()).unwrap();
-        let hva = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
-        // SAFETY: `mem` owns the mapping and outlives `vm` in every test.
-        unsafe { vm.add_ram_region(0, 1 << 20, hva).unwrap() };
+        // SAFETY: `mem` outlives `vm` in every test.
+        unsafe { mem.register(&vm) };
         vm.add_endpoint(RID, None).unwrap();
         assert_eq!(vm.attach(RID), crate::Status::Ok);
         (vm, mem)
     }
 
     fn map(vm: &Vm, iova: u64, gpa: u64, perms: Perm) {
-        let r = vm.execute(&Request {
-            op: Op::Map as u16,
-            flags: perms.bits() as u16 | crate::abi::PVDMA_FLAG_FIXED as u16,
-            requester: RID,
-            nr_segs: 1,
-            iova,
-            length: 0,
-            reserved: [0; 3],
-            segs: vec![(gpa, PAGE_SIZE)],
-        });
+        let r = vm.execute(&testing::map_fixed(RID, perms, iova, &[(gpa, PAGE_SIZE)]));
         assert_eq!(r.status, crate::Status::Ok);
     }
 
@@ -887,16 +877,7 @@ mod tests {
         assert_eq!(pages.misses(), 1, "walked, not served by the stray window");
         // Nor is any cache once a translation was removed.
         map(&vm, 0x20000, 0x8000, Perm::RW);
-        let r = vm.execute(&Request {
-            op: Op::Unmap as u16,
-            flags: 0,
-            requester: RID,
-            nr_segs: 0,
-            iova: 0x20000,
-            length: 0,
-            reserved: [0; 3],
-            segs: Vec::new(),
-        });
+        let r = vm.execute(&testing::unmap_req(RID, 0x20000, 0));
         assert_eq!(r.status, crate::Status::Ok);
         let v: u16 = space.read_obj(GuestAddress(0x11000)).unwrap();
         assert_eq!(v, 0xabcd);

@@ -3,10 +3,10 @@
 //! so that the lock-free table can be model-checked with the code it ships.
 
 #[cfg(not(loom))]
-pub use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+pub use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 #[cfg(loom)]
-pub use loom::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+pub use loom::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Epoch-based reclamation (crossbeam-epoch; loom-instrumented under
 /// `--cfg crossbeam_loom`).

@@ -20,10 +20,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use common::*;
 use proptest::prelude::*;
 use pvdma::abi::Op;
-use pvdma::domain::FaultReason;
-use pvdma::iotlb::Iotlb;
-use pvdma::sync::epoch;
-use pvdma::vm::Request;
+use pvdma::epoch;
+use pvdma::FaultReason;
+use pvdma::Iotlb;
+use pvdma::Request;
 use pvdma::{Access, Fragment, Perm, Status, Vm, VmConfig, PAGE_SIZE};
 
 /// A requester ID with no function behind it.
@@ -1016,7 +1016,7 @@ impl Run {
         &self,
         vm: &Vm,
         ep: usize,
-        f: impl FnOnce(&mut pvdma::vm::CachedTranslator<'_>, &epoch::Guard) -> R,
+        f: impl FnOnce(&mut pvdma::CachedTranslator<'_>, &epoch::Guard) -> R,
     ) -> R {
         let mut tlbs = self.tlbs.borrow_mut();
         let tlb = std::mem::take(&mut tlbs[ep]);

@@ -8,8 +8,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use pvdma::vm::{MapEvent, MapEventKind};
 use pvdma::{Access, Fragment, Status};
+use pvdma::{MapEvent, MapEventKind};
 
 #[test]
 fn removing_a_region_tears_down_exactly_the_mappings_in_it() {

@@ -1,13 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The translation read path: the endpoint index, translation handles
-//! ([`pvdma::vm::Translator`]) and the exactness of the translation count.
+//! ([`pvdma::Translator`]) and the exactness of the translation count.
 
 mod common;
 
 use common::*;
-use pvdma::domain::FaultReason;
-use pvdma::sync::epoch;
-use pvdma::vm::Lookup;
+use pvdma::epoch;
+use pvdma::FaultReason;
+use pvdma::Lookup;
 use pvdma::{Access, Fragment, Perm, Status, Vm, VmConfig, PAGE_SIZE};
 
 const IOVA: u64 = 0x10_0000;

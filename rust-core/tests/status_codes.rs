@@ -9,8 +9,8 @@ use common::*;
 use pvdma::abi::Op;
 use std::sync::{Arc, Mutex};
 
-use pvdma::pin::PinMode;
-use pvdma::vm::{encode_request, MapEvent, MapEventKind};
+use pvdma::PinMode;
+use pvdma::{encode_request, MapEvent, MapEventKind};
 use pvdma::{Access, Fragment, Status, VmConfig};
 use vm_memory::Bytes;
 
@@ -304,7 +304,7 @@ fn quota() {
 /// own, shared by the VM's domains: QUOTA, leaving nothing behind.
 #[test]
 fn quota_memory() {
-    use pvdma::table::NODE_BYTES;
+    use pvdma::NODE_BYTES;
     // 48-bit IOVAs: four levels, so a page alone in its 512 GiB region
     // needs three nodes below the root.
     let limit = 8 * NODE_BYTES;
@@ -663,7 +663,7 @@ fn unmap_list_noent_range() {
 
 #[test]
 fn request_counts_by_op_and_transport() {
-    use pvdma::vm::Transport;
+    use pvdma::Transport;
     let g = Guest::new();
     assert_eq!(g.attach(EP), Status::Ok);
     map_pages(&g, &[(0x10_0000, 1)]);

@@ -14,9 +14,9 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
 use common::*;
-use pvdma::domain::FaultReason;
-use pvdma::vm::{MapEvent, MapEventKind};
+use pvdma::FaultReason;
 use pvdma::{Access, Fragment, Op, Perm, Status, PAGE_SIZE};
+use pvdma::{MapEvent, MapEventKind};
 
 /// Map/unmap rounds per writer.
 const ROUNDS: u64 = 1500;

@@ -4,14 +4,14 @@
 
 use std::io::{Read, Write};
 
-use pvdma::abi::PVDMA_FLAG_FIXED;
-use pvdma::domain::FaultReason;
-use pvdma::sync::epoch;
-use pvdma::vm::Request;
-use pvdma::vq::{self, QueueConfig, VirtQueue};
-use pvdma::{iova_space::IovaSpace, Fragment, Op, Perm, Status, Vm, VmConfig, PAGE_SIZE};
+use pvdma::epoch;
+use pvdma::testing::{self, GuestMem};
+use pvdma::FaultReason;
+use pvdma::Request;
+use pvdma::{Fragment, IovaSpace, Op, Perm, Status, Vm, VmConfig, PAGE_SIZE};
+use pvdma::{QueueConfig, VirtQueue, VqError};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const RID: u32 = 0x10;
 const RAM: u64 = 1 << 20;
@@ -25,7 +25,7 @@ const USED: u64 = 0x12000;
 
 struct Guest {
     vm: Vm,
-    mem: GuestMemoryMmap<()>,
+    mem: GuestMem,
 }
 
 impl Guest {
@@ -34,11 +34,10 @@ impl Guest {
     }
 
     fn with(cfg: VmConfig) -> Guest {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        let mem = GuestMem::new(&[(0, RAM)]);
         let vm = Vm::new(cfg).unwrap();
-        let hva = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
-        // SAFETY: `mem` owns the mapping and outlives `vm` (dropped after it).
-        unsafe { vm.add_ram_region(0, RAM, hva).unwrap() };
+        // SAFETY: `mem` outlives `vm` (dropped after it).
+        unsafe { mem.register(&vm) };
         vm.add_endpoint(RID, None).unwrap();
         let g = Guest { vm, mem };
         assert_eq!(g.op(Op::Attach, 0), Status::Ok);
@@ -48,30 +47,17 @@ impl Guest {
     fn op(&self, op: Op, iova: u64) -> Status {
         self.vm
             .execute(&Request {
-                op: op as u16,
-                flags: 0,
-                requester: RID,
-                nr_segs: 0,
                 iova,
-                length: 0,
-                reserved: [0; 3],
-                segs: Vec::new(),
+                ..testing::req(op, RID)
             })
             .status
     }
 
     /// Maps IOVA page `iova` to guest page `gpa`.
     fn map(&self, iova: u64, gpa: u64, perms: Perm) {
-        let r = self.vm.execute(&Request {
-            op: Op::Map as u16,
-            flags: perms.bits() as u16 | PVDMA_FLAG_FIXED as u16,
-            requester: RID,
-            nr_segs: 1,
-            iova,
-            length: 0,
-            reserved: [0; 3],
-            segs: vec![(gpa, PAGE_SIZE)],
-        });
+        let r = self
+            .vm
+            .execute(&testing::map_fixed(RID, perms, iova, &[(gpa, PAGE_SIZE)]));
         assert_eq!(r.status, Status::Ok, "map {iova:#x} -> {gpa:#x}");
     }
 
@@ -179,7 +165,7 @@ const Z: Fragment = Fragment {
 #[test]
 fn three_descriptor_chain_round_trip() {
     let g = Guest::new();
-    let mut q = g.queue(vq::VIRTIO_RING_F_EVENT_IDX);
+    let mut q = g.queue(pvdma::VIRTIO_RING_F_EVENT_IDX);
     g.map(0x40000, 0x20000, Perm::READ);
     g.map(0x41000, 0x50000, Perm::READ);
     g.map(0x42000, 0x70000, Perm::WRITE);
@@ -222,7 +208,7 @@ fn more_fragments_than_iovecs_reports_the_count_needed() {
     g.publish(AVAIL, &[3]);
     let (mut r, mut w) = ([Z; 1], [Z; 2]);
     match q.pop(&mut r, &mut w) {
-        Err(vq::Error::TooSmall {
+        Err(VqError::TooSmall {
             head: 3,
             readable: 0,
             writable: 4,
@@ -250,7 +236,7 @@ fn more_fragments_than_iovecs_reports_the_count_needed() {
 fn chain_beyond_the_fragment_bound_is_a_final_error() {
     let g = Guest::new();
     let mut q = g.queue(0);
-    let pages = vq::MAX_CHAIN_FRAGMENTS as u64 + 1;
+    let pages = pvdma::MAX_CHAIN_FRAGMENTS as u64 + 1;
     let base = 0x1000_0000;
     for i in 0..pages {
         let gpa = if i % 2 == 0 { 0x80000 } else { 0x82000 };
@@ -259,9 +245,9 @@ fn chain_beyond_the_fragment_bound_is_a_final_error() {
     g.desc(DESC, 0, base, (pages * PAGE_SIZE) as u32, WRITE, 0);
     g.publish(AVAIL, &[0]);
     let mut r = [Z; 1];
-    let mut w = vec![Z; vq::MAX_CHAIN_FRAGMENTS];
+    let mut w = vec![Z; pvdma::MAX_CHAIN_FRAGMENTS];
     match q.pop(&mut r, &mut w) {
-        Err(vq::Error::BadChain { head: 0, .. }) => {}
+        Err(VqError::BadChain { head: 0, .. }) => {}
         other => panic!("expected BadChain, got {other:?}"),
     }
     assert_eq!(
@@ -325,7 +311,7 @@ fn avail_ring_crossing_an_unmapped_page_faults_cleanly() {
     assert_eq!(q.pop(&mut r, &mut w).unwrap().unwrap().head, 0);
     assert_eq!(q.pop(&mut r, &mut w).unwrap().unwrap().head, 1);
     match q.pop(&mut r, &mut w) {
-        Err(vq::Error::Fault(f)) => assert_eq!(f.reason, FaultReason::Unmapped),
+        Err(VqError::Fault(f)) => assert_eq!(f.reason, FaultReason::Unmapped),
         other => panic!("expected a fault, got {other:?}"),
     }
     assert!(g.vm.fault_count() > 0, "the refused access is logged");
@@ -336,7 +322,7 @@ fn avail_ring_crossing_an_unmapped_page_faults_cleanly() {
 #[test]
 fn indirect_table_scattered_over_pages() {
     let g = Guest::new();
-    let mut q = g.queue(vq::VIRTIO_RING_F_INDIRECT_DESC);
+    let mut q = g.queue(pvdma::VIRTIO_RING_F_INDIRECT_DESC);
     g.map(0x30000, 0x44000, Perm::READ);
     g.map(0x31000, 0x2a000, Perm::READ);
     g.map(0x40000, 0x20000, Perm::RW);
@@ -370,7 +356,7 @@ fn indirect_table_scattered_over_pages() {
 #[test]
 fn nested_indirect_and_unnegotiated_indirect_are_rejected() {
     let g = Guest::new();
-    let mut q = g.queue(vq::VIRTIO_RING_F_INDIRECT_DESC);
+    let mut q = g.queue(pvdma::VIRTIO_RING_F_INDIRECT_DESC);
     g.map(0x30000, 0x44000, Perm::READ);
     g.map(0x40000, 0x20000, Perm::RW);
     g.desc(0x30000, 0, 0x30100, 32, INDIRECT, 0);
@@ -380,7 +366,7 @@ fn nested_indirect_and_unnegotiated_indirect_are_rejected() {
     let (mut r, mut w) = ([Z; 4], [Z; 4]);
     assert!(matches!(
         q.pop(&mut r, &mut w),
-        Err(vq::Error::BadChain { head: 0, .. })
+        Err(VqError::BadChain { head: 0, .. })
     ));
 
     let g = Guest::new();
@@ -392,7 +378,7 @@ fn nested_indirect_and_unnegotiated_indirect_are_rejected() {
     g.publish(AVAIL, &[0]);
     assert!(matches!(
         q.pop(&mut r, &mut w),
-        Err(vq::Error::BadChain { head: 0, .. })
+        Err(VqError::BadChain { head: 0, .. })
     ));
 }
 
@@ -411,14 +397,14 @@ fn chain_loops_and_bad_indices_are_rejected() {
     let (mut r, mut w) = ([Z; 32], [Z; 32]);
     for head in [0, 2, 3] {
         match q.pop(&mut r, &mut w) {
-            Err(vq::Error::BadChain { head: h, .. }) => assert_eq!(h, head),
+            Err(VqError::BadChain { head: h, .. }) => assert_eq!(h, head),
             other => panic!("head {head}: expected BadChain, got {other:?}"),
         }
     }
     // A head index outside the table yields no descriptor at all.
     assert!(matches!(
         q.pop(&mut r, &mut w),
-        Err(vq::Error::BadChain { head: 17, .. })
+        Err(VqError::BadChain { head: 17, .. })
     ));
     // The queue keeps working after a bad chain.
     g.desc(DESC, 4, 0x40000, 8, 0, 0);
@@ -439,7 +425,7 @@ fn lengths_overflowing_u32_are_rejected() {
     let (mut r, mut w) = ([Z; 4], [Z; 4]);
     assert!(matches!(
         q.pop(&mut r, &mut w),
-        Err(vq::Error::BadChain { head: 0, .. })
+        Err(VqError::BadChain { head: 0, .. })
     ));
 }
 
@@ -457,7 +443,7 @@ fn descriptors_outside_mapped_space_fault() {
     let (mut r, mut w) = ([Z; 4], [Z; 4]);
     let reasons: Vec<_> = (0..3)
         .map(|_| match q.pop(&mut r, &mut w) {
-            Err(vq::Error::Fault(f)) => f.reason,
+            Err(VqError::Fault(f)) => f.reason,
             other => panic!("expected a fault, got {other:?}"),
         })
         .collect();
@@ -482,7 +468,7 @@ fn device_writable_buffer_mapped_read_only_is_refused() {
     g.publish(AVAIL, &[0, 0]);
     let (mut r, mut w) = ([Z; 4], [Z; 4]);
     match q.pop(&mut r, &mut w) {
-        Err(vq::Error::Fault(f)) => {
+        Err(VqError::Fault(f)) => {
             assert_eq!((f.iova, f.reason), (0x40000, FaultReason::Permission))
         }
         other => panic!("expected a permission fault, got {other:?}"),
@@ -520,7 +506,7 @@ fn unmapping_the_used_ring_invalidates_the_cache() {
 
     g.unmap(USED);
     match q.push(0, 8) {
-        Err(vq::Error::Fault(f)) => assert_eq!(
+        Err(VqError::Fault(f)) => assert_eq!(
             (f.iova, f.reason),
             (USED + 4 + 8, FaultReason::Unmapped),
             "used ring entry 1"
@@ -591,7 +577,7 @@ fn unmapping_a_cached_buffer_page_is_seen_at_once() {
         "the write before the UNMAP landed, not the one after"
     );
     match q.pop(&mut r, &mut w) {
-        Err(vq::Error::Fault(f)) => {
+        Err(VqError::Fault(f)) => {
             assert_eq!((f.iova, f.reason), (0x40000, FaultReason::Unmapped))
         }
         other => panic!("expected an unmapped fault, got {other:?}"),
@@ -642,7 +628,7 @@ fn detach_invalidates_the_cache() {
     q.pop(&mut r, &mut w).unwrap().unwrap();
     assert_eq!(g.op(Op::Detach, 0), Status::Ok);
     match q.push(0, 8) {
-        Err(vq::Error::Fault(f)) => assert_eq!(f.reason, FaultReason::Blocked),
+        Err(VqError::Fault(f)) => assert_eq!(f.reason, FaultReason::Blocked),
         other => panic!("expected blocked, got {other:?}"),
     }
     assert_eq!(g.op(Op::Attach, 0), Status::Ok);
@@ -658,7 +644,7 @@ fn detach_invalidates_the_cache() {
 #[test]
 fn event_idx_suppresses_notifications() {
     let g = Guest::new();
-    let mut q = g.queue(vq::VIRTIO_RING_F_EVENT_IDX);
+    let mut q = g.queue(pvdma::VIRTIO_RING_F_EVENT_IDX);
     g.map(0x40000, 0x20000, Perm::RW);
     g.desc(DESC, 0, 0x40000, 8, WRITE, 0);
     g.write(AVAIL + 4 + 2 * 16, &5u16.to_le_bytes()); // used_event = 5
@@ -697,8 +683,8 @@ fn queue_validity_honours_permissions() {
 fn packed_rings_are_refused() {
     let g = Guest::new();
     assert!(matches!(
-        VirtQueue::open(&g.vm, RID, cfg(vq::VIRTIO_F_RING_PACKED)),
-        Err(vq::Error::PackedUnsupported)
+        VirtQueue::open(&g.vm, RID, cfg(pvdma::VIRTIO_F_RING_PACKED)),
+        Err(VqError::PackedUnsupported)
     ));
     assert!(VirtQueue::open(&g.vm, RID, QueueConfig { size: 3, ..cfg(0) }).is_err());
     assert!(VirtQueue::open(
@@ -726,6 +712,6 @@ fn fuzz_entry_point_on_random_inputs() {
                 (x >> 24) as u8
             })
             .collect();
-        vq::fuzz_virtqueue(&data);
+        pvdma::testing::fuzz::virtqueue(&data);
     }
 }

@@ -4,9 +4,10 @@
 #![allow(dead_code)]
 
 use pvdma::abi::Op;
-use pvdma::vm::{encode_request, Request};
-use pvdma::{Status, Vm, VmConfig};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use pvdma::testing::GuestMem;
+pub use pvdma::testing::{map_req, req, unmap_list_req, unmap_req};
+use pvdma::{encode_request, Request, Status, Vm, VmConfig};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Low RAM: [0, 8 MiB).
 pub const LOW: (u64, u64) = (0, 8 << 20);
@@ -20,17 +21,11 @@ pub const EP2: u32 = 0x0018; // 00:03.0
 
 pub struct Guest {
     pub vm: Vm,
-    pub mem: GuestMemoryMmap<()>,
+    pub mem: GuestMem,
 }
 
 /// Live mappings, pinned pages, pin refcounts, and each endpoint's mappings.
-pub type Footprint = (
-    u64,
-    u64,
-    u64,
-    Vec<(u64, u32)>,
-    Vec<Vec<pvdma::domain::Mapping>>,
-);
+pub type Footprint = (u64, u64, u64, Vec<(u64, u32)>, Vec<Vec<pvdma::Mapping>>);
 
 /// What the host wrote back into the block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,17 +44,10 @@ impl Guest {
 
     pub fn with(cfg: VmConfig) -> Guest {
         let vm = Vm::new(cfg).expect("valid config");
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[
-            (GuestAddress(LOW.0), LOW.1 as usize),
-            (GuestAddress(HIGH.0), HIGH.1 as usize),
-        ])
-        .expect("allocating guest RAM");
-        for (gpa, size) in [LOW, HIGH] {
-            let hva = mem.get_host_address(GuestAddress(gpa)).unwrap() as usize;
-            // SAFETY: `mem` owns the mapping and outlives `vm` (Guest drops
-            // vm first: fields drop in declaration order).
-            unsafe { vm.add_ram_region(gpa, size, hva).unwrap() };
-        }
+        let mem = GuestMem::new(&[LOW, HIGH]);
+        // SAFETY: `mem` outlives `vm` (Guest drops vm first: fields drop in
+        // declaration order).
+        unsafe { mem.register(&vm) };
         vm.add_endpoint(EP, None).unwrap();
         vm.add_endpoint(EP2, Some("0000:01:00.0")).unwrap();
         Guest { vm, mem }
@@ -114,10 +102,7 @@ impl Guest {
     }
 
     pub fn unmap(&self, rid: u32, iova: u64, length: u64) -> Out {
-        let mut r = req(Op::Unmap, rid);
-        r.iova = iova;
-        r.length = length;
-        self.submit(&r)
+        self.submit(&unmap_req(rid, iova, length))
     }
 
     /// UNMAP_LIST of `ranges` (`(iova, len)` each).
@@ -142,42 +127,3 @@ pub const R: u16 = 1;
 pub const W: u16 = 2;
 pub const RW: u16 = 3;
 pub const FIXED: u16 = 4;
-
-pub fn req(op: Op, rid: u32) -> Request {
-    Request {
-        op: op as u16,
-        flags: 0,
-        requester: rid,
-        nr_segs: 0,
-        iova: 0,
-        length: 0,
-        reserved: [0; 3],
-        segs: Vec::new(),
-    }
-}
-
-pub fn map_req(rid: u32, flags: u16, iova: u64, segs: &[(u64, u64)]) -> Request {
-    Request {
-        op: Op::Map as u16,
-        flags,
-        requester: rid,
-        nr_segs: segs.len() as u32,
-        iova,
-        length: 0,
-        reserved: [0; 3],
-        segs: segs.to_vec(),
-    }
-}
-
-pub fn unmap_list_req(rid: u32, ranges: &[(u64, u64)]) -> Request {
-    Request {
-        op: Op::UnmapList as u16,
-        flags: 0,
-        requester: rid,
-        nr_segs: ranges.len() as u32,
-        iova: 0,
-        length: 0,
-        reserved: [0; 3],
-        segs: ranges.to_vec(),
-    }
-}
