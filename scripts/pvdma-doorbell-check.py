@@ -107,7 +107,8 @@ def main():
 
         check(qt.readl(PVDMA_BAR + REG_MAGIC) == 0x414d4450, "MAGIC")
         check(qt.readl(PVDMA_BAR + REG_VERSION) == 1, "VERSION")
-        check(qt.readq(PVDMA_BAR + REG_FEATURES) == 6, "FEATURES")
+        # HOST_IOVA | BYPASS | UNMAP_LIST
+        check(qt.readq(PVDMA_BAR + REG_FEATURES) == 14, "FEATURES")
         check(qt.readl(PVDMA_BAR + REG_IOVA_BITS) == 48, "IOVA_BITS")
         check(qt.readl(PVDMA_BAR + REG_MAX_SEGS) >= 252, "MAX_SEGS")
         check(qt.readq(PVDMA_BAR + REG_PAGE_SIZES) & 0x1000, "PAGE_SIZES")

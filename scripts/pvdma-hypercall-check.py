@@ -281,6 +281,8 @@ def check_results(hypercall, mode, d, info, eps):
               "EAX unchanged after the #UDs")
         check(d(BLK_QUERY + 4) == 0xDEADBEEF, "no block was processed")
         check(attached == [], "no endpoint attached")
+        check(info["transports"] == {"doorbell": 0, "hypercall": 0},
+              f"no request counted ({info['transports']})")
         return
     check(info["features"] & 1 == 1, "FEATURES.HYPERCALL set")
     check(d(OUT + 0x0) == S_OK, f"CPL 0 VMCALL QUERY 00:05.0 -> OK "
@@ -313,6 +315,14 @@ def check_results(hypercall, mode, d, info, eps):
           f"only 00:05.0 attached ({attached})")
     check(info["last-status"] == 0,
           "LAST_STATUS untouched by hypercalls (doorbell only)")
+    # Requests that ran: QUERY, ATTACH, ATTACH, QUERY at CPL 0, and the
+    # 64-bit QUERY; CPL 3 calls and #UDs submit nothing.
+    calls = 5 if mode == "long64" else 4
+    check(info["transports"] == {"doorbell": 0, "hypercall": calls},
+          f"query-pvdma counts {calls} hypercalls ({info['transports']})")
+    check(info["requests"]["query"] == calls - 2 and
+          info["requests"]["attach"] == 2,
+          f"requests by op ({info['requests']})")
 
 
 def main():

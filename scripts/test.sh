@@ -6,8 +6,11 @@
 # The QEMU side builds the patched QEMU (about 4.5 min when the cache is cold
 # or the series changed, seconds after), checks the patch series, runs the
 # smoke tests, run.sh's DMA demo, QEMU's own qtest for the device,
-# pvdma-test, the unit test of the KVM exit handler, test-pvdma-kvm, and a
-# libvirt domain with pvdma (a private session libvirtd; installs libvirt).
+# pvdma-test, the unit test of the KVM exit handler, test-pvdma-kvm, a
+# libvirt domain with pvdma (a private session libvirtd; installs libvirt),
+# checkpatch --strict on the guest kernel code, and Debian 6.1 and 6.12
+# guests doing disk and network I/O with pvdma as their IOMMU
+# (guest-io-test.sh: lazy, strict, a refused DMA, and two controls).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$PVDMA_ROOT"
@@ -75,6 +78,10 @@ if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x scripts/qemu-build.sh ]; then
     scripts/libvirt-check.sh "$qemu"
     step "QEMU: a Debian 12 guest maps and DMAs through the doorbell (TCG)"
     scripts/guest-demo.sh "$qemu"
+    step "guest driver: checkpatch --strict (kernel 6.12's checkpatch.pl)"
+    scripts/check-guest-driver.sh
+    step "QEMU: 6.1 and 6.12 guests do disk and network I/O through pvdma_iommu.ko"
+    scripts/guest-io-test.sh "$qemu"
 fi
 
 if [ -x scripts/fuzz.sh ]; then

@@ -15,6 +15,12 @@
 //! - `stats().mappings`, `pinned_pages` and `mem_used` agree with the mappings
 //!   and pins, and `mem_used` stays within `mem_limit`;
 //! - the status written back is the status returned;
+//! - a request that fails changes no mapping, pin or memory charge;
+//! - an UNMAP_LIST (op 6, when the configuration offers it; INVAL or FAULT
+//!   otherwise) that succeeds removes only mappings inside its ranges' pages,
+//!   adds none, returns their page spans' total, and leaves none of the
+//!   removed IOVAs translatable;
+//! - every submitted request is counted once by op and once by transport;
 //! - after reset nothing is mapped, pinned or attached.
 #![no_main]
 
@@ -23,8 +29,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use pvdma::vm::{encode_request, Request};
-use pvdma::{Access, Fragment, Vm, VmConfig, PAGE_SIZE};
+use pvdma::domain::Mapping;
+use pvdma::vm::{encode_request, parse_header, Request};
+use pvdma::{Access, Fragment, Status, Vm, VmConfig, PAGE_SIZE};
+
+/// Every endpoint's mappings, pin refcounts, memory charged.
+type Footprint = (Vec<Vec<Mapping>>, Vec<(u64, u32)>, u64);
 
 const RIDS: [u32; 5] = [0x0010, 0x0018, 0x0100, 0x0020, 0x1_0010];
 const ENDPOINTS: usize = 3;
@@ -119,6 +129,7 @@ struct Input {
     pin_limit_pages: Option<u8>,
     bypass: bool,
     host_iova: bool,
+    unmap_list_off: bool,
     regions: Vec<RegionSpec>,
     steps: Vec<Step>,
 }
@@ -243,17 +254,29 @@ impl World {
                     })
                     .collect();
                 let requester = RIDS[*rid as usize % RIDS.len()];
+                let mapped: Vec<u64> = RIDS[..ENDPOINTS]
+                    .iter()
+                    .flat_map(|&r| self.vm.mappings(r))
+                    .map(|m| m.iova)
+                    .collect();
+                // UNMAP_LIST: aim the ranges at existing mappings now and
+                // then (a range's start from a mapping, its length kept).
+                let segs = match iova_from_mapping {
+                    Some(i) if op % 8 == 6 && !mapped.is_empty() => segs
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &(start, len))| {
+                            let m = mapped[(*i as usize + k) % mapped.len()];
+                            (m + (start & 0x1fff), len)
+                        })
+                        .collect(),
+                    _ => segs,
+                };
                 // Aim UNMAP and FIXED MAP at existing mappings now and then.
                 let iova = match iova_from_mapping {
-                    Some(i) => {
-                        let all: Vec<u64> = RIDS[..ENDPOINTS]
-                            .iter()
-                            .flat_map(|&r| self.vm.mappings(r))
-                            .map(|m| m.iova)
-                            .collect();
-                        all.get(*i as usize % all.len().max(1))
-                            .map_or(*iova, |m| m + (iova & 0x1fff))
-                    }
+                    Some(i) => mapped
+                        .get(*i as usize % mapped.len().max(1))
+                        .map_or(*iova, |m| m + (iova & 0x1fff)),
                     None => *iova,
                 };
                 let mut req = Request {
@@ -328,6 +351,83 @@ impl World {
         );
     }
 
+    /// Mappings of every endpoint, pin refcounts, memory charged.
+    fn footprint(&self) -> Footprint {
+        (
+            RIDS[..ENDPOINTS]
+                .iter()
+                .map(|&r| self.vm.mappings(r))
+                .collect(),
+            self.vm.pins().snapshot(),
+            self.vm.stats().mem_used,
+        )
+    }
+
+    /// After a successful request whose block is at `at`: if it was an
+    /// UNMAP_LIST, only mappings inside its ranges' pages went, none came,
+    /// `result` is their page spans' total, and they no longer translate.
+    fn check_unmap_list(&self, at: u64, before: &Footprint) {
+        let mut hdr = [0u8; 64];
+        for (i, b) in hdr.iter_mut().enumerate() {
+            // SAFETY: the header is in RAM (checked by the caller).
+            *b = unsafe { *(self.host_of(at + i as u64).unwrap() as *const u8) };
+        }
+        let req = parse_header(&hdr);
+        if req.op != 6 {
+            return;
+        }
+        assert!(self.cfg.unmap_list, "op 6 succeeded with the extension off");
+        let mut ranges = Vec::new();
+        for k in 0..u64::from(req.nr_segs) {
+            let mut slot = [0u8; 16];
+            for (i, b) in slot.iter_mut().enumerate() {
+                let gpa = at + 64 + 16 * k + i as u64;
+                // SAFETY: the request read these bytes from RAM.
+                *b = unsafe { *(self.host_of(gpa).unwrap() as *const u8) };
+            }
+            let iova = u64::from_le_bytes(slot[..8].try_into().unwrap());
+            let len = u64::from_le_bytes(slot[8..].try_into().unwrap());
+            ranges.push((iova / PAGE_SIZE, (iova + len - 1) / PAGE_SIZE));
+        }
+        let result = u64::from_le_bytes(hdr[32..40].try_into().unwrap());
+        let ep = RIDS[..ENDPOINTS]
+            .iter()
+            .position(|&r| r == req.requester)
+            .expect("UNMAP_LIST succeeded for an endpoint");
+        let now = self.footprint();
+        let mut freed = 0;
+        for (i, maps) in before.0.iter().enumerate() {
+            for m in maps {
+                let kept = now.0[i].contains(m);
+                if i != ep {
+                    assert!(kept, "UNMAP_LIST removed another endpoint's {m:?}");
+                    continue;
+                }
+                let first = m.iova / PAGE_SIZE;
+                let last = (m.iova + m.length - 1) / PAGE_SIZE;
+                let inside = ranges.iter().any(|&(a, b)| a <= first && last <= b);
+                assert_eq!(!kept, inside, "{m:?} vs ranges {ranges:x?}");
+                if !kept {
+                    freed += (last - first + 1) * PAGE_SIZE;
+                    let mut out = [Fragment {
+                        hva: 0,
+                        gpa: 0,
+                        len: 0,
+                    }; 1];
+                    assert!(
+                        self.vm
+                            .translate(req.requester, m.iova, 1, Access::Read, &mut out)
+                            .is_err(),
+                        "{m:?} still translates after UNMAP_LIST"
+                    );
+                }
+            }
+            assert!(now.0[i].iter().all(|m| maps.contains(m)), "mapping added");
+        }
+        assert!(freed > 0);
+        assert_eq!(result, freed, "UNMAP_LIST result");
+    }
+
     /// A fragment is inside one registered region, at the host address
     /// that region gives its guest-physical address.
     fn check_fragment(&self, f: &Fragment) {
@@ -362,6 +462,8 @@ impl World {
                 if header_in_ram {
                     self.guest_write(at + 4, &0xffff_fff0u32.to_le_bytes());
                 }
+                let before = self.footprint();
+                let counted = self.vm.stats().transports.iter().sum::<u64>();
                 let status = self.vm.submit(at);
                 if header_in_ram {
                     assert_eq!(
@@ -369,6 +471,24 @@ impl World {
                         Some(status as u32),
                         "status written back"
                     );
+                }
+                let s = self.vm.stats();
+                assert_eq!(s.transports.iter().sum::<u64>(), counted + 1);
+                assert_eq!(
+                    s.requests.iter().flatten().sum::<u64>(),
+                    counted + 1,
+                    "each request counted once by op"
+                );
+                if header_in_ram
+                    && !self.cfg.unmap_list
+                    && self.guest_read_u32(at).map(|w| w & 0xffff) == Some(6)
+                {
+                    assert_eq!(status, Status::Inval, "op 6 with the extension off");
+                }
+                if status != Status::Ok {
+                    assert_eq!(self.footprint(), before, "failed {status:?} changed state");
+                } else if header_in_ram {
+                    self.check_unmap_list(at, &before);
                 }
             }
             Step::Translate {
@@ -451,6 +571,7 @@ fn run(input: &Input) {
             .map_or(u64::MAX, |p| u64::from(p) * 8192),
         bypass: input.bypass,
         host_iova: input.host_iova,
+        unmap_list: !input.unmap_list_off,
         max_segs: 252,
         ..VmConfig::default()
     };

@@ -25,6 +25,22 @@
 #define PVDMA_PIN_MLOCK 1
 
 /**
+ * `pvdma_vm_submit_via` transport: anything but the guest transports
+ * (what `pvdma_vm_submit` counts its requests as).
+ */
+#define PVDMA_TRANSPORT_OTHER 0
+
+/**
+ * `pvdma_vm_submit_via` transport: the DOORBELL register.
+ */
+#define PVDMA_TRANSPORT_DOORBELL 1
+
+/**
+ * `pvdma_vm_submit_via` transport: the VMCALL/VMMCALL hypercall.
+ */
+#define PVDMA_TRANSPORT_HYPERCALL 2
+
+/**
  * A device access reads memory.
  */
 #define PVDMA_ACCESS_READ 1
@@ -251,6 +267,15 @@ typedef struct pvdma_config {
      */
     bool host_iova;
     /**
+     * The UNMAP_LIST extension (`PVDMA_OP_UNMAP_LIST`,
+     * `PVDMA_FEATURE_UNMAP_LIST`) is offered; when false op 6 is an
+     * unknown op (INVAL). It sits in what was padding after `host_iova`,
+     * so the struct's size and other offsets are as before, and a caller
+     * that zeroes the struct instead of calling `pvdma_config_default`
+     * gets the extension off, the behaviour from before it existed.
+     */
+    bool unmap_list;
+    /**
      * Fault records kept, 1..=65536.
      */
     uint32_t fault_log_len;
@@ -383,7 +408,8 @@ typedef struct pvdma_stats {
     /**
      * `requests[op][status]`: op 1..=5 (`PVDMA_OP_*`, 0 counts unknown
      * ops), status index 0..=11 as `PVDMA_S_*` and 12 for
-     * `PVDMA_S_INTERNAL`.
+     * `PVDMA_S_INTERNAL`. UNMAP_LIST (op 6) has no row here, which keeps
+     * this struct's layout; `pvdma_vm_request_counts` counts it.
      */
     uint64_t requests[6][13];
     /**
@@ -416,6 +442,58 @@ typedef struct pvdma_stats {
      */
     uint64_t faults;
 } pvdma_stats;
+
+/**
+ * Requests by op and by transport, for request rates (e.g. requests per
+ * I/O): every request submitted is counted once in the op totals and
+ * once in the transport totals, whatever its status.
+ */
+typedef struct pvdma_request_counts {
+    /**
+     * QUERY requests.
+     */
+    uint64_t query;
+    /**
+     * ATTACH requests.
+     */
+    uint64_t attach;
+    /**
+     * DETACH requests.
+     */
+    uint64_t detach;
+    /**
+     * MAP requests.
+     */
+    uint64_t map;
+    /**
+     * UNMAP requests.
+     */
+    uint64_t unmap;
+    /**
+     * UNMAP_LIST requests (with the extension on; without it op 6 is
+     * counted in `other`).
+     */
+    uint64_t unmap_list;
+    /**
+     * Requests with an unknown op, or whose header was not in guest RAM.
+     */
+    uint64_t other;
+    /**
+     * Requests through `pvdma_vm_submit_via` with
+     * `PVDMA_TRANSPORT_DOORBELL`.
+     */
+    uint64_t doorbell;
+    /**
+     * Requests through `pvdma_vm_submit_via` with
+     * `PVDMA_TRANSPORT_HYPERCALL`.
+     */
+    uint64_t hypercall;
+    /**
+     * Requests by any other path (`pvdma_vm_submit`, an unknown
+     * transport). Migration import re-creates mappings without counting.
+     */
+    uint64_t other_transport;
+} pvdma_request_counts;
 
 /**
  * One endpoint.
@@ -543,8 +621,8 @@ const char *pvdma_version(void);
 
 /**
  * Fills `*out` with the default configuration (48 IOVA bits, 512
- * segments, no pin or memory limit, no mlock, bypass and host IOVA on, 64 fault
- * records). Does nothing when `out` is NULL.
+ * segments, no pin or memory limit, no mlock, bypass, host IOVA and
+ * UNMAP_LIST on, 64 fault records). Does nothing when `out` is NULL.
  *
  * # Safety
  * `out` is NULL or valid for writing a `pvdma_config`.
@@ -573,8 +651,8 @@ pvdma_result pvdma_vm_new(const struct pvdma_config *cfg, struct pvdma_vm **out)
 void pvdma_vm_free(struct pvdma_vm *vm);
 
 /**
- * The FEATURES register bits the configuration implies: HOST_IOVA and
- * BYPASS (`PVDMA_FEATURE_*`). The transport adds HYPERCALL itself. 0 for
+ * The FEATURES register bits the configuration implies: HOST_IOVA,
+ * BYPASS and UNMAP_LIST (`PVDMA_FEATURE_*`). The transport adds HYPERCALL itself. 0 for
  * NULL.
  *
  * # Safety
@@ -661,6 +739,17 @@ pvdma_result pvdma_vm_remove_endpoint(struct pvdma_vm *vm, uint32_t rid);
  * `vm` is NULL or a live handle.
  */
 uint32_t pvdma_vm_submit(struct pvdma_vm *vm, uint64_t block_gpa);
+
+/**
+ * `pvdma_vm_submit`, also counting the request for `transport`
+ * (`PVDMA_TRANSPORT_*`) in `pvdma_request_counts`. An unknown
+ * `transport` is counted as `PVDMA_TRANSPORT_OTHER`; the request runs
+ * the same whatever the transport.
+ *
+ * # Safety
+ * `vm` is NULL or a live handle.
+ */
+uint32_t pvdma_vm_submit_via(struct pvdma_vm *vm, uint64_t block_gpa, uint32_t transport);
 
 /**
  * Device reset: detaches every endpoint (mappings removed, pins released,
@@ -792,6 +881,15 @@ void pvdma_vm_record_fault(struct pvdma_vm *vm,
  * `vm` is NULL or a live handle; `out` is NULL or valid for writing.
  */
 pvdma_result pvdma_vm_stats(const struct pvdma_vm *vm, struct pvdma_stats *out);
+
+/**
+ * Fills `*out` with the request counts. They start at 0 when the VM is
+ * created and are not reset by `pvdma_vm_reset` or migration.
+ *
+ * # Safety
+ * `vm` is NULL or a live handle; `out` is NULL or valid for writing.
+ */
+pvdma_result pvdma_vm_request_counts(const struct pvdma_vm *vm, struct pvdma_request_counts *out);
 
 /**
  * Fills `out` with the first `min(n, total)` endpoints by requester ID and

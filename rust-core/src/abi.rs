@@ -50,6 +50,9 @@ pub enum Op {
     Map = PVDMA_OP_MAP as u16,
     /// Remove mappings.
     Unmap = PVDMA_OP_UNMAP as u16,
+    /// Remove the mappings inside a list of IOVA ranges (the UNMAP_LIST
+    /// extension, FEATURES bit 3).
+    UnmapList = PVDMA_OP_UNMAP_LIST as u16,
 }
 
 impl Op {
@@ -61,11 +64,18 @@ impl Op {
             PVDMA_OP_DETACH => Op::Detach,
             PVDMA_OP_MAP => Op::Map,
             PVDMA_OP_UNMAP => Op::Unmap,
+            PVDMA_OP_UNMAP_LIST => Op::UnmapList,
             _ => return None,
         })
     }
 
-    /// Index for per-op statistics: 1..=5, 0 is reserved for unknown ops.
+    /// Whether the op reads the slots behind the header (MAP's segments,
+    /// UNMAP_LIST's ranges).
+    pub fn has_slots(self) -> bool {
+        matches!(self, Op::Map | Op::UnmapList)
+    }
+
+    /// Index for per-op statistics: 1..=6, 0 is reserved for unknown ops.
     pub fn index(self) -> usize {
         self as usize
     }
@@ -213,7 +223,9 @@ mod tests {
         }
         assert_eq!(Status::from_raw(12), None);
         assert_eq!(Op::from_raw(0), None);
-        assert_eq!(Op::from_raw(6), None);
+        assert_eq!(Op::from_raw(6), Some(Op::UnmapList));
+        assert_eq!(Op::from_raw(7), None);
+        assert_eq!(Op::UnmapList.index(), 6);
         assert_eq!(Op::from_raw(4), Some(Op::Map));
     }
 }

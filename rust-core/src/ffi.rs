@@ -745,6 +745,13 @@ pub struct pvdma_config {
     pub bypass: bool,
     /// MAP without FIXED is allowed (the host picks the IOVA).
     pub host_iova: bool,
+    /// The UNMAP_LIST extension (`PVDMA_OP_UNMAP_LIST`,
+    /// `PVDMA_FEATURE_UNMAP_LIST`) is offered; when false op 6 is an
+    /// unknown op (INVAL). It sits in what was padding after `host_iova`,
+    /// so the struct's size and other offsets are as before, and a caller
+    /// that zeroes the struct instead of calling `pvdma_config_default`
+    /// gets the extension off, the behaviour from before it existed.
+    pub unmap_list: bool,
     /// Fault records kept, 1..=65536.
     pub fault_log_len: u32,
 }
@@ -764,6 +771,7 @@ impl pvdma_config {
             pin_mode,
             bypass: self.bypass,
             host_iova: self.host_iova,
+            unmap_list: self.unmap_list,
             fault_log_len: usize::try_from(self.fault_log_len).ok()?,
         })
     }
@@ -780,14 +788,15 @@ impl pvdma_config {
             },
             bypass: c.bypass,
             host_iova: c.host_iova,
+            unmap_list: c.unmap_list,
             fault_log_len: u32::try_from(c.fault_log_len).unwrap_or(u32::MAX),
         }
     }
 }
 
 /// Fills `*out` with the default configuration (48 IOVA bits, 512
-/// segments, no pin or memory limit, no mlock, bypass and host IOVA on, 64 fault
-/// records). Does nothing when `out` is NULL.
+/// segments, no pin or memory limit, no mlock, bypass, host IOVA and
+/// UNMAP_LIST on, 64 fault records). Does nothing when `out` is NULL.
 ///
 /// # Safety
 /// `out` is NULL or valid for writing a `pvdma_config`.
@@ -849,8 +858,8 @@ pub unsafe extern "C" fn pvdma_vm_free(vm: *mut pvdma_vm) {
     })
 }
 
-/// The FEATURES register bits the configuration implies: HOST_IOVA and
-/// BYPASS (`PVDMA_FEATURE_*`). The transport adds HYPERCALL itself. 0 for
+/// The FEATURES register bits the configuration implies: HOST_IOVA,
+/// BYPASS and UNMAP_LIST (`PVDMA_FEATURE_*`). The transport adds HYPERCALL itself. 0 for
 /// NULL.
 ///
 /// # Safety
@@ -1018,6 +1027,35 @@ pub unsafe extern "C" fn pvdma_vm_submit(vm: *mut pvdma_vm, block_gpa: u64) -> u
     ffi_boundary!(internal, {
         let vm = try_vm!(vm, internal);
         vm.submit(block_gpa) as u32
+    })
+}
+
+/// `pvdma_vm_submit_via` transport: anything but the guest transports
+/// (what `pvdma_vm_submit` counts its requests as).
+pub const PVDMA_TRANSPORT_OTHER: u32 = 0;
+/// `pvdma_vm_submit_via` transport: the DOORBELL register.
+pub const PVDMA_TRANSPORT_DOORBELL: u32 = 1;
+/// `pvdma_vm_submit_via` transport: the VMCALL/VMMCALL hypercall.
+pub const PVDMA_TRANSPORT_HYPERCALL: u32 = 2;
+
+/// `pvdma_vm_submit`, also counting the request for `transport`
+/// (`PVDMA_TRANSPORT_*`) in `pvdma_request_counts`. An unknown
+/// `transport` is counted as `PVDMA_TRANSPORT_OTHER`; the request runs
+/// the same whatever the transport.
+///
+/// # Safety
+/// `vm` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn pvdma_vm_submit_via(
+    vm: *mut pvdma_vm,
+    block_gpa: u64,
+    transport: u32,
+) -> u32 {
+    let internal = Status::Internal as u32;
+    ffi_boundary!(internal, {
+        let vm = try_vm!(vm, internal);
+        let t = vm::Transport::from_raw(transport).unwrap_or(vm::Transport::Other);
+        vm.submit_via(block_gpa, t) as u32
     })
 }
 
@@ -1490,7 +1528,8 @@ pub unsafe extern "C" fn pvdma_vm_record_fault(
 pub struct pvdma_stats {
     /// `requests[op][status]`: op 1..=5 (`PVDMA_OP_*`, 0 counts unknown
     /// ops), status index 0..=11 as `PVDMA_S_*` and 12 for
-    /// `PVDMA_S_INTERNAL`.
+    /// `PVDMA_S_INTERNAL`. UNMAP_LIST (op 6) has no row here, which keeps
+    /// this struct's layout; `pvdma_vm_request_counts` counts it.
     pub requests: [[u64; 13]; 6],
     /// Live mappings over all endpoints.
     pub mappings: u64,
@@ -1522,8 +1561,10 @@ pub unsafe extern "C" fn pvdma_vm_stats(
         let vm = try_vm!(vm);
         require_out!(out);
         let s = vm.stats();
+        let mut requests = [[0; 13]; 6];
+        requests.copy_from_slice(&s.requests[..6]);
         let v = pvdma_stats {
-            requests: s.requests,
+            requests,
             mappings: s.mappings,
             pinned_pages: s.pinned_pages,
             pin_limit: vm.pins().limit_bytes(),
@@ -1531,6 +1572,71 @@ pub unsafe extern "C" fn pvdma_vm_stats(
             mem_limit: vm.config().mem_limit,
             translations: s.translations,
             faults: s.faults,
+        };
+        // SAFETY: non-null (checked) and valid for writing.
+        unsafe { out.write(v) };
+        PVDMA_OK
+    })
+}
+
+/// Requests by op and by transport, for request rates (e.g. requests per
+/// I/O): every request submitted is counted once in the op totals and
+/// once in the transport totals, whatever its status.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct pvdma_request_counts {
+    /// QUERY requests.
+    pub query: u64,
+    /// ATTACH requests.
+    pub attach: u64,
+    /// DETACH requests.
+    pub detach: u64,
+    /// MAP requests.
+    pub map: u64,
+    /// UNMAP requests.
+    pub unmap: u64,
+    /// UNMAP_LIST requests (with the extension on; without it op 6 is
+    /// counted in `other`).
+    pub unmap_list: u64,
+    /// Requests with an unknown op, or whose header was not in guest RAM.
+    pub other: u64,
+    /// Requests through `pvdma_vm_submit_via` with
+    /// `PVDMA_TRANSPORT_DOORBELL`.
+    pub doorbell: u64,
+    /// Requests through `pvdma_vm_submit_via` with
+    /// `PVDMA_TRANSPORT_HYPERCALL`.
+    pub hypercall: u64,
+    /// Requests by any other path (`pvdma_vm_submit`, an unknown
+    /// transport). Migration import re-creates mappings without counting.
+    pub other_transport: u64,
+}
+
+/// Fills `*out` with the request counts. They start at 0 when the VM is
+/// created and are not reset by `pvdma_vm_reset` or migration.
+///
+/// # Safety
+/// `vm` is NULL or a live handle; `out` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn pvdma_vm_request_counts(
+    vm: *const pvdma_vm,
+    out: *mut pvdma_request_counts,
+) -> pvdma_result {
+    ffi_boundary!(PVDMA_ERR_PANIC, {
+        let vm = try_vm!(vm);
+        require_out!(out);
+        let s = vm.stats();
+        let total = |op: usize| s.requests[op].iter().sum::<u64>();
+        let v = pvdma_request_counts {
+            query: total(crate::abi::Op::Query.index()),
+            attach: total(crate::abi::Op::Attach.index()),
+            detach: total(crate::abi::Op::Detach.index()),
+            map: total(crate::abi::Op::Map.index()),
+            unmap: total(crate::abi::Op::Unmap.index()),
+            unmap_list: total(crate::abi::Op::UnmapList.index()),
+            other: total(0),
+            doorbell: s.transports[vm::Transport::Doorbell as usize],
+            hypercall: s.transports[vm::Transport::Hypercall as usize],
+            other_transport: s.transports[vm::Transport::Other as usize],
         };
         // SAFETY: non-null (checked) and valid for writing.
         unsafe { out.write(v) };
@@ -1872,7 +1978,11 @@ mod tests {
             );
             assert_eq!(
                 pvdma_vm_features(vm),
-                u64::from(crate::abi::PVDMA_FEATURE_HOST_IOVA | crate::abi::PVDMA_FEATURE_BYPASS)
+                u64::from(
+                    crate::abi::PVDMA_FEATURE_HOST_IOVA
+                        | crate::abi::PVDMA_FEATURE_BYPASS
+                        | crate::abi::PVDMA_FEATURE_UNMAP_LIST
+                )
             );
             assert_eq!(pvdma_vm_page_sizes(vm), (1 << 12) | (1 << 21));
             pvdma_vm_free(vm);

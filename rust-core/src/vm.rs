@@ -82,6 +82,9 @@ pub struct VmConfig {
     pub bypass: bool,
     /// MAP without FIXED is allowed (the host picks the IOVA).
     pub host_iova: bool,
+    /// The UNMAP_LIST extension (op 6, FEATURES bit 3) is offered; without
+    /// it op 6 is an unknown op.
+    pub unmap_list: bool,
     /// Fault records kept.
     pub fault_log_len: usize,
 }
@@ -96,6 +99,7 @@ impl Default for VmConfig {
             pin_mode: PinMode::None,
             bypass: true,
             host_iova: true,
+            unmap_list: true,
             fault_log_len: DEFAULT_FAULT_LOG_LEN,
         }
     }
@@ -136,7 +140,19 @@ impl VmConfig {
         if self.bypass {
             f |= u64::from(abi::PVDMA_FEATURE_BYPASS);
         }
+        if self.unmap_list {
+            f |= u64::from(abi::PVDMA_FEATURE_UNMAP_LIST);
+        }
         f
+    }
+
+    /// Decodes a request's `op` as this VM offers ops: `None` for an
+    /// unknown op, which UNMAP_LIST is when the extension is off.
+    pub fn op(&self, raw: u16) -> Option<Op> {
+        match Op::from_raw(raw) {
+            Some(Op::UnmapList) if !self.unmap_list => None,
+            op => op,
+        }
     }
 
     /// The PAGE_SIZES register: 4 KiB and 2 MiB.
@@ -194,11 +210,42 @@ pub struct FaultRecord {
     pub seq: u64,
 }
 
+/// The path a request came by, for [`StatsSnapshot::transports`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Transport {
+    /// Neither of the guest transports: [`Vm::submit`], [`Vm::execute`]
+    /// (tests, migration import).
+    Other = 0,
+    /// The DOORBELL register.
+    Doorbell = 1,
+    /// The VMCALL/VMMCALL hypercall.
+    Hypercall = 2,
+}
+
+impl Transport {
+    /// Decodes a raw transport number (the C API's `PVDMA_TRANSPORT_*`).
+    pub fn from_raw(raw: u32) -> Option<Transport> {
+        Some(match raw {
+            0 => Transport::Other,
+            1 => Transport::Doorbell,
+            2 => Transport::Hypercall,
+            _ => return None,
+        })
+    }
+}
+
+/// Rows of [`StatsSnapshot::requests`]: unknown ops, then ops 1..=6.
+pub const STATS_OPS: usize = 7;
+
 /// A snapshot of the counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
-    /// `requests[op][status index]`; op 0 counts unknown ops.
-    pub requests: [[u64; 13]; 6],
+    /// `requests[op][status index]`; op 0 counts unknown ops (and requests
+    /// whose header could not be read).
+    pub requests: [[u64; 13]; STATS_OPS],
+    /// Requests submitted by each [`Transport`], indexed by its value.
+    pub transports: [u64; 3],
     /// Live mappings over all domains.
     pub mappings: u64,
     /// Distinct pinned guest pages.
@@ -212,7 +259,8 @@ pub struct StatsSnapshot {
 }
 
 struct Stats {
-    requests: [[AtomicU64; 13]; 6],
+    requests: [[AtomicU64; 13]; STATS_OPS],
+    transports: [AtomicU64; 3],
     mappings: AtomicU64,
     translations: TranslationCounters,
     faults: AtomicU64,
@@ -594,7 +642,7 @@ pub struct Request {
     pub length: u64,
     /// Reserved words (must be zero).
     pub reserved: [u64; 3],
-    /// Segments (read only for MAP).
+    /// Segments (MAP) or ranges (UNMAP_LIST); read for no other op.
     pub segs: Vec<(u64, u64)>,
 }
 
@@ -668,6 +716,7 @@ impl Vm {
             faults: Mutex::new(VecDeque::with_capacity(cfg.fault_log_len)),
             stats: Stats {
                 requests: Default::default(),
+                transports: Default::default(),
                 mappings: AtomicU64::new(0),
                 translations: TranslationCounters::new(),
                 faults: AtomicU64::new(0),
@@ -947,6 +996,10 @@ impl Vm {
                 s.requests[op][st] = c.load(Ordering::Relaxed);
             }
         }
+        for (t, c) in self.stats.transports.iter().enumerate() {
+            // Relaxed: statistics.
+            s.transports[t] = c.load(Ordering::Relaxed);
+        }
         s.mappings = self.stats.mappings.load(Ordering::Relaxed);
         s.pinned_pages = self.pins.pinned_pages();
         s.mem_used = self.mem.used();
@@ -1176,8 +1229,17 @@ impl Vm {
     /// Processes the request block at guest-physical `block`: reads it once,
     /// validates it, runs it, writes back status (and iova, length, result
     /// as the op defines), and returns the status. The one entry point of
-    /// every transport (doorbell, hypercall).
+    /// every transport (doorbell, hypercall); counted as
+    /// [`Transport::Other`], see [`Vm::submit_via`].
     pub fn submit(&self, block: u64) -> Status {
+        self.submit_via(block, Transport::Other)
+    }
+
+    /// [`Vm::submit`] of a request that came by `transport`, which the
+    /// statistics count.
+    pub fn submit_via(&self, block: u64, transport: Transport) -> Status {
+        // Relaxed: a statistic.
+        self.stats.transports[transport as usize].fetch_add(1, Ordering::Relaxed);
         let guard = epoch::pin();
         let ram = self.ram.load(&guard);
         let mut hdr = [0u8; abi::HEADER_SIZE as usize];
@@ -1195,7 +1257,7 @@ impl Vm {
         let resp = match early {
             Ok(()) => self.execute_owned(&mut req),
             Err(status) => {
-                let op = Op::from_raw(req.op).map_or(0, Op::index);
+                let op = self.cfg.op(req.op).map_or(0, Op::index);
                 self.count_request(op, status);
                 Response::status(status)
             }
@@ -1204,14 +1266,15 @@ impl Vm {
         resp.status
     }
 
-    /// For MAP, reads the segment array behind the header (once).
+    /// For MAP and UNMAP_LIST, reads the slot array behind the header
+    /// (once).
     fn read_segments(
         &self,
         block: u64,
         req: &mut Request,
         ram: &RamLayout,
     ) -> std::result::Result<(), Status> {
-        if Op::from_raw(req.op) != Some(Op::Map) || req.nr_segs == 0 {
+        if !self.cfg.op(req.op).is_some_and(Op::has_slots) || req.nr_segs == 0 {
             return Ok(());
         }
         if req.nr_segs > self.cfg.max_segs {
@@ -1249,7 +1312,7 @@ impl Vm {
         if resp.status != Status::Ok {
             return;
         }
-        if Op::from_raw(req.op) == Some(Op::Map) {
+        if self.cfg.op(req.op) == Some(Op::Map) {
             // iova, length and result are adjacent: one write.
             let mut out = [0u8; 24];
             out[0..8].copy_from_slice(&resp.iova.to_le_bytes());
@@ -1267,18 +1330,26 @@ impl Vm {
     }
 
     /// Runs an already-read request. Every failing request leaves no
-    /// mapping, pin or IOVA behind.
+    /// mapping, pin or IOVA behind. Counted as [`Transport::Other`].
     pub fn execute(&self, req: &Request) -> Response {
-        let op = Op::from_raw(req.op);
+        // Relaxed: a statistic.
+        self.stats.transports[Transport::Other as usize].fetch_add(1, Ordering::Relaxed);
+        let op = self.cfg.op(req.op);
         let resp = self.execute_inner(op, req, &mut || req.segs.clone());
         self.count_request(op.map_or(0, Op::index), resp.status);
         resp
     }
 
+    /// [`Vm::execute`] without counting the request: migration import
+    /// re-creates state, it is not a request of this VM's guest.
+    fn execute_uncounted(&self, req: &Request) -> Response {
+        self.execute_inner(self.cfg.op(req.op), req, &mut || req.segs.clone())
+    }
+
     /// [`Vm::execute`] of a request the caller no longer needs: a MAP
     /// takes its segment list instead of copying it.
     fn execute_owned(&self, req: &mut Request) -> Response {
-        let op = Op::from_raw(req.op);
+        let op = self.cfg.op(req.op);
         let mut segs = std::mem::take(&mut req.segs);
         let resp = self.execute_inner(op, req, &mut || std::mem::take(&mut segs));
         self.count_request(op.map_or(0, Op::index), resp.status);
@@ -1360,6 +1431,7 @@ impl Vm {
             }
             Op::Map => self.map_locked(&ep, req, segs(), ram, &guard),
             Op::Unmap => self.unmap_locked(&ep, req, ram, &guard),
+            Op::UnmapList => self.unmap_list_locked(&ep, req, segs(), ram, &guard),
         }
     }
 
@@ -1443,6 +1515,50 @@ impl Vm {
         }
     }
 
+    /// UNMAP_LIST. Checks, after the attach state: the range count (0:
+    /// INVAL, past MAX_SEGS: TOOBIG), then every range on its own (length
+    /// 0, wrapping, or past 2^IOVA_BITS: INVAL), then overlap of their
+    /// page spans (INVAL), then under the domain lock RANGE and NOENT
+    /// (see [`Domain::unmap_spans`]). Nothing is removed unless every
+    /// check passes; then every range's mappings go at once.
+    fn unmap_list_locked(
+        &self,
+        ep: &Endpoint,
+        req: &Request,
+        ranges: Vec<(u64, u64)>,
+        ram: &RamLayout,
+        guard: &Guard,
+    ) -> Response {
+        let Some(dom) = Self::domain_of(ep, guard) else {
+            return Response::status(Status::State);
+        };
+        if req.nr_segs == 0 {
+            return Response::status(Status::Inval);
+        }
+        if req.nr_segs > self.cfg.max_segs {
+            return Response::status(Status::TooBig);
+        }
+        if ranges.len() != req.nr_segs as usize {
+            return Response::status(Status::Inval);
+        }
+        let Some(mut spans) = unmap_list_spans(&ranges, self.cfg.iova_bits) else {
+            return Response::status(Status::Inval);
+        };
+        // Sorted by first page, two spans overlap only if neighbours do.
+        spans.sort_unstable();
+        if spans.windows(2).any(|w| w[1].0 <= w[0].1) {
+            return Response::status(Status::Inval);
+        }
+        let mut notify = self.unmap_notifier(ep.rid);
+        match dom.unmap_spans(&spans, ram, &self.pins, &mut notify) {
+            Ok(removed) => {
+                self.count_removed(removed);
+                Response::ok(removed.bytes)
+            }
+            Err(e) => Response::status(domain_status(&e)),
+        }
+    }
+
     /// Detaches `ep` (caller holds its op_lock): unlinks the domain so no
     /// new translation finds it, removes every mapping (pins released,
     /// notified), and frees the domain once no reader can see it. Returns
@@ -1495,15 +1611,15 @@ impl Vm {
             reserved: [0; 3],
             segs: m.segs.clone(),
         };
-        match self.execute(&req).status {
+        match self.execute_uncounted(&req).status {
             Status::Ok => Ok(()),
             s => Err(s),
         }
     }
 
-    /// Attaches `rid` (migration import, tests).
+    /// Attaches `rid` (migration import, tests), uncounted.
     pub(crate) fn attach(&self, rid: u32) -> Status {
-        self.execute(&Request {
+        self.execute_uncounted(&Request {
             op: Op::Attach as u16,
             flags: 0,
             requester: rid,
@@ -1529,6 +1645,20 @@ impl Drop for Vm {
         // except through guards that defer_destroy waits for.
         unsafe { guard.defer_destroy(map) };
     }
+}
+
+/// The page span (first and last page, inclusive) of each UNMAP_LIST
+/// range, in list order; `None` when a range has length 0, wraps, or
+/// reaches past the IOVA space (its last byte at or above 2^`iova_bits`).
+fn unmap_list_spans(ranges: &[(u64, u64)], iova_bits: u32) -> Option<Vec<(u64, u64)>> {
+    let limit = 1u64 << iova_bits;
+    ranges
+        .iter()
+        .map(|&(iova, len)| {
+            let end = iova.checked_add(len).filter(|&e| len > 0 && e <= limit)?;
+            Some((iova >> abi::PAGE_SHIFT, (end - 1) >> abi::PAGE_SHIFT))
+        })
+        .collect()
 }
 
 fn domain_status(e: &domain::Error) -> Status {

@@ -112,6 +112,9 @@ enum Step {
         malform: Option<Malform>,
     },
     Unmap(usize, UnmapSpec),
+    /// UNMAP_LIST of one range per spec (`First` names a one-byte range
+    /// in the mapping's first page).
+    UnmapList(usize, Vec<UnmapSpec>),
     Bad(usize, BadHeader),
     Reset,
     Migrate,
@@ -175,7 +178,7 @@ fn unmap_spec() -> impl Strategy<Value = UnmapSpec> {
 
 fn bad_header() -> impl Strategy<Value = BadHeader> {
     prop_oneof![
-        prop_oneof![Just(0u16), Just(6u16), Just(0xffffu16)].prop_map(BadHeader::Op),
+        prop_oneof![Just(0u16), Just(7u16), Just(0xffffu16)].prop_map(BadHeader::Op),
         (3..16u32).prop_map(|b| BadHeader::Flags(1 << b)),
         (0..3usize).prop_map(BadHeader::Reserved),
         Just(BadHeader::Misaligned),
@@ -206,6 +209,8 @@ fn step(big: bool) -> impl Strategy<Value = Step> {
         1 => ep_index().prop_map(Step::Query),
         20 => map,
         10 => (ep_index(), unmap_spec()).prop_map(|(e, u)| Step::Unmap(e, u)),
+        6 => (ep_index(), prop::collection::vec(unmap_spec(), 0..6))
+            .prop_map(|(e, u)| Step::UnmapList(e, u)),
         1 => (ep_index(), bad_header()).prop_map(|(e, b)| Step::Bad(e, b)),
         1 => Just(Step::Reset),
         2 => Just(Step::Migrate),
@@ -537,6 +542,7 @@ impl Run {
                 malform,
             } => self.map(ep, perms, fixed, off, segs, malform),
             Step::Unmap(ep, u) => self.unmap(ep, u),
+            Step::UnmapList(ep, ref specs) => self.unmap_list(ep, specs),
             Step::Bad(ep, b) => {
                 let mut r = req(Op::Query, RIDS[ep]);
                 let before = self.g.footprint();
@@ -714,13 +720,14 @@ impl Run {
         );
     }
 
-    fn unmap(&mut self, ep: usize, u: UnmapSpec) {
+    /// The UNMAP `(iova, length)` a spec names.
+    fn range_of(&self, ep: usize, u: UnmapSpec) -> (u64, u64) {
         let bits = self.m.bits;
         let nth = |idx: usize| -> Option<ModelMapping> {
             let maps = self.m.maps.get(ep)?;
             (!maps.is_empty()).then(|| maps.values().nth(idx % maps.len()).unwrap().clone())
         };
-        let (iova, length) = match u {
+        match u {
             UnmapSpec::First { idx, off } => match nth(idx) {
                 Some(m) => (m.first_page() * PAGE_SIZE + off, 0),
                 None => (0x3000 + off, 0),
@@ -747,7 +754,92 @@ impl Run {
                 None => (0x3000, 0x1000),
             },
             UnmapSpec::Raw { iova, len } => (iova_of(bits, iova) + (len & 0xff8), len),
+        }
+    }
+
+    /// UNMAP_LIST, predicted from the spec's rules in docs/abi.md's order:
+    /// NODEV, STATE, INVAL (no ranges; a range of length 0, wrapping or
+    /// past the IOVA space; page spans overlapping), RANGE, NOENT.
+    fn unmap_list(&mut self, ep: usize, specs: &[UnmapSpec]) {
+        let ranges: Vec<(u64, u64)> = specs
+            .iter()
+            .map(|&u| match u {
+                UnmapSpec::First { .. } => {
+                    let (iova, _) = self.range_of(ep, u);
+                    (iova, 1)
+                }
+                u => self.range_of(ep, u),
+            })
+            .collect();
+        let out = self.submit(&unmap_list_req(RIDS[ep], &ranges));
+        let what = format!("UNMAP_LIST ep{ep} {ranges:x?}");
+        let Some(attached) = self.attached(ep) else {
+            return Self::expect_status(&out, &[Status::NoDev], &what);
         };
+        if !attached {
+            return Self::expect_status(&out, &[Status::State], &what);
+        }
+        let limit = 1u64 << self.m.bits;
+        if ranges.is_empty()
+            || ranges
+                .iter()
+                .any(|&(iova, len)| len == 0 || iova.checked_add(len).is_none_or(|e| e > limit))
+        {
+            return Self::expect_status(&out, &[Status::Inval], &what);
+        }
+        let spans: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|&(iova, len)| (iova / PAGE_SIZE, (iova + len - 1) / PAGE_SIZE))
+            .collect();
+        // Quadratic on purpose: the model checks every pair.
+        for (i, a) in spans.iter().enumerate() {
+            for b in &spans[i + 1..] {
+                if a.0 <= b.1 && b.0 <= a.1 {
+                    return Self::expect_status(&out, &[Status::Inval], &what);
+                }
+            }
+        }
+        let mut crossing = false;
+        let mut empty = false;
+        let mut victims = Vec::new();
+        for &(first, last) in &spans {
+            let mut inside = 0;
+            for m in self.m.maps[ep].values() {
+                if m.first_page() <= last && first <= m.last_page() {
+                    if m.first_page() < first || m.last_page() > last {
+                        crossing = true;
+                    } else {
+                        inside += 1;
+                        victims.push(m.first_page());
+                    }
+                }
+            }
+            empty |= inside == 0;
+        }
+        match (crossing, empty) {
+            (true, true) => {
+                return Self::expect_status(&out, &[Status::Range, Status::NoEnt], &what)
+            }
+            (true, false) => return Self::expect_status(&out, &[Status::Range], &what),
+            (false, true) => return Self::expect_status(&out, &[Status::NoEnt], &what),
+            (false, false) => {}
+        }
+        Self::expect_status(&out, &[Status::Ok], &what);
+        let mut freed = 0;
+        for p in victims {
+            freed += self.m.maps[ep].remove(&p).unwrap().npages() * PAGE_SIZE;
+        }
+        assert_eq!(out.result, freed, "{what}: result is the IOVA space freed");
+        assert_eq!(
+            (out.iova, out.length),
+            (0, 0),
+            "{what}: only result written"
+        );
+    }
+
+    fn unmap(&mut self, ep: usize, u: UnmapSpec) {
+        let bits = self.m.bits;
+        let (iova, length) = self.range_of(ep, u);
         let mut r = req(Op::Unmap, RIDS[ep]);
         r.iova = iova;
         r.length = length;

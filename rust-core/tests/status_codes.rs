@@ -7,8 +7,12 @@ mod common;
 
 use common::*;
 use pvdma::abi::Op;
+use std::sync::{Arc, Mutex};
+
 use pvdma::pin::PinMode;
+use pvdma::vm::{encode_request, MapEvent, MapEventKind};
 use pvdma::{Access, Fragment, Status, VmConfig};
+use vm_memory::Bytes;
 
 /// Runs `f`, which must fail with `want`, and checks nothing changed.
 fn fails_cleanly(g: &Guest, want: Status, f: impl FnOnce(&Guest) -> Out) {
@@ -393,4 +397,294 @@ fn detach_and_reset_drop_everything() {
     assert_eq!(g.vm.stats().pinned_pages, 0);
     assert_eq!(g.vm.stats().mappings, 0);
     assert_eq!(g.query(EP2).result, 0b110);
+}
+
+// ---- UNMAP_LIST (op 6, FEATURES bit 3) ------------------------------------
+
+/// Maps, FIXED, one mapping per `(iova, pages)` for EP, each on guest
+/// pages of its own.
+fn map_pages(g: &Guest, layout: &[(u64, u64)]) {
+    for (i, &(iova, pages)) in layout.iter().enumerate() {
+        let gpa = 0x10_0000 + i as u64 * 0x1_0000;
+        let m = g.map(EP, RW | FIXED, iova, &[(gpa, pages * 0x1000)]);
+        assert_eq!(m.status, Status::Ok);
+    }
+}
+
+/// Records every notifier event of `g`.
+fn record_events(g: &Guest) -> Arc<Mutex<Vec<MapEvent>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&log);
+    g.vm.set_notifier(Some(Arc::new(move |e: &MapEvent| {
+        sink.lock().unwrap().push(*e)
+    })));
+    log
+}
+
+/// Like `fails_cleanly`, and the IOVA allocator and the notifier saw
+/// nothing either.
+fn list_fails_cleanly(g: &Guest, want: Status, ranges: &[(u64, u64)]) {
+    let events = record_events(g);
+    let iova0 = next_host_iova(g);
+    events.lock().unwrap().clear();
+    fails_cleanly(g, want, |g| g.unmap_list(EP, ranges));
+    assert!(
+        events.lock().unwrap().is_empty(),
+        "a failed request notified"
+    );
+    assert_eq!(next_host_iova(g), iova0, "a failed request moved IOVAs");
+    g.vm.set_notifier(None);
+}
+
+#[test]
+fn unmap_list_ok() {
+    let g = Guest::new();
+    assert_ne!(
+        g.vm.config().features() & u64::from(pvdma::abi::PVDMA_FEATURE_UNMAP_LIST),
+        0,
+        "on by default"
+    );
+    assert_eq!(g.attach(EP), Status::Ok);
+    // A, B (two pages), C, and D that stays.
+    map_pages(
+        &g,
+        &[
+            (0x10_0000, 1),
+            (0x10_2000, 2),
+            (0x20_0000, 1),
+            (0x30_0000, 1),
+        ],
+    );
+    let events = record_events(&g);
+    let before = g.vm.stats();
+    // Out of order, byte ranges widened to pages, one range holding two
+    // mappings and a gap.
+    let u = g.unmap_list(EP, &[(0x20_0fff, 1), (0x10_0010, 0x3000)]);
+    assert_eq!((u.status, u.result), (Status::Ok, 0x4000));
+    assert_eq!(u.iova, 0, "iova is not written back");
+    let left: Vec<u64> = g.vm.mappings(EP).iter().map(|m| m.iova).collect();
+    assert_eq!(left, [0x30_0000]);
+    let after = g.vm.stats();
+    assert_eq!(after.mappings, before.mappings - 3);
+    assert_eq!(after.pinned_pages, before.pinned_pages - 4);
+    assert!(after.mem_used < before.mem_used);
+    // An unmap event for every page run of every removed mapping.
+    let mut seen: Vec<(u64, u64)> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!((e.kind, e.requester), (MapEventKind::Unmap, EP));
+            (e.iova, e.len)
+        })
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        [
+            (0x10_0000, 0x1000),
+            (0x10_2000, 0x2000),
+            (0x20_0000, 0x1000)
+        ]
+    );
+    // No translation reaches the removed ranges; D still translates.
+    let mut frags = [Fragment {
+        hva: 0,
+        gpa: 0,
+        len: 0,
+    }; 2];
+    for iova in [0x10_0000, 0x10_3000, 0x20_0000] {
+        assert!(g
+            .vm
+            .translate(EP, iova, 1, Access::Read, &mut frags)
+            .is_err());
+    }
+    assert!(g
+        .vm
+        .translate(EP, 0x30_0000, 1, Access::Read, &mut frags)
+        .is_ok());
+    // Exactly MAX_SEGS ranges are fine; the page just below 2^IOVA_BITS
+    // is in range.
+    let g = Guest::with(VmConfig {
+        iova_bits: 32,
+        ..VmConfig::default()
+    });
+    assert_eq!(g.attach(EP), Status::Ok);
+    let max = u64::from(g.vm.config().max_segs);
+    let layout: Vec<(u64, u64)> = (0..max).map(|i| ((i + 1) << 13, 1)).collect();
+    map_pages(&g, &layout[..8]);
+    map_pages(&g, &[((1 << 32) - 0x1000, 1)]);
+    let mut ranges: Vec<(u64, u64)> = layout.iter().map(|&(iova, _)| (iova, 0x1000)).collect();
+    ranges[max as usize - 1] = ((1 << 32) - 0x1000, 0x1000);
+    ranges.reverse();
+    let u = g.unmap_list(EP, &ranges);
+    // The ranges past the eighth hold nothing.
+    assert_eq!(u.status, Status::NoEnt);
+    let mut ranges: Vec<(u64, u64)> = layout[..8]
+        .iter()
+        .map(|&(iova, _)| (iova, 0x1000))
+        .collect();
+    ranges.push(((1 << 32) - 0x1000, 0x1000));
+    let u = g.unmap_list(EP, &ranges);
+    assert_eq!((u.status, u.result), (Status::Ok, 9 * 0x1000));
+    assert!(g.vm.mappings(EP).is_empty());
+    assert_eq!(g.vm.stats().pinned_pages, 0);
+    assert_eq!(g.vm.stats().mem_used, 0);
+}
+
+#[test]
+fn unmap_list_inval() {
+    let g = Guest::with(VmConfig {
+        iova_bits: 32,
+        ..VmConfig::default()
+    });
+    assert_eq!(g.attach(EP), Status::Ok);
+    map_pages(&g, &[(0x10_0000, 1), (0x10_2000, 2), (0x20_0000, 1)]);
+    let a = (0x10_0000, 0x1000);
+    // No ranges.
+    list_fails_cleanly(&g, Status::Inval, &[]);
+    // A range of length 0, one that wraps, one reaching past 2^IOVA_BITS.
+    list_fails_cleanly(&g, Status::Inval, &[a, (0x20_0000, 0)]);
+    list_fails_cleanly(&g, Status::Inval, &[a, (u64::MAX - 0xfff, 0x2000)]);
+    list_fails_cleanly(&g, Status::Inval, &[a, ((1 << 32) - 0x1000, 0x1001)]);
+    list_fails_cleanly(&g, Status::Inval, &[(1 << 32, 0x1000), a]);
+    // Page spans that overlap, in either order, also by one shared page
+    // or with one range inside the other.
+    list_fails_cleanly(&g, Status::Inval, &[a, a]);
+    list_fails_cleanly(
+        &g,
+        Status::Inval,
+        &[(0x10_2000, 0x2000), (0x10_0000, 0x2001)],
+    );
+    list_fails_cleanly(
+        &g,
+        Status::Inval,
+        &[(0x10_0000, 0x2001), (0x10_2000, 0x2000)],
+    );
+    list_fails_cleanly(
+        &g,
+        Status::Inval,
+        &[(0x20_0000, 1), (0x10_0000, 0x20_0000), (0x20_0fff, 1)],
+    );
+    list_fails_cleanly(&g, Status::Inval, &[(0x20_0000, 1), (0x20_0fff, 1)]);
+    // Flag bits 3..15 are checked; READ/WRITE/FIXED, iova and length are
+    // ignored.
+    let mut r = unmap_list_req(EP, &[a]);
+    r.flags = 8;
+    fails_cleanly(&g, Status::Inval, |g| g.submit(&r));
+    r.flags = RW | FIXED;
+    r.iova = 0x20_0000;
+    r.length = 0x1000;
+    let u = g.submit(&r);
+    assert_eq!((u.status, u.result), (Status::Ok, 0x1000));
+    assert_eq!(g.vm.mappings(EP).len(), 2);
+}
+
+#[test]
+fn unmap_list_disabled_is_an_unknown_op() {
+    let g = Guest::with(VmConfig {
+        unmap_list: false,
+        ..VmConfig::default()
+    });
+    assert_eq!(
+        g.vm.config().features() & u64::from(pvdma::abi::PVDMA_FEATURE_UNMAP_LIST),
+        0
+    );
+    assert_eq!(g.attach(EP), Status::Ok);
+    map_pages(&g, &[(0x10_0000, 1)]);
+    list_fails_cleanly(&g, Status::Inval, &[(0x10_0000, 0x1000)]);
+    // Unknown op wins over TOOBIG: the slots are never looked at.
+    let many = vec![(0x10_0000, 0x1000); g.vm.config().max_segs as usize + 1];
+    list_fails_cleanly(&g, Status::Inval, &many);
+    let s = g.vm.stats();
+    assert_eq!(s.requests[Op::UnmapList.index()].iter().sum::<u64>(), 0);
+    assert_eq!(s.requests[0][Status::Inval.index()], 2);
+}
+
+#[test]
+fn unmap_list_nodev_state() {
+    let g = Guest::new();
+    fails_cleanly(&g, Status::State, |g| {
+        g.unmap_list(EP, &[(0x10_0000, 0x1000)])
+    });
+    // STATE comes before the range rules.
+    fails_cleanly(&g, Status::State, |g| g.unmap_list(EP, &[(0x10_0000, 0)]));
+    fails_cleanly(&g, Status::NoDev, |g| {
+        g.unmap_list(0x0020, &[(0x10_0000, 0x1000)])
+    });
+}
+
+#[test]
+fn unmap_list_fault_toobig() {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    map_pages(&g, &[(0x10_0000, 1)]);
+    let max = g.vm.config().max_segs as usize;
+    let many: Vec<(u64, u64)> = (0..=max as u64).map(|i| (i << 12, 0x1000)).collect();
+    list_fails_cleanly(&g, Status::TooBig, &many);
+    // The range array runs past the end of RAM.
+    let mut r = unmap_list_req(EP, &[(0x10_0000, 0x1000)]);
+    r.nr_segs = 2;
+    fails_cleanly(&g, Status::Fault, |g| g.submit_at(LOW.1 - 64 - 16, &r));
+    assert_eq!(g.vm.mappings(EP).len(), 1);
+}
+
+#[test]
+fn unmap_list_noent_range() {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    map_pages(&g, &[(0x10_0000, 1), (0x10_2000, 2), (0x20_0000, 1)]);
+    let a = (0x10_0000, 0x1000);
+    // One range of several holds nothing.
+    list_fails_cleanly(&g, Status::NoEnt, &[a, (0x40_0000, 0x1000)]);
+    list_fails_cleanly(&g, Status::NoEnt, &[(0x10_1000, 0x1000), a]);
+    // A mapping crosses the start or the end of a range.
+    list_fails_cleanly(&g, Status::Range, &[a, (0x10_3000, 0x1000)]);
+    list_fails_cleanly(&g, Status::Range, &[(0x10_2000, 0x1000), a]);
+    // Two adjacent ranges splitting one mapping: it crosses both.
+    list_fails_cleanly(
+        &g,
+        Status::Range,
+        &[(0x10_2000, 0x1000), (0x10_3000, 0x1000)],
+    );
+    // RANGE wins over NOENT, wherever they are in the list.
+    list_fails_cleanly(
+        &g,
+        Status::Range,
+        &[(0x40_0000, 0x1000), (0x10_3000, 0x1000)],
+    );
+    list_fails_cleanly(
+        &g,
+        Status::Range,
+        &[(0x10_3000, 0x1000), (0x40_0000, 0x1000)],
+    );
+    assert_eq!(g.vm.mappings(EP).len(), 3);
+}
+
+#[test]
+fn request_counts_by_op_and_transport() {
+    use pvdma::vm::Transport;
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    map_pages(&g, &[(0x10_0000, 1)]);
+    assert_eq!(g.unmap_list(EP, &[(0x10_0000, 1)]).status, Status::Ok);
+    let block = encode_request(&req(Op::Query, EP));
+    g.mem
+        .write_slice(&block, vm_memory::GuestAddress(BLOCK))
+        .unwrap();
+    assert_eq!(g.vm.submit_via(BLOCK, Transport::Doorbell), Status::Ok);
+    assert_eq!(g.vm.submit_via(BLOCK, Transport::Hypercall), Status::Ok);
+    assert_eq!(g.vm.submit_via(LOW.1, Transport::Hypercall), Status::Fault);
+    let s = g.vm.stats();
+    let total = |op: usize| s.requests[op].iter().sum::<u64>();
+    assert_eq!(total(Op::Attach.index()), 1);
+    assert_eq!(total(Op::Map.index()), 1);
+    assert_eq!(total(Op::UnmapList.index()), 1);
+    assert_eq!(total(Op::Query.index()), 2);
+    assert_eq!(total(0), 1, "the block outside RAM");
+    assert_eq!(s.transports, [3, 1, 2]);
+    assert_eq!(
+        s.requests.iter().flatten().sum::<u64>(),
+        s.transports.iter().sum::<u64>()
+    );
 }

@@ -273,6 +273,24 @@ static uint32_t unmap(pvdma_vm *vm, uint32_t rid, uint64_t iova, uint64_t len,
 }
 
 #define RW (PVDMA_FLAG_READ | PVDMA_FLAG_WRITE)
+
+/* UNMAP_LIST: the ranges fill the segment slots. */
+static uint32_t unmap_list(pvdma_vm *vm, uint32_t rid,
+                           const struct pvdma_range *ranges, uint32_t n,
+                           uint64_t *result)
+{
+    struct pvdma_seg slots[8];
+    CHECK(n <= 8);
+    memcpy(slots, ranges, n * sizeof(*ranges));
+    struct req r = { .op = PVDMA_OP_UNMAP_LIST, .rid = rid,
+                     .segs = n ? slots : NULL, .nr_segs = n };
+    struct pvdma_req back;
+    uint32_t s = submit(vm, &r, &back);
+    if (result) {
+        *result = back.result;
+    }
+    return s;
+}
 #define FIXED PVDMA_FLAG_FIXED
 
 /* The scattered mapping used by several tests: 4 host fragments. */
@@ -391,17 +409,23 @@ static void test_config(void)
     CHECK_U64(c.pin_limit, UINT64_MAX);
     CHECK_U64(c.mem_limit, UINT64_MAX);
     CHECK_U64(c.pin_mode, PVDMA_PIN_NONE);
-    CHECK(c.bypass && c.host_iova);
+    CHECK(c.bypass && c.host_iova && c.unmap_list);
     CHECK_U64(c.fault_log_len, 64);
+    /* unmap_list took padding: the layout is what it was without it. */
+    CHECK_U64(sizeof(pvdma_config), 40);
+    CHECK_U64(offsetof(pvdma_config, fault_log_len), 32);
+    CHECK_U64(sizeof(pvdma_stats), (6 * 13 + 7) * 8);
 
     pvdma_vm *vm = NULL;
     CHECK_RES(pvdma_vm_new(&c, &vm), PVDMA_OK);
-    CHECK_U64(pvdma_vm_features(vm), PVDMA_FEATURE_HOST_IOVA | PVDMA_FEATURE_BYPASS);
+    CHECK_U64(pvdma_vm_features(vm), PVDMA_FEATURE_HOST_IOVA | PVDMA_FEATURE_BYPASS |
+                                     PVDMA_FEATURE_UNMAP_LIST);
     CHECK_U64(pvdma_vm_page_sizes(vm), (1ull << 12) | (1ull << 21));
     pvdma_vm_free(vm);
 
     c.bypass = false;
     c.host_iova = false;
+    c.unmap_list = false;
     CHECK_RES(pvdma_vm_new(&c, &vm), PVDMA_OK);
     CHECK_U64(pvdma_vm_features(vm), 0);
     pvdma_vm_free(vm);
@@ -1106,6 +1130,124 @@ static void test_remove_ram(void)
     pvdma_vm_free(vm);
 }
 
+/* UNMAP_LIST through the C API: statuses, atomicity, notifications. */
+static void test_unmap_list(void)
+{
+    pvdma_vm *vm = new_vm();
+    struct events e;
+    memset(&e, 0, sizeof(e));
+    CHECK_ST(op_simple(vm, PVDMA_OP_ATTACH, RID_A, NULL), PVDMA_S_OK);
+    struct pvdma_seg a = { 0x10000, PAGE }, b = { 0x20000, 2 * PAGE },
+                     c = { 0x30000, PAGE };
+    CHECK_ST(map(vm, RID_A, RW | FIXED, 0x100000, &a, 1, NULL), PVDMA_S_OK);
+    CHECK_ST(map(vm, RID_A, RW | FIXED, 0x102000, &b, 1, NULL), PVDMA_S_OK);
+    CHECK_ST(map(vm, RID_A, RW | FIXED, 0x200000, &c, 1, NULL), PVDMA_S_OK);
+    pvdma_vm_set_notifier(vm, record_event, &e);
+
+    pvdma_stats before, st;
+    CHECK_RES(pvdma_vm_stats(vm, &before), PVDMA_OK);
+    const struct pvdma_range crosses[] = { { 0x100000, PAGE }, { 0x103000, PAGE } };
+    const struct pvdma_range empty[] = { { 0x100000, PAGE }, { 0x400000, 1 } };
+    const struct pvdma_range overlap[] = { { 0x102000, 1 }, { 0x100000, 0x2001 } };
+    const struct pvdma_range zero[] = { { 0x100000, 0 } };
+    CHECK_ST(unmap_list(vm, RID_A, crosses, 2, NULL), PVDMA_S_RANGE);
+    CHECK_ST(unmap_list(vm, RID_A, empty, 2, NULL), PVDMA_S_NOENT);
+    CHECK_ST(unmap_list(vm, RID_A, overlap, 2, NULL), PVDMA_S_INVAL);
+    CHECK_ST(unmap_list(vm, RID_A, zero, 1, NULL), PVDMA_S_INVAL);
+    CHECK_ST(unmap_list(vm, RID_A, zero, 0, NULL), PVDMA_S_INVAL);
+    CHECK_ST(unmap_list(vm, RID_B, zero, 1, NULL), PVDMA_S_STATE);
+    CHECK_RES(pvdma_vm_stats(vm, &st), PVDMA_OK);
+    CHECK_U64(st.mappings, before.mappings);
+    CHECK_U64(st.pinned_pages, before.pinned_pages);
+    CHECK_U64(st.mem_used, before.mem_used);
+    CHECK_U64(e.n, 0);
+
+    /* Two of three, out of order; one event per removed mapping. */
+    const struct pvdma_range good[] = { { 0x200000, PAGE }, { 0x100800, 0x3000 } };
+    uint64_t result = 0;
+    CHECK_ST(unmap_list(vm, RID_A, good, 2, &result), PVDMA_S_OK);
+    CHECK_U64(result, 4 * PAGE);
+    CHECK_U64(e.n, 3);
+    CHECK_RES(pvdma_vm_stats(vm, &st), PVDMA_OK);
+    CHECK_U64(st.mappings, 0);
+    CHECK_U64(st.pinned_pages, 0);
+    CHECK_U64(st.mem_used, 0);
+    pvdma_iovec iov[1];
+    size_t count;
+    CHECK_RES(pvdma_vm_translate(vm, RID_A, 0x102000, 1, PVDMA_ACCESS_READ,
+                                 iov, 1, &count, NULL), PVDMA_ERR_TRANSLATION_FAULT);
+
+    pvdma_request_counts rc;
+    CHECK_RES(pvdma_vm_request_counts(vm, &rc), PVDMA_OK);
+    CHECK_U64(rc.unmap_list, 7);
+    CHECK_U64(rc.attach, 1);
+    CHECK_U64(rc.map, 3);
+    CHECK_U64(rc.other, 0);
+    /* pvdma_stats keeps its layout: op 6 has no row there. */
+    uint64_t old_rows = 0;
+    for (int op = 0; op < 6; op++) {
+        for (int s = 0; s < 13; s++) {
+            old_rows += st.requests[op][s];
+        }
+    }
+    CHECK_U64(old_rows, 4);
+    pvdma_vm_set_notifier(vm, NULL, NULL);
+    pvdma_vm_free(vm);
+
+    /* With the extension off op 6 is an unknown op. */
+    pvdma_config cfg = default_config();
+    cfg.unmap_list = false;
+    vm = new_vm_with(&cfg);
+    CHECK_U64(pvdma_vm_features(vm) & PVDMA_FEATURE_UNMAP_LIST, 0);
+    CHECK_ST(op_simple(vm, PVDMA_OP_ATTACH, RID_A, NULL), PVDMA_S_OK);
+    CHECK_ST(map(vm, RID_A, RW | FIXED, 0x100000, &a, 1, NULL), PVDMA_S_OK);
+    CHECK_ST(unmap_list(vm, RID_A, good + 1, 1, NULL), PVDMA_S_INVAL);
+    CHECK_RES(pvdma_vm_stats(vm, &st), PVDMA_OK);
+    CHECK_U64(st.mappings, 1);
+    CHECK_RES(pvdma_vm_request_counts(vm, &rc), PVDMA_OK);
+    CHECK_U64(rc.unmap_list, 0);
+    CHECK_U64(rc.other, 1);
+    pvdma_vm_free(vm);
+}
+
+/* Requests by op and by transport. */
+static void test_request_counts(void)
+{
+    pvdma_vm *vm = new_vm();
+    pvdma_request_counts rc;
+    CHECK_RES(pvdma_vm_request_counts(NULL, &rc), PVDMA_ERR_NULL_ARGUMENT);
+    CHECK_RES(pvdma_vm_request_counts(vm, NULL), PVDMA_ERR_NULL_ARGUMENT);
+    CHECK_RES(pvdma_vm_request_counts(vm, &rc), PVDMA_OK);
+    CHECK_U64(rc.query + rc.attach + rc.detach + rc.map + rc.unmap +
+              rc.unmap_list + rc.other, 0);
+    CHECK_U64(rc.doorbell + rc.hypercall + rc.other_transport, 0);
+
+    CHECK_ST(op_simple(vm, PVDMA_OP_QUERY, RID_A, NULL), PVDMA_S_OK);
+    uint8_t *p = gpa_ptr(REQ_GPA);
+    struct pvdma_req h;
+    memset(&h, 0, sizeof(h));
+    h.op = PVDMA_OP_QUERY;
+    h.requester = RID_A;
+    memcpy(p, &h, sizeof(h));
+    CHECK_ST(pvdma_vm_submit_via(vm, REQ_GPA, PVDMA_TRANSPORT_DOORBELL), PVDMA_S_OK);
+    CHECK_ST(pvdma_vm_submit_via(vm, REQ_GPA, PVDMA_TRANSPORT_HYPERCALL), PVDMA_S_OK);
+    CHECK_ST(pvdma_vm_submit_via(vm, NOT_RAM, PVDMA_TRANSPORT_HYPERCALL), PVDMA_S_FAULT);
+    CHECK_ST(pvdma_vm_submit_via(vm, REQ_GPA, 99), PVDMA_S_OK);
+    CHECK_ST(pvdma_vm_submit_via(NULL, REQ_GPA, PVDMA_TRANSPORT_DOORBELL),
+             PVDMA_S_INTERNAL);
+    CHECK_RES(pvdma_vm_request_counts(vm, &rc), PVDMA_OK);
+    CHECK_U64(rc.query, 4);
+    CHECK_U64(rc.other, 1);
+    CHECK_U64(rc.doorbell, 1);
+    CHECK_U64(rc.hypercall, 2);
+    CHECK_U64(rc.other_transport, 2);   /* pvdma_vm_submit, transport 99 */
+    /* Reset keeps them. */
+    pvdma_vm_reset(vm);
+    CHECK_RES(pvdma_vm_request_counts(vm, &rc), PVDMA_OK);
+    CHECK_U64(rc.query, 4);
+    pvdma_vm_free(vm);
+}
+
 static void test_stats(void)
 {
     pvdma_vm *vm = new_vm();
@@ -1614,6 +1756,8 @@ int main(void)
     run_test("map/unmap notifications", test_notifier);
     run_test("RAM removal tears down mappings", test_remove_ram);
     run_test("statistics", test_stats);
+    run_test("UNMAP_LIST", test_unmap_list);
+    run_test("request counts by op and transport", test_request_counts);
     run_test("migration state save and load", test_state);
     run_test("concurrent requests and translations", test_concurrency);
     run_test("a virtqueue over scattered IOVA pages", test_virtqueue);

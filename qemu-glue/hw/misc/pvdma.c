@@ -134,6 +134,7 @@ struct PvdmaState {
     uint32_t iova_bits;
     uint32_t max_segs;
     bool bypass;
+    bool unmap_list;
     OnOffAuto hypercall;
 /* @series-begin hypercall */
 
@@ -213,42 +214,63 @@ static uint64_t pvdma_mmio_read(void *opaque, hwaddr addr, unsigned size)
 
 /*
  * Run the request whose block is at @block_gpa and return its status. The
- * doorbell and the hypercall transport both come through here.
+ * doorbell and the hypercall transport both come through here, each
+ * naming itself in @transport (PVDMA_TRANSPORT_*) for query-pvdma's
+ * request counts.
  */
-static uint32_t pvdma_submit(PvdmaState *s, uint64_t block_gpa)
+static uint32_t pvdma_submit(PvdmaState *s, uint64_t block_gpa,
+                             uint32_t transport)
 {
     uint16_t op = 0;
-    uint32_t requester = 0;
+    uint32_t requester = 0, nr_segs = 0;
+    uint64_t result = 0;
     uint32_t status;
 
 /* @series-begin iommu */
     /* Bus numbers may have changed or functions come and gone since. */
     pvdma_sync_endpoints(s);
 /* @series-end iommu */
-    status = pvdma_vm_submit(s->vm, block_gpa);
+    status = pvdma_vm_submit_via(s->vm, block_gpa, transport);
 /* @series-begin iommu */
     pvdma_sync_attached(s);
 /* @series-end iommu */
 
-    if (trace_event_get_state_backends(TRACE_PVDMA_REQUEST)) {
-        /* Only for the trace: the library has read the block already */
-        uint8_t hdr[12];
+    if (status == PVDMA_S_INVAL ||
+        trace_event_get_state_backends(TRACE_PVDMA_REQUEST) ||
+        trace_event_get_state_backends(TRACE_PVDMA_UNMAP_LIST)) {
+        /* Not for the request: the library has read the block already */
+        uint8_t hdr[40];
 
         if (address_space_read(&address_space_memory, block_gpa,
                                MEMTXATTRS_UNSPECIFIED, hdr,
                                sizeof(hdr)) == MEMTX_OK) {
             op = lduw_le_p(hdr);
             requester = ldl_le_p(hdr + 8);
+            nr_segs = ldl_le_p(hdr + 12);
+            result = ldq_le_p(hdr + 32);
         }
-        trace_pvdma_request(block_gpa, op, requester,
-                            pvdma_guest_status_name(status), status);
+    }
+    trace_pvdma_request(block_gpa, op, requester,
+                        pvdma_guest_status_name(status), status);
+    if (op == PVDMA_OP_UNMAP_LIST) {
+        if (!s->unmap_list) {
+            qemu_log_mask(LOG_GUEST_ERROR,
+                          "%s: UNMAP_LIST (op %u) from requester 0x%04x "
+                          "while FEATURES.UNMAP_LIST is clear "
+                          "(unmap-list=off): INVAL\n",
+                          __func__, op, requester);
+        } else {
+            trace_pvdma_unmap_list(block_gpa, requester, nr_segs,
+                                   status == PVDMA_S_OK ? result : 0,
+                                   pvdma_guest_status_name(status));
+        }
     }
     return status;
 }
 
 static void pvdma_doorbell(PvdmaState *s, uint64_t block_gpa)
 {
-    s->last_status = pvdma_submit(s, block_gpa);
+    s->last_status = pvdma_submit(s, block_gpa, PVDMA_TRANSPORT_DOORBELL);
 }
 
 static void pvdma_mmio_write(void *opaque, hwaddr addr, uint64_t val,
@@ -853,7 +875,7 @@ bool pvdma_hypercall(uint64_t nr, uint64_t arg, bool cpl0, uint64_t *ret)
         return true;
     }
     s = pvdma_hypercall_route(arg);
-    status = pvdma_submit(s, arg);
+    status = pvdma_submit(s, arg, PVDMA_TRANSPORT_HYPERCALL);
     trace_pvdma_hypercall(object_get_canonical_path_component(OBJECT(s)),
                           arg, status);
     *ret = status;
@@ -1024,6 +1046,7 @@ static void pvdma_realize(PCIDevice *pdev, Error **errp)
     cfg.mem_limit = s->mem_limit ? s->mem_limit : UINT64_MAX;
     cfg.pin_mode = pin_mode;
     cfg.bypass = s->bypass;
+    cfg.unmap_list = s->unmap_list;
     r = pvdma_vm_new(&cfg, &s->vm);
     if (r != PVDMA_OK) {
         error_setg(errp, "pvdma: cannot create the remapping state: %s",
@@ -1340,6 +1363,7 @@ static PvdmaInfo *pvdma_query_one(PvdmaState *s)
     PvdmaInfo *info = g_new0(PvdmaInfo, 1);
     DeviceState *dev = DEVICE(s);
     struct pvdma_stats stats;
+    struct pvdma_request_counts counts;
     size_t n, i;
     g_autofree struct pvdma_endpoint_info *eps = NULL;
     g_autofree struct pvdma_fault *faults = NULL;
@@ -1347,6 +1371,7 @@ static PvdmaInfo *pvdma_query_one(PvdmaState *s)
     PvdmaFaultInfoList **fault_tail = &info->last_faults;
 
     pvdma_vm_stats(s->vm, &stats);
+    pvdma_vm_request_counts(s->vm, &counts);
     info->path = object_get_canonical_path(OBJECT(s));
     if (dev->id) {
         info->id = g_strdup(dev->id);
@@ -1362,6 +1387,17 @@ static PvdmaInfo *pvdma_query_one(PvdmaState *s)
     info->mappings = stats.mappings;
     info->faults = pvdma_vm_fault_count(s->vm);
     info->last_status = s->last_status;
+    info->requests = g_new0(PvdmaRequestCounts, 1);
+    info->requests->query = counts.query;
+    info->requests->attach = counts.attach;
+    info->requests->detach = counts.detach;
+    info->requests->map = counts.map;
+    info->requests->unmap = counts.unmap;
+    info->requests->unmap_list = counts.unmap_list;
+    info->requests->other = counts.other;
+    info->transports = g_new0(PvdmaTransportCounts, 1);
+    info->transports->doorbell = counts.doorbell;
+    info->transports->hypercall = counts.hypercall;
 
     n = pvdma_vm_endpoints(s->vm, NULL, 0);
     eps = g_new0(struct pvdma_endpoint_info, n);
@@ -1442,6 +1478,16 @@ void hmp_info_pvdma(Monitor *mon, const QDict *qdict)
         monitor_printf(mon, "  mem-limit %" PRIu64 "%s, mapping memory %"
                        PRIu64 " bytes\n", d->mem_limit,
                        d->mem_limit ? "" : " (unlimited)", d->mem_used);
+        monitor_printf(mon, "  requests: query %" PRIu64 ", attach %" PRIu64
+                       ", detach %" PRIu64 ", map %" PRIu64 ", unmap %"
+                       PRIu64 ", unmap-list %" PRIu64 ", other %" PRIu64
+                       "\n", d->requests->query, d->requests->attach,
+                       d->requests->detach, d->requests->map,
+                       d->requests->unmap, d->requests->unmap_list,
+                       d->requests->other);
+        monitor_printf(mon, "  transports: doorbell %" PRIu64
+                       ", hypercall %" PRIu64 "\n",
+                       d->transports->doorbell, d->transports->hypercall);
         for (e = d->endpoints; e; e = e->next) {
             monitor_printf(mon, "  endpoint %s: %s%s, %" PRIu64
                            " mappings, %" PRIu64 " bytes mapped\n",
@@ -1467,6 +1513,7 @@ static const Property pvdma_properties[] = {
     DEFINE_PROP_UINT32("iova-bits", PvdmaState, iova_bits, 48),
     DEFINE_PROP_UINT32("max-segs", PvdmaState, max_segs, 512),
     DEFINE_PROP_BOOL("bypass", PvdmaState, bypass, true),
+    DEFINE_PROP_BOOL("unmap-list", PvdmaState, unmap_list, true),
     DEFINE_PROP_ON_OFF_AUTO("hypercall", PvdmaState, hypercall,
                             ON_OFF_AUTO_AUTO),
 };
@@ -1507,6 +1554,10 @@ static void pvdma_class_init(ObjectClass *klass, const void *data)
     object_class_property_set_description(klass, "bypass",
         "Whether endpoints that are not attached DMA untranslated (on) "
         "or are blocked (off)");
+    object_class_property_set_description(klass, "unmap-list",
+        "Whether the UNMAP_LIST extension is offered (FEATURES bit 3): "
+        "one request unmaps a list of IOVA ranges. Off hides it, and "
+        "op 6 is then an unknown op (INVAL)");
 /* @series-until hypercall */
     object_class_property_set_description(klass, "hypercall",
         "The hypercall transport: not supported yet, so 'auto' means "

@@ -23,6 +23,7 @@
 #include "hw/pci/pci_regs.h"
 #include "qobject/qdict.h"
 #include "qobject/qlist.h"
+#include "qobject/qnum.h"
 
 /*
  * The guest ABI, restated: a qtest cannot include the project's
@@ -53,6 +54,7 @@
 #define PVDMA_F_HYPERCALL       (1ULL << 0)
 #define PVDMA_F_HOST_IOVA       (1ULL << 1)
 #define PVDMA_F_BYPASS          (1ULL << 2)
+#define PVDMA_F_UNMAP_LIST      (1ULL << 3)
 
 enum {
     OP_QUERY = 1,
@@ -60,6 +62,7 @@ enum {
     OP_DETACH = 3,
     OP_MAP = 4,
     OP_UNMAP = 5,
+    OP_UNMAP_LIST = 6,
 };
 
 #define FLAG_READ               (1 << 0)
@@ -381,6 +384,33 @@ static uint32_t unmap(PvdmaTest *t, uint32_t rid, uint64_t iova,
     return status;
 }
 
+/* An IOVA range of UNMAP_LIST; it fills a segment slot. */
+typedef struct PvdmaRange {
+    uint64_t iova;
+    uint64_t len;
+} PvdmaRange;
+
+static uint32_t unmap_list(PvdmaTest *t, uint32_t rid,
+                           const PvdmaRange *ranges, uint32_t n,
+                           uint64_t *result)
+{
+    g_autofree PvdmaSeg *slots = g_new0(PvdmaSeg, MAX(n, 1));
+    PvdmaReq req = {
+        .op = OP_UNMAP_LIST, .requester = rid, .nr_segs = n,
+    };
+    uint32_t status, i;
+
+    for (i = 0; i < n; i++) {
+        slots[i].gpa = ranges[i].iova;
+        slots[i].len = ranges[i].len;
+    }
+    status = submit(t, &req, slots, n);
+    if (result) {
+        *result = req.result;
+    }
+    return status;
+}
+
 /* edu as the DMA master */
 
 /*
@@ -515,12 +545,16 @@ static void test_registers(void)
     g_assert_cmphex(reg_readl(t, PVDMA_REG_MAGIC), ==, PVDMA_MAGIC);
     g_assert_cmpuint(reg_readl(t, PVDMA_REG_VERSION), ==, 1);
 
-    /* Defaults: host-chosen IOVAs and bypass; qtest has no hypercalls. */
+    /*
+     * Defaults: host-chosen IOVAs, bypass and UNMAP_LIST; qtest has no
+     * hypercalls.
+     */
     features = reg_readq(t, PVDMA_REG_FEATURES);
     g_assert_cmphex(features & PVDMA_F_HOST_IOVA, ==, PVDMA_F_HOST_IOVA);
     g_assert_cmphex(features & PVDMA_F_BYPASS, ==, PVDMA_F_BYPASS);
+    g_assert_cmphex(features & PVDMA_F_UNMAP_LIST, ==, PVDMA_F_UNMAP_LIST);
     g_assert_cmphex(features & PVDMA_F_HYPERCALL, ==, 0);
-    g_assert_cmphex(features & ~0x7ULL, ==, 0);
+    g_assert_cmphex(features & ~0xfULL, ==, 0);
 
     iova_bits = reg_readl(t, PVDMA_REG_IOVA_BITS);
     g_assert_cmpuint(iova_bits, >=, 28);    /* edu must fit in it */
@@ -582,6 +616,11 @@ static void test_registers_configured(void)
                     PVDMA_F_BYPASS | PVDMA_F_HOST_IOVA);
     g_assert_cmpuint(reg_readl(t, PVDMA_REG_IOVA_BITS), ==, 57);
     g_assert_cmpuint(reg_readl(t, PVDMA_REG_MAX_SEGS), ==, 4096);
+    pvdma_stop(t);
+
+    t = pvdma_start(DEVICE_ARGS(",unmap-list=off"));
+    g_assert_cmphex(reg_readq(t, PVDMA_REG_FEATURES), ==,
+                    PVDMA_F_BYPASS | PVDMA_F_HOST_IOVA);
     pvdma_stop(t);
 }
 
@@ -1431,6 +1470,195 @@ static void test_qmp_hmp(void)
     pvdma_stop(t);
 }
 
+/* The sum of the members of @what in query-pvdma's @info */
+static int64_t counts_sum(QDict *info, const char *what)
+{
+    QDict *d = qdict_get_qdict(info, what);
+    const QDictEntry *e;
+    int64_t sum = 0;
+
+    g_assert_nonnull(d);
+    for (e = qdict_first(d); e; e = qdict_next(d, e)) {
+        sum += qnum_get_int(qobject_to(QNum, qdict_entry_value(e)));
+    }
+    return sum;
+}
+
+static int64_t count_of(QDict *info, const char *what, const char *key)
+{
+    return qdict_get_int(qdict_get_qdict(info, what), key);
+}
+
+/* Request counters: every doorbell request shows up by op and transport */
+static void test_qmp_counters(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS(""));
+    static const PvdmaRange second = { DST_IOVA + PAGE, PAGE };
+    g_autofree char *hmp = NULL;
+    QDict *info;
+
+    info = pvdma_info(t->qts);
+    g_assert_cmpint(counts_sum(info, "requests"), ==, 0);
+    g_assert_cmpint(counts_sum(info, "transports"), ==, 0);
+    qobject_unref(info);
+
+    query(t, EDU_RID);
+    attach(t, EDU_RID);
+    map_fixed(t, EDU_RID, FLAG_WRITE, DST_IOVA, DST_GPA, PAGE);
+    map_fixed(t, EDU_RID, FLAG_WRITE, DST_IOVA + PAGE, DST_GPA, PAGE);
+    g_assert_cmpuint(unmap(t, EDU_RID, DST_IOVA, 0, NULL), ==, S_OK);
+    g_assert_cmpuint(unmap_list(t, EDU_RID, &second, 1, NULL), ==, S_OK);
+    g_assert_cmpuint(do_op(t, 77, EDU_RID, NULL), ==, S_INVAL);
+    g_assert_cmpuint(ring(t, NOT_RAM_GPA), ==, S_FAULT);
+    g_assert_cmpuint(do_op(t, OP_DETACH, EDU_RID, NULL), ==, S_OK);
+
+    info = pvdma_info(t->qts);
+    g_assert_cmpint(count_of(info, "requests", "query"), ==, 1);
+    g_assert_cmpint(count_of(info, "requests", "attach"), ==, 1);
+    g_assert_cmpint(count_of(info, "requests", "map"), ==, 2);
+    g_assert_cmpint(count_of(info, "requests", "unmap"), ==, 1);
+    g_assert_cmpint(count_of(info, "requests", "unmap-list"), ==, 1);
+    g_assert_cmpint(count_of(info, "requests", "detach"), ==, 1);
+    g_assert_cmpint(count_of(info, "requests", "other"), ==, 2);
+    g_assert_cmpint(count_of(info, "transports", "doorbell"), ==, 9);
+    g_assert_cmpint(count_of(info, "transports", "hypercall"), ==, 0);
+    g_assert_cmpint(counts_sum(info, "requests"), ==,
+                    counts_sum(info, "transports"));
+    qobject_unref(info);
+
+    hmp = qtest_hmp(t->qts, "info pvdma");
+    g_assert_nonnull(strstr(hmp, "requests: query 1, attach 1, detach 1, "
+                            "map 2, unmap 1, unmap-list 1, other 2"));
+    g_assert_nonnull(strstr(hmp, "transports: doorbell 9, hypercall 0"));
+
+    /* Reset does not clear them */
+    qtest_qmp_assert_success(t->qts, "{ 'execute': 'system_reset' }");
+    info = pvdma_info(t->qts);
+    g_assert_cmpint(count_of(info, "transports", "doorbell"), ==, 9);
+    qobject_unref(info);
+    pvdma_stop(t);
+}
+
+/* UNMAP_LIST (FEATURES bit 3) */
+
+#define UL_IOVA(n)              (IOVA_BASE + (n))
+
+static void assert_mappings(PvdmaTest *t, int64_t n, int64_t bytes)
+{
+    QDict *info = pvdma_info(t->qts);
+
+    g_assert_cmpint(qdict_get_int(info, "mappings"), ==, n);
+    assert_endpoint(info, "00:05.0", true, n, bytes);
+    qobject_unref(info);
+}
+
+static void test_unmap_list(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS(""));
+    /* M1 one page, M2 two pages, M3 one page: the list removes them */
+    static const PvdmaRange crosses[] = {
+        { UL_IOVA(0), PAGE }, { UL_IOVA(0x2000), PAGE },
+    };
+    static const PvdmaRange empty[] = {
+        { UL_IOVA(0), PAGE }, { UL_IOVA(0x30000), PAGE },
+    };
+    static const PvdmaRange overlap[] = {
+        { UL_IOVA(0x10000), PAGE }, { UL_IOVA(0x800), 0x10000 },
+    };
+    static const PvdmaRange zero_len[] = {
+        { UL_IOVA(0), PAGE }, { UL_IOVA(0x10000), 0 },
+    };
+    static const PvdmaRange good[] = {
+        { UL_IOVA(0x10123), 1 },        /* M3 by one byte */
+        { UL_IOVA(0), PAGE },           /* M1 */
+        { UL_IOVA(0x2000), 2 * PAGE },  /* M2 */
+    };
+    static const uint64_t removed[] = {
+        UL_IOVA(0), UL_IOVA(0x3000), UL_IOVA(0x10000),
+    };
+    uint64_t result = 0, before;
+    QDict *info;
+    size_t i;
+
+    g_assert_cmphex(reg_readq(t, PVDMA_REG_FEATURES) & PVDMA_F_UNMAP_LIST,
+                    ==, PVDMA_F_UNMAP_LIST);
+    attach(t, EDU_RID);
+    map_fixed(t, EDU_RID, FLAG_READ, SRC_IOVA, SRC_GPA, PAGE);
+    map_fixed(t, EDU_RID, FLAG_WRITE, UL_IOVA(0), DST_GPA, PAGE);
+    map_fixed(t, EDU_RID, FLAG_WRITE, UL_IOVA(0x2000), DST_GPA + PAGE,
+              2 * PAGE);
+    map_fixed(t, EDU_RID, FLAG_WRITE, UL_IOVA(0x10000), DST_GPA + 3 * PAGE,
+              PAGE);
+    /* M4 stays */
+    map_fixed(t, EDU_RID, FLAG_WRITE, UL_IOVA(0x20000), DST_GPA + 4 * PAGE,
+              PAGE);
+    assert_mappings(t, 5, 6 * PAGE);
+
+    /* Refusals remove nothing */
+    g_assert_cmpuint(unmap_list(t, EDU_RID, crosses, 2, NULL), ==, S_RANGE);
+    g_assert_cmpuint(unmap_list(t, EDU_RID, empty, 2, NULL), ==, S_NOENT);
+    g_assert_cmpuint(unmap_list(t, EDU_RID, overlap, 2, NULL), ==, S_INVAL);
+    g_assert_cmpuint(unmap_list(t, EDU_RID, zero_len, 2, NULL), ==, S_INVAL);
+    g_assert_cmpuint(unmap_list(t, EDU_RID, good, 0, NULL), ==, S_INVAL);
+    g_assert_cmpuint(unmap_list(t, RID(EMPTY_SLOT), good, 3, NULL), ==,
+                     S_NODEV);
+    assert_mappings(t, 5, 6 * PAGE);
+    edu_load_from(t, SRC_IOVA, 0x5a);
+    qtest_memset(t->qts, DST_GPA, 0, PAGE);
+    edu_dma(t, true, UL_IOVA(0), 0, PAGE);
+    assert_filled(t, DST_GPA, 0x5a, PAGE);
+
+    /* Three mappings in one request, the ranges out of order */
+    g_assert_cmpuint(unmap_list(t, EDU_RID, good, 3, &result), ==, S_OK);
+    g_assert_cmphex(result, ==, 4 * PAGE);
+    assert_mappings(t, 2, 2 * PAGE);
+
+    /* edu can no longer reach any removed range; M4 still works */
+    qtest_memset(t->qts, DST_GPA, 0xcc, 4 * PAGE);
+    for (i = 0; i < ARRAY_SIZE(removed); i++) {
+        before = faults(t);
+        edu_dma(t, true, removed[i], 0, PAGE);
+        g_assert_cmpuint(faults(t), >, before);
+    }
+    assert_bytes(t, DST_GPA, 0xcc, 4 * PAGE);
+    before = faults(t);
+    edu_dma(t, true, UL_IOVA(0x20000), 0, PAGE);
+    assert_filled(t, DST_GPA + 4 * PAGE, 0x5a, PAGE);
+    g_assert_cmpuint(faults(t), ==, before);
+
+    /* Once removed, the same list finds nothing */
+    g_assert_cmpuint(unmap_list(t, EDU_RID, good, 3, NULL), ==, S_NOENT);
+
+    info = pvdma_info(t->qts);
+    g_assert_cmpint(count_of(info, "requests", "unmap-list"), ==, 8);
+    g_assert_cmpint(count_of(info, "requests", "other"), ==, 0);
+    qobject_unref(info);
+    pvdma_stop(t);
+}
+
+/* unmap-list=off: FEATURES bit 3 clear and op 6 is an unknown op */
+static void test_unmap_list_off(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS(",unmap-list=off"));
+    static const PvdmaRange r = { DST_IOVA, PAGE };
+    QDict *info;
+
+    g_assert_cmphex(reg_readq(t, PVDMA_REG_FEATURES) & PVDMA_F_UNMAP_LIST,
+                    ==, 0);
+    attach(t, EDU_RID);
+    map_fixed(t, EDU_RID, FLAG_WRITE, DST_IOVA, DST_GPA, PAGE);
+    g_assert_cmpuint(unmap_list(t, EDU_RID, &r, 1, NULL), ==, S_INVAL);
+    assert_mappings(t, 1, PAGE);
+
+    info = pvdma_info(t->qts);
+    g_assert_cmphex(qdict_get_int(info, "features") & PVDMA_F_UNMAP_LIST,
+                    ==, 0);
+    g_assert_cmpint(count_of(info, "requests", "unmap-list"), ==, 0);
+    g_assert_cmpint(count_of(info, "requests", "other"), ==, 1);
+    qobject_unref(info);
+    pvdma_stop(t);
+}
+
 static void test_qmp_no_device(void)
 {
     QTestState *qts = qtest_init("-M q35");
@@ -1585,6 +1813,9 @@ int main(int argc, char **argv)
     qtest_add_func("/pvdma/reset", test_system_reset);
     qtest_add_func("/pvdma/qmp-hmp", test_qmp_hmp);
     qtest_add_func("/pvdma/qmp-hmp/no-device", test_qmp_no_device);
+    qtest_add_func("/pvdma/qmp-hmp/counters", test_qmp_counters);
+    qtest_add_func("/pvdma/unmap-list", test_unmap_list);
+    qtest_add_func("/pvdma/unmap-list/off", test_unmap_list_off);
     qtest_add_func("/pvdma/migration", test_migration);
 
     return g_test_run();

@@ -120,6 +120,11 @@ impl Guest {
         self.submit(&r)
     }
 
+    /// UNMAP_LIST of `ranges` (`(iova, len)` each).
+    pub fn unmap_list(&self, rid: u32, ranges: &[(u64, u64)]) -> Out {
+        self.submit(&unmap_list_req(rid, ranges))
+    }
+
     /// Everything a failed request must leave untouched.
     pub fn footprint(&self) -> Footprint {
         let s = self.vm.stats();
@@ -161,5 +166,18 @@ pub fn map_req(rid: u32, flags: u16, iova: u64, segs: &[(u64, u64)]) -> Request 
         length: 0,
         reserved: [0; 3],
         segs: segs.to_vec(),
+    }
+}
+
+pub fn unmap_list_req(rid: u32, ranges: &[(u64, u64)]) -> Request {
+    Request {
+        op: Op::UnmapList as u16,
+        flags: 0,
+        requester: rid,
+        nr_segs: ranges.len() as u32,
+        iova: 0,
+        length: 0,
+        reserved: [0; 3],
+        segs: ranges.to_vec(),
     }
 }
