@@ -118,6 +118,7 @@ struct PvdmaState {
     GHashTable *buses;          /* PCIBus * -> PvdmaBus */
     GHashTable *by_rid;         /* requester ID -> registered PvdmaEndpoint */
     uint32_t faults_logged;
+    uint64_t attach_requests;   /* ATTACH + DETACH requests last synced */
 /* @series-end iommu */
 
 /* @series-begin migration */
@@ -157,6 +158,7 @@ static QTAILQ_HEAD(, PvdmaState) pvdma_hypercall_devs =
 /* @series-begin iommu */
 static void pvdma_sync_endpoints(PvdmaState *s);
 static void pvdma_sync_attached(PvdmaState *s);
+static void pvdma_sync_attached_after_request(PvdmaState *s);
 /* @series-end iommu */
 
 static uint64_t pvdma_features(PvdmaState *s)
@@ -232,7 +234,7 @@ static uint32_t pvdma_submit(PvdmaState *s, uint64_t block_gpa,
 /* @series-end iommu */
     status = pvdma_vm_submit_via(s->vm, block_gpa, transport);
 /* @series-begin iommu */
-    pvdma_sync_attached(s);
+    pvdma_sync_attached_after_request(s);
 /* @series-end iommu */
 
     if (status == PVDMA_S_INVAL ||
@@ -543,6 +545,28 @@ static void pvdma_sync_attached(PvdmaState *s)
             ep->attached = info[i].attached;
             pvdma_switch_as(ep, false);
         }
+    }
+}
+
+/*
+ * After a guest request: only ATTACH and DETACH change whether an endpoint
+ * is attached (reset and migration sync on their own), so follow their
+ * request counts. Listing every endpoint after each request cost more
+ * than the request: the list counts each endpoint's mappings.
+ */
+static void pvdma_sync_attached_after_request(PvdmaState *s)
+{
+    struct pvdma_request_counts counts;
+    uint64_t n;
+
+    if (pvdma_vm_request_counts(s->vm, &counts) != PVDMA_OK) {
+        pvdma_sync_attached(s);
+        return;
+    }
+    n = counts.attach + counts.detach;
+    if (n != s->attach_requests) {
+        s->attach_requests = n;
+        pvdma_sync_attached(s);
     }
 }
 
