@@ -94,6 +94,7 @@ struct PvdmaState {
     GHashTable *by_rid;         /* requester ID -> registered PvdmaEndpoint */
     uint32_t faults_logged;
     uint64_t attach_requests;   /* ATTACH + DETACH requests last synced */
+    DeviceListener dev_listener; /* functions unplugged behind pvdma */
 /* @series-end iommu */
 /* @series-begin migration */
 

@@ -240,6 +240,24 @@ void pvdma_sync_attached_after_request(PvdmaState *s)
     }
 }
 
+/*
+ * A PCI function was unplugged (called after it is unrealized and gone
+ * from its bus): its endpoint's requester ID, attach state and mappings
+ * go now, not at the guest's next request. Otherwise pvdma keeps their
+ * pins, and a function plugged into the same slot before that request
+ * would start attached with them (VFIO would replay them into its
+ * container).
+ */
+static void pvdma_device_unrealize(DeviceListener *listener, DeviceState *dev)
+{
+    PvdmaState *s = container_of(listener, PvdmaState, dev_listener);
+
+    if (s->vm && dev != DEVICE(s) &&
+        object_dynamic_cast(OBJECT(dev), TYPE_PCI_DEVICE)) {
+        pvdma_sync_endpoints(s);
+    }
+}
+
 static AddressSpace *pvdma_get_address_space(PCIBus *bus, void *opaque,
                                              int devfn)
 {
@@ -419,6 +437,44 @@ static void pvdma_notify_one(IOMMUMemoryRegion *iommu_mr, IOMMUNotifier *n,
 }
 
 /*
+ * A MAP that does not allow writes reaches VFIO as a read-only DMA
+ * mapping, for which the host kernel pins whatever backs each page at
+ * that moment. A page the host never populated (the guest has not written
+ * it since QEMU started) is the shared zero page then, and the guest's
+ * later writes go to a new page the device never sees. Populate such
+ * pages for write first: their contents stay what the guest sees.
+ */
+static void pvdma_populate_for_write(uint64_t gpa, uint64_t len)
+{
+#ifdef MADV_POPULATE_WRITE
+    while (len) {
+        MemoryRegionSection sec = memory_region_find(get_system_memory(),
+                                                     gpa, len);
+        uint64_t n;
+
+        if (!sec.mr) {
+            return;
+        }
+        n = int128_get64(sec.size);
+        if (memory_region_is_ram(sec.mr) && !sec.mr->readonly &&
+            !memory_region_is_ram_device(sec.mr) && n) {
+            uint8_t *hva = memory_region_get_ram_ptr(sec.mr) +
+                           sec.offset_within_region;
+
+            /* best effort: on failure VFIO pins as it would have */
+            (void)madvise(hva, n, MADV_POPULATE_WRITE);
+        }
+        memory_region_unref(sec.mr);
+        if (!n) {
+            return;
+        }
+        gpa += n;
+        len -= n;
+    }
+#endif
+}
+
+/*
  * The library's notification: after a MAP is in the table, before an
  * UNMAP (DETACH, reset, ...) returns. It runs under the BQL, as every
  * call that changes the library's state is made under it.
@@ -439,6 +495,9 @@ static void pvdma_notify_event(void *opaque,
     }
     iommu_mr = &ep->iommu_mr;
     if (ev->kind == PVDMA_EVENT_MAP) {
+        if (!(ev->perms & IOMMU_WO)) {
+            pvdma_populate_for_write(ev->gpa, ev->len);
+        }
         pvdma_for_each_piece(iommu_mr, NULL, IOMMU_NOTIFIER_MAP, ev->iova,
                              ev->gpa, ev->len, ev->perms & IOMMU_RW,
                              pvdma_notify_all);
@@ -553,6 +612,8 @@ void pvdma_iommu_setup(PvdmaState *s)
     pvdma_vm_set_notifier(s->vm, pvdma_notify_event, s);
 /* @series-end notify */
     pci_setup_iommu(pci_get_bus(PCI_DEVICE(s)), &pvdma_iommu_ops, s);
+    s->dev_listener.unrealize = pvdma_device_unrealize;
+    device_listener_register(&s->dev_listener);
 }
 
 static void pvdma_iommu_memory_region_class_init(ObjectClass *klass,

@@ -359,6 +359,9 @@ static void pvdma_exit(PCIDevice *pdev)
     pvdma_hypercall_unregister(s);
 /* @series-end hypercall */
     memory_listener_unregister(&s->ram_listener);
+/* @series-begin iommu */
+    device_listener_unregister(&s->dev_listener);
+/* @series-end iommu */
     pvdma_vm_set_notifier(s->vm, NULL, NULL);
     pvdma_vm_free(s->vm);
     s->vm = NULL;
