@@ -84,7 +84,7 @@ if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x scripts/qemu-build.sh ]; then
     step "QEMU: 6.1 and 6.12 guests do disk and network I/O through pvdma_iommu.ko"
     scripts/guest-io-test.sh "$qemu"
     step "QEMU: an assigned device (vfio-pci) behind pvdma, nested under TCG"
-    scripts/vfio-nested-test.sh "$qemu"
+    VFIO_NESTED_STRICT=1 scripts/vfio-nested-test.sh "$qemu"
 fi
 
 if [ -x scripts/fuzz.sh ]; then
