@@ -469,11 +469,13 @@ int main(void)
           "VERSION %u", rd32(&pvdma, PVDMA_REG_VERSION));
     features = rd64(&pvdma, PVDMA_REG_FEATURES);
     CHECK(!(features & ~(PVDMA_FEATURE_HYPERCALL | PVDMA_FEATURE_HOST_IOVA |
-                         PVDMA_FEATURE_BYPASS)),
-          "FEATURES 0x%" PRIx64 " (HYPERCALL %d, HOST_IOVA %d, BYPASS %d)",
+                         PVDMA_FEATURE_BYPASS | PVDMA_FEATURE_UNMAP_LIST)),
+          "FEATURES 0x%" PRIx64 " (HYPERCALL %d, HOST_IOVA %d, BYPASS %d, "
+          "UNMAP_LIST %d)",
           features, !!(features & PVDMA_FEATURE_HYPERCALL),
           !!(features & PVDMA_FEATURE_HOST_IOVA),
-          !!(features & PVDMA_FEATURE_BYPASS));
+          !!(features & PVDMA_FEATURE_BYPASS),
+          !!(features & PVDMA_FEATURE_UNMAP_LIST));
     iova_bits = rd32(&pvdma, PVDMA_REG_IOVA_BITS);
     printf("  IOVA_BITS %u  MAX_SEGS %u  PAGE_SIZES 0x%" PRIx64
            "  HYPERCALL_NR 0x%x  FAULTS %" PRIu64 "\n", iova_bits,

@@ -11,7 +11,7 @@ markers, lines containing
     @series-begin NAME   ...   @series-end NAME    (from patch NAME on)
     @series-until NAME   ...   @series-end NAME    (before patch NAME only)
 
-so one file (hw/misc/pvdma.c) grows over several bisectable patches. The
+so one file (e.g. hw/misc/pvdma.c) grows over several bisectable patches. The
 marker lines themselves never reach QEMU. See qemu-glue/README.md.
 
 The series is built on the pristine QEMU tree (the `pristine` commit that

@@ -249,7 +249,7 @@ def check_refused(snapshot, rid):
 def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                 modparams="", timeout=90, extra_append=(), echo=True,
                 disk_cache="writeback", disk_mib=64, query=True,
-                refuse=False):
+                refuse=False, detached=()):
     """Boots the I/O guest once; returns a RunResult (never raises for a
     guest failure; QEMU is gone when it returns).
 
@@ -264,6 +264,9 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     each pvdma-io run, e.g. run:verify-blk), "<name>" (MARK begin:<name>
     .. end:<name>, around a benchmark's timed part only: use these to
     compute host CPU per I/O with .results), "total".
+
+    detached: requesters that must be listed and not attached (functions
+    the driver was told to exclude).
 
     refuse (variant pvdma, mode test): after the checks the guest shows a
     refused DMA on the NVMe disk; then the snapshot taken before it
@@ -393,6 +396,9 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                                attached=variant == "pvdma")
         if not problems and variant == "pvdma":
             problems = check_requests(res.snapshots.get("final"), strict)
+        if not problems and detached:
+            problems = check_pvdma(res.snapshots.get(clean), detached,
+                                   attached=False)
         if problems:
             res.failure = f"query-pvdma ({clean}): " + "; ".join(problems)
         elif refuse:
@@ -442,6 +448,10 @@ def main():
     ap.add_argument("--append", nargs="*", default=[],
                     help="more kernel command line arguments")
     ap.add_argument("--quiet", action="store_true", help="no console copy")
+    ap.add_argument("--expect-detached", nargs="*", default=[],
+                    help="variant pvdma: requesters (bb:dd.f) that must be "
+                    "in query-pvdma and not attached at the end (the "
+                    "driver's exclude=)")
     ap.add_argument("--refuse", action="store_true",
                     help="variant pvdma, mode test: end with a refused DMA "
                     "on the NVMe disk (FAULTS must rise, for it only)")
@@ -457,7 +467,7 @@ def main():
     try:
         r = run_variant(qemu, image, a.variant, a.strict, a.mode, a.bench,
                         a.modparams, a.timeout, a.append, echo=not a.quiet,
-                        refuse=a.refuse)
+                        refuse=a.refuse, detached=a.expect_detached)
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted ({e or 'SIGINT'})")
     for name, p in r.phases.items():

@@ -130,7 +130,7 @@ fi
 # Staging decouples the QEMU build from the worktree it was started from
 # (several worktrees share one cache directory) and gives ninja a stable
 # path: a file is copied only when its contents changed, so a changed
-# libpvdma.a relinks QEMU and a changed header recompiles hw/misc/pvdma.c,
+# libpvdma.a relinks QEMU and a changed header recompiles hw/misc/pvdma*.c,
 # while an unchanged library costs nothing. The cache key P therefore stays
 # the patch series only; the library is an input of the incremental build.
 MESON_BUILD=${PVDMA_MESON_BUILD:-$repo/build/meson}

@@ -1,35 +1,48 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-# The main job: build everything (the Rust core, then QEMU 10.2.2 with the
-# pvdma patch series, cached under ~/.cache/pvdma), then run pvdma doing
-# real DMA, twice:
+# The main job: build everything (the Rust core, QEMU 10.2.2 with the pvdma
+# patch series, the guest driver pvdma_iommu.ko against Debian's 6.1
+# headers; all cached under ~/.cache/pvdma), then show pvdma doing real
+# work:
 #
-#  1. scripts/guest-demo.sh: boots Debian 12's stock cloud kernel with a
-#     busybox initramfs on -M q35 -accel tcg -device pvdma -device edu; a
-#     program in the guest finds both devices through sysfs, maps buffers
-#     (guest-physical addresses from /proc/self/pagemap) through the
-#     doorbell, makes edu DMA through the IOVAs, checks the data, shows an
-#     unmapped IOVA refused, and the host prints query-pvdma.
-#  2. scripts/pvdma-demo.py: the same device driven without a guest kernel,
-#     over QEMU's qtest protocol and QMP, ending with query-pvdma and
-#     info pvdma.
+#  1. Debian 12's stock cloud kernel boots under TCG on -M q35 with
+#     -device pvdma, virtio-blk, NVMe and two virtio-net NICs on a hub,
+#     loads pvdma_iommu.ko as its IOMMU, and does disk and network I/O
+#     with every byte checked; the host prints query-pvdma while the
+#     mappings are live and at the end (scripts/pvdma_guest.py, mode demo).
+#  2. The throughput of the same guest through pvdma beside the same run
+#     with no IOMMU, and QEMU's CPU time and pvdma requests per I/O
+#     (scripts/bench-e2e.sh, one round; the full comparison with
+#     intel-iommu and virtio-iommu is BENCHMARKS.md's "End-to-end I/O").
+#  3. The earlier demos: a guest driving pvdma by hand and making edu DMA
+#     through it (scripts/guest-demo.sh), and the device driven over
+#     qtest and QMP with no guest kernel (scripts/pvdma-demo.py).
 #
 # Every QEMU runs under a hard timeout and is killed on every exit path.
-# Env: GUEST_DEMO_TIMEOUT, PVDMA_DEMO_TIMEOUT (seconds, default 120 each).
-# The translation benchmarks: scripts/bench.sh (see BENCHMARKS.md).
+# Env: RUN_KERNEL (6.1 or 6.12, default 6.1), RUN_BENCH_SECS (default 3).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$PVDMA_ROOT"
 ensure_rust_build_deps
+ensure_apt python3 coreutils
+
+kernel=${RUN_KERNEL:-6.1}
+secs=${RUN_BENCH_SECS:-3}
 
 # qemu-build.sh builds libpvdma (the Rust core) through our meson build
 # first, then QEMU against it.
-log "building libpvdma and the patched QEMU (about 4.5 min the first time)"
+log "building libpvdma and the patched QEMU (about 5 min the first time)"
 qemu=$(scripts/qemu-build.sh | tail -n1)
 log "QEMU: $qemu"
 
-log "booting a Debian 12 guest with -device pvdma -device edu (TCG)"
-scripts/guest-demo.sh "$qemu"
+log "1/3: a Debian $kernel guest with pvdma_iommu.ko does disk and network I/O through pvdma"
+python3 scripts/pvdma_guest.py --qemu "$qemu" --kernel "$kernel" \
+    --variant pvdma --mode demo --timeout 150
 
-log "the same device driven over qtest and QMP, no guest kernel"
+log "2/3: throughput through pvdma beside the same guest without an IOMMU"
+scripts/bench-e2e.sh --qemu "$qemu" --kernels "$kernel" \
+    --variants none pvdma --rounds 1 --secs "$secs"
+
+log "3/3: the guest demo (pvdma by hand, edu DMA) and the qtest/QMP demo"
+scripts/guest-demo.sh "$qemu"
 exec /usr/bin/python3 scripts/pvdma-demo.py "$qemu" "${PVDMA_DEMO_TIMEOUT:-120}"

@@ -10,7 +10,8 @@
 # libvirt domain with pvdma (a private session libvirtd; installs libvirt),
 # checkpatch --strict on the guest kernel code, and Debian 6.1 and 6.12
 # guests doing disk and network I/O with pvdma as their IOMMU
-# (guest-io-test.sh: lazy, strict, a refused DMA, and two controls).
+# (guest-io-test.sh: lazy, strict, a refused DMA, and two controls), and
+# vfio-pci behind pvdma in a nested guest (vfio-nested-test.sh).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$PVDMA_ROOT"
@@ -82,6 +83,8 @@ if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x scripts/qemu-build.sh ]; then
     scripts/check-guest-driver.sh
     step "QEMU: 6.1 and 6.12 guests do disk and network I/O through pvdma_iommu.ko"
     scripts/guest-io-test.sh "$qemu"
+    step "QEMU: an assigned device (vfio-pci) behind pvdma, nested under TCG"
+    VFIO_NESTED_STRICT=1 scripts/vfio-nested-test.sh "$qemu"
 fi
 
 if [ -x scripts/fuzz.sh ]; then

@@ -1,0 +1,182 @@
+/*
+ * pvdma: QMP query-pvdma and HMP info pvdma
+ *
+ * What each pvdma function is doing: configuration, pins and mapping
+ * memory, endpoints, refused accesses, and request counts by op and by
+ * transport.
+ *
+ * Copyright (c) 2026 pvdma developers
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+
+#include "qemu/osdep.h"
+#include "qapi/qapi-commands-pvdma.h"
+#include "monitor/hmp.h"
+#include "monitor/monitor.h"
+#include "pvdma-internal.h"
+
+static char *pvdma_bdf_str(uint32_t rid)
+{
+    return g_strdup_printf("%02x:%02x.%x", PCI_BUS_NUM(rid), PCI_SLOT(rid),
+                           PCI_FUNC(rid));
+}
+
+static const char *pvdma_access_name(uint32_t access)
+{
+    switch (access) {
+    case PVDMA_ACCESS_READ:
+        return "read";
+    case PVDMA_ACCESS_WRITE:
+        return "write";
+    default:
+        return "read-write";
+    }
+}
+
+static PvdmaInfo *pvdma_query_one(PvdmaState *s)
+{
+    PvdmaInfo *info = g_new0(PvdmaInfo, 1);
+    DeviceState *dev = DEVICE(s);
+    struct pvdma_stats stats;
+    struct pvdma_request_counts counts;
+    size_t n, i;
+    g_autofree struct pvdma_endpoint_info *eps = NULL;
+    g_autofree struct pvdma_fault *faults = NULL;
+    PvdmaEndpointInfoList **ep_tail = &info->endpoints;
+    PvdmaFaultInfoList **fault_tail = &info->last_faults;
+
+    pvdma_vm_stats(s->vm, &stats);
+    pvdma_vm_request_counts(s->vm, &counts);
+    info->path = object_get_canonical_path(OBJECT(s));
+    if (dev->id) {
+        info->id = g_strdup(dev->id);
+    }
+    info->features = pvdma_features(s);
+    info->iova_bits = s->iova_bits;
+    info->max_segs = s->max_segs;
+    info->pin_limit = s->pin_limit;
+    info->pin_mode = g_strdup(s->pin_mode ? s->pin_mode : "none");
+    info->pinned_bytes = stats.pinned_pages * PVDMA_PAGE_SIZE;
+    info->mem_limit = s->mem_limit;
+    info->mem_used = stats.mem_used;
+    info->mappings = stats.mappings;
+    info->faults = pvdma_vm_fault_count(s->vm);
+    info->last_status = s->last_status;
+    info->requests = g_new0(PvdmaRequestCounts, 1);
+    info->requests->query = counts.query;
+    info->requests->attach = counts.attach;
+    info->requests->detach = counts.detach;
+    info->requests->map = counts.map;
+    info->requests->unmap = counts.unmap;
+    info->requests->unmap_list = counts.unmap_list;
+    info->requests->other = counts.other;
+    info->transports = g_new0(PvdmaTransportCounts, 1);
+    info->transports->doorbell = counts.doorbell;
+    info->transports->hypercall = counts.hypercall;
+
+    n = pvdma_vm_endpoints(s->vm, NULL, 0);
+    eps = g_new0(struct pvdma_endpoint_info, n);
+    n = MIN(n, pvdma_vm_endpoints(s->vm, eps, n));
+    for (i = 0; i < n; i++) {
+        PvdmaEndpointInfo *e = g_new0(PvdmaEndpointInfo, 1);
+
+        e->requester = pvdma_bdf_str(eps[i].requester);
+        e->attached = eps[i].attached;
+        e->passthrough = eps[i].passthrough;
+        e->mappings = eps[i].mappings;
+        e->mapped_bytes = eps[i].mapped_bytes;
+        QAPI_LIST_APPEND(ep_tail, e);
+    }
+
+    n = pvdma_vm_faults(s->vm, NULL, 0);
+    faults = g_new0(struct pvdma_fault, n);
+    n = MIN(n, pvdma_vm_faults(s->vm, faults, n));
+    for (i = 0; i < n; i++) {
+        PvdmaFaultInfo *f = g_new0(PvdmaFaultInfo, 1);
+
+        f->requester = pvdma_bdf_str(faults[i].requester);
+        f->access = g_strdup(pvdma_access_name(faults[i].access));
+        f->reason = g_strdup(pvdma_fault_reason_name(faults[i].reason));
+        f->iova = faults[i].iova;
+        f->seq = faults[i].seq;
+        QAPI_LIST_APPEND(fault_tail, f);
+    }
+    return info;
+}
+
+static int pvdma_query_each(Object *obj, void *opaque)
+{
+    PvdmaInfoList ***tail = opaque;
+    PvdmaState *s = (PvdmaState *)object_dynamic_cast(obj, TYPE_PVDMA);
+
+    if (s && s->vm) {
+        QAPI_LIST_APPEND(*tail, pvdma_query_one(s));
+    }
+    return 0;
+}
+
+PvdmaInfoList *qmp_query_pvdma(Error **errp)
+{
+    PvdmaInfoList *list = NULL, **tail = &list;
+
+    object_child_foreach_recursive(object_get_root(), pvdma_query_each,
+                                   &tail);
+    return list;
+}
+
+void hmp_info_pvdma(Monitor *mon, const QDict *qdict)
+{
+    g_autoptr(PvdmaInfoList) list = qmp_query_pvdma(NULL);
+    PvdmaInfoList *l;
+
+    if (!list) {
+        monitor_printf(mon, "No pvdma device\n");
+        return;
+    }
+    for (l = list; l; l = l->next) {
+        PvdmaInfo *d = l->value;
+        PvdmaEndpointInfoList *e;
+        PvdmaFaultInfoList *f;
+
+        monitor_printf(mon, "pvdma %s%s%s%s\n", d->path,
+                       d->id ? " (id " : "", d->id ? d->id : "",
+                       d->id ? ")" : "");
+        monitor_printf(mon, "  features 0x%" PRIx64 ", iova-bits %" PRId64
+                       ", max-segs %" PRId64 ", last status %" PRId64 "\n",
+                       d->features, d->iova_bits, d->max_segs,
+                       d->last_status);
+        monitor_printf(mon, "  pin-mode %s, pin-limit %" PRIu64
+                       "%s, pinned %" PRIu64 " bytes, mappings %" PRIu64
+                       ", faults %" PRIu64 "\n", d->pin_mode, d->pin_limit,
+                       d->pin_limit ? "" : " (unlimited)", d->pinned_bytes,
+                       d->mappings, d->faults);
+        monitor_printf(mon, "  mem-limit %" PRIu64 "%s, mapping memory %"
+                       PRIu64 " bytes\n", d->mem_limit,
+                       d->mem_limit ? "" : " (unlimited)", d->mem_used);
+        monitor_printf(mon, "  requests: query %" PRIu64 ", attach %" PRIu64
+                       ", detach %" PRIu64 ", map %" PRIu64 ", unmap %"
+                       PRIu64 ", unmap-list %" PRIu64 ", other %" PRIu64
+                       "\n", d->requests->query, d->requests->attach,
+                       d->requests->detach, d->requests->map,
+                       d->requests->unmap, d->requests->unmap_list,
+                       d->requests->other);
+        monitor_printf(mon, "  transports: doorbell %" PRIu64
+                       ", hypercall %" PRIu64 "\n",
+                       d->transports->doorbell, d->transports->hypercall);
+        for (e = d->endpoints; e; e = e->next) {
+            monitor_printf(mon, "  endpoint %s: %s%s, %" PRIu64
+                           " mappings, %" PRIu64 " bytes mapped\n",
+                           e->value->requester,
+                           e->value->attached ? "attached" : "detached",
+                           e->value->passthrough ? ", passthrough" : "",
+                           e->value->mappings, e->value->mapped_bytes);
+        }
+        for (f = d->last_faults; f; f = f->next) {
+            monitor_printf(mon, "  fault #%" PRIu64 ": %s %s at IOVA 0x%"
+                           PRIx64 " refused: %s\n", f->value->seq,
+                           f->value->requester, f->value->access,
+                           f->value->iova, f->value->reason);
+        }
+    }
+}
