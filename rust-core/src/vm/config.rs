@@ -120,6 +120,7 @@ impl VmConfig {
 
     /// Decodes a request's `op` as this VM offers ops: `None` for an
     /// unknown op, which UNMAP_LIST is when the extension is off.
+    #[inline]
     pub fn op(&self, raw: u16) -> Option<Op> {
         match Op::from_raw(raw) {
             Some(Op::UnmapList) if !self.unmap_list => None,

@@ -192,6 +192,7 @@ impl Vm {
             .unwrap_or_default()
     }
 
+    #[inline]
     pub(super) fn endpoint_map<'g>(&self, guard: &'g Guard) -> &'g EndpointMap {
         // Acquire pairs with the Release in publish_endpoints.
         let p = self.endpoints.load(Ordering::Acquire, guard);
@@ -223,6 +224,7 @@ impl Vm {
         self.endpoints_version.fetch_add(1, Ordering::Release);
     }
 
+    #[inline]
     pub(super) fn domain_of<'g>(ep: &Endpoint, guard: &'g Guard) -> Option<&'g Domain> {
         // Acquire pairs with the Release store in attach: the domain is
         // fully built before it is visible.

@@ -126,7 +126,10 @@ impl Vm {
             .fetch_sub(removed.mappings, Ordering::Relaxed);
     }
 
-    /// Records a refused device access.
+    /// Records a refused device access. Cold and out of line: it is off
+    /// every translate path's hot side (see `Vm::device_access`).
+    #[cold]
+    #[inline(never)]
     pub fn record_fault(&self, requester: u32, iova: u64, access: Access, reason: FaultReason) {
         // Relaxed: the count is a statistic; the log below is locked.
         let seq = self.stats.faults.fetch_add(1, Ordering::Relaxed);
