@@ -80,27 +80,16 @@ key=$( { echo "$GK_IMAGE_PKG $GK_VER $GUEST_BUSYBOX_VER"
 idir="$GUEST_CACHE/io-initramfs-$GK_NAME-$key"
 if [ ! -f "$idir/initramfs.cpio.gz" ]; then
     log "building the I/O initramfs ($idir)"
-    rm -rf "$idir.tmp" && mkdir -p "$idir.tmp/root"
-    root="$idir.tmp/root"
-    mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules}
-    cp "$GUEST_BUSYBOX" "$root/bin/busybox"
-    for applet in sh mount umount cat echo ls sleep stty uname poweroff \
-                  reboot cut dmesg sync insmod rmmod lsmod grep readlink \
-                  dirname basename head tail tr wc sed test [ printf find; do
-        ln -s busybox "$root/bin/$applet"
-    done
+    guest_initramfs_begin "$idir" sh mount umount cat echo ls sleep stty \
+        uname poweroff reboot cut dmesg sync insmod rmmod lsmod grep readlink \
+        dirname basename head tail tr wc sed test [ printf find
+    root=$GI_ROOT
     install -m 0755 "$pio" "$root/bin/pvdma-io"
     install -m 0755 "$IO_SRC/init" "$root/init"
     cp "$mods/ko"/*.ko "$root/lib/modules/" 2>/dev/null || true
     cp "$mods/load" "$root/lib/modules/load"
     [ -z "$iommu_ko" ] || install -m 0644 "$iommu_ko" "$root/lib/modules/pvdma_iommu.ko"
-    # The kernel opens /dev/console for init before devtmpfs is mounted.
-    mknod -m 600 "$root/dev/console" c 5 1
-    (cd "$root" && find . -print0 | LC_ALL=C sort -z |
-        cpio --null -o -H newc --quiet --owner=0:0) |
-        gzip -6n > "$idir.tmp/initramfs.cpio.gz"
-    rm -rf "$root" "$idir"
-    mv "$idir.tmp" "$idir"
+    guest_initramfs_end "$idir"
 fi
 
 echo "KERNEL=$GK_NAME"

@@ -267,3 +267,33 @@ for n in names:
 print("\n".join(order))
 EOF
 }
+
+# guest_initramfs_begin DIR APPLET...: a fresh staging root for the
+# initramfs DIR/initramfs.cpio.gz, with busybox and links for the APPLETs,
+# the usual mount points and /dev/console; sets GI_ROOT. Fill GI_ROOT (an
+# /init at least), then guest_initramfs_end DIR packs it and puts DIR in
+# place (so a half-built one is never taken for a cached one).
+guest_initramfs_begin() {
+    local dir=$1 applet
+    shift
+    rm -rf "$dir.tmp"
+    GI_ROOT="$dir.tmp/root"
+    mkdir -p "$GI_ROOT"/{bin,dev,proc,sys,tmp,lib/modules}
+    cp "$GUEST_BUSYBOX" "$GI_ROOT/bin/busybox"
+    for applet in "$@"; do
+        ln -s busybox "$GI_ROOT/bin/$applet"
+    done
+    # The kernel opens /dev/console for init before devtmpfs is mounted.
+    mknod -m 600 "$GI_ROOT/dev/console" c 5 1
+}
+
+# guest_initramfs_end DIR: packs guest_initramfs_begin's root (reproducibly:
+# sorted, owner 0, no gzip timestamp) into DIR/initramfs.cpio.gz.
+guest_initramfs_end() {
+    local dir=$1
+    (cd "$dir.tmp/root" && find . -print0 | LC_ALL=C sort -z |
+        cpio --null -o -H newc --quiet --owner=0:0) |
+        gzip -6n >"$dir.tmp/initramfs.cpio.gz"
+    rm -rf "$dir.tmp/root" "$dir"
+    mv "$dir.tmp" "$dir"
+}

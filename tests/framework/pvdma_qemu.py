@@ -415,6 +415,39 @@ class ConsoleMachine:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def exit_verdict(vm, limit, passed, who):
+    """After a console guest finished its test: why it failed, or None.
+
+    Waits for QEMU to exit (the guest powers off) and reads its status:
+    124 or 137 is `timeout` killing it, anything else non-zero a QEMU
+    failure; a clean exit without the guest's PASS line fails too."""
+    try:
+        rc = vm.wait(max(1, vm.deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return f"QEMU did not exit after {who} finished"
+    if rc in (124, 137):
+        return f"timed out after {limit:.0f} s"
+    if rc != 0:
+        return f"QEMU exited with status {rc}"
+    if not passed:
+        return f"{who} did not print PASS"
+    return None
+
+
+# What a console test's runner catches around a boot: host_failure(e) says
+# what went wrong in words for its verdict.
+HOST_ERRORS = (QemuError, OSError, ValueError, KeyboardInterrupt)
+
+
+def host_failure(e):
+    """The verdict's words for an exception of HOST_ERRORS."""
+    if isinstance(e, QemuTimeout):
+        return str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted ({e or 'SIGINT'})"
+    return f"host side: {e}"
+
+
 def encode_request(op, requester, flags=0, iova=0, length=0, segs=()):
     """A pvdma request block: the 64-byte header, then (gpa, len) segments."""
     block = REQ_HEADER.pack(op, flags, STATUS_UNSET, requester, len(segs),

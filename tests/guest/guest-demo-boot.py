@@ -14,15 +14,13 @@ every exit path. Exit status 0 only when the guest printed
 
 import os
 import signal
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "framework"))
 # the scripts' shared QEMU helpers
-from pvdma_qemu import (ConsoleMachine, QemuError, QemuTimeout,  # noqa: E402
-                        compact_json)
+from pvdma_qemu import (HOST_ERRORS, ConsoleMachine,  # noqa: E402
+                        compact_json, exit_verdict, host_failure)
 
 MARK = "PVDMA-GUEST-DEMO: "
 # qboot (shipped with QEMU) starts the kernel in well under a second under
@@ -84,23 +82,9 @@ def main():
                 log("== host: guest, go on\n")
                 vm.send_line()
         if failure is None:
-            try:
-                rc = vm.wait(max(1, vm.deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                failure = "QEMU did not exit after the guest finished"
-            else:
-                if rc == 124 or rc == 137:
-                    failure = f"timed out after {limit:.0f} s"
-                elif rc != 0:
-                    failure = f"QEMU exited with status {rc}"
-                elif not passed:
-                    failure = "the guest did not print PASS"
-    except QemuTimeout as e:
-        failure = str(e)
-    except (OSError, ValueError, QemuError) as e:
-        failure = f"host side: {e}"
-    except KeyboardInterrupt as e:
-        failure = f"interrupted ({e or 'SIGINT'})"
+            failure = exit_verdict(vm, limit, passed, "the guest")
+    except HOST_ERRORS as e:
+        failure = host_failure(e)
     finally:
         if vm is not None:
             vm.close()

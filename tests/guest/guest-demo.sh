@@ -54,26 +54,15 @@ key=$( { echo "$GK_IMAGE_PKG $GK_VER $GUEST_BUSYBOX_VER"; gcc --version | head -
 idir="$GUEST_CACHE/initramfs-$key"
 if [ ! -f "$idir/initramfs.cpio.gz" ]; then
     log "building the initramfs ($idir)"
-    rm -rf "$idir.tmp" && mkdir -p "$idir.tmp/root"
-    root="$idir.tmp/root"
-    mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules}
+    guest_initramfs_begin "$idir" sh mount umount cat echo ls sleep stty \
+        uname poweroff reboot cut dmesg lspci sync insmod rmmod grep
+    root=$GI_ROOT
     gcc -static -O2 -Wall -Wextra -Werror -I "$PVDMA_ROOT/rust-core/include" \
         -o "$root/bin/pvdma-guest-test" "$GUEST_SRC/pvdma-guest-test.c"
     strip "$root/bin/pvdma-guest-test"
-    cp "$GUEST_BUSYBOX" "$root/bin/busybox"
-    for applet in sh mount umount cat echo ls sleep stty uname poweroff \
-                  reboot cut dmesg lspci sync insmod rmmod grep; do
-        ln -s busybox "$root/bin/$applet"
-    done
     install -m 0755 "$GUEST_SRC/init" "$root/init"
     install -m 0644 "$ko" "$root/lib/modules/pvdma_hc.ko"
-    # The kernel opens /dev/console for init before devtmpfs is mounted.
-    mknod -m 600 "$root/dev/console" c 5 1
-    (cd "$root" && find . -print0 | LC_ALL=C sort -z |
-        cpio --null -o -H newc --quiet --owner=0:0) |
-        gzip -9n > "$idir.tmp/initramfs.cpio.gz"
-    rm -rf "$root" "$idir"
-    mv "$idir.tmp" "$idir"
+    guest_initramfs_end "$idir"
 fi
 
 if [ $# -ge 1 ]; then

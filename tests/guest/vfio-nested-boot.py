@@ -18,13 +18,12 @@ QEMU exited by itself (L1 powered off).
 
 import os
 import signal
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "framework"))
-from pvdma_qemu import ConsoleMachine, QemuError, QemuTimeout  # noqa: E402
+from pvdma_qemu import (HOST_ERRORS, ConsoleMachine,  # noqa: E402
+                        exit_verdict, host_failure)
 
 MARK = "PVDMA-VFIO: "
 BIOS = os.environ.get("PVDMA_GUEST_BIOS", "qboot.rom")
@@ -87,23 +86,9 @@ def main():
                 times["result"] = now
                 failure = rest
         if failure is None:
-            try:
-                rc = vm.wait(max(1, vm.deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                failure = "QEMU did not exit after L1 finished"
-            else:
-                if rc in (124, 137):
-                    failure = f"timed out after {limit:.0f} s"
-                elif rc != 0:
-                    failure = f"QEMU exited with status {rc}"
-                elif not passed:
-                    failure = "L1 did not print PASS"
-    except QemuTimeout as e:
-        failure = str(e)
-    except (OSError, ValueError, QemuError) as e:
-        failure = f"host side: {e}"
-    except KeyboardInterrupt as e:
-        failure = f"interrupted ({e or 'SIGINT'})"
+            failure = exit_verdict(vm, limit, passed, "L1")
+    except HOST_ERRORS as e:
+        failure = host_failure(e)
     finally:
         if vm is not None:
             vm.close()

@@ -53,17 +53,13 @@ key=$( { echo "$GK_IMAGE_PKG $GK_VER $GUEST_BUSYBOX_VER"; gcc --version | head -
 idir="$GUEST_CACHE/vfio-initramfs-$key"
 if [ ! -f "$idir/initramfs.cpio.gz" ]; then
     log "building the L1 initramfs ($idir)"
-    rm -rf "$idir.tmp" && mkdir -p "$idir.tmp/root"
-    root="$idir.tmp/root"
-    mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,lib/pvdma}
+    guest_initramfs_begin "$idir" sh mount cat echo ls sleep cut dmesg \
+        insmod poweroff timeout readlink basename tail mkdir
+    root=$GI_ROOT
+    mkdir -p "$root/lib/pvdma"
     gcc -static -O2 -Wall -Wextra -Werror -I "$PVDMA_ROOT/rust-core/include" \
         -o "$root/bin/pvdma-vfio-l1" "$SRC/pvdma-vfio-l1.c"
     strip "$root/bin/pvdma-vfio-l1"
-    cp "$GUEST_BUSYBOX" "$root/bin/busybox"
-    for applet in sh mount cat echo ls sleep cut dmesg insmod poweroff \
-                  timeout readlink basename tail mkdir; do
-        ln -s busybox "$root/bin/$applet"
-    done
     strip -o "$root/bin/qemu-system-x86_64" "$qemu"
     for lib in "${libs[@]}"; do
         mkdir -p "$root$(dirname "$lib")"
@@ -79,12 +75,7 @@ if [ ! -f "$idir/initramfs.cpio.gz" ]; then
         sed 's/^vfio_iommu_type1\.ko$/& allow_unsafe_interrupts=1/' \
         >"$root/lib/modules/load"
     install -m 0755 "$SRC/init" "$root/init"
-    mknod -m 600 "$root/dev/console" c 5 1
-    (cd "$root" && find . -print0 | LC_ALL=C sort -z |
-        cpio --null -o -H newc --quiet --owner=0:0) |
-        gzip -6n >"$idir.tmp/initramfs.cpio.gz"
-    rm -rf "$root" "$idir"
-    mv "$idir.tmp" "$idir"
+    guest_initramfs_end "$idir"
 fi
 
 t_ready=$(date +%s.%N)
