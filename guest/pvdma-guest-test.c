@@ -17,7 +17,7 @@
  * returns -1 and does nothing.
  * With mappings live it prints "PVDMA-GUEST-DEMO: PAUSE live" and waits up
  * to PAUSE_SECONDS for a line on stdin, so the host can look at pvdma's
- * state over QMP (scripts/guest-demo.sh does); without one it goes on.
+ * state over QMP (tests/guest/guest-demo.sh does); without one it goes on.
  *
  * Built static: gcc -static -O2 -Wall -Wextra -Werror -I rust-core/include
  */

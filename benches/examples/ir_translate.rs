@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo build --release -p pvdma-benches --example ir_translate
-//! scripts/ir-translate.sh            # every variant, Ir per translation
+//! tools/ir-translate.sh            # every variant, Ir per translation
 //! ```
 //!
 //! Run by hand: `valgrind --tool=callgrind --collect-atstart=no
@@ -205,7 +205,7 @@ fn main() {
         "translator_cached_translate" => run_translator_cached_translate(vm, &hot, &guard),
         "translator_cached_lookup" => run_translator_cached_lookup(vm, &hot, &guard),
         _ => {
-            eprintln!("usage: ir_translate VARIANT (see scripts/ir-translate.sh)");
+            eprintln!("usage: ir_translate VARIANT (see tools/ir-translate.sh)");
             std::process::exit(2);
         }
     };

@@ -2,7 +2,7 @@
 /*
  * pvdma_hc: the pvdma hypercall transport from guest kernel code.
  *
- * A demo module for scripts/guest-demo.sh, not a driver: at load it finds
+ * A demo module for tests/guest/guest-demo.sh, not a driver: at load it finds
  * pvdma (1b36:0015) and edu (1234:11e8), reads FEATURES and HYPERCALL_NR
  * from pvdma's BAR0 and, when FEATURES.HYPERCALL is set, runs QUERY,
  * ATTACH, MAP (FIXED, READ|WRITE), UNMAP, DETACH for edu and a QUERY of a

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 /*
- * pvdma-vfio-l1: the L1 half of scripts/vfio-nested-test.sh.
+ * pvdma-vfio-l1: the L1 half of tests/guest/vfio-nested-test.sh.
  *
  * Runs in a Linux guest (L1) whose edu device sits behind L1's (emulated)
  * Intel IOMMU and is bound to vfio-pci. It starts the patched QEMU inside

@@ -256,7 +256,7 @@ mod tests {
     }
 }
 
-// Model-checks the generation protocol with loom (scripts/loom.sh): the
+// Model-checks the generation protocol with loom (tools/loom.sh): the
 // writer does what `Domain::remove_locked` does (clear the table entries,
 // then store a new generation with Release) while a reader probes its
 // cache, one page already cached (a hit racing the removal) and one not

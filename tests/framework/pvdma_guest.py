@@ -1,0 +1,488 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+"""Boot the pvdma I/O guest (guest/io) with one IOMMU variant and watch it.
+
+As a library (for the tests and benchmarks):
+
+    import pvdma_guest as pg
+    image = pg.prepare("6.1")                   # tools/guest-io-prepare.sh
+    r = pg.run_variant(qemu, image, "pvdma", strict=True, mode="bench",
+                       bench=["blk:rand:4k:2:5", "net:5"])
+    r.passed, r.failure          # verdict
+    r.results                    # parsed RESULT lines (dicts), each with
+                                 # qemu_cpu_s / qemu_cpu_us_per_op
+    r.phases                     # name -> Phase(wall_s, cpu_s): QEMU CPU
+    r.snapshots                  # PAUSE tag -> query-pvdma reply
+
+As a script:
+
+    tests/framework/pvdma_guest.py [--qemu BIN] [--kernel 6.1|6.12] [--variant V]
+        [--strict] [--mode test|bench|demo] [--bench SPEC ...]
+        [--modparams a=1,b=2] [--timeout S] [--append ARG ...] [--quiet]
+        [--summary-file FILE] [--json FILE]
+
+Variants (what translates the devices' DMA):
+  none          no IOMMU
+  pvdma         -device pvdma; the guest loads pvdma_iommu.ko
+  pvdma-bypass  -device pvdma, no guest driver: devices bypass it
+  intel         -device intel-iommu,intremap=off; intel_iommu=on
+  virtio        -device virtio-iommu-pci (a kernel with virtio-iommu: 6.12)
+
+Devices: virtio-blk-pci and nvme on raw 64 MiB images in a temporary
+directory, two virtio-net-pci on one QEMU hub; the virtio ones with
+disable-legacy=on,iommu_platform=on. QEMU runs under `timeout` and is
+killed on every exit path (pvdma_qemu.ConsoleMachine).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pvdma_qemu import (ConsoleMachine, QemuError, QemuTimeout,  # noqa: E402
+                        compact_json)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOOLS = os.path.join(HERE, "..", "..", "tools")
+MARK = "PVDMA-IO: "
+VARIANTS = ("none", "pvdma", "pvdma-bypass", "intel", "virtio")
+# qboot: SeaBIOS spends 30-50 s under TCG before the kernel starts.
+BIOS = os.environ.get("PVDMA_GUEST_BIOS", "qboot.rom")
+
+
+@dataclasses.dataclass
+class GuestImage:
+    """What guest-io-prepare.sh built for one kernel."""
+    kernel: str            # "6.1" or "6.12"
+    release: str           # uname -r
+    vmlinuz: str
+    initrd: str
+    pvdma_iommu: bool      # the initramfs has pvdma_iommu.ko
+    virtio_iommu: bool     # the kernel has a virtio-iommu driver
+
+
+def prepare(kernel):
+    """Builds (or finds cached) the I/O guest for a kernel: GuestImage."""
+    out = subprocess.run([os.path.join(TOOLS, "guest-io-prepare.sh"), kernel],
+                         check=True, stdout=subprocess.PIPE, text=True).stdout
+    kv = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return GuestImage(kv["KERNEL"], kv["RELEASE"], kv["VMLINUZ"],
+                      kv["INITRD"], kv["PVDMA_IOMMU"] == "yes",
+                      kv["VIRTIO_IOMMU"] == "yes")
+
+
+def qemu_build():
+    """The patched QEMU (tools/qemu-build.sh, cached)."""
+    out = subprocess.run([os.path.join(TOOLS, "qemu-build.sh")], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+@dataclasses.dataclass
+class Phase:
+    wall_s: float          # host wall-clock time between the two markers
+    cpu_s: float           # QEMU's CPU time (all threads) in between
+
+
+@dataclasses.dataclass
+class RunResult:
+    kernel: str
+    variant: str
+    strict: bool
+    mode: str
+    argv: list
+    passed: bool = False
+    failure: str = None
+    results: list = dataclasses.field(default_factory=list)
+    phases: dict = dataclasses.field(default_factory=dict)
+    snapshots: dict = dataclasses.field(default_factory=dict)
+    times: dict = dataclasses.field(default_factory=dict)
+    cpu_total_s: float = None
+    devices: dict = dataclasses.field(default_factory=dict)
+    console: list = dataclasses.field(default_factory=list)
+
+
+def parse_result(line):
+    """`RESULT disk mode=seq bs=4096 ...` -> {"kind": "disk", "mode": "seq",
+    "bs": 4096, ...} (numbers as int or float)."""
+    words = line.split()
+    out = {"kind": words[1]}
+    for w in words[2:]:
+        k, _, v = w.partition("=")
+        try:
+            out[k] = int(v)
+        except ValueError:
+            try:
+                out[k] = float(v)
+            except ValueError:
+                out[k] = v
+    return out
+
+
+def requester(bdf):
+    """sysfs's 0000:00:02.0 -> query-pvdma's 00:02.0."""
+    return bdf.split(":", 1)[1] if bdf.count(":") == 2 else bdf
+
+
+def check_pvdma(snapshot, requesters=(), attached=True):
+    """Problems (strings) in a query-pvdma reply; empty means fine. FAULTS
+    must be 0, and each endpoint in requesters (query-pvdma's bus:dev.fn)
+    must be listed and attached (attached=True) or not (False)."""
+    if not snapshot:
+        return ["query-pvdma shows no pvdma device"]
+    problems = []
+    eps = {}
+    for dev in snapshot:
+        name = dev.get("id", dev["path"])
+        if dev.get("faults", 0) != 0:
+            problems.append(f"{name}: FAULTS {dev['faults']}, last: "
+                            f"{dev.get('last-faults')}")
+        for e in dev.get("endpoints", []):
+            eps[e["requester"]] = e
+    for rid in requesters:
+        e = eps.get(rid)
+        if e is None:
+            problems.append(f"endpoint {rid}: not in query-pvdma")
+        elif e["attached"] != attached:
+            problems.append(f"endpoint {rid}: attached={e['attached']}, "
+                            f"expected {attached}")
+    return problems
+
+
+def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
+              disk_mib=64):
+    """QEMU's arguments (after the binary) for a variant, and the disk
+    images created in disk_dir."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} ({', '.join(VARIANTS)})")
+    vq = "disable-legacy=on,iommu_platform=on"
+    args = ["-M", "q35", "-accel", "tcg", "-m", "1G", "-smp", "2",
+            "-no-reboot", "-nic", "none",
+            *(["-bios", BIOS] if BIOS else []),
+            "-kernel", image.vmlinuz, "-initrd", image.initrd,
+            "-append", " ".join(append)]
+    # intel-iommu must come before the devices it translates.
+    if variant == "intel":
+        args += ["-device", "intel-iommu,intremap=off"]
+    elif variant in ("pvdma", "pvdma-bypass"):
+        args += ["-device", "pvdma,id=pvdma0"]
+    elif variant == "virtio":
+        args += ["-device", "virtio-iommu-pci"]
+    disks = {}
+    for name in ("blk", "nvme"):
+        path = os.path.join(disk_dir, f"{name}.img")
+        with open(path, "wb") as f:
+            f.truncate(disk_mib << 20)
+        disks[name] = path
+    args += ["-drive", f"if=none,id=vblk,file={disks['blk']},format=raw,"
+                       f"cache={disk_cache}",
+             "-device", f"virtio-blk-pci,drive=vblk,{vq}",
+             "-netdev", "hubport,id=hp0,hubid=0",
+             "-device", f"virtio-net-pci,netdev=hp0,mac=52:54:00:fa:00:01,{vq}",
+             "-netdev", "hubport,id=hp1,hubid=0",
+             "-device", f"virtio-net-pci,netdev=hp1,mac=52:54:00:fa:00:02,{vq}",
+             "-drive", f"if=none,id=nvm,file={disks['nvme']},format=raw,"
+                       f"cache={disk_cache}",
+             "-device", "nvme,drive=nvm,serial=pvdma1"]
+    return args
+
+
+def guest_append(variant, strict, mode, bench=(), modparams="",
+                 extra=(), pause_timeout=15, refuse=False):
+    """The kernel command line for a run."""
+    iommu = {"pvdma-bypass": "none"}.get(variant, variant)
+    out = ["console=ttyS0", "quiet", "panic=-1",
+           f"pvdmaio.mode={mode}", f"pvdmaio.iommu={iommu}",
+           f"pvdmaio.pause_timeout={pause_timeout}"]
+    if variant == "intel":
+        out.append("intel_iommu=on")
+    if strict:
+        out.append("iommu.strict=1")
+    if modparams:
+        out.append(f"pvdmaio.modparams={modparams}")
+    if bench:
+        out.append("pvdmaio.bench=" + ",".join(bench))
+    if refuse:
+        out.append("pvdmaio.refuse=1")
+    return out + list(extra)
+
+
+def check_requests(snapshot, strict):
+    """Problems in the request counts of a run with pvdma_iommu.ko: it must
+    have made mappings and removed them, lazily through UNMAP_LIST (when
+    the device offers it, FEATURES bit 3), strictly through UNMAP."""
+    problems = []
+    for dev in snapshot or []:
+        req = dev.get("requests")
+        if req is None:
+            continue                      # a QEMU without the counters
+        if not req.get("map"):
+            problems.append("no MAP requests")
+        removal = "unmap" if strict or not dev.get("features", 0) & 8 \
+            else "unmap-list"
+        if not req.get(removal):
+            problems.append(f"no {removal.upper().replace('-', '_')} "
+                            f"requests ({'strict' if strict else 'lazy'})")
+    return problems
+
+
+def check_refused(snapshot, rid):
+    """Problems in the final query-pvdma of a refusal run: FAULTS must have
+    risen, and every recorded fault must be the refused device's."""
+    if not snapshot:
+        return ["query-pvdma shows no pvdma device"]
+    problems = []
+    for dev in snapshot:
+        if dev.get("faults", 0) == 0:
+            problems.append("FAULTS is 0 after the refused DMA")
+        others = {f["requester"] for f in dev.get("last-faults", [])} - {rid}
+        if others:
+            problems.append(f"faults from {sorted(others)}, not only {rid}")
+    return problems
+
+
+def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
+                modparams="", timeout=90, extra_append=(), echo=True,
+                disk_cache="writeback", disk_mib=64, query=True,
+                refuse=False, detached=()):
+    """Boots the I/O guest once; returns a RunResult (never raises for a
+    guest failure; QEMU is gone when it returns).
+
+    At every `PVDMA-IO: PAUSE <tag>` of the guest, runs query-pvdma (when
+    the variant has a pvdma device and query is true) into
+    .snapshots[tag], then lets the guest go on. With a pvdma device, a
+    run only passes when the final snapshot shows FAULTS 0 and every
+    device under test (.devices, from the guest's DEVICE lines) attached
+    (variant pvdma) or not (pvdma-bypass). QEMU's CPU time (utime +
+    stime of all its threads) is read at the guest's markers:
+    .phases["boot"] (QEMU start -> /init), "run:<what>" (RUN .. DONE of
+    each pvdma-io run, e.g. run:verify-blk), "<name>" (MARK begin:<name>
+    .. end:<name>, around a benchmark's timed part only: use these to
+    compute host CPU per I/O with .results), "total".
+
+    detached: requesters that must be listed and not attached (functions
+    the driver was told to exclude).
+
+    refuse (variant pvdma, mode test): after the checks the guest shows a
+    refused DMA on the NVMe disk; then the snapshot taken before it
+    ("verified") must be clean, and the final one must show faults, all
+    of them the NVMe function's.
+    """
+    say = print if echo else (lambda *a, **k: None)
+    append = guest_append(variant, strict, mode, bench, modparams,
+                          extra_append, refuse=refuse)
+    import tempfile
+    disk_dir = tempfile.TemporaryDirectory(prefix="pvdma-io-disks-")
+    args = qemu_args(image, variant, disk_dir.name, append, disk_cache,
+                     disk_mib)
+    res = RunResult(image.kernel, variant, strict, mode, [qemu, *args])
+    has_pvdma = variant in ("pvdma", "pvdma-bypass")
+    if variant == "pvdma" and not image.pvdma_iommu:
+        res.failure = "variant pvdma needs guest/linux (pvdma_iommu.ko)"
+        disk_dir.cleanup()
+        return res
+    if variant == "virtio" and not image.virtio_iommu:
+        res.failure = f"kernel {image.kernel} has no virtio-iommu driver"
+        disk_dir.cleanup()
+        return res
+    vm = None
+    open_marks = {}          # name -> (monotonic, cpu)
+    last_mark = None
+    try:
+        vm = ConsoleMachine(qemu, args, timeout)
+        say("$ " + " ".join(vm.argv[3:]), flush=True)
+        for line in vm.lines():
+            res.console.append(line)
+            say(line, flush=True)
+            if line.startswith("RESULT "):
+                # pvdma-io prints MARK end:<name> right before its RESULT:
+                # attach that phase's QEMU CPU time, and per I/O / frame.
+                r = parse_result(line)
+                if last_mark in res.phases:
+                    p = res.phases[last_mark]
+                    ops = r.get("ios", r.get("frames", 0))
+                    r["phase"] = last_mark
+                    r["qemu_cpu_s"] = p.cpu_s
+                    r["qemu_cpu_us_per_op"] = (round(p.cpu_s / ops * 1e6, 2)
+                                               if ops else None)
+                res.results.append(r)
+                continue
+            at = line.find(MARK)
+            if at < 0:
+                continue
+            words = line[at + len(MARK):].split()
+            if not words:
+                continue
+            now = vm.elapsed()
+            if words[0] == "BOOTED":
+                res.times["booted"] = round(now, 2)
+                res.phases["boot"] = Phase(now, vm.cpu_seconds())
+            elif words[0] == "DEVICE" and len(words) > 1:
+                res.devices[words[1]] = dict(
+                    w.split("=", 1) for w in words[2:] if "=" in w)
+            elif words[0] == "READY":
+                res.times["ready"] = round(now, 2)
+            elif words[0] in ("RUN", "MARK", "DONE"):
+                name = words[1].rstrip(":") if len(words) > 1 else "?"
+                if words[0] == "RUN":
+                    name = "run:" + name
+                elif words[0] == "DONE":
+                    name = "run:" + name.rstrip(",")
+                if words[0] == "MARK":
+                    edge, _, name = name.partition(":")
+                    begin = edge == "begin"
+                else:
+                    begin = words[0] == "RUN"
+                if begin:
+                    open_marks[name] = (now, vm.cpu_seconds())
+                elif name in open_marks:
+                    t, c = open_marks.pop(name)
+                    base, n = name, 1
+                    while name in res.phases:     # the same run again
+                        n += 1
+                        name = f"{base}#{n}"
+                    res.phases[name] = Phase(round(now - t, 3),
+                                             round(vm.cpu_seconds() - c, 3))
+                    if words[0] == "MARK":
+                        last_mark = name
+            elif words[0] == "PASS":
+                res.times["result"] = round(now, 2)
+                res.passed = True
+            elif words[0] == "FAIL":
+                res.times["result"] = round(now, 2)
+                res.failure = "guest: " + " ".join(words[1:])
+            elif words[0] == "PAUSE":
+                tag = words[1] if len(words) > 1 else "?"
+                if has_pvdma and query:
+                    snap = vm.qmp().execute("query-pvdma")
+                    res.snapshots[tag] = snap
+                    say(f"== host: query-pvdma ({tag})\n"
+                        + compact_json(snap), flush=True)
+                res.cpu_total_s = vm.cpu_seconds()
+                vm.send_line()
+        if res.failure is None:
+            try:
+                rc = vm.wait(max(1, vm.deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                res.failure = "QEMU did not exit after the guest finished"
+            else:
+                if rc in (124, 137):
+                    res.failure = f"timed out after {timeout} s"
+                elif rc != 0:
+                    res.failure = f"QEMU exited with status {rc}"
+                elif not res.passed:
+                    res.failure = "the guest did not print PASS"
+    except QemuTimeout as e:
+        res.failure = str(e)
+    except (OSError, ValueError, QemuError) as e:
+        res.failure = f"host side: {e}"
+    finally:
+        if vm is not None:
+            res.times["exit"] = round(vm.elapsed(), 2)
+            vm.close()
+        disk_dir.cleanup()
+    # pvdma's view at the end: no refused DMA, and the devices under test
+    # translated (pvdma) or bypassing (pvdma-bypass).
+    if res.passed and has_pvdma and query:
+        tested = [requester(d["pci"]) for d in res.devices.values()
+                  if "pci" in d]
+        clean = "verified" if refuse else "final"
+        problems = check_pvdma(res.snapshots.get(clean), tested,
+                               attached=variant == "pvdma")
+        if not problems and variant == "pvdma":
+            problems = check_requests(res.snapshots.get("final"), strict)
+        if not problems and detached:
+            problems = check_pvdma(res.snapshots.get(clean), detached,
+                                   attached=False)
+        if problems:
+            res.failure = f"query-pvdma ({clean}): " + "; ".join(problems)
+        elif refuse:
+            nvme = [requester(d["pci"]) for name, d in res.devices.items()
+                    if name.startswith("nvme") and "pci" in d]
+            problems = check_refused(res.snapshots.get("final"),
+                                     nvme[0] if nvme else "?")
+            if problems:
+                res.failure = "query-pvdma (final): " + "; ".join(problems)
+    if res.failure is not None:
+        res.passed = False
+    if res.cpu_total_s is not None:
+        res.phases["total"] = Phase(res.times.get("result", 0),
+                                    round(res.cpu_total_s, 3))
+    return res
+
+
+def summary(r):
+    """One line for a RunResult."""
+    t = r.times
+    verdict = "PASS" if r.passed else f"FAIL: {r.failure}"
+    return (f"kernel {r.kernel} variant {r.variant}"
+            f"{' strict' if r.strict else ''} mode {r.mode}: {verdict}"
+            f" (QEMU start -> /init {t.get('booted', '?')} s, -> ready"
+            f" {t.get('ready', '?')} s, -> result {t.get('result', '?')} s,"
+            f" -> exit {t.get('exit', '?')} s; QEMU CPU"
+            f" {r.cpu_total_s if r.cpu_total_s is not None else '?'} s)")
+
+
+def on_signal(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--qemu", help="QEMU binary (default: qemu-build.sh's)")
+    ap.add_argument("--kernel", default="6.1", choices=("6.1", "6.12"))
+    ap.add_argument("--variant", default="none", choices=VARIANTS)
+    ap.add_argument("--strict", action="store_true",
+                    help="iommu.strict=1 (unmap invalidates at once)")
+    ap.add_argument("--mode", default="test", choices=("test", "bench", "demo"))
+    ap.add_argument("--bench", nargs="*", default=[],
+                    help="blk|nvme:seq|rand:BS:JOBS:SECS, net:SECS")
+    ap.add_argument("--modparams", default="",
+                    help="pvdma_iommu.ko parameters, comma-separated")
+    ap.add_argument("--timeout", type=float, default=90)
+    ap.add_argument("--append", nargs="*", default=[],
+                    help="more kernel command line arguments")
+    ap.add_argument("--quiet", action="store_true", help="no console copy")
+    ap.add_argument("--expect-detached", nargs="*", default=[],
+                    help="variant pvdma: requesters (bb:dd.f) that must be "
+                    "in query-pvdma and not attached at the end (the "
+                    "driver's exclude=)")
+    ap.add_argument("--refuse", action="store_true",
+                    help="variant pvdma, mode test: end with a refused DMA "
+                    "on the NVMe disk (FAULTS must rise, for it only)")
+    ap.add_argument("--summary-file",
+                    help="append the one-line summary to this file")
+    ap.add_argument("--json", help="write the whole result (RunResult) "
+                    "as JSON to this file")
+    a = ap.parse_args()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    qemu = a.qemu or qemu_build()
+    image = prepare(a.kernel)
+    try:
+        r = run_variant(qemu, image, a.variant, a.strict, a.mode, a.bench,
+                        a.modparams, a.timeout, a.append, echo=not a.quiet,
+                        refuse=a.refuse, detached=a.expect_detached)
+    except KeyboardInterrupt as e:
+        sys.exit(f"interrupted ({e or 'SIGINT'})")
+    for name, p in r.phases.items():
+        print(f"== phase {name}: wall {p.wall_s:.2f} s, QEMU CPU {p.cpu_s:.2f} s")
+    for res in r.results:
+        print(f"== result {res}")
+    print("== " + summary(r))
+    if a.summary_file:
+        with open(a.summary_file, "a") as f:
+            f.write(summary(r) + "\n")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dataclasses.asdict(r), f, indent=1)
+    return 0 if r.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
