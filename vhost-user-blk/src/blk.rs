@@ -353,6 +353,9 @@ impl Vring {
                     return Err(Fail::NoStatus);
                 }
                 self.build_iov(sh, space, dir_write, skip, data_len)?;
+                if !sh.test_io_delay.is_zero() {
+                    std::thread::sleep(sh.test_io_delay);
+                }
                 let done = if rtype == T_IN {
                     rw_all(&sh.image, &mut self.iov, offset, false)
                 } else {

@@ -61,6 +61,9 @@ pub struct Options {
     pub max_entries: usize,
     /// Window size, log2 bytes (window mode).
     pub window_bits: u32,
+    /// Tests only: sleep this long between translating a request's
+    /// buffers and doing its I/O, to widen races with invalidations.
+    pub test_io_delay: Duration,
 }
 
 /// Counters (relaxed atomics: statistics, not synchronisation).
@@ -74,7 +77,7 @@ pub struct Stats {
     pub updates: AtomicU64,
     /// Updates equal to an entry held.
     pub duplicate_updates: AtomicU64,
-    /// Updates refused.
+    /// IOTLB messages refused (malformed, or updates we cannot take).
     pub refused_updates: AtomicU64,
     /// IOTLB invalidation messages.
     pub invalidations: AtomicU64,
@@ -107,7 +110,7 @@ impl Stats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
             "iotlb_misses={} iotlb_miss_failures={} iotlb_updates={} iotlb_duplicate_updates={} \
-             iotlb_refused_updates={} iotlb_invalidations={} iotlb_invalidated_entries={} \
+             iotlb_refused={} iotlb_invalidations={} iotlb_invalidated_entries={} \
              requests={} read_bytes={} write_bytes={} io_errors={} refused_accesses={} \
              bad_chains={} ring_errors={}",
             g(&self.misses),
@@ -172,6 +175,8 @@ pub struct Shared {
     wake: EventFd,
     exit: AtomicBool,
     miss_timeout: Duration,
+    /// See [`Options::test_io_delay`].
+    pub test_io_delay: Duration,
 }
 
 impl std::fmt::Debug for Shared {
@@ -281,6 +286,7 @@ impl Device {
             wake: ev()?,
             exit: AtomicBool::new(false),
             miss_timeout: opts.miss_timeout,
+            test_io_delay: opts.test_io_delay,
         });
         let worker_sh = sh.clone();
         let worker = std::thread::Builder::new()
@@ -483,8 +489,11 @@ impl Device {
     }
 
     fn iotlb_msg(&mut self, payload: &[u8]) -> Result<(), String> {
-        let msg = IotlbMsg::parse(payload).map_err(|e| e.to_string())?;
         let sh = self.sh.clone();
+        let msg = IotlbMsg::parse(payload).map_err(|e| {
+            sh.stats.bump(&sh.stats.refused_updates);
+            e.to_string()
+        })?;
         let guard = epoch::pin();
         let ram = sh.ram.load(&guard);
         match msg {

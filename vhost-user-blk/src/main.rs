@@ -67,6 +67,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         miss_timeout: Duration::from_secs(5),
         max_entries: 65536,
         window_bits: 39,
+        test_io_delay: Duration::ZERO,
     };
     let mut connect_timeout = None;
     let mut level = log::LevelFilter::Info;
