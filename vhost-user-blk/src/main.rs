@@ -13,7 +13,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use pvdma_vhost_user_blk::device::{Device, Mode, Options};
@@ -46,7 +46,7 @@ Options:
 
 Serves one frontend connection, then exits: on socket close, on SIGINT,
 SIGTERM or SIGHUP. Prints its counters (IOTLB misses, updates,
-invalidations, I/O) to stderr at exit.";
+invalidations, I/O) to stderr at exit, and on SIGUSR1.";
 
 struct Args {
     socket: PathBuf,
@@ -162,8 +162,17 @@ impl log::Log for Logger {
 
 /// The eventfd the signal handler writes to (-1: none yet).
 static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+/// Set by SIGUSR1: print the counters and go on.
+static STATS_ASKED: AtomicBool = AtomicBool::new(false);
+/// Set by SIGINT, SIGTERM, SIGHUP: exit.
+static EXIT_ASKED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGUSR1 {
+        STATS_ASKED.store(true, Ordering::Relaxed);
+    } else {
+        EXIT_ASKED.store(true, Ordering::Relaxed);
+    }
     let fd = SIGNAL_FD.load(Ordering::Relaxed);
     if fd >= 0 {
         let one = 1u64.to_ne_bytes();
@@ -174,7 +183,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 fn install_signals(fd: i32) {
     SIGNAL_FD.store(fd, Ordering::Relaxed);
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
         // SAFETY: a handler that only does an async-signal-safe write.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
@@ -183,8 +192,15 @@ fn install_signals(fd: i32) {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
-/// Waits until `fd` is readable or a signal came: Ok(true) when readable.
-fn wait_readable(fd: i32, sigfd: i32, timeout: Option<Duration>) -> std::io::Result<bool> {
+/// Waits until `fd` is readable or an exit signal came: Ok(true) when
+/// readable. `on_stats` runs for each SIGUSR1.
+fn wait_readable(
+    fd: i32,
+    sig: &vmm_sys_util::eventfd::EventFd,
+    timeout: Option<Duration>,
+    on_stats: &dyn Fn(),
+) -> std::io::Result<bool> {
+    let sigfd = sig.as_raw_fd();
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let ms = match deadline {
@@ -219,7 +235,14 @@ fn wait_readable(fd: i32, sigfd: i32, timeout: Option<Duration>) -> std::io::Res
             return Err(e);
         }
         if p[1].revents != 0 {
-            return Ok(false);
+            let _ = sig.read();
+            if STATS_ASKED.swap(false, Ordering::Relaxed) {
+                on_stats();
+            }
+            if EXIT_ASKED.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            continue;
         }
         if p[0].revents != 0 {
             return Ok(true);
@@ -253,7 +276,7 @@ fn run(args: Args) -> Result<(), String> {
         },
         args.image.display()
     );
-    let accepted = wait_readable(listener.as_raw_fd(), sig.as_raw_fd(), args.connect_timeout);
+    let accepted = wait_readable(listener.as_raw_fd(), &sig, args.connect_timeout, &|| {});
     let _ = std::fs::remove_file(&args.socket);
     match accepted {
         Ok(true) => {}
@@ -269,7 +292,8 @@ fn run(args: Args) -> Result<(), String> {
     let mut conn = Connection::new(stream);
     let mut dev = Device::new(image, &args.opts).map_err(|e| e.to_string())?;
     let result = loop {
-        match wait_readable(conn.raw_fd(), sig.as_raw_fd(), None) {
+        let stats = || eprintln!("pvdma-vhost-user-blk: stats: {}", dev.shared().stats.summary());
+        match wait_readable(conn.raw_fd(), &sig, None, &stats) {
             Ok(true) => {}
             Ok(false) => {
                 log::info!("signal: exiting");
