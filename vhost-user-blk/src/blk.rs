@@ -12,6 +12,7 @@
 //! is returned with length 0. Nothing is read or written outside what the
 //! table allows.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
@@ -41,6 +42,8 @@ pub const S_UNSUPP: u8 = 2;
 pub const SECTOR: u64 = 512;
 /// Most descriptors we take in one chain (a larger chain is refused).
 pub const MAX_DESCS: usize = 1024;
+/// Most pages missed for one chain (256 MiB of 4 KiB pages).
+pub const MAX_MISSES_PER_CHAIN: usize = 1 << 16;
 
 /// A descriptor of the chain being served.
 #[derive(Clone, Copy, Debug)]
@@ -60,7 +63,7 @@ pub struct Vring {
     /// Used entries not yet written (the used ring was unmapped).
     pending_used: Vec<(u16, u32)>,
     /// Pages already missed for the chain at the head of the ring.
-    missed: Vec<u64>,
+    missed: HashSet<u64>,
     descs: Vec<Desc>,
     frags: Vec<Fragment>,
     iov: Vec<libc::iovec>,
@@ -112,7 +115,7 @@ impl Vring {
             queue,
             pages: PageCache::new(),
             pending_used: Vec::new(),
-            missed: Vec::new(),
+            missed: HashSet::new(),
             descs: Vec::new(),
             frags: Vec::new(),
             iov: Vec::new(),
@@ -120,14 +123,13 @@ impl Vring {
     }
 
     /// Records that `page` was missed for the current chain; false if it
-    /// was already (the frontend could not help: give up on it).
+    /// was already (the frontend could not help: give up on it). Every
+    /// miss after the first on a chain is for a page the frontend did
+    /// translate for us, so a chain costs at most one miss per page the
+    /// guest really mapped for it, bounded by `MAX_MISSES_PER_CHAIN`.
     pub fn note_miss(&mut self, iova: u64) -> bool {
         let page = iova >> pvdma::PAGE_SHIFT;
-        if self.missed.contains(&page) || self.missed.len() >= 64 {
-            return false;
-        }
-        self.missed.push(page);
-        true
+        self.missed.len() < MAX_MISSES_PER_CHAIN && self.missed.insert(page)
     }
 
     /// Serves at most one chain.

@@ -292,7 +292,12 @@ fn run(args: Args) -> Result<(), String> {
     let mut conn = Connection::new(stream);
     let mut dev = Device::new(image, &args.opts).map_err(|e| e.to_string())?;
     let result = loop {
-        let stats = || eprintln!("pvdma-vhost-user-blk: stats: {}", dev.shared().stats.summary());
+        let stats = || {
+            eprintln!(
+                "pvdma-vhost-user-blk: stats: {}",
+                dev.shared().stats.summary()
+            )
+        };
         match wait_readable(conn.raw_fd(), &sig, None, &stats) {
             Ok(true) => {}
             Ok(false) => {
