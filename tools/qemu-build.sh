@@ -56,6 +56,8 @@ CONFIGURE_ARGS=(
     --enable-tcg
     --enable-kvm
     --enable-pvdma
+    # vhost-user-blk-pci, for pvdma-vhost-user-blk (docs/vhost-user.md)
+    --enable-vhost-user
 )
 
 BUILD_DEPS=(
@@ -99,14 +101,19 @@ fetch_wheels() {
     done
 }
 
-# The cache key covers every input that changes the source tree: the patch
-# files' names and contents, in am order.
+# The cache key covers every input that changes the source tree (the patch
+# files' names and contents, in am order) and the configure arguments, so
+# that checkouts asking for different QEMU features never reconfigure one
+# another's build back and forth.
 patches=("$repo"/patches/0[0-9][0-9][0-9]-*.patch)
 [[ -e ${patches[0]} ]] || patches=()
 patch_hash=$(
-    for p in "${patches[@]}"; do
-        printf '%s\n' "$(basename "$p")"; cat "$p"
-    done | sha256sum | cut -c1-12
+    {
+        for p in "${patches[@]}"; do
+            printf '%s\n' "$(basename "$p")"; cat "$p"
+        done
+        printf '%s\n' "${CONFIGURE_ARGS[@]}"
+    } | sha256sum | cut -c1-12
 )
 WORK=$CACHE/qemu-$QEMU_VERSION-$patch_hash
 SRC=$WORK/src

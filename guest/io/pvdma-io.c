@@ -729,10 +729,10 @@ static int net_bench(int argc, char **argv)
 /* --- refusal --------------------------------------------------------------- */
 
 /*
- * disk-refused DEV BDF: shows a DMA that pvdma refuses. Writes a pattern to
- * one 4 KiB block, then asks pvdma_iommu.ko (its test_skip_map parameter)
- * not to send the next MAP of the disk's PCI function BDF, and reads the
- * block back with O_DIRECT into a buffer filled with 0x5a: the device's
+ * disk-refused DEV BDF [skip|ro]: shows a DMA that pvdma refuses. Writes a
+ * pattern to one 4 KiB block, then asks pvdma_iommu.ko not to send the next
+ * MAP of the disk's PCI function BDF (skip, the default: test_skip_map) or
+ * to send it read-only (ro: test_ro_map), and reads the block back with O_DIRECT into a buffer filled with 0x5a: the device's
  * write into that buffer is refused by the host (FAULTS rises), so the
  * data must not arrive. QEMU's DMA helpers drop a refused transfer without
  * the device reporting an error, so the read may "succeed"; an I/O error
@@ -741,8 +741,7 @@ static int net_bench(int argc, char **argv)
  */
 static int disk_refused(int argc, char **argv)
 {
-	static const char param[] =
-		"/sys/module/pvdma_iommu/parameters/test_skip_map";
+	const char *param = "/sys/module/pvdma_iommu/parameters/test_skip_map";
 	const uint64_t off = 3 * MiB;
 	const unsigned gen = 0x77;
 	uint64_t *buf = xalloc_aligned(4 * KiB);
@@ -752,8 +751,10 @@ static int disk_refused(int argc, char **argv)
 	size_t kept = 0;
 	int fd, pfd;
 
-	if (argc != 2)
-		die("usage: disk-refused DEV BDF");
+	if (argc == 3 && !strcmp(argv[2], "ro"))
+		param = "/sys/module/pvdma_iommu/parameters/test_ro_map";
+	else if (argc != 2 && !(argc == 3 && !strcmp(argv[2], "skip")))
+		die("usage: disk-refused DEV BDF [skip|ro]");
 	dev = argv[0];
 	bdf = argv[1];
 	fd = open_direct(dev, O_RDWR, NULL);
@@ -772,7 +773,7 @@ static int disk_refused(int argc, char **argv)
 	printf("refused read: %s, %zu of 4096 bytes unchanged\n",
 	       n < 0 ? strerror(errno) : "no error reported", kept);
 	if (n >= 0 && kept != 4 * KiB)
-		die("%s: %zu bytes of a read whose MAP was skipped arrived",
+		die("%s: %zu bytes of a read into a refused mapping arrived",
 		    dev, 4 * KiB - kept);
 
 	if (pread(fd, buf, 4 * KiB, off) != (ssize_t)(4 * KiB))
@@ -805,7 +806,7 @@ int main(int argc, char **argv)
 		"       %s disk-bench DEV seq|rand BS JOBS SECONDS\n"
 		"       %s net-verify IF_A IF_B [N]\n"
 		"       %s net-bench IF_A IF_B SECONDS\n"
-		"       %s disk-refused DEV BDF\n",
+		"       %s disk-refused DEV BDF [skip|ro]\n",
 		prog, prog, prog, prog, prog);
 	return 2;
 }

@@ -73,7 +73,9 @@ module_param(batch_map, bool, 0444);
 MODULE_PARM_DESC(batch_map,
 		 "6.12+: send the pages of one iommu_map/map_sg as one MAP from iotlb_sync_map (ignored on 6.1, where a deferred MAP could fail unseen)");
 
+/* Testing only: one-shot MAP tweaks for one PCI function (-1: none). */
 static int skip_map_rid = -1;
+static int ro_map_rid = -1;
 
 struct pvdma_iommu {
 	struct iommu_device iommu;
@@ -261,14 +263,15 @@ static int pvdma_host_reset(struct pvdma_endpoint *ep, bool attach)
 
 /* ---- MAP --------------------------------------------------------------- */
 
-static bool pvdma_skip_this_map(struct pvdma_endpoint *ep)
+/*
+ * Takes a one-shot test request (test_skip_map, test_ro_map) aimed at ep:
+ * true once, for the first MAP that asks after it was set.
+ */
+static bool pvdma_test_once(int *rid, struct pvdma_endpoint *ep)
 {
-	if (READ_ONCE(skip_map_rid) != (int)ep->rid)
+	if (READ_ONCE(*rid) != (int)ep->rid)
 		return false;
-	if (cmpxchg(&skip_map_rid, (int)ep->rid, -1) != (int)ep->rid)
-		return false;
-	dev_warn(ep->dev, "test_skip_map: not sending this MAP\n");
-	return true;
+	return cmpxchg(rid, (int)ep->rid, -1) == (int)ep->rid;
 }
 
 /*
@@ -281,11 +284,22 @@ static int pvdma_map_all(struct pvdma_domain *dom)
 	struct pvdma_req *r = this_cpu_read(pvdma_block);
 	struct pvdma_endpoint *ep, *undo;
 	u64 iova = r->iova;
+	u16 flags = r->flags;
 	u32 st;
 
 	list_for_each_entry(ep, &dom->endpoints, link) {
-		if (!ep->attached || pvdma_skip_this_map(ep))
+		if (!ep->attached)
 			continue;
+		if (pvdma_test_once(&skip_map_rid, ep)) {
+			dev_warn(ep->dev, "test_skip_map: not sending this MAP\n");
+			continue;
+		}
+		r->flags = flags;
+		if ((flags & PVDMA_FLAG_WRITE) &&
+		    pvdma_test_once(&ro_map_rid, ep)) {
+			dev_warn(ep->dev, "test_ro_map: sending this MAP read-only\n");
+			r->flags = (flags & ~PVDMA_FLAG_WRITE) | PVDMA_FLAG_READ;
+		}
 		r->requester = ep->rid;
 		r->iova = iova;
 		st = pvdma_req_issue(r);
@@ -911,24 +925,26 @@ static struct iommu_ops pvdma_iommu_ops = {
 
 /* ---- the pvdma PCI function -------------------------------------------- */
 
-static int param_set_skip_map(const char *val, const struct kernel_param *kp)
+/* test_skip_map, test_ro_map: "bb:dd.f" arms the tweak, "none" disarms. */
+static int param_set_test_rid(const char *val, const struct kernel_param *kp)
 {
 	unsigned int bus, slot, fn;
+	int *rid = kp->arg;
 
 	if (sysfs_streq(val, "none")) {
-		WRITE_ONCE(skip_map_rid, -1);
+		WRITE_ONCE(*rid, -1);
 		return 0;
 	}
 	if (sscanf(val, "%x:%x.%x", &bus, &slot, &fn) != 3 || bus > 0xff ||
 	    slot > 0x1f || fn > 7)
 		return -EINVAL;
-	WRITE_ONCE(skip_map_rid, (int)PCI_DEVID(bus, PCI_DEVFN(slot, fn)));
+	WRITE_ONCE(*rid, (int)PCI_DEVID(bus, PCI_DEVFN(slot, fn)));
 	return 0;
 }
 
-static int param_get_skip_map(char *buf, const struct kernel_param *kp)
+static int param_get_test_rid(char *buf, const struct kernel_param *kp)
 {
-	int rid = READ_ONCE(skip_map_rid);
+	int rid = READ_ONCE(*(int *)kp->arg);
 
 	if (rid < 0)
 		return sysfs_emit(buf, "none\n");
@@ -936,13 +952,16 @@ static int param_get_skip_map(char *buf, const struct kernel_param *kp)
 			  PCI_SLOT(rid & 0xff), PCI_FUNC(rid & 0xff));
 }
 
-static const struct kernel_param_ops skip_map_ops = {
-	.set = param_set_skip_map,
-	.get = param_get_skip_map,
+static const struct kernel_param_ops test_rid_ops = {
+	.set = param_set_test_rid,
+	.get = param_get_test_rid,
 };
-module_param_cb(test_skip_map, &skip_map_ops, NULL, 0644);
+module_param_cb(test_skip_map, &test_rid_ops, &skip_map_rid, 0644);
 MODULE_PARM_DESC(test_skip_map,
 		 "testing only: bb:dd.f whose next MAP is not sent (its DMA there faults), or none");
+module_param_cb(test_ro_map, &test_rid_ops, &ro_map_rid, 0644);
+MODULE_PARM_DESC(test_ro_map,
+		 "testing only: bb:dd.f whose next writable MAP is sent read-only (the device's write there faults), or none");
 
 static void pvdma_free_blocks(void)
 {

@@ -155,13 +155,16 @@ def check_pvdma(snapshot, requesters=(), attached=True):
 
 
 def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
-              disk_mib=64):
+              disk_mib=64, vhost_user_blk=None):
     """QEMU's arguments (after the binary) for a variant, and the disk
-    images created in disk_dir."""
+    images created in disk_dir. vhost_user_blk: a vhost-user socket path;
+    the virtio-blk disk is then a vhost-user-blk-pci on it (the backend
+    serves the image; guest RAM becomes a shared memfd for it)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} ({', '.join(VARIANTS)})")
     vq = "disable-legacy=on,iommu_platform=on"
-    args = ["-M", "q35", "-accel", "tcg", "-m", "1G", "-smp", "2",
+    machine = "q35,memory-backend=ram0" if vhost_user_blk else "q35"
+    args = ["-M", machine, "-accel", "tcg", "-m", "1G", "-smp", "2",
             "-no-reboot", "-nic", "none",
             *(["-bios", BIOS] if BIOS else []),
             "-kernel", image.vmlinuz, "-initrd", image.initrd,
@@ -179,10 +182,16 @@ def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
         with open(path, "wb") as f:
             f.truncate(disk_mib << 20)
         disks[name] = path
-    args += ["-drive", f"if=none,id=vblk,file={disks['blk']},format=raw,"
-                       f"cache={disk_cache}",
-             "-device", f"virtio-blk-pci,drive=vblk,{vq}",
-             "-netdev", "hubport,id=hp0,hubid=0",
+    if vhost_user_blk:
+        args += ["-object", "memory-backend-memfd,id=ram0,size=1G,share=on",
+                 "-chardev", f"socket,id=vub,path={vhost_user_blk}",
+                 "-device", f"vhost-user-blk-pci,chardev=vub,num-queues=1,"
+                            f"{vq}"]
+    else:
+        args += ["-drive", f"if=none,id=vblk,file={disks['blk']},format=raw,"
+                           f"cache={disk_cache}",
+                 "-device", f"virtio-blk-pci,drive=vblk,{vq}"]
+    args += ["-netdev", "hubport,id=hp0,hubid=0",
              "-device", f"virtio-net-pci,netdev=hp0,mac=52:54:00:fa:00:01,{vq}",
              "-netdev", "hubport,id=hp1,hubid=0",
              "-device", f"virtio-net-pci,netdev=hp1,mac=52:54:00:fa:00:02,{vq}",
@@ -208,7 +217,8 @@ def guest_append(variant, strict, mode, bench=(), modparams="",
     if bench:
         out.append("pvdmaio.bench=" + ",".join(bench))
     if refuse:
-        out.append("pvdmaio.refuse=1")
+        # True: a skipped MAP; "ro", "both": see guest/io/init.
+        out.append(f"pvdmaio.refuse={1 if refuse is True else refuse}")
     return out + list(extra)
 
 
@@ -249,7 +259,8 @@ def check_refused(snapshot, rid):
 def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                 modparams="", timeout=90, extra_append=(), echo=True,
                 disk_cache="writeback", disk_mib=64, query=True,
-                refuse=False, detached=()):
+                refuse=False, detached=(), vhost_user_blk=None,
+                on_line=None):
     """Boots the I/O guest once; returns a RunResult (never raises for a
     guest failure; QEMU is gone when it returns).
 
@@ -268,10 +279,17 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     detached: requesters that must be listed and not attached (functions
     the driver was told to exclude).
 
-    refuse (variant pvdma, mode test): after the checks the guest shows a
-    refused DMA on the NVMe disk; then the snapshot taken before it
-    ("verified") must be clean, and the final one must show faults, all
-    of them the NVMe function's.
+    refuse (variant pvdma, mode test; True, "ro" or "both", see
+    guest/io/init): after the checks the guest shows a
+    refused DMA on the NVMe disk (on the virtio-blk disk when it is the
+    only one); then the snapshot taken before it ("verified") must be
+    clean, and the final one must show faults, all of them that
+    function's.
+
+    vhost_user_blk: the virtio-blk disk is a vhost-user-blk-pci on this
+    socket (qemu_args); its backend is the caller's to start.
+    on_line(vm, line): called for every console line (after the
+    framework's own handling), e.g. to act at a marker.
     """
     say = print if echo else (lambda *a, **k: None)
     append = guest_append(variant, strict, mode, bench, modparams,
@@ -279,7 +297,7 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     import tempfile
     disk_dir = tempfile.TemporaryDirectory(prefix="pvdma-io-disks-")
     args = qemu_args(image, variant, disk_dir.name, append, disk_cache,
-                     disk_mib)
+                     disk_mib, vhost_user_blk)
     res = RunResult(image.kernel, variant, strict, mode, [qemu, *args])
     has_pvdma = variant in ("pvdma", "pvdma-bypass")
     if variant == "pvdma" and not image.pvdma_iommu:
@@ -299,6 +317,8 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
         for line in vm.lines():
             res.console.append(line)
             say(line, flush=True)
+            if on_line is not None:
+                on_line(vm, line)
             if line.startswith("RESULT "):
                 # pvdma-io prints MARK end:<name> right before its RESULT:
                 # attach that phase's QEMU CPU time, and per I/O / frame.
@@ -403,7 +423,9 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
             res.failure = f"query-pvdma ({clean}): " + "; ".join(problems)
         elif refuse:
             nvme = [requester(d["pci"]) for name, d in res.devices.items()
-                    if name.startswith("nvme") and "pci" in d]
+                    if name.startswith("nvme") and "pci" in d] or \
+                   [requester(d["pci"]) for name, d in res.devices.items()
+                    if name.startswith("vd") and "pci" in d]
             problems = check_refused(res.snapshots.get("final"),
                                      nvme[0] if nvme else "?")
             if problems:
@@ -452,9 +474,12 @@ def main():
                     help="variant pvdma: requesters (bb:dd.f) that must be "
                     "in query-pvdma and not attached at the end (the "
                     "driver's exclude=)")
-    ap.add_argument("--refuse", action="store_true",
+    ap.add_argument("--refuse", nargs="?", const=True, default=False,
+                    choices=(True, "1", "ro", "both"),
                     help="variant pvdma, mode test: end with a refused DMA "
-                    "on the NVMe disk (FAULTS must rise, for it only)")
+                    "on the NVMe disk (FAULTS must rise, for it only): into "
+                    "a buffer whose MAP was skipped (no value), mapped "
+                    "read-only (ro), or both")
     ap.add_argument("--summary-file",
                     help="append the one-line summary to this file")
     ap.add_argument("--json", help="write the whole result (RunResult) "

@@ -71,10 +71,11 @@ for k in $KERNELS; do
             extra=(--modparams exclude=00:01.0 --expect-detached 00:01.0)
         fi
         if [ "$v" = pvdma-strict ]; then
-            # Strict, and ending with a refused DMA on the NVMe disk.
+            # Strict, and ending with refused DMAs on the NVMe disk: into
+            # a buffer never mapped, then into one mapped read-only.
             variant=pvdma
             mode_word=" strict"
-            extra=(--strict --refuse)
+            extra=(--strict --refuse both)
         fi
         log "kernel $k, variant $v"
         python3 "$PVDMA_ROOT/tests/framework/pvdma_guest.py" --qemu "$qemu" \

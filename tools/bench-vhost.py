@@ -1,0 +1,221 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+"""vhost-user-blk benchmark (issue 11): pvdma-vhost-user-blk without an
+IOMMU, behind pvdma in each access mode, and QEMU's built-in virtio-blk
+behind pvdma, in one run.
+
+With one QEMU binary, boots the Debian 6.1 I/O guest (guest/io,
+tests/framework/pvdma_guest.py, mode=bench, virtio-blk disk only) once per
+configuration per round, interleaved (round 1: each configuration once,
+round 2: again, ...), and runs back to back:
+
+  seq128k   sequential 128 KiB O_DIRECT reads, 1 job
+  rand4k    random 4 KiB O_DIRECT reads, 1 job
+
+Configurations:
+
+  vub-noiommu       pvdma-vhost-user-blk (sg), no IOMMU in the machine
+  vub-sg            pvdma-vhost-user-blk, --access-mode sg, behind pvdma
+  vub-window        pvdma-vhost-user-blk, --access-mode window, behind pvdma
+  virtio-blk        QEMU's virtio-blk-pci behind pvdma
+
+(behind pvdma: -device pvdma, the guest's pvdma_iommu.ko, lazy). Per
+workload it records the rate the guest measured, QEMU's CPU time per I/O
+(all threads; the backend's CPU is not in it), and for the backend behind
+pvdma the IOTLB misses, updates and invalidations per I/O, from its
+counters read (SIGUSR1) right before and after the run. It prints the
+median over rounds (min-max) and writes JSON / markdown when asked. Exit
+status 0 when every boot passed.
+"""
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+sys.path.insert(0, os.path.join(ROOT, "tests", "framework"))
+import pvdma_guest as pg  # noqa: E402
+from pvdma_vhost import Backend  # noqa: E402
+
+# label -> (pvdma_guest variant, backend access mode or None: built-in)
+CONFIGS = {
+    "vub-noiommu": ("none", "sg"),
+    "vub-sg": ("pvdma", "sg"),
+    "vub-window": ("pvdma", "window"),
+    "virtio-blk": ("pvdma", None),
+}
+# name -> (pvdmaio.bench spec with {s}, rate field, unit)
+WORKLOADS = {
+    "seq128k": ("blk:seq:128k:1:{s}", "mbps", "MB/s"),
+    "rand4k": ("blk:rand:4k:1:{s}", "iops", "IOPS"),
+}
+COUNTERS = ("iotlb_misses", "iotlb_updates", "iotlb_invalidations",
+            "iotlb_invalidated_entries", "requests")
+
+
+def one_boot(qemu, image, backend_bin, label, secs, timeout):
+    variant, mode = CONFIGS[label]
+    specs = [WORKLOADS[w][0].format(s=f"{secs:g}") for w in WORKLOADS]
+    tmp = tempfile.TemporaryDirectory(prefix="pvdma-bench-vub-")
+    backend = None
+    snaps = {}
+    boot = {"config": label, "load1_before": round(os.getloadavg()[0], 2),
+            "workloads": {}}
+    try:
+        if mode:
+            backend = Backend(backend_bin, tmp.name, mode, timeout + 30,
+                              log_level="warn")
+
+            def on_line(_vm, line):
+                at = line.find("PVDMA-IO: PAUSE ")
+                if at >= 0:
+                    tag = line[at + len("PVDMA-IO: PAUSE "):].split()[0]
+                    snaps[tag] = backend.snapshot()
+        else:
+            on_line = None
+        t0 = time.monotonic()
+        r = pg.run_variant(qemu, image, variant, mode="bench", bench=specs,
+                           timeout=timeout, echo=False,
+                           vhost_user_blk=backend.sock if backend else None,
+                           extra_append=["pvdmaio.disks=blk", "pvdmaio.net=0"],
+                           on_line=on_line)
+        boot.update(passed=r.passed, failure=r.failure,
+                    wall_s=round(time.monotonic() - t0, 2))
+        final = None
+        if backend:
+            backend.wait(15)
+            final = backend.stats()
+            boot["backend_final"] = final
+        for i, (w, spec) in enumerate(zip(WORKLOADS, specs)):
+            res = r.results[i] if i < len(r.results) else None
+            rec = {"ok": bool(res and res.get("ios"))}
+            if rec["ok"]:
+                field = WORKLOADS[w][1]
+                rec.update(rate=res.get(field), ios=res["ios"],
+                           cpu_us_per_op=res.get("qemu_cpu_us_per_op"))
+                b, a = snaps.get("before:" + spec), snaps.get("after:" + spec)
+                if a and b:
+                    for k in COUNTERS:
+                        rec[k + "_per_io"] = (a[k] - b[k]) / res["ios"]
+                elif backend and variant == "none" and final:
+                    # no pvdma, no pauses: the whole run's counters (no
+                    # IOTLB without an IOMMU: all zero)
+                    for k in COUNTERS[:4]:
+                        rec[k + "_per_io"] = final[k] / res["ios"]
+            boot["workloads"][w] = rec
+        if not r.passed:
+            boot["console_tail"] = r.console[-30:]
+    finally:
+        if backend:
+            backend.close()
+        tmp.cleanup()
+    return boot
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(m, digits=1):
+    if m is None:
+        return "n/a"
+    mid, lo, hi = m
+    if lo == hi:
+        return f"{mid:.{digits}f}"
+    return f"{mid:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def table(boots, labels):
+    rows = ["| config | workload | rate | vs vub-noiommu | QEMU CPU us/IO "
+            "| IOTLB misses/IO | updates/IO | invalidations/IO |",
+            "|---|---|---|---|---|---|---|---|"]
+
+    def rate(label, w):
+        m = med([b["workloads"].get(w, {}).get("rate") for b in boots
+                 if b["config"] == label and b.get("passed")])
+        return m[0] if m else None
+    for label in labels:
+        for w, (_, _, unit) in WORKLOADS.items():
+            recs = [b["workloads"].get(w, {}) for b in boots
+                    if b["config"] == label and b.get("passed")]
+            recs = [x for x in recs if x.get("ok")]
+
+            def col(k, d=2):
+                return fmt(med([x.get(k) for x in recs]), d)
+            base, mine = rate("vub-noiommu", w), rate(label, w)
+            ratio = f"{mine / base:.2f}x" if base and mine else "n/a"
+            rows.append(f"| {label} | {w} | {col('rate', 1)} {unit} "
+                        f"| {ratio} | {col('cpu_us_per_op', 1)} "
+                        f"| {col('iotlb_misses_per_io', 3)} "
+                        f"| {col('iotlb_updates_per_io', 3)} "
+                        f"| {col('iotlb_invalidations_per_io', 3)} |")
+    return "\n".join(rows)
+
+
+def on_signal(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--qemu")
+    ap.add_argument("--backend", help="pvdma-vhost-user-blk (default: "
+                    "cargo build --release)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--secs", type=float, default=5)
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS),
+                    choices=list(CONFIGS))
+    ap.add_argument("--timeout", type=float, default=180)
+    ap.add_argument("--json")
+    ap.add_argument("--markdown")
+    a = ap.parse_args()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    qemu = a.qemu or pg.qemu_build()
+    backend = a.backend
+    if not backend:
+        subprocess.run(["cargo", "build", "--quiet", "--release", "-p",
+                        "pvdma-vhost-user-blk"], cwd=ROOT, check=True)
+        backend = os.path.join(ROOT, "target", "release",
+                               "pvdma-vhost-user-blk")
+    image = pg.prepare("6.1")
+    boots = []
+    try:
+        for rnd in range(a.rounds):
+            for label in a.configs:
+                b = one_boot(qemu, image, backend, label, a.secs, a.timeout)
+                b["round"] = rnd + 1
+                boots.append(b)
+                verdict = "ok" if b.get("passed") else f"FAIL {b.get('failure')}"
+                print(f"round {rnd + 1} {label}: {verdict} "
+                      + json.dumps(b["workloads"]), flush=True)
+    except KeyboardInterrupt as e:
+        sys.exit(f"interrupted ({e or 'SIGINT'})")
+    md = table(boots, a.configs)
+    head = (f"vhost-user-blk benchmark: {a.rounds} rounds x {a.secs:g} s per "
+            f"workload, kernel 6.1, TCG, {platform.node()}, "
+            f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(head)
+    print(md)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"head": head, "boots": boots}, f, indent=1)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(head + "\n\n" + md + "\n")
+    return 0 if all(b.get("passed") for b in boots) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

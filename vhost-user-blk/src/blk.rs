@@ -1,0 +1,644 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The virtio-blk side: one queue's chains, popped and served through
+//! pvdma's `IovaSpace` (bypass when the IOMMU is off), buffers as
+//! per-fragment host slices (scatter-gather mode) or as one slice of the
+//! IOVA window per descriptor (window mode).
+//!
+//! A step pops one chain. A translation the table lacks is a *miss*: the
+//! chain goes back on the ring and the caller asks the frontend (once per
+//! page per chain), then steps again. An access still refused after that,
+//! or refused for a reason a miss cannot fix, fails the request: status
+//! `VIRTIO_BLK_S_IOERR` when the status byte is writable, else the chain
+//! is returned with length 0. Nothing is read or written outside what the
+//! table allows.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use pvdma::{
+    epoch, FaultReason, Fragment, FragmentSink, IovaSpace, PageCache, Perm, TranslateFault,
+};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::device::{Mode, Shared};
+
+/// `VIRTIO_BLK_T_IN`.
+pub const T_IN: u32 = 0;
+/// `VIRTIO_BLK_T_OUT`.
+pub const T_OUT: u32 = 1;
+/// `VIRTIO_BLK_T_FLUSH`.
+pub const T_FLUSH: u32 = 4;
+/// `VIRTIO_BLK_T_GET_ID`.
+pub const T_GET_ID: u32 = 8;
+/// Status: success.
+pub const S_OK: u8 = 0;
+/// Status: I/O error.
+pub const S_IOERR: u8 = 1;
+/// Status: unsupported request.
+pub const S_UNSUPP: u8 = 2;
+/// Sector size.
+pub const SECTOR: u64 = 512;
+/// Most descriptors we take in one chain (a larger chain is refused).
+pub const MAX_DESCS: usize = 1024;
+/// Most pages missed for one chain (256 MiB of 4 KiB pages).
+pub const MAX_MISSES_PER_CHAIN: usize = 1 << 16;
+
+/// A descriptor of the chain being served.
+#[derive(Clone, Copy, Debug)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    write: bool,
+}
+
+/// One queue's device state.
+#[derive(Debug)]
+pub struct Vring {
+    /// virtio-queue's split queue (addresses: IOVA, or GPA without IOMMU).
+    pub queue: Queue,
+    /// Page cache keyed by (domain generation, RAM layout).
+    pages: PageCache,
+    /// Used entries not yet written (the used ring was unmapped).
+    pending_used: Vec<(u16, u32)>,
+    /// Pages already missed for the chain at the head of the ring.
+    missed: HashSet<u64>,
+    descs: Vec<Desc>,
+    frags: Vec<Fragment>,
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs are scratch space rebuilt for every request and only
+// dereferenced (by the kernel) inside the step that built them, on the
+// thread that owns the Vring at the time.
+unsafe impl Send for Vring {}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A chain was served (or failed and returned).
+    Done,
+    /// Nothing available.
+    Empty,
+    /// The table lacks `iova` for `perm`: ask the frontend, step again.
+    Miss(u64, Perm),
+    /// The rings cannot be reached (even after a miss) or are corrupt:
+    /// stop until the next kick.
+    Stalled,
+}
+
+impl Vring {
+    /// A queue at the given addresses, starting at avail index `base`.
+    pub fn new(
+        size: u16,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        base: u16,
+        event_idx: bool,
+    ) -> Option<Vring> {
+        let mut queue = Queue::new(pvdma::MAX_QUEUE_SIZE).ok()?;
+        queue.try_set_size(size).ok()?;
+        queue.try_set_desc_table_address(GuestAddress(desc)).ok()?;
+        queue.try_set_avail_ring_address(GuestAddress(avail)).ok()?;
+        queue.try_set_used_ring_address(GuestAddress(used)).ok()?;
+        queue.set_event_idx(event_idx);
+        queue.set_next_avail(base);
+        queue.set_next_used(base);
+        queue.set_ready(true);
+        if avail == 0 {
+            // virtio-queue reads avail address 0 as "not configured".
+            return None;
+        }
+        Some(Vring {
+            queue,
+            pages: PageCache::new(),
+            pending_used: Vec::new(),
+            missed: HashSet::new(),
+            descs: Vec::new(),
+            frags: Vec::new(),
+            iov: Vec::new(),
+        })
+    }
+
+    /// Records that `page` was missed for the current chain; false if it
+    /// was already (the frontend could not help: give up on it). Every
+    /// miss after the first on a chain is for a page the frontend did
+    /// translate for us, so a chain costs at most one miss per page the
+    /// guest really mapped for it, bounded by `MAX_MISSES_PER_CHAIN`.
+    pub fn note_miss(&mut self, iova: u64) -> bool {
+        let page = iova >> pvdma::PAGE_SHIFT;
+        self.missed.len() < MAX_MISSES_PER_CHAIN && self.missed.insert(page)
+    }
+
+    /// Serves at most one chain.
+    pub fn step(&mut self, sh: &Shared) -> Step {
+        // The space borrows the page cache while the step mutates the rest.
+        let pages = std::mem::take(&mut self.pages);
+        let r = self.step_with(sh, &pages);
+        self.pages = pages;
+        r
+    }
+
+    fn step_with(&mut self, sh: &Shared, pages: &PageCache) -> Step {
+        let guard = epoch::pin();
+        let ram = sh.ram.load(&guard);
+        let dom = sh.iommu().then(|| &**sh.domain());
+        // The generation is read before any walk: a removal racing with
+        // this step changes it and the cache serves nothing stale.
+        let key = (dom.map_or(0, |d| d.generation()), ram.id());
+        if pages.key() != Some(key) {
+            pages.reset(Some(key));
+        }
+        let space = IovaSpace::with_cache(dom, ram, &guard, &[], pages);
+
+        while let Some(&(head, len)) = self.pending_used.first() {
+            match self.queue.add_used(&space, head, len) {
+                Ok(()) => {
+                    self.pending_used.remove(0);
+                }
+                Err(virtio_queue::Error::GuestMemory(_)) => {
+                    let iova = fault_iova(&space, self.queue.used_ring());
+                    return self.ring_fault(iova, Perm::WRITE);
+                }
+                Err(e) => {
+                    log::warn!("queue: dropping used entry {head}: {e}");
+                    self.pending_used.remove(0);
+                }
+            }
+        }
+
+        let mut iter = match self.queue.iter(&space) {
+            Ok(it) => it,
+            Err(virtio_queue::Error::GuestMemory(_)) => {
+                let iova = fault_iova(&space, self.queue.avail_ring());
+                return self.ring_fault(iova, Perm::READ);
+            }
+            Err(e) => {
+                sh.stats.bump(&sh.stats.ring_errors);
+                log::warn!("queue: driver error in the rings: {e}");
+                return Step::Stalled;
+            }
+        };
+        let Some(chain) = iter.next() else {
+            if let Some(f) = space.take_fault() {
+                return self.ring_fault(f.iova, Perm::READ);
+            }
+            return Step::Empty;
+        };
+        let head = chain.head_index();
+        self.descs.clear();
+        let mut ends_early = true;
+        for d in chain {
+            if self.descs.len() == MAX_DESCS {
+                break;
+            }
+            ends_early = d.has_next();
+            self.descs.push(Desc {
+                addr: d.addr().0,
+                len: d.len(),
+                write: d.is_write_only(),
+            });
+        }
+        if self.descs.is_empty() || ends_early {
+            if let Some(f) = space.take_fault() {
+                if self.note_miss(f.iova) {
+                    self.queue.go_to_previous_position();
+                    return Step::Miss(f.iova, Perm::READ);
+                }
+            }
+            sh.stats.bump(&sh.stats.bad_chains);
+            log::warn!(
+                "queue: malformed or unreadable chain at head {head}: returned with length 0"
+            );
+            return self.complete(&space, head, 0);
+        }
+        match self.serve(sh, &space) {
+            Ok(used) => self.complete(&space, head, used),
+            Err(Fail::Miss(iova, perm)) => {
+                self.queue.go_to_previous_position();
+                Step::Miss(iova, perm)
+            }
+            Err(Fail::NoStatus) => {
+                sh.stats.bump(&sh.stats.bad_chains);
+                self.complete(&space, head, 0)
+            }
+        }
+    }
+
+    fn ring_fault(&mut self, iova: u64, perm: Perm) -> Step {
+        if self.note_miss(iova) {
+            Step::Miss(iova, perm)
+        } else {
+            self.missed.clear();
+            Step::Stalled
+        }
+    }
+
+    fn complete(&mut self, space: &IovaSpace<'_>, head: u16, len: u32) -> Step {
+        self.missed.clear();
+        if let Err(e) = self.queue.add_used(space, head, len) {
+            if matches!(e, virtio_queue::Error::GuestMemory(_)) {
+                // The used ring is not mapped: write it once it is.
+                self.pending_used.push((head, len));
+            } else {
+                log::warn!("queue: add_used {head}: {e}");
+            }
+        }
+        Step::Done
+    }
+
+    /// Serves the request in `self.descs`; the used length on success or
+    /// after writing an error status.
+    fn serve(&mut self, sh: &Shared, space: &IovaSpace<'_>) -> Result<u32, Fail> {
+        // The status byte: the last byte of the last descriptor, which must
+        // be device-writable.
+        let last = *self.descs.last().expect("non-empty chain");
+        if !last.write || last.len == 0 {
+            log::warn!("queue: request without a writable status byte");
+            return Err(Fail::NoStatus);
+        }
+        let status_at = last
+            .addr
+            .checked_add(u64::from(last.len) - 1)
+            .ok_or(Fail::NoStatus)?;
+        match self.execute(sh, space) {
+            Ok((status, written)) => {
+                self.write_status(sh, space, status_at, status)?;
+                Ok(written + 1)
+            }
+            Err(Fail::Miss(iova, perm)) => Err(Fail::Miss(iova, perm)),
+            Err(Fail::NoStatus) => {
+                sh.stats.bump(&sh.stats.io_errors);
+                self.write_status(sh, space, status_at, S_IOERR)?;
+                Ok(1)
+            }
+        }
+    }
+
+    fn write_status(
+        &mut self,
+        sh: &Shared,
+        space: &IovaSpace<'_>,
+        at: u64,
+        status: u8,
+    ) -> Result<(), Fail> {
+        if space.write_obj(status, GuestAddress(at)).is_ok() {
+            return Ok(());
+        }
+        let f = space.take_fault().unwrap_or(TranslateFault {
+            iova: at,
+            reason: FaultReason::Unmapped,
+        });
+        self.refused(sh, f, Perm::WRITE)?;
+        Err(Fail::NoStatus)
+    }
+
+    /// A refused access: a miss to ask for, once per page; else the
+    /// request fails.
+    fn refused(&mut self, sh: &Shared, f: TranslateFault, perm: Perm) -> Result<(), Fail> {
+        if sh.iommu()
+            && matches!(f.reason, FaultReason::Unmapped | FaultReason::Permission)
+            && self.note_miss(f.iova)
+        {
+            return Err(Fail::Miss(f.iova, perm));
+        }
+        sh.stats.bump(&sh.stats.refused);
+        log::debug!(
+            "queue: refused {perm} access at {:#x}: {}",
+            f.iova,
+            f.reason
+        );
+        Ok(())
+    }
+
+    /// Runs the request: `(status, bytes written to the driver)`;
+    /// `Err(NoStatus)` means "fail with IOERR".
+    fn execute(&mut self, sh: &Shared, space: &IovaSpace<'_>) -> Result<(u8, u32), Fail> {
+        let mut hdr = [0u8; 16];
+        let readable: u64 = self
+            .descs
+            .iter()
+            .filter(|d| !d.write)
+            .map(|d| u64::from(d.len))
+            .sum();
+        let writable: u64 = self
+            .descs
+            .iter()
+            .filter(|d| d.write)
+            .map(|d| u64::from(d.len))
+            .sum();
+        if readable < 16 {
+            log::debug!("queue: request header of {readable} bytes");
+            return Err(Fail::NoStatus);
+        }
+        self.copy_from(sh, space, 0, &mut hdr)?;
+        let rtype = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
+        sh.stats.bump(&sh.stats.requests);
+        match rtype {
+            T_IN | T_OUT => {
+                let (dir_write, data_len, skip) = if rtype == T_IN {
+                    (true, writable - 1, 0)
+                } else {
+                    (false, readable - 16, 16)
+                };
+                let offset = sector.checked_mul(SECTOR).ok_or(Fail::NoStatus)?;
+                if data_len % SECTOR != 0
+                    || offset.checked_add(data_len).is_none_or(|e| e > sh.capacity)
+                {
+                    log::debug!("queue: request past the end or unaligned: sector {sector}, {data_len} bytes");
+                    return Err(Fail::NoStatus);
+                }
+                if rtype == T_OUT && sh.readonly {
+                    return Err(Fail::NoStatus);
+                }
+                self.build_iov(sh, space, dir_write, skip, data_len)?;
+                if !sh.test_io_delay.is_zero() {
+                    std::thread::sleep(sh.test_io_delay);
+                }
+                let done = if rtype == T_IN {
+                    rw_all(&sh.image, &mut self.iov, offset, false)
+                } else {
+                    rw_all(&sh.image, &mut self.iov, offset, true)
+                };
+                match done {
+                    Ok(()) => {
+                        let ctr = if rtype == T_IN {
+                            &sh.stats.read_bytes
+                        } else {
+                            &sh.stats.write_bytes
+                        };
+                        ctr.fetch_add(data_len, std::sync::atomic::Ordering::Relaxed);
+                        Ok((S_OK, if rtype == T_IN { data_len as u32 } else { 0 }))
+                    }
+                    Err(e) => {
+                        log::warn!("image I/O at {offset:#x}: {e}");
+                        Err(Fail::NoStatus)
+                    }
+                }
+            }
+            T_FLUSH => {
+                if sh.image.sync_data().is_err() {
+                    return Err(Fail::NoStatus);
+                }
+                Ok((S_OK, 0))
+            }
+            T_GET_ID => {
+                let id = sh.serial.as_bytes();
+                let n = (id.len() as u64).min(20).min(writable - 1);
+                let written = self.copy_to(sh, space, &id[..n as usize])?;
+                Ok((S_OK, written))
+            }
+            _ => Ok((S_UNSUPP, 0)),
+        }
+    }
+
+    /// Reads `buf.len()` bytes from the start (after `skip` bytes) of the
+    /// readable descriptors.
+    fn copy_from(
+        &mut self,
+        sh: &Shared,
+        space: &IovaSpace<'_>,
+        skip: u64,
+        buf: &mut [u8],
+    ) -> Result<(), Fail> {
+        let mut pos = 0usize;
+        let mut skip = skip;
+        for i in 0..self.descs.len() {
+            let d = self.descs[i];
+            if d.write || pos == buf.len() {
+                break;
+            }
+            let len = u64::from(d.len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = ((len - skip) as usize).min(buf.len() - pos);
+            let at = d.addr.checked_add(skip).ok_or(Fail::NoStatus)?;
+            if space
+                .read_slice(&mut buf[pos..pos + n], GuestAddress(at))
+                .is_err()
+            {
+                let f = space.take_fault().unwrap_or(TranslateFault {
+                    iova: at,
+                    reason: FaultReason::Overflow,
+                });
+                self.refused(sh, f, Perm::READ)?;
+                return Err(Fail::NoStatus);
+            }
+            pos += n;
+            skip = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at the start of the writable descriptors; bytes written.
+    fn copy_to(&mut self, sh: &Shared, space: &IovaSpace<'_>, buf: &[u8]) -> Result<u32, Fail> {
+        let mut pos = 0usize;
+        for i in 0..self.descs.len() {
+            let d = self.descs[i];
+            if !d.write || pos == buf.len() {
+                continue;
+            }
+            let n = (d.len as usize).min(buf.len() - pos);
+            if space
+                .write_slice(&buf[pos..pos + n], GuestAddress(d.addr))
+                .is_err()
+            {
+                let f = space.take_fault().unwrap_or(TranslateFault {
+                    iova: d.addr,
+                    reason: FaultReason::Overflow,
+                });
+                self.refused(sh, f, Perm::WRITE)?;
+                return Err(Fail::NoStatus);
+            }
+            pos += n;
+        }
+        Ok(pos as u32)
+    }
+
+    /// Builds `self.iov` for `len` bytes of the device-writable
+    /// (`write`) or device-readable descriptors, after `skip` bytes. Every
+    /// range is checked in the table for the access first.
+    fn build_iov(
+        &mut self,
+        sh: &Shared,
+        space: &IovaSpace<'_>,
+        write: bool,
+        skip: u64,
+        len: u64,
+    ) -> Result<(), Fail> {
+        let need = if write { Perm::WRITE } else { Perm::READ };
+        self.iov.clear();
+        let mut used = 0;
+        let mut skip = skip;
+        let mut left = len;
+        for i in 0..self.descs.len() {
+            if left == 0 {
+                break;
+            }
+            let d = self.descs[i];
+            if d.write != write {
+                continue;
+            }
+            let dlen = u64::from(d.len);
+            if skip >= dlen {
+                skip -= dlen;
+                continue;
+            }
+            let n = (dlen - skip).min(left);
+            let at = d.addr.checked_add(skip).ok_or(Fail::NoStatus)?;
+            skip = 0;
+            left -= n;
+            match sh.mode {
+                Mode::Window if sh.iommu() => {
+                    // One check of the whole range in the table, then the
+                    // window's contiguous slice.
+                    let mut none: [Fragment; 0] = [];
+                    if space
+                        .translate(at, n, need, &mut FragmentSink::new(&mut none))
+                        .is_err()
+                    {
+                        self.fail_translate(sh, space, at, need)?;
+                    }
+                    let w = sh.window.as_ref().expect("window mode has a window");
+                    self.iov.push(libc::iovec {
+                        iov_base: w.host(at) as *mut libc::c_void,
+                        iov_len: n as usize,
+                    });
+                }
+                _ => {
+                    let start = used;
+                    let mut count = {
+                        let mut sink = FragmentSink::new(&mut self.frags[start..]);
+                        let r = space.translate(at, n, need, &mut sink);
+                        r.map(|()| sink.count())
+                    };
+                    if let Ok(c) = count {
+                        if c > self.frags.len() - start {
+                            // Too few slots: grow and translate again.
+                            self.frags.resize(
+                                start + c,
+                                Fragment {
+                                    hva: 0,
+                                    gpa: 0,
+                                    len: 0,
+                                },
+                            );
+                            let mut sink = FragmentSink::new(&mut self.frags[start..]);
+                            count = space
+                                .translate(at, n, need, &mut sink)
+                                .map(|()| sink.count());
+                        }
+                    }
+                    match count {
+                        Ok(c) => {
+                            used += c;
+                            for fr in &self.frags[start..start + c] {
+                                self.iov.push(libc::iovec {
+                                    iov_base: fr.hva as *mut libc::c_void,
+                                    iov_len: fr.len as usize,
+                                });
+                            }
+                        }
+                        Err(_) => self.fail_translate(sh, space, at, need)?,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_translate(
+        &mut self,
+        sh: &Shared,
+        space: &IovaSpace<'_>,
+        at: u64,
+        need: Perm,
+    ) -> Result<(), Fail> {
+        let f = space.take_fault().unwrap_or(TranslateFault {
+            iova: at,
+            reason: FaultReason::Overflow,
+        });
+        self.refused(sh, f, need)?;
+        Err(Fail::NoStatus)
+    }
+}
+
+/// Why serving stopped.
+#[derive(Debug)]
+enum Fail {
+    /// Ask the frontend for this translation and retry the chain.
+    Miss(u64, Perm),
+    /// Fail the request (IOERR), or return the chain with length 0 when
+    /// even the status cannot be written.
+    NoStatus,
+}
+
+fn fault_iova(space: &IovaSpace<'_>, fallback: u64) -> u64 {
+    space.take_fault().map_or(fallback, |f| f.iova)
+}
+
+/// preadv / pwritev of all of `iov` at `offset`, through short transfers.
+fn rw_all(
+    file: &File,
+    iov: &mut [libc::iovec],
+    mut offset: u64,
+    write: bool,
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < iov.len() {
+        let cnt = (iov.len() - first).min(1024) as libc::c_int;
+        // SAFETY: every iovec points into guest memory that the table
+        // allowed for this access (checked in build_iov) and that stays
+        // mapped while the caller holds the access lock and epoch guard;
+        // the kernel reads or writes at most iov_len bytes of each.
+        let n = unsafe {
+            if write {
+                libc::pwritev(
+                    file.as_raw_fd(),
+                    iov[first..].as_ptr(),
+                    cnt,
+                    offset as libc::off_t,
+                )
+            } else {
+                libc::preadv(
+                    file.as_raw_fd(),
+                    iov[first..].as_ptr(),
+                    cnt,
+                    offset as libc::off_t,
+                )
+            }
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        }
+        offset += n as u64;
+        let mut n = n as usize;
+        while n > 0 && first < iov.len() {
+            let l = iov[first].iov_len;
+            if n >= l {
+                n -= l;
+                first += 1;
+            } else {
+                iov[first].iov_base = (iov[first].iov_base as usize + n) as *mut libc::c_void;
+                iov[first].iov_len = l - n;
+                n = 0;
+            }
+        }
+        while first < iov.len() && iov[first].iov_len == 0 {
+            first += 1;
+        }
+    }
+    Ok(())
+}

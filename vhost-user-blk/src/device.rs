@@ -1,0 +1,885 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The vhost-user-blk device: the frontend's requests (on the socket
+//! thread) and the queue thread that serves the rings.
+//!
+//! Threads and locks:
+//!
+//! - The socket thread owns the [`DeviceIotlb`] and the memory table and
+//!   answers every frontend message in order.
+//! - The queue thread serves kicked rings. It touches guest memory only
+//!   inside an *access section*: holding `access` for reading, with an
+//!   epoch guard pinned, translating through the domain's table.
+//! - An invalidation (and a memory-table change) removes the translations
+//!   first, then takes `access` for writing once, which waits out every
+//!   access section that could still use them, and only then acks.
+//! - The queue thread never waits on the frontend inside an access
+//!   section: a miss is sent, and its answer awaited, with nothing held,
+//!   so the frontend can send the update (or an invalidation) meanwhile.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use pvdma::{epoch, Domain, GuestRam, Perm};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserConfig, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserU64,
+    VhostUserVirtioFeatures, VhostUserVringAddr, VhostUserVringState,
+};
+use vm_memory::ByteValued;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::blk::{Step, Vring, SECTOR};
+use crate::iotlb::{DeviceIotlb, Updated, Window};
+use crate::mem::MemTable;
+use crate::proto::{read_pod, BackendChannel, Connection, IotlbMsg, Message};
+
+/// How the queue thread reaches buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Per-fragment host slices from pvdma's translation (default).
+    Sg,
+    /// One slice per descriptor in the contiguous IOVA window.
+    Window,
+}
+
+/// The device's settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Access mode.
+    pub mode: Mode,
+    /// Serve read-only.
+    pub readonly: bool,
+    /// GET_ID answer.
+    pub serial: String,
+    /// How long the queue thread waits for a miss's answer.
+    pub miss_timeout: Duration,
+    /// Most IOTLB entries held.
+    pub max_entries: usize,
+    /// Window size, log2 bytes (window mode).
+    pub window_bits: u32,
+    /// Tests only: sleep this long between translating a request's
+    /// buffers and doing its I/O, to widen races with invalidations.
+    pub test_io_delay: Duration,
+}
+
+/// Counters (relaxed atomics: statistics, not synchronisation).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// IOTLB misses sent.
+    pub misses: AtomicU64,
+    /// Misses the frontend could not translate (or did not answer).
+    pub miss_failures: AtomicU64,
+    /// IOTLB updates accepted (new entries).
+    pub updates: AtomicU64,
+    /// Updates equal to an entry held.
+    pub duplicate_updates: AtomicU64,
+    /// IOTLB messages refused (malformed, or updates we cannot take).
+    pub refused_updates: AtomicU64,
+    /// IOTLB invalidation messages.
+    pub invalidations: AtomicU64,
+    /// Entries they removed.
+    pub invalidated_entries: AtomicU64,
+    /// virtio-blk requests parsed.
+    pub requests: AtomicU64,
+    /// Bytes read from the image into guest buffers.
+    pub read_bytes: AtomicU64,
+    /// Bytes written to the image from guest buffers.
+    pub write_bytes: AtomicU64,
+    /// Requests failed with IOERR.
+    pub io_errors: AtomicU64,
+    /// Accesses refused by the table (after misses).
+    pub refused: AtomicU64,
+    /// Chains returned with length 0 (malformed, or no status byte).
+    pub bad_chains: AtomicU64,
+    /// Ring corruption seen.
+    pub ring_errors: AtomicU64,
+}
+
+impl Stats {
+    /// Adds one.
+    pub fn bump(&self, c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One line, `name=value` pairs.
+    pub fn summary(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "iotlb_misses={} iotlb_miss_failures={} iotlb_updates={} iotlb_duplicate_updates={} \
+             iotlb_refused={} iotlb_invalidations={} iotlb_invalidated_entries={} \
+             requests={} read_bytes={} write_bytes={} io_errors={} refused_accesses={} \
+             bad_chains={} ring_errors={}",
+            g(&self.misses),
+            g(&self.miss_failures),
+            g(&self.updates),
+            g(&self.duplicate_updates),
+            g(&self.refused_updates),
+            g(&self.invalidations),
+            g(&self.invalidated_entries),
+            g(&self.requests),
+            g(&self.read_bytes),
+            g(&self.write_bytes),
+            g(&self.io_errors),
+            g(&self.refused),
+            g(&self.bad_chains),
+            g(&self.ring_errors),
+        )
+    }
+}
+
+/// Number of queues served.
+pub const NUM_QUEUES: usize = 1;
+/// Largest segment count advertised (`seg_max`).
+const SEG_MAX: u32 = 126;
+
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_ACCESS_PLATFORM` (`iommu_platform=on`).
+pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+
+/// State both threads reach.
+pub struct Shared {
+    /// Guest RAM (guest-physical), published from the memory table.
+    pub ram: GuestRam,
+    domain: Arc<Domain>,
+    iommu: AtomicBool,
+    /// Access mode.
+    pub mode: Mode,
+    /// Window (window mode).
+    pub window: Option<Arc<Window>>,
+    /// The image.
+    pub image: File,
+    /// Its size in bytes (a multiple of 512).
+    pub capacity: u64,
+    /// Read-only.
+    pub readonly: bool,
+    /// GET_ID.
+    pub serial: String,
+    /// Counters.
+    pub stats: Stats,
+    access: RwLock<()>,
+    vrings: Vec<Mutex<Slot>>,
+    backend: Mutex<Option<BackendChannel>>,
+    /// Ends a miss wait (a ring is being stopped).
+    stop: EventFd,
+    /// Wakes the queue thread (rings changed, exit).
+    wake: EventFd,
+    exit: AtomicBool,
+    miss_timeout: Duration,
+    /// See [`Options::test_io_delay`].
+    pub test_io_delay: Duration,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("mode", &self.mode)
+            .field("capacity", &self.capacity)
+            .field("iommu", &self.iommu())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Whether VIRTIO_F_ACCESS_PLATFORM was negotiated: addresses are IOVAs.
+    #[inline]
+    pub fn iommu(&self) -> bool {
+        // Relaxed: set by SET_FEATURES before any ring is started (the
+        // ring's start, under its mutex, orders it for the queue thread).
+        self.iommu.load(Ordering::Relaxed)
+    }
+
+    /// The domain the IOTLB feeds.
+    pub fn domain(&self) -> &Arc<Domain> {
+        &self.domain
+    }
+
+    fn quiesce(&self) {
+        // Every access section that began before the translations left
+        // the table has ended once we get the write lock.
+        drop(self.access.write());
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    size: u16,
+    base: u16,
+    addr: Option<VhostUserVringAddr>,
+    kick: Option<Arc<EventFd>>,
+    call: Option<EventFd>,
+    enabled: bool,
+    ring: Option<Vring>,
+}
+
+/// One frontend connection's device.
+pub struct Device {
+    sh: Arc<Shared>,
+    iotlb: DeviceIotlb,
+    mem: Option<MemTable>,
+    features: u64,
+    protocol: u64,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("features", &self.features)
+            .finish()
+    }
+}
+
+/// Why the connection must end.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Writing a reply failed.
+    #[error(transparent)]
+    Proto(#[from] crate::proto::Error),
+    /// Setting up failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl Device {
+    /// A device serving `image`.
+    pub fn new(image: File, opts: &Options) -> Result<Device, Error> {
+        let len = image
+            .metadata()
+            .map_err(|e| Error::Setup(format!("image: {e}")))?
+            .len();
+        let window = match opts.mode {
+            Mode::Window => Some(Arc::new(
+                Window::reserve(1u64 << opts.window_bits)
+                    .map_err(|e| Error::Setup(format!("reserving the IOVA window: {e}")))?,
+            )),
+            Mode::Sg => None,
+        };
+        let iotlb = DeviceIotlb::new(window.clone(), opts.max_entries);
+        let ev = || EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")));
+        let sh = Arc::new(Shared {
+            ram: GuestRam::new(),
+            domain: iotlb.domain().clone(),
+            iommu: AtomicBool::new(false),
+            mode: opts.mode,
+            window,
+            image,
+            capacity: len / SECTOR * SECTOR,
+            readonly: opts.readonly,
+            serial: opts.serial.clone(),
+            stats: Stats::default(),
+            access: RwLock::new(()),
+            vrings: (0..NUM_QUEUES)
+                .map(|_| Mutex::new(Slot::default()))
+                .collect(),
+            backend: Mutex::new(None),
+            stop: ev()?,
+            wake: ev()?,
+            exit: AtomicBool::new(false),
+            miss_timeout: opts.miss_timeout,
+            test_io_delay: opts.test_io_delay,
+        });
+        let worker_sh = sh.clone();
+        let worker = std::thread::Builder::new()
+            .name("queues".into())
+            .spawn(move || queue_thread(&worker_sh))
+            .map_err(|e| Error::Setup(format!("spawning the queue thread: {e}")))?;
+        Ok(Device {
+            sh,
+            iotlb,
+            mem: None,
+            features: 0,
+            protocol: 0,
+            worker: Some(worker),
+        })
+    }
+
+    /// The shared state (counters).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.sh
+    }
+
+    fn features_offered(&self) -> u64 {
+        let mut f = VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_MQ
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_F_VERSION_1
+            | VIRTIO_F_ACCESS_PLATFORM
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.sh.readonly {
+            f |= VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn protocol_offered() -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn config_space(&self) -> [u8; 256] {
+        let mut c = [0u8; 256];
+        c[0..8].copy_from_slice(&(self.sh.capacity / SECTOR).to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
+        c[34..36].copy_from_slice(&(NUM_QUEUES as u16).to_le_bytes());
+        c
+    }
+
+    /// Answers one message. `Err` ends the connection.
+    pub fn handle(&mut self, conn: &mut Connection, mut msg: Message) -> Result<(), Error> {
+        let Some(req) = msg.request() else {
+            log::warn!("unknown request {}", msg.hdr.request);
+            return self.done(conn, &msg, Err("unknown request".into()));
+        };
+        log::trace!(
+            "request {req:?} ({} bytes, {} fds)",
+            msg.payload.len(),
+            msg.fds.len()
+        );
+        let r: Result<(), String> = match req {
+            FrontendReq::GET_FEATURES => return reply_u64(conn, &msg, self.features_offered()),
+            FrontendReq::GET_PROTOCOL_FEATURES => {
+                return reply_u64(conn, &msg, Self::protocol_offered().bits())
+            }
+            FrontendReq::GET_QUEUE_NUM => return reply_u64(conn, &msg, NUM_QUEUES as u64),
+            FrontendReq::GET_VRING_BASE => return self.get_vring_base(conn, &msg),
+            FrontendReq::GET_CONFIG => return self.get_config(conn, &msg),
+            FrontendReq::SET_FEATURES => match msg.payload::<VhostUserU64>() {
+                Some(v) if v.value & !self.features_offered() == 0 => {
+                    self.features = v.value;
+                    self.sh
+                        .iommu
+                        .store(v.value & VIRTIO_F_ACCESS_PLATFORM != 0, Ordering::Relaxed);
+                    log::info!(
+                        "features {:#x}: {}",
+                        v.value,
+                        if self.sh.iommu() {
+                            "behind the IOMMU (IOTLB)"
+                        } else {
+                            "no IOMMU"
+                        }
+                    );
+                    Ok(())
+                }
+                Some(v) => Err(format!("features {:#x} not offered", v.value)),
+                None => Err("bad payload".into()),
+            },
+            FrontendReq::SET_PROTOCOL_FEATURES => match msg.payload::<VhostUserU64>() {
+                Some(v) if v.value & !Self::protocol_offered().bits() == 0 => {
+                    self.protocol = v.value;
+                    Ok(())
+                }
+                Some(v) => Err(format!("protocol features {:#x} not offered", v.value)),
+                None => Err("bad payload".into()),
+            },
+            FrontendReq::SET_OWNER => Ok(()),
+            FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE => {
+                self.reset();
+                Ok(())
+            }
+            FrontendReq::SET_MEM_TABLE => self.set_mem_table(msg.payload.as_slice(), &msg.fds),
+            FrontendReq::SET_VRING_NUM => self.with_slot(&msg, |s, n| match n {
+                n @ 1..=32768 if n.is_power_of_two() => {
+                    s.size = n as u16;
+                    Ok(())
+                }
+                n => Err(format!("queue size {n}")),
+            }),
+            FrontendReq::SET_VRING_BASE => self.with_slot(&msg, |s, n| match u16::try_from(n) {
+                Ok(b) => {
+                    s.base = b;
+                    Ok(())
+                }
+                Err(_) => Err(format!("vring base {n}")),
+            }),
+            FrontendReq::SET_VRING_ADDR => self.set_vring_addr(&msg),
+            FrontendReq::SET_VRING_KICK
+            | FrontendReq::SET_VRING_CALL
+            | FrontendReq::SET_VRING_ERR => self.set_vring_fd(
+                req,
+                msg.payload::<VhostUserU64>(),
+                std::mem::take(&mut msg.fds),
+            ),
+            FrontendReq::SET_VRING_ENABLE => self.with_slot(&msg, |s, n| match n {
+                0 | 1 => {
+                    s.enabled = n == 1;
+                    Ok(())
+                }
+                n => Err(format!("SET_VRING_ENABLE {n}")),
+            }),
+            FrontendReq::SET_CONFIG => Ok(()),
+            FrontendReq::SET_BACKEND_REQ_FD => {
+                match std::mem::take(&mut msg.fds).into_iter().next() {
+                    Some(fd) => {
+                        *self.sh.backend.lock() = Some(BackendChannel::new(fd));
+                        return self.ack_if_asked(conn, &msg.hdr, Ok(()));
+                    }
+                    None => Err("SET_BACKEND_REQ_FD without a descriptor".into()),
+                }
+            }
+            FrontendReq::IOTLB_MSG => {
+                // Always acknowledged (vhost-user.rst), REPLY_ACK or not.
+                let r = self.iotlb_msg(&msg.payload);
+                if let Err(e) = &r {
+                    log::warn!("IOTLB: {e}");
+                }
+                conn.ack(&msg.hdr, u64::from(r.is_err()))?;
+                return Ok(());
+            }
+            other => Err(format!("{other:?} not supported")),
+        };
+        self.wake();
+        self.done(conn, &msg, r)
+    }
+
+    fn done(
+        &mut self,
+        conn: &mut Connection,
+        msg: &Message,
+        r: Result<(), String>,
+    ) -> Result<(), Error> {
+        if let Err(e) = &r {
+            log::warn!("request {}: {e}", msg.hdr.request);
+        }
+        self.ack_if_asked(conn, &msg.hdr, r)
+    }
+
+    fn ack_if_asked(
+        &self,
+        conn: &mut Connection,
+        hdr: &crate::proto::Header,
+        r: Result<(), String>,
+    ) -> Result<(), Error> {
+        if hdr.need_reply() && self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0 {
+            conn.ack(hdr, u64::from(r.is_err()))?;
+        }
+        Ok(())
+    }
+
+    fn wake(&self) {
+        let _ = self.sh.wake.write(1);
+    }
+
+    fn with_slot(
+        &self,
+        msg: &Message,
+        f: impl FnOnce(&mut Slot, u32) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let st = msg.payload::<VhostUserVringState>().ok_or("bad payload")?;
+        let slot = self
+            .sh
+            .vrings
+            .get(st.index as usize)
+            .ok_or(format!("no queue {}", { st.index }))?;
+        f(&mut slot.lock(), st.num)
+    }
+
+    fn iotlb_msg(&mut self, payload: &[u8]) -> Result<(), String> {
+        let sh = self.sh.clone();
+        let msg = IotlbMsg::parse(payload).map_err(|e| {
+            sh.stats.bump(&sh.stats.refused_updates);
+            e.to_string()
+        })?;
+        let guard = epoch::pin();
+        let ram = sh.ram.load(&guard);
+        match msg {
+            IotlbMsg::Update {
+                iova,
+                size,
+                user_addr,
+                perm,
+            } => {
+                let Some(mem) = &self.mem else {
+                    sh.stats.bump(&sh.stats.refused_updates);
+                    return Err("IOTLB update before SET_MEM_TABLE".into());
+                };
+                match self
+                    .iotlb
+                    .update(mem, ram, iova, size, user_addr, perm, &mut || sh.quiesce())
+                {
+                    Ok(Updated::Duplicate) => sh.stats.bump(&sh.stats.duplicate_updates),
+                    Ok(u) => {
+                        if let Updated::Replaced(n) = u {
+                            sh.stats
+                                .invalidated_entries
+                                .fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        sh.stats.bump(&sh.stats.updates);
+                        log::debug!("IOTLB update {iova:#x}+{size:#x} -> {user_addr:#x} {perm}");
+                    }
+                    Err(e) => {
+                        sh.stats.bump(&sh.stats.refused_updates);
+                        return Err(e.to_string());
+                    }
+                }
+            }
+            IotlbMsg::Invalidate { iova, size } => {
+                let n = self.iotlb.invalidate(ram, iova, size, &mut || sh.quiesce());
+                sh.stats.bump(&sh.stats.invalidations);
+                sh.stats
+                    .invalidated_entries
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                log::debug!("IOTLB invalidate {iova:#x}+{size:#x}: {n} entries");
+            }
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(&mut self, payload: &[u8], fds: &[OwnedFd]) -> Result<(), String> {
+        const HDR: usize = 8;
+        const REG: usize = std::mem::size_of::<VhostUserMemoryRegion>();
+        if payload.len() < HDR {
+            return Err("bad payload".into());
+        }
+        let n = u32::from_ne_bytes(payload[0..4].try_into().unwrap()) as usize;
+        if n > crate::mem::MAX_REGIONS || payload.len() != HDR + n * REG {
+            return Err(format!(
+                "memory table of {n} regions in {} bytes",
+                payload.len()
+            ));
+        }
+        let regions: Vec<VhostUserMemoryRegion> = (0..n)
+            .map(|i| read_pod(&payload[HDR + i * REG..HDR + (i + 1) * REG]).expect("sized above"))
+            .collect();
+        let fds = fds
+            .iter()
+            .map(|fd| fd.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        let table = MemTable::new(&regions, fds).map_err(|e| e.to_string())?;
+        // Nothing may translate through the old table from here on.
+        let _quiet = self.sh.access.write();
+        {
+            let guard = epoch::pin();
+            let ram = self.sh.ram.load(&guard);
+            self.iotlb.clear(ram, &mut || {});
+        }
+        let old = self.mem.take();
+        if let Some(old) = &old {
+            old.unpublish(&self.sh.ram);
+        }
+        if let Err(e) = table.publish(&self.sh.ram) {
+            table.unpublish(&self.sh.ram);
+            return Err(e.to_string());
+        }
+        for r in table.regions() {
+            log::info!(
+                "memory: guest-physical {:#x}+{:#x} at user {:#x}",
+                r.gpa,
+                r.size,
+                r.uaddr
+            );
+        }
+        self.mem = Some(table);
+        drop(old);
+        Ok(())
+    }
+
+    fn set_vring_addr(&self, msg: &Message) -> Result<(), String> {
+        let a = msg.payload::<VhostUserVringAddr>().ok_or("bad payload")?;
+        let slot = self
+            .sh
+            .vrings
+            .get(a.index as usize)
+            .ok_or(format!("no queue {}", { a.index }))?;
+        slot.lock().addr = Some(a);
+        Ok(())
+    }
+
+    fn set_vring_fd(
+        &self,
+        req: FrontendReq,
+        v: Option<VhostUserU64>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), String> {
+        let v = v.ok_or("bad payload")?;
+        let index = (v.value & 0xff) as usize;
+        let nofd = v.value & 0x100 != 0;
+        let slot = self
+            .sh
+            .vrings
+            .get(index)
+            .ok_or(format!("no queue {index}"))?;
+        let fd = match (nofd, fds.into_iter().next()) {
+            (false, Some(fd)) => Some(fd),
+            (true, None) => None,
+            _ => return Err(format!("{req:?}: descriptor and flag disagree")),
+        };
+        // An eventfd from the frontend is only read or written 8 bytes at a
+        // time: a descriptor of another kind only makes those fail.
+        let ev = fd.map(|fd| {
+            // EventFd has no From<OwnedFd>: rebuild it from the raw fd.
+            let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+            // SAFETY: `raw` came from an OwnedFd we just gave up.
+            unsafe { <EventFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
+        });
+        let mut s = slot.lock();
+        match req {
+            FrontendReq::SET_VRING_KICK => {
+                s.kick = ev.map(Arc::new);
+                if s.kick.is_none() {
+                    return Err("polling mode (no kick descriptor) is not supported".into());
+                }
+                // Without VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled
+                // when started; with it, by SET_VRING_ENABLE.
+                if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+                    s.enabled = true;
+                }
+                self.start(&mut s)
+            }
+            FrontendReq::SET_VRING_CALL => {
+                s.call = ev;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Starts a ring whose kick just arrived.
+    fn start(&self, s: &mut Slot) -> Result<(), String> {
+        let a = s.addr.ok_or("SET_VRING_KICK before SET_VRING_ADDR")?;
+        if s.size == 0 {
+            return Err("SET_VRING_KICK before SET_VRING_NUM".into());
+        }
+        let (desc, avail, used) = if self.sh.iommu() {
+            (a.descriptor, a.available, a.used)
+        } else {
+            // Without the IOMMU, ring addresses are the frontend's user
+            // addresses; the ring code works in guest-physical ones.
+            let mem = self
+                .mem
+                .as_ref()
+                .ok_or("SET_VRING_KICK before SET_MEM_TABLE")?;
+            let gpa = |u: u64| {
+                mem.resolve(u, 1).map(|(_, g)| g).ok_or(format!(
+                    "ring at user address {u:#x} is not in guest memory"
+                ))
+            };
+            (gpa(a.descriptor)?, gpa(a.available)?, gpa(a.used)?)
+        };
+        s.ring = Some(
+            Vring::new(s.size, desc, avail, used, s.base, false).ok_or("invalid ring addresses")?,
+        );
+        log::info!(
+            "queue started: size {}, desc {desc:#x}, avail {avail:#x}, used {used:#x}, base {}",
+            s.size,
+            s.base
+        );
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, conn: &mut Connection, msg: &Message) -> Result<(), Error> {
+        let Some(st) = msg.payload::<VhostUserVringState>() else {
+            return self.done(conn, msg, Err("bad payload".into()));
+        };
+        let Some(slot) = self.sh.vrings.get(st.index as usize) else {
+            return self.done(conn, msg, Err(format!("no queue {}", { st.index })));
+        };
+        // End a miss wait of the queue thread: the frontend handles our
+        // backend channel only after this reply.
+        let _ = self.sh.stop.write(1);
+        let base = {
+            let mut s = slot.lock();
+            s.kick = None;
+            let base = s.ring.take().map_or(s.base, |r| {
+                use virtio_queue::QueueT;
+                r.queue.next_avail()
+            });
+            s.base = base;
+            base
+        };
+        let _ = self.sh.stop.read();
+        log::info!("queue {} stopped at {base}", { st.index });
+        conn.reply(
+            &msg.hdr,
+            VhostUserVringState::new(st.index, u32::from(base)).as_slice(),
+        )?;
+        self.wake();
+        Ok(())
+    }
+
+    fn get_config(&self, conn: &mut Connection, msg: &Message) -> Result<(), Error> {
+        const HDR: usize = std::mem::size_of::<VhostUserConfig>();
+        let bad = |conn: &mut Connection| {
+            // An empty config in the reply is vhost-user's error answer.
+            let mut h = [0u8; HDR];
+            h.copy_from_slice(
+                &msg.payload[..HDR.min(msg.payload.len())]
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat(0))
+                    .take(HDR)
+                    .collect::<Vec<_>>(),
+            );
+            h[4..8].copy_from_slice(&0u32.to_ne_bytes());
+            conn.reply(&msg.hdr, &h).map_err(Error::from)
+        };
+        if msg.payload.len() < HDR {
+            return bad(conn);
+        }
+        let cfg: VhostUserConfig = read_pod(&msg.payload[..HDR]).expect("sized above");
+        let (off, size) = (cfg.offset as usize, cfg.size as usize);
+        let space = self.config_space();
+        if msg.payload.len() != HDR + size || off.checked_add(size).is_none_or(|e| e > space.len())
+        {
+            log::warn!("GET_CONFIG offset {off} size {size}");
+            return bad(conn);
+        }
+        let mut out = msg.payload[..HDR].to_vec();
+        out.extend_from_slice(&space[off..off + size]);
+        conn.reply(&msg.hdr, &out)?;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        let _ = self.sh.stop.write(1);
+        for slot in &self.sh.vrings {
+            let mut s = slot.lock();
+            *s = Slot::default();
+        }
+        let _ = self.sh.stop.read();
+        let sh = self.sh.clone();
+        let guard = epoch::pin();
+        self.iotlb.clear(sh.ram.load(&guard), &mut || sh.quiesce());
+    }
+
+    /// Stops the queue thread and forgets the guest's memory.
+    pub fn shutdown(&mut self) {
+        self.sh.exit.store(true, Ordering::Release);
+        let _ = self.sh.stop.write(1);
+        self.wake();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+        self.reset();
+        let _quiet = self.sh.access.write();
+        if let Some(m) = self.mem.take() {
+            m.unpublish(&self.sh.ram);
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn reply_u64(conn: &mut Connection, msg: &Message, v: u64) -> Result<(), Error> {
+    conn.reply(&msg.hdr, &v.to_ne_bytes())?;
+    Ok(())
+}
+
+/// The queue thread: waits for kicks, serves rings, resolves misses.
+fn queue_thread(sh: &Shared) {
+    let mut kicks: Vec<(usize, Arc<EventFd>)> = Vec::new();
+    let mut pfds: Vec<libc::pollfd> = Vec::new();
+    while !sh.exit.load(Ordering::Acquire) {
+        kicks.clear();
+        for (i, slot) in sh.vrings.iter().enumerate() {
+            let s = slot.lock();
+            if let (Some(k), true, true) = (&s.kick, s.enabled, s.ring.is_some()) {
+                kicks.push((i, k.clone()));
+            }
+        }
+        pfds.clear();
+        pfds.push(libc::pollfd {
+            fd: sh.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for (_, k) in &kicks {
+            pfds.push(libc::pollfd {
+                fd: k.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: `pfds` is a valid array of pollfd for the call; the
+        // kick eventfds stay open while we hold their Arcs.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1000) };
+        if n < 0 {
+            continue;
+        }
+        if pfds[0].revents != 0 {
+            let _ = sh.wake.read();
+        }
+        for (j, (i, k)) in kicks.iter().enumerate() {
+            if pfds[j + 1].revents != 0 {
+                let _ = k.read();
+                serve_ring(sh, *i);
+            }
+        }
+    }
+}
+
+/// Serves ring `i` until it is empty or stalls, resolving misses.
+fn serve_ring(sh: &Shared, i: usize) {
+    loop {
+        let outcome = {
+            let _access = sh.access.read();
+            let mut slot = sh.vrings[i].lock();
+            if !slot.enabled {
+                return;
+            }
+            let Some(ring) = slot.ring.as_mut() else {
+                return;
+            };
+            let mut served = false;
+            let outcome = loop {
+                match ring.step(sh) {
+                    Step::Done => served = true,
+                    other => break other,
+                }
+            };
+            if served {
+                if let Some(call) = &slot.call {
+                    let _ = call.write(1);
+                }
+            }
+            outcome
+        };
+        match outcome {
+            Step::Miss(iova, perm) => resolve_miss(sh, iova, perm),
+            Step::Empty | Step::Stalled | Step::Done => return,
+        }
+        if sh.exit.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+fn resolve_miss(sh: &Shared, iova: u64, perm: Perm) {
+    sh.stats.bump(&sh.stats.misses);
+    let mut chan = sh.backend.lock();
+    let Some(chan) = chan.as_mut() else {
+        sh.stats.bump(&sh.stats.miss_failures);
+        log::warn!("IOTLB miss at {iova:#x} without a backend channel");
+        return;
+    };
+    match chan.iotlb_miss(iova, perm, &sh.stop, sh.miss_timeout) {
+        Ok(true) => log::debug!("IOTLB miss {iova:#x} {perm}: answered"),
+        Ok(false) => {
+            sh.stats.bump(&sh.stats.miss_failures);
+            log::debug!("IOTLB miss {iova:#x} {perm}: no translation");
+        }
+        Err(e) => {
+            sh.stats.bump(&sh.stats.miss_failures);
+            log::warn!("IOTLB miss {iova:#x} {perm}: {e}");
+        }
+    }
+}
