@@ -67,10 +67,12 @@ guest_kernel_select() {
 
 # guest_tools: what unpacking and building need. qemu-system-data has
 # qboot.rom; gcc-12, make, libelf1, libssl3 and zlib1g are kbuild's (its
-# fixdep/modpost/objtool binaries); xz-utils and zstd decompress modules.
+# fixdep/modpost/objtool binaries); dwarves has pahole, which 6.12's
+# kbuild runs to add BTF to every module it links; xz-utils and zstd
+# decompress modules.
 guest_tools() {
     ensure_apt cpio gcc libc6-dev gzip python3 coreutils qemu-system-data \
-        gcc-12 make libelf1 libssl3 zlib1g xz-utils zstd
+        gcc-12 make libelf1 libssl3 zlib1g dwarves xz-utils zstd
 }
 
 # fetch_deb PKG VERSION SHA256 [ARCH]: prints the path of the verified .deb.
