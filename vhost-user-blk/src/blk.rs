@@ -17,7 +17,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use pvdma::{
-    epoch, FaultReason, Fragment, FragmentSink, IovaSpace, PageCache, Perm, TranslateFault,
+    epoch, Domain, FaultReason, Fragment, FragmentSink, IovaSpace, PageCache, Perm, TranslateFault,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -44,6 +44,11 @@ pub const SECTOR: u64 = 512;
 pub const MAX_DESCS: usize = 1024;
 /// Most pages missed for one chain (256 MiB of 4 KiB pages).
 pub const MAX_MISSES_PER_CHAIN: usize = 1 << 16;
+/// Most misses sent to the frontend together.
+pub const MISS_BATCH: usize = 64;
+/// Most pages looked at to fill a batch (a chain's buffers may span
+/// gigabytes that are mapped already).
+pub const MISS_SCAN: usize = 4096;
 
 /// A descriptor of the chain being served.
 #[derive(Clone, Copy, Debug)]
@@ -75,14 +80,15 @@ pub struct Vring {
 unsafe impl Send for Vring {}
 
 /// What one step did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
     /// A chain was served (or failed and returned).
     Done,
     /// Nothing available.
     Empty,
-    /// The table lacks `iova` for `perm`: ask the frontend, step again.
-    Miss(u64, Perm),
+    /// The table lacks each `iova` for its `perm`: ask the frontend (all
+    /// at once), step again. Never empty.
+    Miss(Vec<(u64, Perm)>),
     /// The rings cannot be reached (even after a miss) or are corrupt:
     /// stop until the next kick.
     Stalled,
@@ -205,7 +211,7 @@ impl Vring {
             if let Some(f) = space.take_fault() {
                 if self.note_miss(f.iova) {
                     self.queue.go_to_previous_position();
-                    return Step::Miss(f.iova, Perm::READ);
+                    return Step::Miss(vec![(f.iova, Perm::READ)]);
                 }
             }
             sh.stats.bump(&sh.stats.bad_chains);
@@ -218,7 +224,11 @@ impl Vring {
             Ok(used) => self.complete(&space, head, used),
             Err(Fail::Miss(iova, perm)) => {
                 self.queue.go_to_previous_position();
-                Step::Miss(iova, perm)
+                let mut misses = vec![(iova, perm)];
+                if let Some(dom) = dom {
+                    self.more_misses(dom, &guard, &mut misses);
+                }
+                Step::Miss(misses)
             }
             Err(Fail::NoStatus) => {
                 sh.stats.bump(&sh.stats.bad_chains);
@@ -227,9 +237,40 @@ impl Vring {
         }
     }
 
+    /// Adds to `misses` the other pages of the chain's buffers that the
+    /// table cannot serve for their access yet (not missed before, at most
+    /// `MISS_BATCH` in all, looking at `MISS_SCAN` pages at most), so
+    /// that one round of misses usually fetches every translation a
+    /// request needs instead of one per retry.
+    fn more_misses(&mut self, dom: &Domain, guard: &epoch::Guard, misses: &mut Vec<(u64, Perm)>) {
+        let mut budget = MISS_SCAN;
+        for i in 0..self.descs.len() {
+            let d = self.descs[i];
+            let perm = if d.write { Perm::WRITE } else { Perm::READ };
+            let Some(end) = d.addr.checked_add(u64::from(d.len)) else {
+                continue;
+            };
+            let mut page = d.addr & !(pvdma::PAGE_SIZE - 1);
+            while page < end && misses.len() < MISS_BATCH && budget > 0 {
+                budget -= 1;
+                let served = dom
+                    .table()
+                    .lookup(page, guard)
+                    .is_some_and(|leaf| leaf.perms.contains(perm));
+                if !served && self.note_miss(page) {
+                    misses.push((page, perm));
+                }
+                let Some(next) = page.checked_add(pvdma::PAGE_SIZE) else {
+                    break;
+                };
+                page = next;
+            }
+        }
+    }
+
     fn ring_fault(&mut self, iova: u64, perm: Perm) -> Step {
         if self.note_miss(iova) {
-            Step::Miss(iova, perm)
+            Step::Miss(vec![(iova, perm)])
         } else {
             self.missed.clear();
             Step::Stalled

@@ -105,6 +105,11 @@ impl Stats {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds `n` to counter `c`.
+    pub fn add(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// One line, `name=value` pairs.
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -854,7 +859,7 @@ fn serve_ring(sh: &Shared, i: usize) {
             outcome
         };
         match outcome {
-            Step::Miss(iova, perm) => resolve_miss(sh, iova, perm),
+            Step::Miss(misses) => resolve_misses(sh, &misses),
             Step::Empty | Step::Stalled | Step::Done => return,
         }
         if sh.exit.load(Ordering::Acquire) {
@@ -863,23 +868,32 @@ fn serve_ring(sh: &Shared, i: usize) {
     }
 }
 
-fn resolve_miss(sh: &Shared, iova: u64, perm: Perm) {
-    sh.stats.bump(&sh.stats.misses);
+fn resolve_misses(sh: &Shared, misses: &[(u64, Perm)]) {
+    sh.stats.add(&sh.stats.misses, misses.len() as u64);
     let mut chan = sh.backend.lock();
     let Some(chan) = chan.as_mut() else {
-        sh.stats.bump(&sh.stats.miss_failures);
-        log::warn!("IOTLB miss at {iova:#x} without a backend channel");
+        sh.stats.add(&sh.stats.miss_failures, misses.len() as u64);
+        log::warn!("IOTLB miss at {:#x} without a backend channel", misses[0].0);
         return;
     };
-    match chan.iotlb_miss(iova, perm, &sh.stop, sh.miss_timeout) {
-        Ok(true) => log::debug!("IOTLB miss {iova:#x} {perm}: answered"),
-        Ok(false) => {
-            sh.stats.bump(&sh.stats.miss_failures);
-            log::debug!("IOTLB miss {iova:#x} {perm}: no translation");
+    match chan.iotlb_misses(misses, &sh.stop, sh.miss_timeout) {
+        Ok(answers) => {
+            for (&(iova, perm), ok) in misses.iter().zip(answers) {
+                if ok {
+                    log::debug!("IOTLB miss {iova:#x} {perm}: answered");
+                } else {
+                    sh.stats.bump(&sh.stats.miss_failures);
+                    log::debug!("IOTLB miss {iova:#x} {perm}: no translation");
+                }
+            }
         }
         Err(e) => {
-            sh.stats.bump(&sh.stats.miss_failures);
-            log::warn!("IOTLB miss {iova:#x} {perm}: {e}");
+            sh.stats.add(&sh.stats.miss_failures, misses.len() as u64);
+            log::warn!(
+                "IOTLB misses at {:#x} ({} in all): {e}",
+                misses[0].0,
+                misses.len()
+            );
         }
     }
 }

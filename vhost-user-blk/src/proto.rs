@@ -351,8 +351,11 @@ fn read_exact(sock: &mut UnixStream, buf: &mut [u8]) -> Result<()> {
 #[derive(Debug)]
 pub struct BackendChannel {
     sock: UnixStream,
-    /// A wait was abandoned: its reply may still come and must not be
-    /// taken for the next one's.
+    /// Replies still to come for requests whose wait was abandoned: each
+    /// is read and dropped before the reply to a later request.
+    owed: usize,
+    /// The stream lost its framing (a reply that is not ours): whatever
+    /// is readable is dropped before the next request.
     stale: bool,
 }
 
@@ -361,6 +364,7 @@ impl BackendChannel {
     pub fn new(fd: OwnedFd) -> Self {
         BackendChannel {
             sock: UnixStream::from(fd),
+            owed: 0,
             stale: false,
         }
     }
@@ -379,32 +383,78 @@ impl BackendChannel {
         stop: &EventFd,
         timeout: Duration,
     ) -> Result<bool> {
+        Ok(self.iotlb_misses(&[(iova, perm)], stop, timeout)?[0])
+    }
+
+    /// [`BackendChannel::iotlb_miss`] for several addresses at once: every
+    /// miss is sent before the first reply is awaited, so the frontend
+    /// answers them back to back instead of one per round trip through
+    /// the queue thread. One answer per miss, in order.
+    pub fn iotlb_misses(
+        &mut self,
+        misses: &[(u64, Perm)],
+        stop: &EventFd,
+        timeout: Duration,
+    ) -> Result<Vec<bool>> {
         if self.stale {
             self.drain()?;
         }
-        let msg = VhostUserIotlb {
-            iova,
-            size: 0,
-            user_addr: 0,
-            perm: perm.bits(),
-            msg_type: IotlbType::Miss as u8,
-            padding: [0; 6],
-        };
         let hdr = Header {
             request: BackendReq::IOTLB_MSG.into(),
             flags: VERSION | FLAG_NEED_REPLY,
             size: std::mem::size_of::<VhostUserIotlb>() as u32,
         };
-        let mut frame = Vec::with_capacity(12 + 32);
-        frame.extend_from_slice(hdr.as_slice());
-        frame.extend_from_slice(msg.as_slice());
-        self.sock.write_all(&frame)?;
+        let mut frames = Vec::with_capacity(misses.len() * (12 + 32));
+        for &(iova, perm) in misses {
+            let msg = VhostUserIotlb {
+                iova,
+                size: 0,
+                user_addr: 0,
+                perm: perm.bits(),
+                msg_type: IotlbType::Miss as u8,
+                padding: [0; 6],
+            };
+            frames.extend_from_slice(hdr.as_slice());
+            frames.extend_from_slice(msg.as_slice());
+        }
+        self.sock.write_all(&frames)?;
+        self.owed += misses.len();
 
         let deadline = Instant::now() + timeout;
+        let mut answers = Vec::with_capacity(misses.len());
+        while answers.len() < misses.len() {
+            self.wait_reply(stop, deadline)?;
+            let mut rhdr = Header::default();
+            read_exact(&mut self.sock, rhdr.as_mut_slice())?;
+            if rhdr.request != u32::from(BackendReq::IOTLB_MSG)
+                || rhdr.flags & FLAG_REPLY == 0
+                || rhdr.size != 8
+            {
+                self.owed = 0;
+                self.stale = true;
+                return Err(Error::BadReply {
+                    request: rhdr.request,
+                    flags: rhdr.flags,
+                });
+            }
+            let mut val = [0u8; 8];
+            read_exact(&mut self.sock, &mut val)?;
+            // Replies to abandoned requests come first; ours are the last
+            // `misses.len()` still owed.
+            if self.owed <= misses.len() - answers.len() {
+                answers.push(u64::from_ne_bytes(val) == 0);
+            }
+            self.owed -= 1;
+        }
+        Ok(answers)
+    }
+
+    /// Waits until a reply is readable; `NoAnswer` when `stop` is
+    /// signalled or `deadline` passes (the replies stay owed).
+    fn wait_reply(&mut self, stop: &EventFd, deadline: Instant) -> Result<()> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                self.stale = true;
                 return Err(Error::NoAnswer);
             }
             let mut pfd = [
@@ -430,28 +480,12 @@ impl BackendChannel {
                 return Err(e.into());
             }
             if pfd[1].revents != 0 {
-                self.stale = true;
                 return Err(Error::NoAnswer);
             }
             if pfd[0].revents != 0 {
-                break;
+                return Ok(());
             }
         }
-        let mut rhdr = Header::default();
-        read_exact(&mut self.sock, rhdr.as_mut_slice())?;
-        if rhdr.request != u32::from(BackendReq::IOTLB_MSG)
-            || rhdr.flags & FLAG_REPLY == 0
-            || rhdr.size != 8
-        {
-            self.stale = true;
-            return Err(Error::BadReply {
-                request: rhdr.request,
-                flags: rhdr.flags,
-            });
-        }
-        let mut val = [0u8; 8];
-        read_exact(&mut self.sock, &mut val)?;
-        Ok(u64::from_ne_bytes(val) == 0)
     }
 
     /// Discards whatever is readable now.
@@ -641,5 +675,58 @@ mod tests {
             chan.iotlb_miss(0x1000, Perm::READ, &stop, t),
             Err(Error::NoAnswer)
         ));
+    }
+
+    /// Reads one miss from `b` and answers it with `answer`; its IOVA.
+    fn answer_miss(b: &mut UnixStream, answer: u64) -> u64 {
+        let mut m = [0u8; 44];
+        b.read_exact(&mut m).unwrap();
+        let msg: VhostUserIotlb = read_pod(&m[12..]).unwrap();
+        let r = Header {
+            request: 1,
+            flags: VERSION | FLAG_REPLY,
+            size: 8,
+        };
+        b.write_all(r.as_slice()).unwrap();
+        b.write_all(&answer.to_ne_bytes()).unwrap();
+        msg.iova
+    }
+
+    #[test]
+    fn batched_misses_and_late_replies_stay_in_step() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut chan = BackendChannel::new(OwnedFd::from(a));
+        let stop = EventFd::new(0).unwrap();
+        let t = Duration::from_secs(10);
+        // Two misses abandoned before any reply (the ring stopped).
+        stop.write(1).unwrap();
+        let two = [(0x1000, Perm::READ), (0x2000, Perm::WRITE)];
+        assert!(matches!(
+            chan.iotlb_misses(&two, &stop, t),
+            Err(Error::NoAnswer)
+        ));
+        stop.read().unwrap();
+        // Their replies come late, a refusal and a success, then the
+        // answers to a batch of three: the late ones must not be taken
+        // for the batch's.
+        let frontend = std::thread::spawn(move || {
+            let mut iovas = vec![answer_miss(&mut b, 1), answer_miss(&mut b, 0)];
+            for answer in [0, 1, 0] {
+                iovas.push(answer_miss(&mut b, answer));
+            }
+            (b, iovas)
+        });
+        let three = [
+            (0x3000, Perm::READ),
+            (0x4000, Perm::WRITE),
+            (0x5000, Perm::READ),
+        ];
+        assert_eq!(
+            chan.iotlb_misses(&three, &stop, t).unwrap(),
+            vec![true, false, true]
+        );
+        let (_b, iovas) = frontend.join().unwrap();
+        assert_eq!(iovas, vec![0x1000, 0x2000, 0x3000, 0x4000, 0x5000]);
+        assert_eq!(chan.owed, 0);
     }
 }

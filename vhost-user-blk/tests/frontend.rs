@@ -563,6 +563,48 @@ fn misses_and_refusals(mode: Mode) {
     assert_eq!(f.ram_slice(STATUS.off, 1)[0], 1);
     assert!(f.ram_slice(victim, 0x1000).iter().all(|&b| b == 0x11));
 
+    // 5b. Four unmapped data pages over two descriptors: every miss of the
+    //     chain is sent at once (the rest are queued on the socket when the
+    //     first is answered), and one round of answers serves the request.
+    prepare(&mut f, 0, 0);
+    f.ram_slice(0x40000, 0x4000).fill(0);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x3000, true),
+        (0x7600_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    let mut queued = Vec::new();
+    let (len, misses) = f.complete(&mut |f, iova, _| {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD stores the readable byte count in `n`.
+        unsafe { libc::ioctl(f.chan.as_raw_fd(), libc::FIONREAD, &mut n) };
+        queued.push(n);
+        let page = match iova {
+            0x7600_0000 => 3,
+            _ => (iova - 0x7500_0000) >> 12,
+        };
+        f.update(iova, 0x1000, 0x40000 + (page << 12), 3);
+        true
+    });
+    assert_eq!(
+        misses,
+        vec![
+            (0x7500_0000, 2),
+            (0x7500_1000, 2),
+            (0x7500_2000, 2),
+            (0x7600_0000, 2)
+        ]
+    );
+    assert_eq!(
+        queued[0],
+        3 * 44,
+        "the other three misses were already sent"
+    );
+    assert_eq!(len, 0x4001);
+    assert_eq!(f.ram_slice(STATUS.off, 1)[0], 0);
+    assert!(f.ram_slice(0x40000, 0x4000).iter().all(|&b| b == 0xa5));
+
     // 6. The status byte itself unmapped: returned with length 0.
     f.invalidate(STATUS.iova, 0x1000);
     f.ram_slice(STATUS.off, 1)[0] = 0xee;
