@@ -14,7 +14,12 @@
 #     with no IOMMU, and QEMU's CPU time and pvdma requests per I/O
 #     (tools/bench-e2e.sh, one round; the full comparison with
 #     intel-iommu and virtio-iommu is BENCHMARKS.md's "End-to-end I/O").
-#  3. The earlier demos: a guest driving pvdma by hand and making edu DMA
+#  3. The same guest's disk served by pvdma-vhost-user-blk, a separate
+#     process that reaches the guest's rings and buffers only through the
+#     translations QEMU sends it (vhost-user IOTLB) from pvdma, with every
+#     byte checked and the backend's counters printed
+#     (tests/guest/vhost-user-blk-boot.py; docs/vhost-user.md).
+#  4. The earlier demos: a guest driving pvdma by hand and making edu DMA
 #     through it (tests/guest/guest-demo.sh), and the device driven over
 #     qtest and QMP with no guest kernel (tools/pvdma-demo.py).
 #
@@ -35,14 +40,19 @@ log "building libpvdma and the patched QEMU (about 5 min the first time)"
 qemu=$(tools/qemu-build.sh | tail -n1)
 log "QEMU: $qemu"
 
-log "1/3: a Debian $kernel guest with pvdma_iommu.ko does disk and network I/O through pvdma"
+log "1/4: a Debian $kernel guest with pvdma_iommu.ko does disk and network I/O through pvdma"
 python3 tests/framework/pvdma_guest.py --qemu "$qemu" --kernel "$kernel" \
     --variant pvdma --mode demo --timeout 150
 
-log "2/3: throughput through pvdma beside the same guest without an IOMMU"
+log "2/4: throughput through pvdma beside the same guest without an IOMMU"
 tools/bench-e2e.sh --qemu "$qemu" --kernels "$kernel" \
     --variants none pvdma --rounds 1 --secs "$secs"
 
-log "3/3: the guest demo (pvdma by hand, edu DMA) and the qtest/QMP demo"
+log "3/4: the guest's disk on pvdma-vhost-user-blk, through pvdma's translations"
+cargo build --quiet --release -p pvdma-vhost-user-blk
+python3 tests/guest/vhost-user-blk-boot.py --qemu "$qemu" --kernel "$kernel" \
+    --backend target/release/pvdma-vhost-user-blk --mode sg --timeout 150
+
+log "4/4: the guest demo (pvdma by hand, edu DMA) and the qtest/QMP demo"
 tests/guest/guest-demo.sh "$qemu"
 exec /usr/bin/python3 tools/pvdma-demo.py "$qemu" "${PVDMA_DEMO_TIMEOUT:-120}"
