@@ -437,10 +437,15 @@ static hwaddr pvdma_join_mask(PvdmaState *s, uint32_t rid, hwaddr iova,
 static hwaddr pvdma_iotlb_mask(PvdmaEndpoint *ep, uint32_t rid, hwaddr iova,
                                const struct pvdma_lookup *found)
 {
-    hwaddr mask = pvdma_leaf_mask(iova, found);
+    hwaddr in_page = iova & (PVDMA_PAGE_SIZE - 1);
+    hwaddr mask = PVDMA_PAGE_SIZE - 1;
 
+    /* Only a 2 MiB leaf runs past the page: skip the sums for the rest */
+    if (found->run > PVDMA_PAGE_SIZE - in_page) {
+        mask = pvdma_leaf_mask(iova, found);
+    }
     if (mask == PVDMA_PAGE_SIZE - 1 && pvdma_last_translation.ep == ep &&
-        pvdma_last_translation.next == (iova & ~mask)) {
+        pvdma_last_translation.next == iova - in_page) {
         mask = pvdma_join_mask(ep->s, rid, iova, found);
     }
     pvdma_last_translation.ep = ep;
