@@ -20,3 +20,14 @@ void hmp_info_pvdma(Monitor *mon, const QDict *qdict)
 {
     monitor_printf(mon, "pvdma support is not compiled in\n");
 }
+/* @series-begin dma-bench */
+
+PvdmaDmaBenchResult *qmp_x_pvdma_dma_bench(const char *device,
+                                           PvdmaDmaSegmentList *segments,
+                                           uint64_t iterations,
+                                           Error **errp)
+{
+    error_setg(errp, "pvdma support is not compiled in");
+    return NULL;
+}
+/* @series-end dma-bench */

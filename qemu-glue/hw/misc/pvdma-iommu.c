@@ -338,6 +338,121 @@ static void pvdma_report_fault(PvdmaEndpoint *ep, uint32_t rid,
                       "(see the FAULTS register and query-pvdma)\n");
     }
 }
+/* @series-begin iotlb-leaf */
+
+/*
+ * The largest IOTLB entry a translation returns: the largest leaf of the
+ * library's table (a 2 MiB block).
+ */
+#define PVDMA_IOTLB_MAX (2 * MiB)
+/*
+ * The largest entry joined from several leaves: 4 KiB pages that follow
+ * each other in guest-physical space with the same permissions.
+ */
+#define PVDMA_IOTLB_JOIN (64 * KiB)
+
+/*
+ * Where this thread's last translation (of a table leaf, not bypass)
+ * ended. A translation that starts there is a DMA going on page by page:
+ * worth joining pages for. Only read and written inside
+ * pvdma_translate(), which never yields.
+ */
+static __thread struct {
+    PvdmaEndpoint *ep;
+    hwaddr next;
+} pvdma_last_translation;
+
+/*
+ * The addr_mask of the table leaf holding @iova, which the library found
+ * in @found: @found->run reaches the end of the leaf, a 4 KiB page or a
+ * 2 MiB block that one mapping covers, aligned in both spaces.
+ */
+static hwaddr pvdma_leaf_mask(hwaddr iova, const struct pvdma_lookup *found)
+{
+    hwaddr in_page = iova & (PVDMA_PAGE_SIZE - 1);
+    uint64_t align = (iova - in_page) | (found->gpa - in_page);
+    uint64_t size = align ? 1ULL << ctz64(align) : PVDMA_IOTLB_MAX;
+
+    size = MIN(size, PVDMA_IOTLB_MAX);
+    size = MIN(size, pow2floor(in_page + found->run));
+    return MAX(size, PVDMA_PAGE_SIZE) - 1;
+}
+
+/*
+ * The addr_mask of the largest naturally aligned block, up to
+ * PVDMA_IOTLB_JOIN, that holds @iova's page and whose pages all follow
+ * on from it in guest-physical space (@found) with the same permissions.
+ * The other pages are looked at (not counted, no fault), and a page that
+ * does not follow on halves the block until it is out.
+ */
+static hwaddr pvdma_join_mask(PvdmaState *s, uint32_t rid, hwaddr iova,
+                              const struct pvdma_lookup *found)
+{
+    hwaddr in_page = iova & (PVDMA_PAGE_SIZE - 1);
+    uint64_t page = iova - in_page;
+    uint64_t delta = found->gpa - in_page - page;
+    uint64_t size = delta ? 1ULL << ctz64(delta) : PVDMA_IOTLB_JOIN;
+    uint64_t q;
+
+    size = MIN(size, PVDMA_IOTLB_JOIN);
+    for (q = page & ~(size - 1); size > PVDMA_PAGE_SIZE &&
+         q < (page & ~(size - 1)) + size; q += PVDMA_PAGE_SIZE) {
+        struct pvdma_lookup l;
+
+        if (q == page) {
+            continue;
+        }
+        if (pvdma_vm_lookup(s->vm, rid, q, 0, &l) == PVDMA_OK &&
+            !(l.flags & PVDMA_LOOKUP_BYPASS) && l.gpa == q + delta &&
+            l.perms == found->perms) {
+            continue;
+        }
+        while (size > PVDMA_PAGE_SIZE && !((q ^ page) & ~(size - 1))) {
+            size >>= 1;
+        }
+        /* Start over in the smaller block (its pages mostly cached now) */
+        q = (page & ~(size - 1)) - PVDMA_PAGE_SIZE;
+    }
+    return size - 1;
+}
+
+/*
+ * The addr_mask of the IOTLB entry for @iova of @ep: QEMU's DMA path
+ * clamps each access to the entry it gets, so a transfer translates once
+ * per entry rather than once per 4 KiB page.
+ *
+ * The first translation of a transfer gets the leaf: nothing more to
+ * look up, so a 4 KiB DMA costs what it did. One that starts where this
+ * thread's last one ended is a transfer crossing into its next page:
+ * that one joins the pages around it (pvdma_join_mask()), so a 64 KiB
+ * DMA through 4 KiB leaves translates twice rather than 16 times.
+ *
+ * A leaf lies inside one mapping, and so inside one of the naturally
+ * aligned pieces in which its removal is announced. A joined entry may
+ * span neighbouring mappings, which notifiers hear of separately:
+ * pvdma_notify_unmap() tells the notifiers that cache entries (vhost's
+ * device IOTLB) about the whole PVDMA_IOTLB_JOIN-aligned span of every
+ * removal, so no such entry outlives it.
+ */
+static hwaddr pvdma_iotlb_mask(PvdmaEndpoint *ep, uint32_t rid, hwaddr iova,
+                               const struct pvdma_lookup *found)
+{
+    hwaddr in_page = iova & (PVDMA_PAGE_SIZE - 1);
+    hwaddr mask = PVDMA_PAGE_SIZE - 1;
+
+    /* Only a 2 MiB leaf runs past the page: skip the sums for the rest */
+    if (found->run > PVDMA_PAGE_SIZE - in_page) {
+        mask = pvdma_leaf_mask(iova, found);
+    }
+    if (mask == PVDMA_PAGE_SIZE - 1 && pvdma_last_translation.ep == ep &&
+        pvdma_last_translation.next == iova - in_page) {
+        mask = pvdma_join_mask(ep->s, rid, iova, found);
+    }
+    pvdma_last_translation.ep = ep;
+    pvdma_last_translation.next = (iova | mask) + 1;
+    return mask;
+}
+/* @series-end iotlb-leaf */
 
 static IOMMUTLBEntry pvdma_translate(IOMMUMemoryRegion *iommu_mr,
                                      hwaddr addr, IOMMUAccessFlags flag,
@@ -379,7 +494,14 @@ static IOMMUTLBEntry pvdma_translate(IOMMUMemoryRegion *iommu_mr,
         entry.translated_addr = entry.iova;
         entry.perm = IOMMU_RW;
     } else {
+/* @series-until iotlb-leaf */
         entry.translated_addr = lookup.gpa & ~(hwaddr)(PVDMA_PAGE_SIZE - 1);
+/* @series-end iotlb-leaf */
+/* @series-begin iotlb-leaf */
+        entry.addr_mask = pvdma_iotlb_mask(ep, rid, addr, &lookup);
+        entry.iova = addr & ~entry.addr_mask;
+        entry.translated_addr = lookup.gpa & ~entry.addr_mask;
+/* @series-end iotlb-leaf */
         entry.perm = lookup.perms & IOMMU_RW;
     }
     trace_pvdma_translate(rid, addr, entry.translated_addr, entry.perm);
@@ -474,6 +596,46 @@ static void pvdma_populate_for_write(uint64_t gpa, uint64_t len)
 #endif
 }
 
+/* @series-begin iotlb-leaf */
+/*
+ * Tell the notifiers that @len bytes at @iova are unmapped. Those that
+ * keep a copy of the mappings (vfio: MAP and UNMAP) hear of exactly that
+ * range. Those that only invalidate (vhost's device IOTLB, with UNMAP or
+ * DEVIOTLB_UNMAP) cache what translate returned, and an entry joined
+ * from several pages may reach into a neighbouring mapping
+ * (pvdma_iotlb_mask()): they hear of the whole PVDMA_IOTLB_JOIN-aligned
+ * span, so no such entry survives. Invalidating a few live translations
+ * costs them a refill, nothing more.
+ */
+static void pvdma_notify_unmap(IOMMUMemoryRegion *iommu_mr, uint64_t iova,
+                               uint64_t len)
+{
+    uint64_t start = QEMU_ALIGN_DOWN(iova, PVDMA_IOTLB_JOIN);
+    uint64_t end = QEMU_ALIGN_UP(iova + len, PVDMA_IOTLB_JOIN);
+    static const IOMMUNotifierFlag kinds[] = {
+        IOMMU_NOTIFIER_UNMAP, IOMMU_NOTIFIER_DEVIOTLB_UNMAP,
+    };
+    IOMMUNotifier *n;
+    int i;
+
+    for (i = 0; i < ARRAY_SIZE(kinds); i++) {
+        IOMMU_NOTIFIER_FOREACH(n, iommu_mr) {
+            if (n->iommu_idx || !(n->notifier_flags & kinds[i])) {
+                continue;
+            }
+            if (n->notifier_flags & IOMMU_NOTIFIER_MAP) {
+                pvdma_for_each_piece(iommu_mr, n, kinds[i], iova, 0, len,
+                                     IOMMU_NONE, pvdma_notify_one);
+            } else {
+                pvdma_for_each_piece(iommu_mr, n, kinds[i], start, 0,
+                                     end - start, IOMMU_NONE,
+                                     pvdma_notify_one);
+            }
+        }
+    }
+}
+
+/* @series-end iotlb-leaf */
 /*
  * The library's notification: after a MAP is in the table, before an
  * UNMAP (DETACH, reset, ...) returns. It runs under the BQL, as every
@@ -503,6 +665,7 @@ static void pvdma_notify_event(void *opaque,
                              pvdma_notify_all);
         return;
     }
+/* @series-until iotlb-leaf */
     pvdma_for_each_piece(iommu_mr, NULL, IOMMU_NOTIFIER_UNMAP, ev->iova,
                          ev->gpa, ev->len, IOMMU_NONE, pvdma_notify_all);
     if (ep->notifier_flags & IOMMU_NOTIFIER_DEVIOTLB_UNMAP) {
@@ -510,6 +673,10 @@ static void pvdma_notify_event(void *opaque,
                              ev->iova, ev->gpa, ev->len, IOMMU_NONE,
                              pvdma_notify_all);
     }
+/* @series-end iotlb-leaf */
+/* @series-begin iotlb-leaf */
+    pvdma_notify_unmap(iommu_mr, ev->iova, ev->len);
+/* @series-end iotlb-leaf */
 }
 
 /* Tell a new notifier about every translation the endpoint has. */

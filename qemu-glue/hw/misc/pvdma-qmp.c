@@ -1,9 +1,16 @@
 /*
  * pvdma: QMP query-pvdma and HMP info pvdma
+/* @series-begin dma-bench */
+ * and x-pvdma-dma-bench
+/* @series-end dma-bench */
  *
  * What each pvdma function is doing: configuration, pins and mapping
  * memory, endpoints, refused accesses, and request counts by op and by
  * transport.
+/* @series-begin dma-bench */
+ * And what one DMA costs: x-pvdma-dma-bench times a PCI function's DMA
+ * reads, behind pvdma or any other IOMMU or none.
+/* @series-end dma-bench */
  *
  * Copyright (c) 2026 pvdma developers
  *
@@ -11,6 +18,12 @@
  */
 
 #include "qemu/osdep.h"
+/* @series-begin dma-bench */
+#include "qapi/error.h"
+#include "qemu/timer.h"
+#include "qemu/units.h"
+#include "system/dma.h"
+/* @series-end dma-bench */
 #include "qapi/qapi-commands-pvdma.h"
 #include "monitor/hmp.h"
 #include "monitor/monitor.h"
@@ -180,3 +193,154 @@ void hmp_info_pvdma(Monitor *mon, const QDict *qdict)
         }
     }
 }
+/* @series-begin dma-bench */
+
+/* x-pvdma-dma-bench's bounds: what one monitor command may hold the BQL */
+#define PVDMA_BENCH_MAX_SEGMENTS    256
+#define PVDMA_BENCH_MAX_BYTES       (1 * MiB)
+#define PVDMA_BENCH_MAX_ITERATIONS  100000000ULL
+#define PVDMA_BENCH_TIME_LIMIT_NS   (10 * NANOSECONDS_PER_SECOND)
+/* Transfers between looks at the clock, so that looking costs nothing */
+#define PVDMA_BENCH_CLOCK_EVERY     256
+
+static int64_t pvdma_thread_cpu_ns(void)
+{
+    struct timespec ts;
+
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)) {
+        return 0;
+    }
+    return ts.tv_sec * NANOSECONDS_PER_SECOND + ts.tv_nsec;
+}
+
+static PCIDevice *pvdma_bench_find_device(const char *name, Error **errp)
+{
+    bool ambiguous = false;
+    Object *obj = object_resolve_path_type(name, TYPE_PCI_DEVICE,
+                                           &ambiguous);
+    PCIDevice *dev = NULL;
+
+    if (obj) {
+        return PCI_DEVICE(obj);
+    }
+    if (ambiguous) {
+        error_setg(errp, "PCI device path '%s' is ambiguous", name);
+        return NULL;
+    }
+    if (pci_qdev_find_device(name, &dev) < 0 || !dev) {
+        error_setg(errp, "no PCI device '%s'", name);
+        return NULL;
+    }
+    return dev;
+}
+
+/* One transfer: every segment in turn, into @buf */
+static MemTxResult pvdma_bench_transfer(PCIDevice *dev,
+                                        PvdmaDmaSegmentList *segments,
+                                        uint8_t *buf,
+                                        PvdmaDmaSegment **failed)
+{
+    PvdmaDmaSegmentList *l;
+
+    for (l = segments; l; l = l->next) {
+        MemTxResult r = pci_dma_read(dev, l->value->addr, buf,
+                                     l->value->len);
+
+        if (r != MEMTX_OK) {
+            *failed = l->value;
+            return r;
+        }
+        buf += l->value->len;
+    }
+    return MEMTX_OK;
+}
+
+PvdmaDmaBenchResult *qmp_x_pvdma_dma_bench(const char *device,
+                                           PvdmaDmaSegmentList *segments,
+                                           uint64_t iterations,
+                                           Error **errp)
+{
+    PvdmaDmaBenchResult *res;
+    PvdmaDmaSegmentList *l;
+    PvdmaDmaSegment *failed = NULL;
+    PCIDevice *dev;
+    g_autofree uint8_t *buf = NULL;
+    uint64_t bytes = 0, done;
+    unsigned nsegs = 0;
+    int64_t wall0, cpu0, deadline;
+    MemTxResult r;
+
+    if (iterations < 1 || iterations > PVDMA_BENCH_MAX_ITERATIONS) {
+        error_setg(errp, "iterations must be 1 to %llu",
+                   PVDMA_BENCH_MAX_ITERATIONS);
+        return NULL;
+    }
+    for (l = segments; l; l = l->next) {
+        uint64_t len = l->value->len;
+
+        if (++nsegs > PVDMA_BENCH_MAX_SEGMENTS) {
+            error_setg(errp, "more than %d segments",
+                       PVDMA_BENCH_MAX_SEGMENTS);
+            return NULL;
+        }
+        if (len < 1 || len > PVDMA_BENCH_MAX_BYTES - bytes) {
+            error_setg(errp, "segment %u (0x%" PRIx64 " bytes at 0x%"
+                       PRIx64 "): segments must have 1 byte or more and "
+                       "add up to at most 0x%x bytes", nsegs - 1, len,
+                       l->value->addr, (unsigned)PVDMA_BENCH_MAX_BYTES);
+            return NULL;
+        }
+        if (l->value->addr + len - 1 < l->value->addr) {
+            error_setg(errp, "segment %u (0x%" PRIx64 " bytes at 0x%"
+                       PRIx64 ") wraps around", nsegs - 1, len,
+                       l->value->addr);
+            return NULL;
+        }
+        bytes += len;
+    }
+    if (!nsegs) {
+        error_setg(errp, "no segments");
+        return NULL;
+    }
+    dev = pvdma_bench_find_device(device, errp);
+    if (!dev) {
+        return NULL;
+    }
+    buf = g_malloc(bytes);
+
+    /* A first transfer untimed: it fails the command if any read does */
+    r = pvdma_bench_transfer(dev, segments, buf, &failed);
+    if (r != MEMTX_OK) {
+        error_setg(errp, "DMA read of 0x%" PRIx64 " bytes at 0x%" PRIx64
+                   " by %s failed (MemTxResult 0x%x)", failed->len,
+                   failed->addr, device, r);
+        return NULL;
+    }
+
+    wall0 = get_clock();
+    cpu0 = pvdma_thread_cpu_ns();
+    deadline = wall0 + PVDMA_BENCH_TIME_LIMIT_NS;
+    for (done = 0; done < iterations; done++) {
+        r = pvdma_bench_transfer(dev, segments, buf, &failed);
+        if (r != MEMTX_OK) {
+            error_setg(errp, "DMA read of 0x%" PRIx64 " bytes at 0x%"
+                       PRIx64 " by %s failed after %" PRIu64
+                       " transfers (MemTxResult 0x%x)", failed->len,
+                       failed->addr, device, done, r);
+            return NULL;
+        }
+        if (done % PVDMA_BENCH_CLOCK_EVERY == PVDMA_BENCH_CLOCK_EVERY - 1 &&
+            get_clock() > deadline) {
+            done++;
+            break;
+        }
+    }
+
+    res = g_new0(PvdmaDmaBenchResult, 1);
+    res->wall_ns = get_clock() - wall0;
+    res->cpu_ns = pvdma_thread_cpu_ns() - cpu0;
+    res->iterations = done;
+    res->bytes = bytes;
+    return res;
+}
+/* @series-end dma-bench */

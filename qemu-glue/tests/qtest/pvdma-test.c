@@ -1780,6 +1780,105 @@ static void test_migration(void)
     pvdma_stop(src);
     g_rmdir(dir);
 }
+/* @series-begin dma-bench-test */
+
+/* x-pvdma-dma-bench */
+
+#define BENCH_CMD  "{ 'execute': 'x-pvdma-dma-bench', 'arguments': {"   \
+                   " 'device': %s, 'iterations': %" PRIu64 ","           \
+                   " 'segments': [ { 'addr': %" PRIu64 ","               \
+                   " 'len': %" PRIu64 " } ] } }"
+#define HUGE_IOVA  (IOVA_BASE + 0x1000000)  /* 2 MiB aligned */
+#define HUGE_GPA   0x2000000ULL             /* 2 MiB aligned */
+#define HUGE_LEN   (2 * MiB)
+
+/* The transfers done, or 0 when the command failed */
+static uint64_t bench(PvdmaTest *t, const char *device, uint64_t iterations,
+                      uint64_t addr, uint64_t len)
+{
+    QDict *rsp = qtest_qmp(t->qts, BENCH_CMD, device, iterations, addr, len);
+    QDict *ret = qdict_get_qdict(rsp, "return");
+    uint64_t done = 0;
+
+    if (ret) {
+        done = qdict_get_uint(ret, "iterations");
+        g_assert_cmpuint(qdict_get_uint(ret, "bytes"), ==, len);
+        g_assert_cmpuint(qdict_get_uint(ret, "wall-ns"), >, 0);
+    } else {
+        g_assert(qdict_haskey(rsp, "error"));
+    }
+    qobject_unref(rsp);
+    return done;
+}
+
+static void test_dma_bench(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS("") ",id=edu0");
+    QDict *rsp;
+    uint64_t before;
+
+    attach(t, EDU_RID);
+    map_fixed(t, EDU_RID, FLAG_READ, SRC_IOVA, SRC_GPA, PAGE);
+    g_assert_cmpuint(bench(t, "edu0", 10, SRC_IOVA, PAGE), ==, 10);
+    g_assert_cmpuint(bench(t, "/machine/peripheral/edu0", 1, SRC_IOVA + 8,
+                           16), ==, 1);
+
+    /* Bad arguments fail, with nothing timed */
+    g_assert_cmpuint(bench(t, "edu0", 0, SRC_IOVA, PAGE), ==, 0);
+    g_assert_cmpuint(bench(t, "edu0", 100000001, SRC_IOVA, PAGE), ==, 0);
+    g_assert_cmpuint(bench(t, "edu0", 1, SRC_IOVA, 0), ==, 0);
+    g_assert_cmpuint(bench(t, "edu0", 1, SRC_IOVA, MiB + 1), ==, 0);
+    g_assert_cmpuint(bench(t, "edu0", 1, UINT64_MAX - PAGE + 1, 2 * PAGE),
+                     ==, 0);
+    g_assert_cmpuint(bench(t, "nosuch", 1, SRC_IOVA, PAGE), ==, 0);
+    g_assert_cmpuint(bench(t, "/machine", 1, SRC_IOVA, PAGE), ==, 0);
+    rsp = qtest_qmp(t->qts, "{ 'execute': 'x-pvdma-dma-bench',"
+                    " 'arguments': { 'device': 'edu0', 'iterations': 1,"
+                    " 'segments': [] } }");
+    g_assert(qdict_haskey(rsp, "error"));
+    qobject_unref(rsp);
+
+    /* A refused DMA fails the command, and is refused as ever */
+    before = faults(t);
+    g_assert_cmpuint(bench(t, "edu0", 1, SRC_IOVA + PAGE, PAGE), ==, 0);
+    g_assert_cmpuint(faults(t), >, before);
+
+    /*
+     * A 2 MiB mapping, which the table holds as one 2 MiB leaf: reads
+     * reach neither past it nor, after UNMAP, into it.
+     */
+    map_fixed(t, EDU_RID, FLAG_READ, HUGE_IOVA, HUGE_GPA, HUGE_LEN);
+    g_assert_cmpuint(bench(t, "edu0", 2, HUGE_IOVA, MiB), ==, 2);
+    g_assert_cmpuint(bench(t, "edu0", 2, HUGE_IOVA + HUGE_LEN - PAGE, PAGE),
+                     ==, 2);
+    before = faults(t);
+    g_assert_cmpuint(bench(t, "edu0", 1, HUGE_IOVA + HUGE_LEN - PAGE,
+                           2 * PAGE), ==, 0);
+    g_assert_cmpuint(bench(t, "edu0", 1, HUGE_IOVA - PAGE, 2 * PAGE), ==, 0);
+    g_assert_cmpuint(faults(t), >, before);
+    g_assert_cmpuint(unmap(t, EDU_RID, HUGE_IOVA, 0, NULL), ==, S_OK);
+    before = faults(t);
+    g_assert_cmpuint(bench(t, "edu0", 1, HUGE_IOVA + MiB, PAGE), ==, 0);
+    g_assert_cmpuint(faults(t), >, before);
+
+    /*
+     * Two neighbouring 32 KiB mappings, neighbours in guest RAM too: one
+     * 64 KiB read crosses both; after one is unmapped it is refused, and
+     * the other still reads.
+     */
+    map_fixed(t, EDU_RID, FLAG_READ, HUGE_IOVA, HUGE_GPA, 32 * KiB);
+    map_fixed(t, EDU_RID, FLAG_READ, HUGE_IOVA + 32 * KiB,
+              HUGE_GPA + 32 * KiB, 32 * KiB);
+    g_assert_cmpuint(bench(t, "edu0", 2, HUGE_IOVA, 64 * KiB), ==, 2);
+    g_assert_cmpuint(unmap(t, EDU_RID, HUGE_IOVA + 32 * KiB, 0, NULL), ==,
+                     S_OK);
+    before = faults(t);
+    g_assert_cmpuint(bench(t, "edu0", 1, HUGE_IOVA, 64 * KiB), ==, 0);
+    g_assert_cmpuint(faults(t), >, before);
+    g_assert_cmpuint(bench(t, "edu0", 2, HUGE_IOVA, 32 * KiB), ==, 2);
+    pvdma_stop(t);
+}
+/* @series-end dma-bench-test */
 
 int main(int argc, char **argv)
 {
@@ -1817,6 +1916,9 @@ int main(int argc, char **argv)
     qtest_add_func("/pvdma/unmap-list", test_unmap_list);
     qtest_add_func("/pvdma/unmap-list/off", test_unmap_list_off);
     qtest_add_func("/pvdma/migration", test_migration);
+/* @series-begin dma-bench-test */
+    qtest_add_func("/pvdma/dma-bench", test_dma_bench);
+/* @series-end dma-bench-test */
 
     return g_test_run();
 }
