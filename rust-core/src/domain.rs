@@ -713,6 +713,17 @@ impl Domain {
         let first = iova >> PAGE_SHIFT;
         let last = (end - 1) >> PAGE_SHIFT; // inclusive
         let mut inner = self.inner.lock();
+        // The usual UNMAP names exactly one mapping: one that starts on the
+        // range's first page and ends on its last. Mappings are disjoint,
+        // so no other one can then lie in the range or cross its ends: one
+        // lookup decides what the two range scans below would.
+        if inner
+            .mappings
+            .get(&first)
+            .is_some_and(|m| first + m.npages() - 1 == last)
+        {
+            return Ok(self.remove_locked(&mut inner, &[first], ram, pins, notify));
+        }
         // A mapping starting before the range that reaches into it.
         if let Some((_, m)) = inner.mappings.range(..first).next_back() {
             if m.first_page() + m.npages() > first {
