@@ -1002,32 +1002,44 @@ pub fn emit_gpa_range(
 /// table only uses for mlock. Inline (no allocation) up to 16 pages.
 fn page_list(runs: Runs<'_>, ram: &RamLayout) -> PageList {
     let mut pages = PageList::new();
+    // One segment is one run of distinct pages: no ordering or overlap to
+    // look for (the usual one-page MAP).
+    if runs.segs.len() == 1 {
+        if let Some(run) = runs.clone().next() {
+            let first = run.gpa >> PAGE_SHIFT;
+            push_frames(&mut pages, ram, first, first + (run.len >> PAGE_SHIFT));
+        }
+        return pages;
+    }
     // Room for every page up front (bounded: overlapping segments may
     // name far more pages than are distinct).
     let named: u64 = runs.clone().map(|r| r.len >> PAGE_SHIFT).sum();
     pages.reserve(named.min(1 << 12) as usize);
-    for_each_distinct_span(runs, |first, end| {
-        let mut gfn = first;
-        while gfn < end {
-            let gpa = gfn << PAGE_SHIFT;
-            // One RAM lookup per host-contiguous stretch, not per page.
-            let (hva, bytes) = ram
-                .host_run(gpa, (end - gfn) << PAGE_SHIFT)
-                .filter(|&(_, bytes)| bytes >= PAGE_SIZE)
-                .unwrap_or((0, PAGE_SIZE));
-            let n = bytes >> PAGE_SHIFT;
-            pages.extend((0..n).map(|i| {
-                let hva = if hva == 0 {
-                    0
-                } else {
-                    hva + (i << PAGE_SHIFT) as usize
-                };
-                (gfn + i, hva)
-            }));
-            gfn += n;
-        }
-    });
+    for_each_distinct_span(runs, |first, end| push_frames(&mut pages, ram, first, end));
     pages
+}
+
+/// Appends `(gfn, hva)` for the frames `[first, end)` to `pages`.
+fn push_frames(pages: &mut PageList, ram: &RamLayout, first: u64, end: u64) {
+    let mut gfn = first;
+    while gfn < end {
+        let gpa = gfn << PAGE_SHIFT;
+        // One RAM lookup per host-contiguous stretch, not per page.
+        let (hva, bytes) = ram
+            .host_run(gpa, (end - gfn) << PAGE_SHIFT)
+            .filter(|&(_, bytes)| bytes >= PAGE_SIZE)
+            .unwrap_or((0, PAGE_SIZE));
+        let n = bytes >> PAGE_SHIFT;
+        pages.extend((0..n).map(|i| {
+            let hva = if hva == 0 {
+                0
+            } else {
+                hva + (i << PAGE_SHIFT) as usize
+            };
+            (gfn + i, hva)
+        }));
+        gfn += n;
+    }
 }
 
 /// A mapping's pinned pages, see [`page_list`].
