@@ -480,11 +480,30 @@ pub struct Domain {
 struct DomainInner {
     /// Mappings by first IOVA page.
     mappings: BTreeMap<u64, Mapping>,
-    alloc: IovaAllocator,
+    /// Free IOVA pages for host-chosen MAPs; `None` until the first one.
+    /// FIXED maps check their range in the table instead, so a domain
+    /// whose driver only maps FIXED (the Linux driver) never keeps it.
+    alloc: Option<IovaAllocator>,
     /// Bytes this domain holds of the budget: tracked rather than
     /// recomputed from the table at drop, because the table's writer is
     /// public and tests write it directly, past the budget.
     charged: u64,
+}
+
+impl DomainInner {
+    /// The allocator of host-chosen IOVAs, built from the mappings on its
+    /// first use (O(m log m) once) and kept in step with them after.
+    fn host_allocator(&mut self, iova_bits: u32) -> &mut IovaAllocator {
+        let mappings = &self.mappings;
+        self.alloc.get_or_insert_with(|| {
+            let mut alloc = IovaAllocator::new(iova_bits);
+            for m in mappings.values() {
+                let taken = alloc.reserve(m.first_page(), m.npages());
+                debug_assert!(taken, "mappings overlap at {:#x}", m.iova);
+            }
+            alloc
+        })
+    }
 }
 
 impl Domain {
@@ -505,7 +524,7 @@ impl Domain {
             table: IoPageTable::new(iova_bits),
             inner: Mutex::new(DomainInner {
                 mappings: BTreeMap::new(),
-                alloc: IovaAllocator::new(iova_bits),
+                alloc: None,
                 charged: 0,
             }),
             generation: AtomicU64::new(next_generation()),
@@ -570,6 +589,11 @@ impl Domain {
         }
 
         let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        // Taken before the IOVA is checked and the reservation made, so
+        // that the table cannot change between counting the nodes it lacks
+        // and adding them.
+        let mut writer = self.table.lock();
         let first_page = match choice {
             IovaChoice::Fixed(iova) => {
                 if iova & PAGE_MASK != offset {
@@ -578,9 +602,6 @@ impl Domain {
                 let start = iova & !PAGE_MASK;
                 if start.checked_add(span).is_none_or(|end| end > limit) {
                     return Err(Error::Inval("IOVA range beyond IOVA_BITS"));
-                }
-                if !inner.alloc.reserve(start >> PAGE_SHIFT, npages) {
-                    return Err(Error::Exist { iova, len: length });
                 }
                 start >> PAGE_SHIFT
             }
@@ -593,42 +614,58 @@ impl Domain {
                 } else {
                     1
                 };
-                inner
-                    .alloc
+                let alloc = inner.host_allocator(self.iova_bits());
+                alloc
                     .alloc(npages, align)
-                    .or_else(|| inner.alloc.alloc(npages, 1))
+                    .or_else(|| alloc.alloc(npages, 1))
                     .ok_or(Error::NoSpace { pages: npages })?
             }
         };
 
         let iova = (first_page << PAGE_SHIFT) | offset;
-        {
-            // Taken before the reservation so that the table cannot change
-            // between counting the nodes it lacks and adding them.
-            let mut writer = self.table.lock();
-            let record = record_bytes(segs.len());
-            let reserved = writer.nodes_needed(iova & !PAGE_MASK, span) * NODE_BYTES + record;
-            if let Err(e) = self.budget.reserve(reserved) {
-                inner.alloc.free(first_page, npages);
-                return Err(e);
+        // Every page of every mapping has a leaf, and nothing else does: a
+        // range without leaves overlaps no mapping. The same descent counts
+        // the nodes the MAP may add.
+        let Some(nodes) = writer.nodes_needed(iova & !PAGE_MASK, span) else {
+            debug_assert!(
+                matches!(choice, IovaChoice::Fixed(_)),
+                "the allocator handed out mapped IOVA {iova:#x}"
+            );
+            return Err(Error::Exist { iova, len: length });
+        };
+        let give_back = |inner: &mut DomainInner| {
+            if let Some(alloc) = &mut inner.alloc {
+                alloc.free(first_page, npages);
             }
-            let pages = page_list(Runs::new(iova, &segs), ram);
-            if let Err(e) = pins.pin(&pages) {
-                self.budget.release(reserved);
-                inner.alloc.free(first_page, npages);
-                return Err(e.into());
-            }
-            let nodes_before = self.table.node_count();
-            for run in Runs::new(iova, &segs) {
-                writer.map(run.iova, run.gpa, run.len, perms);
-            }
-            // Writers are serialised: the difference is this MAP's.
-            let added = (self.table.node_count() - nodes_before) as u64;
-            let charge = added * NODE_BYTES + record;
-            debug_assert!(charge <= reserved, "MAP took more nodes than reserved");
-            self.budget.release(reserved.saturating_sub(charge));
-            inner.charged += charge;
+        };
+        if let (IovaChoice::Fixed(_), Some(alloc)) = (choice, &mut inner.alloc) {
+            // Free in the table, so free here too: the two agree.
+            let reserved = alloc.reserve(first_page, npages);
+            debug_assert!(reserved, "allocator and table disagree at {iova:#x}");
         }
+        let record = record_bytes(segs.len());
+        let reserved = nodes * NODE_BYTES + record;
+        if let Err(e) = self.budget.reserve(reserved) {
+            give_back(inner);
+            return Err(e);
+        }
+        let pages = page_list(Runs::new(iova, &segs), ram);
+        if let Err(e) = pins.pin(&pages) {
+            self.budget.release(reserved);
+            give_back(inner);
+            return Err(e.into());
+        }
+        let nodes_before = self.table.node_count();
+        for run in Runs::new(iova, &segs) {
+            writer.map(run.iova, run.gpa, run.len, perms);
+        }
+        // Writers are serialised: the difference is this MAP's.
+        let added = (self.table.node_count() - nodes_before) as u64;
+        let charge = added * NODE_BYTES + record;
+        debug_assert!(charge <= reserved, "MAP took more nodes than reserved");
+        self.budget.release(reserved.saturating_sub(charge));
+        inner.charged += charge;
+        drop(writer);
         for run in Runs::new(iova, &segs) {
             notify(&run);
         }
@@ -676,6 +713,17 @@ impl Domain {
         let first = iova >> PAGE_SHIFT;
         let last = (end - 1) >> PAGE_SHIFT; // inclusive
         let mut inner = self.inner.lock();
+        // The usual UNMAP names exactly one mapping: one that starts on the
+        // range's first page and ends on its last. Mappings are disjoint,
+        // so no other one can then lie in the range or cross its ends: one
+        // lookup decides what the two range scans below would.
+        if inner
+            .mappings
+            .get(&first)
+            .is_some_and(|m| first + m.npages() - 1 == last)
+        {
+            return Ok(self.remove_locked(&mut inner, &[first], ram, pins, notify));
+        }
         // A mapping starting before the range that reaches into it.
         if let Some((_, m)) = inner.mappings.range(..first).next_back() {
             if m.first_page() + m.npages() > first {
@@ -804,7 +852,9 @@ impl Domain {
                 continue;
             };
             writer.unmap(m.iova & !PAGE_MASK, m.span());
-            inner.alloc.free(m.first_page(), m.npages());
+            if let Some(alloc) = &mut inner.alloc {
+                alloc.free(m.first_page(), m.npages());
+            }
             released += record_bytes(m.segs.len());
             removed.push(m);
         }
@@ -952,32 +1002,44 @@ pub fn emit_gpa_range(
 /// table only uses for mlock. Inline (no allocation) up to 16 pages.
 fn page_list(runs: Runs<'_>, ram: &RamLayout) -> PageList {
     let mut pages = PageList::new();
+    // One segment is one run of distinct pages: no ordering or overlap to
+    // look for (the usual one-page MAP).
+    if runs.segs.len() == 1 {
+        if let Some(run) = runs.clone().next() {
+            let first = run.gpa >> PAGE_SHIFT;
+            push_frames(&mut pages, ram, first, first + (run.len >> PAGE_SHIFT));
+        }
+        return pages;
+    }
     // Room for every page up front (bounded: overlapping segments may
     // name far more pages than are distinct).
     let named: u64 = runs.clone().map(|r| r.len >> PAGE_SHIFT).sum();
     pages.reserve(named.min(1 << 12) as usize);
-    for_each_distinct_span(runs, |first, end| {
-        let mut gfn = first;
-        while gfn < end {
-            let gpa = gfn << PAGE_SHIFT;
-            // One RAM lookup per host-contiguous stretch, not per page.
-            let (hva, bytes) = ram
-                .host_run(gpa, (end - gfn) << PAGE_SHIFT)
-                .filter(|&(_, bytes)| bytes >= PAGE_SIZE)
-                .unwrap_or((0, PAGE_SIZE));
-            let n = bytes >> PAGE_SHIFT;
-            pages.extend((0..n).map(|i| {
-                let hva = if hva == 0 {
-                    0
-                } else {
-                    hva + (i << PAGE_SHIFT) as usize
-                };
-                (gfn + i, hva)
-            }));
-            gfn += n;
-        }
-    });
+    for_each_distinct_span(runs, |first, end| push_frames(&mut pages, ram, first, end));
     pages
+}
+
+/// Appends `(gfn, hva)` for the frames `[first, end)` to `pages`.
+fn push_frames(pages: &mut PageList, ram: &RamLayout, first: u64, end: u64) {
+    let mut gfn = first;
+    while gfn < end {
+        let gpa = gfn << PAGE_SHIFT;
+        // One RAM lookup per host-contiguous stretch, not per page.
+        let (hva, bytes) = ram
+            .host_run(gpa, (end - gfn) << PAGE_SHIFT)
+            .filter(|&(_, bytes)| bytes >= PAGE_SIZE)
+            .unwrap_or((0, PAGE_SIZE));
+        let n = bytes >> PAGE_SHIFT;
+        pages.extend((0..n).map(|i| {
+            let hva = if hva == 0 {
+                0
+            } else {
+                hva + (i << PAGE_SHIFT) as usize
+            };
+            (gfn + i, hva)
+        }));
+        gfn += n;
+    }
 }
 
 /// A mapping's pinned pages, see [`page_list`].

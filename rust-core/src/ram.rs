@@ -301,6 +301,15 @@ impl RamLayout {
         len: u64,
         mut f: impl FnMut(usize, usize, usize),
     ) -> Result<()> {
+        // Inside one region (a request block, its status): one region
+        // lookup answers both whether it is RAM and where it is.
+        if let Some(region) = self.find(gpa) {
+            if len > 0 && len <= region.size - (gpa - region.gpa) {
+                // `len` came from a slice length.
+                f(region.hva_of(gpa), 0, len as usize);
+                return Ok(());
+            }
+        }
         if !self.contains_range(gpa, len) {
             return Err(Error::Access { gpa, len });
         }

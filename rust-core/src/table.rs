@@ -448,19 +448,18 @@ impl TableWriter<'_> {
     /// An upper bound on the nodes a [`TableWriter::map`] of `[iova, iova +
     /// len)` adds to the table as it is now: every node on the range's path
     /// that does not exist yet (counted even where a 2 MiB leaf would make
-    /// a 4 KiB-leaf node unnecessary). Memory accounting reserves this much
-    /// before a MAP, under the same lock.
-    pub fn nodes_needed(&self, iova: u64, len: u64) -> u64 {
+    /// a 4 KiB-leaf node unnecessary); `None` when a leaf already lies in
+    /// the range. Memory accounting reserves this much before a MAP, under
+    /// the same lock, and a FIXED MAP learns from the same descent whether
+    /// its range is free.
+    pub fn nodes_needed(&self, iova: u64, len: u64) -> Option<u64> {
         let Some((start, end)) = self.table.clip(iova, len) else {
-            return 0;
+            return Some(0);
         };
         self.needed_in(&self.table.root, self.table.levels - 1, start, end)
     }
 
-    fn needed_in(&self, node: &Node, level: u32, start: u64, end: u64) -> u64 {
-        if level == 0 {
-            return 0;
-        }
+    fn needed_in(&self, node: &Node, level: u32, start: u64, end: u64) -> Option<u64> {
         let size = 1u64 << entry_shift(level);
         let mut lo = start & !(size - 1);
         let mut needed = 0;
@@ -470,23 +469,26 @@ impl TableWriter<'_> {
             let (sub_start, sub_end) = (start.max(lo), end.min(hi));
             // Relaxed: only writers store entries, and we hold the mutex.
             let entry = node.slot(lo, level).load(Ordering::Relaxed);
-            needed += if entry & (PRESENT | LEAF) == PRESENT {
-                // SAFETY: a pointer entry of a linked node; we hold the
-                // mutex, and only writers free nodes.
-                self.needed_in(unsafe { child(entry) }, level - 1, sub_start, sub_end)
+            if entry & LEAF != 0 {
+                return None;
+            }
+            if entry & PRESENT != 0 {
+                // SAFETY: a pointer entry (never at level 0) of a linked
+                // node; we hold the mutex, and only writers free nodes.
+                needed += self.needed_in(unsafe { child(entry) }, level - 1, sub_start, sub_end)?;
             } else {
-                // Empty (or a leaf map would split): a new subtree, one node
-                // per node-sized block the range touches at each level.
-                (0..level)
+                // Empty: a new subtree, one node per node-sized block the
+                // range touches at each level below this one.
+                needed += (0..level)
                     .map(|l| {
                         let shift = entry_shift(l + 1);
                         ((sub_end - 1) >> shift) - (sub_start >> shift) + 1
                     })
-                    .sum()
-            };
+                    .sum::<u64>();
+            }
             lo = hi;
         }
-        needed
+        Some(needed)
     }
 
     /// Removes every leaf in [iova, iova+len) (page aligned).
@@ -998,6 +1000,7 @@ mod tests {
                 .step_by(PAGE_SIZE as usize)
                 .any(|p| mapped.contains(&p))
             {
+                assert_eq!(t.lock().nodes_needed(page, len), None, "{page:#x}+{len:#x}");
                 continue;
             }
             // Odd pages: the gpa is never 2 MiB aligned, so no 2 MiB leaf.
@@ -1008,7 +1011,10 @@ mod tests {
                 page + PAGE_SIZE
             };
             let before = t.node_count() as u64;
-            let needed = t.lock().nodes_needed(page, len);
+            let needed = t
+                .lock()
+                .nodes_needed(page, len)
+                .expect("the range is unmapped");
             map(&t, page, gpa, len, Perm::READ);
             let added = t.node_count() as u64 - before;
             if huge_possible {
@@ -1020,7 +1026,7 @@ mod tests {
         }
         assert_eq!(
             t.lock().nodes_needed(1 << 48, PAGE_SIZE),
-            0,
+            Some(0),
             "outside the table"
         );
     }
