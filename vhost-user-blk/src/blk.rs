@@ -12,7 +12,7 @@
 //! is returned with length 0. Nothing is read or written outside what the
 //! table allows.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
@@ -42,8 +42,14 @@ pub const S_UNSUPP: u8 = 2;
 pub const SECTOR: u64 = 512;
 /// Most descriptors we take in one chain (a larger chain is refused).
 pub const MAX_DESCS: usize = 1024;
-/// Most pages missed for one chain (256 MiB of 4 KiB pages).
+/// Most misses sent for one chain (256 MiB of 4 KiB pages).
 pub const MAX_MISSES_PER_CHAIN: usize = 1 << 16;
+/// Most misses for one page of one chain. A page QEMU did translate can
+/// be invalidated again before the chain is served (an invalidation may
+/// cover more than the mapping removed: QEMU's IOTLB entries can span
+/// neighbouring mappings), so one more miss is not proof that the
+/// frontend cannot help; a third refusal is.
+pub const MISS_TRIES: u8 = 3;
 /// Most misses sent to the frontend together.
 pub const MISS_BATCH: usize = 64;
 /// Most pages looked at to fill a batch (a chain's buffers may span
@@ -67,8 +73,11 @@ pub struct Vring {
     pages: PageCache,
     /// Used entries not yet written (the used ring was unmapped).
     pending_used: Vec<(u16, u32)>,
-    /// Pages already missed for the chain at the head of the ring.
-    missed: HashSet<u64>,
+    /// Pages already missed for the chain at the head of the ring, and
+    /// how often.
+    missed: HashMap<u64, u8>,
+    /// Misses sent for that chain.
+    misses: usize,
     descs: Vec<Desc>,
     frags: Vec<Fragment>,
     iov: Vec<libc::iovec>,
@@ -121,21 +130,35 @@ impl Vring {
             queue,
             pages: PageCache::new(),
             pending_used: Vec::new(),
-            missed: HashSet::new(),
+            missed: HashMap::new(),
+            misses: 0,
             descs: Vec::new(),
             frags: Vec::new(),
             iov: Vec::new(),
         })
     }
 
-    /// Records that `page` was missed for the current chain; false if it
-    /// was already (the frontend could not help: give up on it). Every
-    /// miss after the first on a chain is for a page the frontend did
-    /// translate for us, so a chain costs at most one miss per page the
-    /// guest really mapped for it, bounded by `MAX_MISSES_PER_CHAIN`.
+    /// Records a miss of `iova`'s page for the current chain; false when
+    /// that page was missed `MISS_TRIES` times already (the frontend
+    /// cannot help: give up on it) or the chain has sent
+    /// `MAX_MISSES_PER_CHAIN` misses, so a chain always ends.
     pub fn note_miss(&mut self, iova: u64) -> bool {
-        let page = iova >> pvdma::PAGE_SHIFT;
-        self.missed.len() < MAX_MISSES_PER_CHAIN && self.missed.insert(page)
+        if self.misses >= MAX_MISSES_PER_CHAIN {
+            return false;
+        }
+        let tries = self.missed.entry(iova >> pvdma::PAGE_SHIFT).or_insert(0);
+        if *tries >= MISS_TRIES {
+            return false;
+        }
+        *tries += 1;
+        self.misses += 1;
+        true
+    }
+
+    /// Forgets the misses of the chain just finished.
+    fn forget_misses(&mut self) {
+        self.missed.clear();
+        self.misses = 0;
     }
 
     /// Serves at most one chain.
@@ -238,7 +261,7 @@ impl Vring {
     }
 
     /// Adds to `misses` the other pages of the chain's buffers that the
-    /// table cannot serve for their access yet (not missed before, at most
+    /// table cannot serve for their access yet (not missed too often, at most
     /// `MISS_BATCH` in all, looking at `MISS_SCAN` pages at most), so
     /// that one round of misses usually fetches every translation a
     /// request needs instead of one per retry.
@@ -257,7 +280,12 @@ impl Vring {
                     .table()
                     .lookup(page, guard)
                     .is_some_and(|leaf| leaf.perms.contains(perm));
-                if !served && self.note_miss(page) {
+                let queued = || {
+                    misses
+                        .iter()
+                        .any(|&(i, _)| i >> pvdma::PAGE_SHIFT == page >> pvdma::PAGE_SHIFT)
+                };
+                if !served && !queued() && self.note_miss(page) {
                     misses.push((page, perm));
                 }
                 let Some(next) = page.checked_add(pvdma::PAGE_SIZE) else {
@@ -272,13 +300,13 @@ impl Vring {
         if self.note_miss(iova) {
             Step::Miss(vec![(iova, perm)])
         } else {
-            self.missed.clear();
+            self.forget_misses();
             Step::Stalled
         }
     }
 
     fn complete(&mut self, space: &IovaSpace<'_>, head: u16, len: u32) -> Step {
-        self.missed.clear();
+        self.forget_misses();
         if let Err(e) = self.queue.add_used(space, head, len) {
             if matches!(e, virtio_queue::Error::GuestMemory(_)) {
                 // The used ring is not mapped: write it once it is.
