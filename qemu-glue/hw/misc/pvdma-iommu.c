@@ -350,6 +350,13 @@ static void pvdma_report_fault(PvdmaEndpoint *ep, uint32_t rid,
  * each other in guest-physical space with the same permissions.
  */
 #define PVDMA_IOTLB_JOIN (64 * KiB)
+/*
+ * Notifiers that hear of removals. With none registered nothing keeps
+ * translate's entries (QEMU's DMA path asks again for every access), so
+ * an entry may be joined across neighbouring mappings.
+ */
+#define PVDMA_REMOVAL_NOTIFIERS \
+    (IOMMU_NOTIFIER_UNMAP | IOMMU_NOTIFIER_DEVIOTLB_UNMAP)
 
 /*
  * Where this thread's last translation (of a table leaf, not bypass)
@@ -429,10 +436,14 @@ static hwaddr pvdma_join_mask(PvdmaState *s, uint32_t rid, hwaddr iova,
  *
  * A leaf lies inside one mapping, and so inside one of the naturally
  * aligned pieces in which its removal is announced. A joined entry may
- * span neighbouring mappings, which notifiers hear of separately:
- * pvdma_notify_unmap() tells the notifiers that cache entries (vhost's
- * device IOTLB) about the whole PVDMA_IOTLB_JOIN-aligned span of every
- * removal, so no such entry outlives it.
+ * span neighbouring mappings, whose removals are announced separately:
+ * a notifier that caches entries (vhost's device IOTLB) would keep part
+ * of it after one of them is gone, and announcing every removal's wider
+ * span instead would make it drop live neighbours' translations on every
+ * UNMAP (a vhost-user backend then misses the same page over and over
+ * under a stream of strict UNMAPs). So pages are joined only while no
+ * notifier listens for removals on the endpoint: QEMU's own device
+ * models, which cache nothing.
  */
 static hwaddr pvdma_iotlb_mask(PvdmaEndpoint *ep, uint32_t rid, hwaddr iova,
                                const struct pvdma_lookup *found)
@@ -445,7 +456,8 @@ static hwaddr pvdma_iotlb_mask(PvdmaEndpoint *ep, uint32_t rid, hwaddr iova,
         mask = pvdma_leaf_mask(iova, found);
     }
     if (mask == PVDMA_PAGE_SIZE - 1 && pvdma_last_translation.ep == ep &&
-        pvdma_last_translation.next == iova - in_page) {
+        pvdma_last_translation.next == iova - in_page &&
+        !(qatomic_read(&ep->notifier_flags) & PVDMA_REMOVAL_NOTIFIERS)) {
         mask = pvdma_join_mask(ep->s, rid, iova, found);
     }
     pvdma_last_translation.ep = ep;
@@ -596,46 +608,6 @@ static void pvdma_populate_for_write(uint64_t gpa, uint64_t len)
 #endif
 }
 
-/* @series-begin iotlb-leaf */
-/*
- * Tell the notifiers that @len bytes at @iova are unmapped. Those that
- * keep a copy of the mappings (vfio: MAP and UNMAP) hear of exactly that
- * range. Those that only invalidate (vhost's device IOTLB, with UNMAP or
- * DEVIOTLB_UNMAP) cache what translate returned, and an entry joined
- * from several pages may reach into a neighbouring mapping
- * (pvdma_iotlb_mask()): they hear of the whole PVDMA_IOTLB_JOIN-aligned
- * span, so no such entry survives. Invalidating a few live translations
- * costs them a refill, nothing more.
- */
-static void pvdma_notify_unmap(IOMMUMemoryRegion *iommu_mr, uint64_t iova,
-                               uint64_t len)
-{
-    uint64_t start = QEMU_ALIGN_DOWN(iova, PVDMA_IOTLB_JOIN);
-    uint64_t end = QEMU_ALIGN_UP(iova + len, PVDMA_IOTLB_JOIN);
-    static const IOMMUNotifierFlag kinds[] = {
-        IOMMU_NOTIFIER_UNMAP, IOMMU_NOTIFIER_DEVIOTLB_UNMAP,
-    };
-    IOMMUNotifier *n;
-    int i;
-
-    for (i = 0; i < ARRAY_SIZE(kinds); i++) {
-        IOMMU_NOTIFIER_FOREACH(n, iommu_mr) {
-            if (n->iommu_idx || !(n->notifier_flags & kinds[i])) {
-                continue;
-            }
-            if (n->notifier_flags & IOMMU_NOTIFIER_MAP) {
-                pvdma_for_each_piece(iommu_mr, n, kinds[i], iova, 0, len,
-                                     IOMMU_NONE, pvdma_notify_one);
-            } else {
-                pvdma_for_each_piece(iommu_mr, n, kinds[i], start, 0,
-                                     end - start, IOMMU_NONE,
-                                     pvdma_notify_one);
-            }
-        }
-    }
-}
-
-/* @series-end iotlb-leaf */
 /*
  * The library's notification: after a MAP is in the table, before an
  * UNMAP (DETACH, reset, ...) returns. It runs under the BQL, as every
@@ -665,7 +637,6 @@ static void pvdma_notify_event(void *opaque,
                              pvdma_notify_all);
         return;
     }
-/* @series-until iotlb-leaf */
     pvdma_for_each_piece(iommu_mr, NULL, IOMMU_NOTIFIER_UNMAP, ev->iova,
                          ev->gpa, ev->len, IOMMU_NONE, pvdma_notify_all);
     if (ep->notifier_flags & IOMMU_NOTIFIER_DEVIOTLB_UNMAP) {
@@ -673,10 +644,6 @@ static void pvdma_notify_event(void *opaque,
                              ev->iova, ev->gpa, ev->len, IOMMU_NONE,
                              pvdma_notify_all);
     }
-/* @series-end iotlb-leaf */
-/* @series-begin iotlb-leaf */
-    pvdma_notify_unmap(iommu_mr, ev->iova, ev->len);
-/* @series-end iotlb-leaf */
 }
 
 /* Tell a new notifier about every translation the endpoint has. */
