@@ -49,23 +49,11 @@ for k in $KERNELS; do
     "$PVDMA_ROOT/tools/guest-io-prepare.sh" "$k" >/dev/null
 done
 
-# Each boot runs in the background so a signal reaches it: pvdma_guest.py
-# turns SIGTERM into its clean-up, which ends QEMU.
-summary=$(mktemp)
-pypid=
-cleanup() {
-    [ -z "$pypid" ] || { kill -TERM "$pypid" 2>/dev/null; wait "$pypid" 2>/dev/null; }
-    rm -f "$summary"
-}
-trap cleanup EXIT
-trap 'exit 143' TERM HUP
-trap 'exit 130' INT
-failed=0
+boots_begin guest-io-test
 for k in $KERNELS; do
     for v in $VARIANTS; do
         extra=()
         variant=$v
-        mode_word=
         if [ "$v" = pvdma ]; then
             # Lazy, leaving the VGA function (00:01.0) alone.
             extra=(--modparams exclude=00:01.0 --expect-detached 00:01.0)
@@ -74,29 +62,13 @@ for k in $KERNELS; do
             # Strict, and ending with refused DMAs on the NVMe disk: into
             # a buffer never mapped, then into one mapped read-only.
             variant=pvdma
-            mode_word=" strict"
             extra=(--strict --refuse both)
         fi
         log "kernel $k, variant $v"
-        python3 "$PVDMA_ROOT/tests/framework/pvdma_guest.py" --qemu "$qemu" \
-            --kernel "$k" --variant "$variant" "${extra[@]}" \
-            --timeout "$TIMEOUT" --summary-file "$summary" &
-        pypid=$!
-        rc=0
-        wait "$pypid" || rc=$?
-        pypid=
-        if [ $rc -ne 0 ]; then
-            failed=1
-            grep -q "^kernel $k variant $variant$mode_word " "$summary" ||
-                echo "kernel $k variant $v: no result (status $rc)" >>"$summary"
-        fi
+        boot_run "kernel $k variant $v" \
+            python3 "$PVDMA_ROOT/tests/framework/pvdma_guest.py" --qemu "$qemu" \
+            --kernel "$k" --variant "$variant" "${extra[@]}" --timeout "$TIMEOUT"
     done
 done
 
-log "summary"
-cat "$summary"
-if [ $failed -ne 0 ]; then
-    echo "guest-io-test: FAIL"
-    exit 1
-fi
-echo "guest-io-test: PASS"
+boots_end

@@ -44,16 +44,7 @@ backend="$PVDMA_ROOT/target/debug/pvdma-vhost-user-blk"
 log "preparing the I/O guest for 6.1"
 "$PVDMA_ROOT/tools/guest-io-prepare.sh" 6.1 >/dev/null
 
-summary=$(mktemp)
-pypid=
-cleanup() {
-    [ -z "$pypid" ] || { kill -TERM "$pypid" 2>/dev/null; wait "$pypid" 2>/dev/null; }
-    rm -f "$summary"
-}
-trap cleanup EXIT
-trap 'exit 143' TERM HUP
-trap 'exit 130' INT
-failed=0
+boots_begin vhost-user-blk-test
 for run in $RUNS; do
     case $run in
     sg-strict-refuse) args=(--mode sg --strict --refuse) ;;
@@ -64,23 +55,9 @@ for run in $RUNS; do
     *) echo "unknown run '$run'" >&2; exit 2 ;;
     esac
     log "run $run"
-    python3 "$PVDMA_ROOT/tests/guest/vhost-user-blk-boot.py" --qemu "$qemu" \
-        --backend "$backend" "${args[@]}" --timeout "$TIMEOUT" \
-        --summary-file "$summary" &
-    pypid=$!
-    rc=0
-    wait "$pypid" || rc=$?
-    pypid=
-    if [ $rc -ne 0 ]; then
-        failed=1
-        grep -q . "$summary" || echo "run $run: no result (status $rc)" >>"$summary"
-    fi
+    boot_run "run $run" \
+        python3 "$PVDMA_ROOT/tests/guest/vhost-user-blk-boot.py" --qemu "$qemu" \
+        --backend "$backend" "${args[@]}" --timeout "$TIMEOUT"
 done
 
-log "summary"
-cat "$summary"
-if [ $failed -ne 0 ]; then
-    echo "vhost-user-blk-test: FAIL"
-    exit 1
-fi
-echo "vhost-user-blk-test: PASS"
+boots_end
