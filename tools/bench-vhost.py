@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -163,10 +162,6 @@ def table(boots, labels):
     return "\n".join(rows)
 
 
-def on_signal(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--qemu")
@@ -180,8 +175,7 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     a = ap.parse_args()
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    pg.interrupt_on_signals()
     qemu = a.qemu or pg.qemu_build()
     backend = a.backend
     if not backend:

@@ -38,14 +38,13 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pvdma_qemu import (ConsoleMachine, QemuError, QemuTimeout,  # noqa: E402
-                        compact_json)
+                        compact_json, interrupt_on_signals)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOLS = os.path.join(HERE, "..", "..", "tools")
@@ -450,10 +449,6 @@ def summary(r):
             f" {r.cpu_total_s if r.cpu_total_s is not None else '?'} s)")
 
 
-def on_signal(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--qemu", help="QEMU binary (default: qemu-build.sh's)")
@@ -485,8 +480,7 @@ def main():
     ap.add_argument("--json", help="write the whole result (RunResult) "
                     "as JSON to this file")
     a = ap.parse_args()
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    interrupt_on_signals()
     qemu = a.qemu or qemu_build()
     image = prepare(a.kernel)
     try:

@@ -415,6 +415,15 @@ class ConsoleMachine:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def interrupt_on_signals():
+    """Makes SIGTERM and SIGHUP raise KeyboardInterrupt, as SIGINT does, so
+    a script's clean-up (ending its QEMU) runs on them too."""
+    def raise_interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGHUP, raise_interrupt)
+
+
 def exit_verdict(vm, limit, passed, who):
     """After a console guest finished its test: why it failed, or None.
 

@@ -13,14 +13,14 @@ every exit path. Exit status 0 only when the guest printed
 """
 
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "framework"))
 # the scripts' shared QEMU helpers
 from pvdma_qemu import (HOST_ERRORS, ConsoleMachine,  # noqa: E402
-                        compact_json, exit_verdict, host_failure)
+                        compact_json, exit_verdict, host_failure,
+                        interrupt_on_signals)
 
 MARK = "PVDMA-GUEST-DEMO: "
 # qboot (shipped with QEMU) starts the kernel in well under a second under
@@ -33,16 +33,11 @@ def log(msg=""):
     print(msg, flush=True)
 
 
-def on_signal(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main():
     if len(sys.argv) < 4:
         sys.exit(__doc__)
     # SIGTERM/SIGHUP unwind like Ctrl-C, through the `finally` that kills QEMU.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    interrupt_on_signals()
     qemu, kernel, initrd = sys.argv[1:4]
     limit = float(sys.argv[4]) if len(sys.argv) > 4 else 120
     args = ["-M", "q35", "-accel", "tcg", "-m", "512M",

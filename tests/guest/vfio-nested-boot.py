@@ -17,13 +17,13 @@ QEMU exited by itself (L1 powered off).
 """
 
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "framework"))
 from pvdma_qemu import (HOST_ERRORS, ConsoleMachine,  # noqa: E402
-                        exit_verdict, host_failure)
+                        exit_verdict, host_failure,
+                        interrupt_on_signals)
 
 MARK = "PVDMA-VFIO: "
 BIOS = os.environ.get("PVDMA_GUEST_BIOS", "qboot.rom")
@@ -31,10 +31,6 @@ BIOS = os.environ.get("PVDMA_GUEST_BIOS", "qboot.rom")
 
 def log(msg=""):
     print(msg, flush=True)
-
-
-def on_signal(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def l0_args(kernel, initrd, l2_timeout, strict):
@@ -53,8 +49,7 @@ def l0_args(kernel, initrd, l2_timeout, strict):
 def main():
     if len(sys.argv) < 4:
         sys.exit(__doc__)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    interrupt_on_signals()
     qemu, kernel, initrd = sys.argv[1:4]
     limit = float(sys.argv[4]) if len(sys.argv) > 4 else 120
     l2_timeout = int(sys.argv[5]) if len(sys.argv) > 5 else 60

@@ -32,7 +32,6 @@ so the guest is not expected to PASS.
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -82,8 +81,7 @@ def main():
     ap.add_argument("--backend-log-level", default="info")
     ap.add_argument("--keep-log", help="copy the backend's log here")
     a = ap.parse_args()
-    signal.signal(signal.SIGTERM, pg.on_signal)
-    signal.signal(signal.SIGHUP, pg.on_signal)
+    pg.interrupt_on_signals()
     qemu = a.qemu or pg.qemu_build()
     image = pg.prepare(a.kernel)
     what = (f"vhost-user-blk kernel {a.kernel} mode {a.mode}"
@@ -96,7 +94,6 @@ def main():
     try:
         backend = Backend(a.backend, tmp.name, a.mode, a.timeout + 30,
                           log_level=a.backend_log_level)
-        on_line = None
         if a.kill:
             def kill_then_check(vm):
                 # Half a second into disk-verify: SIGKILL the backend;
@@ -114,7 +111,7 @@ def main():
                     killed["done"] = True
                     vm.close()
 
-            def on_line(vm, line):
+            def kill_watch(vm, line):
                 if "RUN verify-blk" in line and "thread" not in killed:
                     killed["thread"] = threading.Thread(
                         target=kill_then_check, args=(vm,), daemon=True)
@@ -127,7 +124,7 @@ def main():
                 timeout=a.timeout, refuse=a.refuse and "both", vhost_user_blk=backend.sock,
                 extra_append=["pvdmaio.disks=blk", "pvdmaio.net=0",
                               f"pvdmaio.verify_mib={a.verify_mib}"],
-                on_line=on_line)
+                on_line=kill_watch if a.kill else None)
         except KeyboardInterrupt as e:
             sys.exit(f"interrupted ({e or 'SIGINT'})")
         if a.kill:
