@@ -51,6 +51,8 @@ const ENTRIES: usize = 1 << LEVEL_BITS;
 const INDEX_MASK: u64 = (1 << LEVEL_BITS) - 1;
 /// The level whose leaves are [`HUGE_SIZE`] bytes.
 const HUGE_LEVEL: u32 = 1;
+/// log2 of [`HUGE_SIZE`]: the span of one level-0 node.
+const HUGE_SHIFT: u32 = entry_shift(HUGE_LEVEL);
 
 /// The entry holds something (a leaf or a pointer).
 const PRESENT: u64 = 1 << 0;
@@ -415,6 +417,46 @@ pub struct TableWriter<'a> {
 }
 
 impl TableWriter<'_> {
+    /// The level-0 node whose entries hold the 4 KiB leaves of the page
+    /// range `[start, end)` (page aligned, non-empty, inside the table),
+    /// when the range lies in one 2 MiB block and the path to that node
+    /// exists: pointer entries all the way down, no 2 MiB leaf on it.
+    ///
+    /// The fast paths of `nodes_needed`, `map` and `unmap` use it: the
+    /// usual request maps or unmaps a few pages next to live mappings, and
+    /// then the recursive descent (with its per-level range arithmetic and,
+    /// for `unmap`, an epoch pin) is a handful of loads.
+    #[inline]
+    fn leaf_node(&self, start: u64, end: u64) -> Option<&Node> {
+        if start >> HUGE_SHIFT != (end - 1) >> HUGE_SHIFT {
+            return None;
+        }
+        let mut node: &Node = &self.table.root;
+        let mut level = self.table.levels - 1;
+        while level > 0 {
+            // Relaxed: only writers store entries, and we hold the mutex.
+            let entry = node.slot(start, level).load(Ordering::Relaxed);
+            if entry & (PRESENT | LEAF) != PRESENT {
+                return None;
+            }
+            // SAFETY: a pointer entry (PRESENT set, LEAF clear) of a linked
+            // node; we hold the mutex, and only writers free nodes.
+            node = unsafe { child(entry) };
+            level -= 1;
+        }
+        Some(node)
+    }
+
+    /// The level-0 entries of `[start, end)` in `node` (from
+    /// [`TableWriter::leaf_node`]).
+    #[inline]
+    fn leaf_slots(node: &Node, start: u64, end: u64) -> &[AtomicU64] {
+        let first = ((start >> PAGE_SHIFT) & INDEX_MASK) as usize;
+        let n = ((end - start) >> PAGE_SHIFT) as usize;
+        // In one 2 MiB block: first + n <= ENTRIES.
+        &node.entries[first..first + n]
+    }
+
     /// Maps [iova, iova+len) linearly onto [gpa, gpa+len) with `perms`.
     ///
     /// iova, gpa, len are page aligned, len > 0, the range lies below
@@ -439,6 +481,21 @@ impl TableWriter<'_> {
         let Some((start, end)) = self.table.clip(iova, len) else {
             return;
         };
+        if let Some(node) = self.leaf_node(start, end) {
+            // 4 KiB leaves into a node that exists: what `map_in` would do
+            // (it never puts a 2 MiB leaf where a node is linked).
+            let gpa = gpa & !PAGE_MASK;
+            for (i, slot) in Self::leaf_slots(node, start, end).iter().enumerate() {
+                // Relaxed: only writers store entries, and we hold the mutex.
+                let entry = slot.load(Ordering::Relaxed);
+                debug_assert!(entry == 0, "map over a mapped iova");
+                if entry == 0 {
+                    node.inc_live();
+                }
+                self.set_leaf(slot, gpa + ((i as u64) << PAGE_SHIFT), perms, 0);
+            }
+            return;
+        }
         // gpa = iova + delta, modulo 2^64 (no overflow by the caller's promise).
         let delta = gpa.wrapping_sub(iova);
         let top = self.table.levels - 1;
@@ -456,6 +513,13 @@ impl TableWriter<'_> {
         let Some((start, end)) = self.table.clip(iova, len) else {
             return Some(0);
         };
+        if let Some(node) = self.leaf_node(start, end) {
+            // Relaxed: only writers store entries, and we hold the mutex.
+            let free = Self::leaf_slots(node, start, end)
+                .iter()
+                .all(|slot| slot.load(Ordering::Relaxed) == 0);
+            return free.then_some(0);
+        }
         self.needed_in(&self.table.root, self.table.levels - 1, start, end)
     }
 
@@ -506,6 +570,25 @@ impl TableWriter<'_> {
         let Some((start, end)) = self.table.clip(iova, len) else {
             return;
         };
+        if let Some(node) = self.leaf_node(start, end) {
+            let slots = Self::leaf_slots(node, start, end);
+            // Relaxed: only writers store entries, and we hold the mutex.
+            let present = slots
+                .iter()
+                .filter(|slot| slot.load(Ordering::Relaxed) != 0)
+                .count() as u32;
+            // A node left empty is unlinked and freed: the general path.
+            if present < node.live() {
+                for slot in slots {
+                    // Relaxed load: as above. Release store: as in `unmap_in`.
+                    if slot.load(Ordering::Relaxed) != 0 {
+                        slot.store(0, Ordering::Release);
+                        node.dec_live();
+                    }
+                }
+                return;
+            }
+        }
         let guard = epoch::pin();
         let top = self.table.levels - 1;
         let freed = self.unmap_in(&self.table.root, top, start, end, &guard);
