@@ -7,8 +7,10 @@
 //! table is only ever changed while it is held, so the records and the table
 //! agree whenever the mutex is free.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -19,7 +21,7 @@ use crate::pin::{self, PinTable};
 use crate::ram::RamLayout;
 use crate::sync::epoch::Guard;
 use crate::sync::{AtomicU64, Ordering};
-use crate::table::{IoPageTable, HUGE_SIZE, NODE_BYTES};
+use crate::table::{IoPageTable, TableWriter, HUGE_SIZE, NODE_BYTES};
 use crate::types::{Access, Fragment, Perm, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
 
 /// Why a domain operation failed. Each maps onto one ABI status.
@@ -131,8 +133,8 @@ impl MemBudget {
 }
 
 /// Bytes charged for one mapping's record besides its table nodes: the
-/// record, its segment list, and the B-tree and IOVA allocator entries it
-/// may add (an estimate of the allocator's share, on the safe side).
+/// record, its segment list, and the record map's slot and IOVA allocator
+/// entries it may add (an estimate of both, on the safe side).
 fn record_bytes(segs: usize) -> u64 {
     const BOOKKEEPING: u64 = 128;
     std::mem::size_of::<Mapping>() as u64
@@ -463,6 +465,67 @@ pub(crate) fn next_generation() -> u64 {
     NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The key of a domain's record map: the hash of a mapping's first IOVA
+/// page is one 64x64->128 multiply with two secret per-domain values,
+/// folded. A guest picks its IOVAs (FIXED MAPs); with a fixed hash it
+/// could pick keys that all land in one probe sequence and make every
+/// MAP and UNMAP walk them, with these it cannot aim.
+#[derive(Clone, Copy)]
+struct PageKeyHash {
+    k0: u64,
+    /// Odd.
+    k1: u64,
+}
+
+impl PageKeyHash {
+    fn new() -> PageKeyHash {
+        let seed = RandomState::new();
+        PageKeyHash {
+            k0: seed.hash_one(0u64),
+            k1: seed.hash_one(1u64) | 1,
+        }
+    }
+}
+
+impl BuildHasher for PageKeyHash {
+    type Hasher = PageHasher;
+
+    #[inline]
+    fn build_hasher(&self) -> PageHasher {
+        PageHasher {
+            key: *self,
+            hash: 0,
+        }
+    }
+}
+
+/// The hasher of [`PageKeyHash`].
+struct PageHasher {
+    key: PageKeyHash,
+    hash: u64,
+}
+
+impl Hasher for PageHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed; fold anything else in byte by byte.
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, page: u64) {
+        let m = u128::from(self.hash ^ page ^ self.key.k0) * u128::from(self.key.k1);
+        // Truncation intended: the two halves are folded together.
+        self.hash = (m as u64) ^ ((m >> 64) as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
 /// The translation state of one attached endpoint.
 pub struct Domain {
     table: IoPageTable,
@@ -478,8 +541,11 @@ pub struct Domain {
 }
 
 struct DomainInner {
-    /// Mappings by first IOVA page.
-    mappings: BTreeMap<u64, Mapping>,
+    /// Mappings by first IOVA page. Unordered: range questions (which
+    /// mappings lie in a span, does one cross its ends) are answered by
+    /// the table, whose leaves are exactly the mapped pages (see
+    /// [`DomainInner::span_victims`]).
+    mappings: HashMap<u64, Mapping, PageKeyHash>,
     /// Free IOVA pages for host-chosen MAPs; `None` until the first one.
     /// FIXED maps check their range in the table instead, so a domain
     /// whose driver only maps FIXED (the Linux driver) never keeps it.
@@ -504,6 +570,66 @@ impl DomainInner {
             alloc
         })
     }
+
+    /// Pushes the first page of every mapping inside the page span
+    /// `[first, last]` onto `victims` and returns how many; RANGE when a
+    /// mapping crosses either end of the span.
+    ///
+    /// Every page of a mapping has a leaf and nothing else does, so a scan
+    /// of the span's leaves from `first` meets each mapping inside it at
+    /// its first page (one record lookup), then skips the rest of it. A
+    /// leaf that starts no mapping can only be met first thing: a mapping
+    /// that began before the span. Costs the mappings found plus the table
+    /// nodes the scan passes through.
+    fn span_victims(
+        &self,
+        writer: &TableWriter<'_>,
+        first: u64,
+        last: u64,
+        victims: &mut impl Extend<u64>,
+    ) -> Result<usize> {
+        let end = (last + 1) << PAGE_SHIFT;
+        let mut at = first << PAGE_SHIFT;
+        let mut found = 0;
+        while let Some(iova) = writer.next_mapped(at, end) {
+            let page = iova >> PAGE_SHIFT;
+            let Some(m) = self.mappings.get(&page) else {
+                return Err(self.crossing(page));
+            };
+            let m_last = page + m.npages() - 1;
+            if m_last > last {
+                return Err(Error::Range {
+                    iova: m.iova,
+                    len: m.length,
+                });
+            }
+            victims.extend([page]);
+            found += 1;
+            at = (m_last + 1) << PAGE_SHIFT;
+        }
+        Ok(found)
+    }
+
+    /// RANGE for the mapping holding `page`, which is not its first page.
+    /// A search of every record: only a request that fails pays it.
+    #[cold]
+    fn crossing(&self, page: u64) -> Error {
+        let holder = self
+            .mappings
+            .values()
+            .find(|m| (m.first_page()..m.first_page() + m.npages()).contains(&page));
+        debug_assert!(holder.is_some(), "leaf at page {page:#x} without a mapping");
+        match holder {
+            Some(m) => Error::Range {
+                iova: m.iova,
+                len: m.length,
+            },
+            None => Error::Range {
+                iova: page << PAGE_SHIFT,
+                len: PAGE_SIZE,
+            },
+        }
+    }
 }
 
 impl Domain {
@@ -523,7 +649,7 @@ impl Domain {
             shared_generation: shared,
             table: IoPageTable::new(iova_bits),
             inner: Mutex::new(DomainInner {
-                mappings: BTreeMap::new(),
+                mappings: HashMap::with_hasher(PageKeyHash::new()),
                 alloc: None,
                 charged: 0,
             }),
@@ -561,7 +687,9 @@ impl Domain {
 
     /// A copy of every mapping, by IOVA.
     pub fn mappings(&self) -> Vec<Mapping> {
-        self.inner.lock().mappings.values().cloned().collect()
+        let mut all: Vec<Mapping> = self.inner.lock().mappings.values().cloned().collect();
+        all.sort_unstable_by_key(|m| m.iova);
+        all
     }
 
     /// Adds a mapping: validates, picks or checks the IOVA, checks RAM,
@@ -716,7 +844,7 @@ impl Domain {
         // The usual UNMAP names exactly one mapping: one that starts on the
         // range's first page and ends on its last. Mappings are disjoint,
         // so no other one can then lie in the range or cross its ends: one
-        // lookup decides what the two range scans below would.
+        // lookup decides what the scan below would.
         if inner
             .mappings
             .get(&first)
@@ -724,26 +852,11 @@ impl Domain {
         {
             return Ok(self.remove_locked(&mut inner, &[first], ram, pins, notify));
         }
-        // A mapping starting before the range that reaches into it.
-        if let Some((_, m)) = inner.mappings.range(..first).next_back() {
-            if m.first_page() + m.npages() > first {
-                return Err(Error::Range {
-                    iova: m.iova,
-                    len: m.length,
-                });
-            }
-        }
         let mut victims = SmallVec::<[u64; 4]>::new();
-        for (&page, m) in inner.mappings.range(first..=last) {
-            if page + m.npages() - 1 > last {
-                return Err(Error::Range {
-                    iova: m.iova,
-                    len: m.length,
-                });
-            }
-            victims.push(page);
-        }
-        if victims.is_empty() {
+        let writer = self.table.lock();
+        let found = inner.span_victims(&writer, first, last, &mut victims)?;
+        drop(writer);
+        if found == 0 {
             return Err(Error::NoEnt { iova });
         }
         Ok(self.remove_locked(&mut inner, &victims, ram, pins, notify))
@@ -757,8 +870,9 @@ impl Domain {
     /// mappings of every span removed, under one hold of the domain lock
     /// and with one generation bump.
     ///
-    /// Each span costs one ordered lookup plus its mappings, so the whole
-    /// list is O(n log m) for n spans over m mappings.
+    /// Each span costs a table descent per mapping in it (one record
+    /// lookup each) plus the empty table entries its scan passes over, so
+    /// the list is independent of the mappings outside its spans.
     pub fn unmap_spans(
         &self,
         spans: &[(u64, u64)],
@@ -773,29 +887,13 @@ impl Domain {
         let mut inner = self.inner.lock();
         let mut victims = Vec::new();
         let mut empty = None;
+        let writer = self.table.lock();
         for &(first, last) in spans {
-            if let Some((_, m)) = inner.mappings.range(..first).next_back() {
-                if m.first_page() + m.npages() > first {
-                    return Err(Error::Range {
-                        iova: m.iova,
-                        len: m.length,
-                    });
-                }
-            }
-            let before = victims.len();
-            for (&page, m) in inner.mappings.range(first..=last) {
-                if page + m.npages() - 1 > last {
-                    return Err(Error::Range {
-                        iova: m.iova,
-                        len: m.length,
-                    });
-                }
-                victims.push(page);
-            }
-            if victims.len() == before && empty.is_none() {
+            if inner.span_victims(&writer, first, last, &mut victims)? == 0 && empty.is_none() {
                 empty = Some(first << PAGE_SHIFT);
             }
         }
+        drop(writer);
         // RANGE anywhere in the list wins over an empty span.
         if let Some(iova) = empty {
             return Err(Error::NoEnt { iova });
@@ -811,7 +909,9 @@ impl Domain {
         notify: &mut dyn FnMut(&PageRun),
     ) -> Removed {
         let mut inner = self.inner.lock();
-        let all: Vec<u64> = inner.mappings.keys().copied().collect();
+        let mut all: Vec<u64> = inner.mappings.keys().copied().collect();
+        // By IOVA: notifications in a stable order.
+        all.sort_unstable();
         self.remove_locked(&mut inner, &all, ram, pins, notify)
     }
 
@@ -826,12 +926,14 @@ impl Domain {
         notify: &mut dyn FnMut(&PageRun),
     ) -> Removed {
         let mut inner = self.inner.lock();
-        let hit: Vec<u64> = inner
+        let mut hit: Vec<u64> = inner
             .mappings
             .iter()
             .filter(|(_, m)| m.touches_gpa(gpa, len))
             .map(|(&p, _)| p)
             .collect();
+        // By IOVA: notifications in a stable order.
+        hit.sort_unstable();
         self.remove_locked(&mut inner, &hit, ram, pins, notify)
     }
 
@@ -1030,14 +1132,15 @@ fn push_frames(pages: &mut PageList, ram: &RamLayout, first: u64, end: u64) {
             .filter(|&(_, bytes)| bytes >= PAGE_SIZE)
             .unwrap_or((0, PAGE_SIZE));
         let n = bytes >> PAGE_SHIFT;
-        pages.extend((0..n).map(|i| {
+        pages.reserve(n as usize);
+        for i in 0..n {
             let hva = if hva == 0 {
                 0
             } else {
                 hva + (i << PAGE_SHIFT) as usize
             };
-            (gfn + i, hva)
-        }));
+            pages.push((gfn + i, hva));
+        }
         gfn += n;
     }
 }

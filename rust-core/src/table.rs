@@ -555,6 +555,40 @@ impl TableWriter<'_> {
         Some(needed)
     }
 
+    /// The first page address at or above `from` and below `end` that a
+    /// leaf covers (a page inside a 2 MiB leaf counts), if any. Empty
+    /// subtrees are skipped whole, so a scan over a sparse range costs the
+    /// nodes it passes through, not its pages.
+    pub fn next_mapped(&self, from: u64, end: u64) -> Option<u64> {
+        let (start, end) = self.table.clip(from, end.checked_sub(from)?)?;
+        self.next_in(&self.table.root, self.table.levels - 1, start, end)
+    }
+
+    fn next_in(&self, node: &Node, level: u32, start: u64, end: u64) -> Option<u64> {
+        let size = 1u64 << entry_shift(level);
+        let mut lo = start & !(size - 1);
+        while lo < end {
+            // `end <= 2^57`, so this never overflows.
+            let hi = lo + size;
+            // Relaxed: only writers store entries, and we hold the mutex.
+            let entry = node.slot(lo, level).load(Ordering::Relaxed);
+            if entry & PRESENT != 0 {
+                let from = start.max(lo);
+                if entry & LEAF != 0 {
+                    return Some(from);
+                }
+                // SAFETY: a pointer entry of a linked node; we hold the
+                // mutex, and only writers free nodes.
+                let next = unsafe { child(entry) };
+                if let Some(found) = self.next_in(next, level - 1, from, end.min(hi)) {
+                    return Some(found);
+                }
+            }
+            lo = hi;
+        }
+        None
+    }
+
     /// Removes every leaf in [iova, iova+len) (page aligned).
     ///
     /// The caller never cuts through a 2 MiB leaf; if it happens anyway the
@@ -1012,6 +1046,36 @@ mod tests {
                 assert_eq!(look(&t, iova + len - 1), None);
             }
         }
+    }
+
+    #[test]
+    fn next_mapped_finds_the_first_covered_page_past_empty_subtrees() {
+        const GIB: u64 = 1 << 30;
+        let t = IoPageTable::new(48);
+        let w = t.lock();
+        assert_eq!(w.next_mapped(0, 1 << 48), None);
+        drop(w);
+        // A 4 KiB page far up, a 2 MiB leaf further up still.
+        map(&t, 7 * GIB + 0x3000, 0x10_0000, PAGE_SIZE, Perm::READ);
+        map(&t, 9 * GIB, 0x4000_0000, HUGE_SIZE, Perm::RW);
+        assert!(look(&t, 9 * GIB).is_some_and(|l| l.run == HUGE_SIZE));
+        let w = t.lock();
+        assert_eq!(w.next_mapped(0, 1 << 48), Some(7 * GIB + 0x3000));
+        assert_eq!(
+            w.next_mapped(7 * GIB + 0x3000, 1 << 48),
+            Some(7 * GIB + 0x3000)
+        );
+        assert_eq!(w.next_mapped(7 * GIB + 0x4000, 1 << 48), Some(9 * GIB));
+        // Inside the 2 MiB leaf: the page asked from.
+        assert_eq!(
+            w.next_mapped(9 * GIB + 0x5000, 1 << 48),
+            Some(9 * GIB + 0x5000)
+        );
+        // `end` is exclusive; empty and reversed ranges find nothing.
+        assert_eq!(w.next_mapped(0, 7 * GIB + 0x3000), None);
+        assert_eq!(w.next_mapped(9 * GIB, 9 * GIB), None);
+        assert_eq!(w.next_mapped(9 * GIB + 1, 9 * GIB), None);
+        assert_eq!(w.next_mapped(9 * GIB + HUGE_SIZE, u64::MAX), None);
     }
 
     #[test]
