@@ -338,8 +338,7 @@ impl RamLayout {
             // epoch guard this layout is borrowed from is held; the slice
             // lives only for this call. Guest memory is only ever accessed
             // volatilely from here.
-            let guest = unsafe { VolatileSlice::new(hva as *mut u8, len) };
-            guest.copy_to(&mut buf[off..off + len]);
+            unsafe { read_volatile_run(hva, &mut buf[off..off + len]) };
         })
     }
 
@@ -349,9 +348,66 @@ impl RamLayout {
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<()> {
         self.for_each_run(gpa, buf.len() as u64, |hva, off, len| {
             // SAFETY: as in `read`; the region is also writable (GuestRam::add).
-            let guest = unsafe { VolatileSlice::new(hva as *mut u8, len) };
-            guest.copy_from(&buf[off..off + len]);
+            unsafe { write_volatile_run(hva, &buf[off..off + len]) };
         })
+    }
+}
+
+/// Copies guest memory at `hva` into `buf` with volatile reads. Whole
+/// aligned words when both address and length allow (request blocks and
+/// their fields: a few loads instead of vm-memory's general copy, which
+/// cost ~70 instructions per request-block access), else vm-memory's copy.
+///
+/// # Safety
+///
+/// `[hva, hva + buf.len())` is mapped and readable for the whole call.
+#[inline]
+unsafe fn read_volatile_run(hva: usize, buf: &mut [u8]) {
+    if hva % 8 == 0 && buf.len() % 8 == 0 {
+        let words = hva as *const u64;
+        for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+            // SAFETY: an aligned word inside the range the caller vouches
+            // for; native byte order keeps memory's byte order.
+            let word = unsafe { std::ptr::read_volatile(words.add(i)) };
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+    } else if hva % 4 == 0 && buf.len() == 4 {
+        // SAFETY: as above, one aligned 32-bit word.
+        let word = unsafe { std::ptr::read_volatile(hva as *const u32) };
+        buf.copy_from_slice(&word.to_ne_bytes());
+    } else {
+        // SAFETY: the caller's promise; the slice lives only for this call.
+        let guest = unsafe { VolatileSlice::new(hva as *mut u8, buf.len()) };
+        guest.copy_to(buf);
+    }
+}
+
+/// Copies `buf` to guest memory at `hva` with volatile writes, as
+/// [`read_volatile_run`] reads.
+///
+/// # Safety
+///
+/// `[hva, hva + buf.len())` is mapped and writable for the whole call.
+#[inline]
+unsafe fn write_volatile_run(hva: usize, buf: &[u8]) {
+    if hva % 8 == 0 && buf.len() % 8 == 0 {
+        let words = hva as *mut u64;
+        for (i, chunk) in buf.chunks_exact(8).enumerate() {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(chunk);
+            // SAFETY: an aligned word inside the range the caller vouches
+            // for; native byte order keeps the buffer's byte order.
+            unsafe { std::ptr::write_volatile(words.add(i), u64::from_ne_bytes(bytes)) };
+        }
+    } else if hva % 4 == 0 && buf.len() == 4 {
+        let mut bytes = [0u8; 4];
+        bytes.copy_from_slice(buf);
+        // SAFETY: as above, one aligned 32-bit word.
+        unsafe { std::ptr::write_volatile(hva as *mut u32, u32::from_ne_bytes(bytes)) };
+    } else {
+        // SAFETY: the caller's promise; the slice lives only for this call.
+        let guest = unsafe { VolatileSlice::new(hva as *mut u8, buf.len()) };
+        guest.copy_from(buf);
     }
 }
 
