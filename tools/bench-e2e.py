@@ -58,6 +58,14 @@ VARIANTS = {
     "virtio": ("virtio", False),
     "virtio-strict": ("virtio", True),
 }
+# The same pvdma variants booted with --baseline-qemu: a before/after of a
+# change to QEMU or the library in one run.
+BASE_VARIANTS = {
+    "pvdma-base": ("pvdma", False),
+    "pvdma-base-strict": ("pvdma", True),
+}
+DEFAULT_VARIANTS = list(VARIANTS)
+VARIANTS.update(BASE_VARIANTS)
 # name -> (pvdmaio.bench spec with {s} for the seconds, RESULT kind,
 #          rate field, rate unit)
 WORKLOADS = {
@@ -302,7 +310,10 @@ def write_outputs(a, run, kernels, labels, workloads):
         m = run.meta
         head = (f"Command: `{m['command']}`  \n"
                 f"Date: {m['date']}; host {m['host']}, {m['cpus']} CPUs; "
-                f"QEMU `{m['qemu']}`; commit {m['commit']}; "
+                f"QEMU `{m['qemu']}`"
+                + (f" (pvdma-base: `{m['baseline_qemu']}`)"
+                   if m.get("baseline_qemu") else "")
+                + f"; commit {m['commit']}; "
                 f"{m['rounds_done']} of {m['rounds']} rounds, "
                 f"{m['secs']:g} s per workload; "
                 f"1-minute load {m['load_min']}-{m['load_max']} "
@@ -342,13 +353,17 @@ def main():
         epilog="Example: tools/bench-e2e.sh --rounds 2 --secs 3 "
         "--json e2e.json --markdown e2e.md")
     ap.add_argument("--qemu", help="QEMU binary (default: qemu-build.sh's)")
+    ap.add_argument("--baseline-qemu", metavar="BIN",
+                    help="also boot the pvdma variants with this QEMU, as "
+                    "pvdma-base and pvdma-base-strict (before/after of a "
+                    "change in one run)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--secs", type=float, default=3,
                     help="seconds per workload (timed part)")
     ap.add_argument("--kernels", nargs="+", default=["6.1", "6.12"],
                     choices=("6.1", "6.12"))
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                    choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                    choices=DEFAULT_VARIANTS)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS),
                     choices=list(WORKLOADS))
     ap.add_argument("--timeout", type=float,
@@ -361,7 +376,11 @@ def main():
         ap.error("--rounds must be >= 1 and --secs > 0")
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    labels = [v for v in VARIANTS if v in a.variants]   # canonical order
+    wanted = set(a.variants)
+    if a.baseline_qemu:
+        wanted |= {b for b, (_, strict) in BASE_VARIANTS.items()
+                   if ("pvdma-strict" if strict else "pvdma") in wanted}
+    labels = [v for v in VARIANTS if v in wanted]   # canonical order
     workloads = [w for w in WORKLOADS if w in a.workloads]
     timeout = a.timeout or 90 + len(workloads) * (2 * a.secs + 8)
     qemu = a.qemu or pg.qemu_build()
@@ -381,7 +400,8 @@ def main():
     loads = []
     run = Run({"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                "host": platform.node(), "cpus": os.cpu_count(),
-               "qemu": qemu, "commit": git_head(),
+               "qemu": qemu, "baseline_qemu": a.baseline_qemu,
+               "commit": git_head(),
                "kernels": {k: i.release for k, i in images.items()},
                "rounds": a.rounds, "rounds_done": 0, "secs": a.secs,
                "timeout_s": timeout, "workloads": {
@@ -397,7 +417,8 @@ def main():
     try:
         for rnd in range(1, a.rounds + 1):
             for k, v in plan:
-                b = one_boot(qemu, images[k], v, workloads, a.secs, timeout)
+                binary = a.baseline_qemu if v in BASE_VARIANTS else qemu
+                b = one_boot(binary, images[k], v, workloads, a.secs, timeout)
                 b["round"] = rnd
                 run.boots.append(b)
                 loads.append(b["load1_before"])
