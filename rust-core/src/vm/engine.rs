@@ -299,7 +299,7 @@ impl Vm {
         } else {
             return Response::status(Status::Inval);
         };
-        let mut notify = self.notifier_for(ep.rid, MapEventKind::Map, perms);
+        let mut notify = self.notifier_for(ep.rid, MapEventKind::Map, perms, guard);
         match dom.map(segs, perms, choice, ram, &self.pins, &mut notify) {
             Ok((iova, length)) => {
                 // Relaxed: a statistic.
@@ -333,7 +333,7 @@ impl Vm {
         if !in_range {
             return Response::status(Status::Inval);
         }
-        let mut notify = self.unmap_notifier(ep.rid);
+        let mut notify = self.unmap_notifier(ep.rid, guard);
         let r = if req.length == 0 {
             dom.unmap_at(req.iova, ram, &self.pins, &mut notify)
         } else {
@@ -382,7 +382,7 @@ impl Vm {
         if spans.windows(2).any(|w| w[1].0 <= w[0].1) {
             return Response::status(Status::Inval);
         }
-        let mut notify = self.unmap_notifier(ep.rid);
+        let mut notify = self.unmap_notifier(ep.rid, guard);
         match dom.unmap_spans(&spans, ram, &self.pins, &mut notify) {
             Ok(removed) => {
                 self.count_removed(removed);
@@ -406,7 +406,7 @@ impl Vm {
             return 0;
         };
         let ram = self.ram.load(guard);
-        let removed = dom.clear(ram, &self.pins, &mut self.unmap_notifier(ep.rid));
+        let removed = dom.clear(ram, &self.pins, &mut self.unmap_notifier(ep.rid, guard));
         self.count_removed(removed);
         // After the swap above: a lookup that sees the new value sees the
         // endpoint detached (the domain's removals bumped it too, but not

@@ -38,6 +38,9 @@ pub struct MapEvent {
 /// request lock: it may translate, but must not submit requests.
 pub type Notifier = Arc<dyn Fn(&MapEvent) + Send + Sync>;
 
+/// What [`Vm`]'s notifier pointer points to.
+pub(super) struct NotifierSlot(Notifier);
+
 /// A refused device access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultRecord {
@@ -79,20 +82,41 @@ impl Transport {
 }
 
 impl Vm {
-    /// Sets (or with `None` clears) the notification callback.
+    /// Sets (or with `None` clears) the notification callback. A request
+    /// already running may still call the previous one, which is dropped
+    /// once no such request is left.
     pub fn set_notifier(&self, notifier: Option<Notifier>) {
-        *self.notifier.write() = notifier;
+        let guard = epoch::pin();
+        let new = match notifier {
+            Some(n) => Owned::new(NotifierSlot(n)).into_shared(&guard),
+            None => Shared::null(),
+        };
+        // AcqRel: Release publishes the new slot, Acquire so that the old
+        // pointer we retire is the one readers saw.
+        let old = self.notifier.swap(new, Ordering::AcqRel, &guard);
+        if !old.is_null() {
+            // SAFETY: unlinked above; readers that loaded it hold guards,
+            // which defer_destroy waits for.
+            unsafe { guard.defer_destroy(old) };
+        }
     }
 
-    pub(super) fn notifier_for(
+    /// The notification of one request's page runs, through the callback
+    /// set when it started (loaded once, under the request's `guard`).
+    pub(super) fn notifier_for<'g>(
         &self,
         rid: u32,
         kind: MapEventKind,
         perms: Perm,
-    ) -> impl FnMut(&PageRun) + '_ {
-        let n = self.notifier.read().clone();
+        guard: &'g Guard,
+    ) -> impl FnMut(&PageRun) + 'g {
+        // Acquire: pairs with the Release of `set_notifier`'s swap.
+        let slot = self.notifier.load(Ordering::Acquire, guard);
+        // SAFETY: null or a slot from `set_notifier`, freed only through
+        // `defer_destroy` after it was unlinked, so alive while `guard` is.
+        let n = unsafe { slot.as_ref() }.map(|slot| &slot.0);
         move |run: &PageRun| {
-            if let Some(n) = &n {
+            if let Some(n) = n {
                 n(&MapEvent {
                     kind,
                     requester: rid,
@@ -105,9 +129,13 @@ impl Vm {
         }
     }
 
-    pub(super) fn unmap_notifier(&self, rid: u32) -> impl FnMut(&PageRun) + '_ {
+    pub(super) fn unmap_notifier<'g>(
+        &self,
+        rid: u32,
+        guard: &'g Guard,
+    ) -> impl FnMut(&PageRun) + 'g {
         // Unmap events carry no meaningful permissions.
-        self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE)
+        self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE, guard)
     }
 
     /// Invalidates every cached [`Vm::lookup`] of this VM, on every thread.

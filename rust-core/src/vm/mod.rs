@@ -35,7 +35,7 @@ use std::sync::atomic::{
 };
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
 use crate::abi::{self, Op, Status};
 use crate::domain::{
@@ -83,7 +83,10 @@ pub struct Vm {
     /// [`EndpointCache`] made under the current value is still current.
     endpoints_version: AtomicU64,
     endpoints_writer: Mutex<()>,
-    notifier: RwLock<Option<Notifier>>,
+    /// The notification callback (null: none). Epoch-protected, so that a
+    /// request (which holds a guard already) reaches it with two loads and
+    /// no lock or reference count; see [`Vm::set_notifier`].
+    notifier: Atomic<NotifierSlot>,
     faults: Mutex<VecDeque<FaultRecord>>,
     stats: Stats,
     /// Changes (to a value never used before, by any VM or domain) after
@@ -104,7 +107,7 @@ impl Vm {
             endpoints: Atomic::new(EndpointMap::new()),
             endpoints_version: AtomicU64::new(1),
             endpoints_writer: Mutex::new(()),
-            notifier: RwLock::new(None),
+            notifier: Atomic::null(),
             faults: Mutex::new(VecDeque::with_capacity(cfg.fault_log_len)),
             stats: Stats {
                 requests: Default::default(),
@@ -164,7 +167,7 @@ impl Vm {
                     size,
                     before,
                     &self.pins,
-                    &mut self.unmap_notifier(ep.rid),
+                    &mut self.unmap_notifier(ep.rid, &guard),
                 );
                 self.count_removed(removed);
                 torn += removed.mappings as usize;
@@ -203,6 +206,11 @@ impl Drop for Vm {
         // SAFETY: the VM is being dropped: no reader can reach the map
         // except through guards that defer_destroy waits for.
         unsafe { guard.defer_destroy(map) };
+        let notifier = self.notifier.swap(Shared::null(), Ordering::AcqRel, &guard);
+        if !notifier.is_null() {
+            // SAFETY: as for the map: unlinked, and readers hold guards.
+            unsafe { guard.defer_destroy(notifier) };
+        }
     }
 }
 
