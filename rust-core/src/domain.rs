@@ -126,6 +126,11 @@ impl MemBudget {
 
     /// Gives back `bytes` taken by [`MemBudget::reserve`].
     fn release(&self, bytes: u64) {
+        // A MAP whose reservation was exact gives back nothing: no locked
+        // read-modify-write for that.
+        if bytes == 0 {
+            return;
+        }
         // Relaxed: see reserve.
         let old = self.used.fetch_sub(bytes, Ordering::Relaxed);
         debug_assert!(old >= bytes, "memory budget underflow");

@@ -124,16 +124,20 @@ impl Node {
 
     /// Writer-side accounting of one more present entry.
     fn inc_live(&self) {
-        // Relaxed: only touched under the writer mutex, which orders it.
-        let old = self.live.fetch_add(1, Ordering::Relaxed);
+        // Relaxed, and a load and a store rather than a read-modify-write
+        // (a locked instruction on x86): only touched under the writer
+        // mutex, which orders it.
+        let old = self.live.load(Ordering::Relaxed);
         debug_assert!((old as usize) < ENTRIES);
+        self.live.store(old + 1, Ordering::Relaxed);
     }
 
     /// Writer-side accounting of one fewer present entry.
     fn dec_live(&self) {
-        // Relaxed: only touched under the writer mutex, which orders it.
-        let old = self.live.fetch_sub(1, Ordering::Relaxed);
+        // Relaxed, load and store: as in `inc_live`.
+        let old = self.live.load(Ordering::Relaxed);
         debug_assert!(old > 0);
+        self.live.store(old.wrapping_sub(1), Ordering::Relaxed);
     }
 
     /// Writer-side count of present entries.

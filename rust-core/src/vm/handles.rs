@@ -48,7 +48,7 @@ impl<'a> Translator<'a> {
         guard: &Guard,
     ) -> std::result::Result<usize, domain::TranslateFault> {
         // Counted and logged by hand, not through `Vm::device_access`: the
-        // closure cost 15-18% on this path (A/B in BENCHMARKS.md).
+        // closure cost 15-18% on this path (A/B in docs/benchmark-log.md).
         self.vm.stats.translations.count();
         let r = self.translate_in(iova, len, access, out, guard);
         if let Err(f) = r {

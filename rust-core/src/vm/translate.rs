@@ -276,7 +276,7 @@ impl Vm {
     ) -> std::result::Result<Lookup, domain::TranslateFault> {
         // Not through `device_access`: a hit must return straight from the
         // cache probe, and the wrapper's check of the result after it cost
-        // 10-15% here (A/B in BENCHMARKS.md). The slow path logs refusals.
+        // 10-15% here (A/B in docs/benchmark-log.md). The slow path logs refusals.
         if access.is_some() {
             self.stats.translations.count();
         }
