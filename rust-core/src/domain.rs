@@ -13,6 +13,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
@@ -534,7 +535,9 @@ impl Hasher for PageHasher {
 /// The translation state of one attached endpoint.
 pub struct Domain {
     table: IoPageTable,
-    inner: Mutex<DomainInner>,
+    /// On cache lines of its own: every request locks it, and every
+    /// translation reads the table's root next to it otherwise.
+    inner: CachePadded<Mutex<DomainInner>>,
     /// Changes whenever a translation is removed (UNMAP, DETACH, RAM
     /// removal): caches of translations (virtqueue rings) compare it.
     generation: AtomicU64,
@@ -653,11 +656,11 @@ impl Domain {
         Domain {
             shared_generation: shared,
             table: IoPageTable::new(iova_bits),
-            inner: Mutex::new(DomainInner {
+            inner: CachePadded::new(Mutex::new(DomainInner {
                 mappings: HashMap::with_hasher(PageKeyHash::new()),
                 alloc: None,
                 charged: 0,
-            }),
+            })),
             generation: AtomicU64::new(next_generation()),
             budget,
         }

@@ -34,6 +34,7 @@
 use crate::sync::epoch::{self, Guard};
 use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::types::{Perm, PAGE_MASK, PAGE_SHIFT};
+use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 
 /// Largest supported IOVA width.
@@ -293,8 +294,9 @@ pub struct IoPageTable {
     iova_bits: u32,
     /// Linked nodes, root included (statistics; writer-maintained).
     nodes: AtomicUsize,
-    /// Serialises writers.
-    writer: Mutex<()>,
+    /// Serialises writers. On a cache line of its own: every MAP and UNMAP
+    /// locks it, and every lookup reads `root` and `iova_bits`.
+    writer: CachePadded<Mutex<()>>,
 }
 
 impl IoPageTable {
@@ -316,7 +318,7 @@ impl IoPageTable {
             levels,
             iova_bits,
             nodes: AtomicUsize::new(1),
-            writer: Mutex::new(()),
+            writer: CachePadded::new(Mutex::new(())),
         }
     }
 

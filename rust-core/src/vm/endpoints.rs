@@ -10,7 +10,11 @@ pub struct Endpoint {
     pub(super) passthrough: Option<String>,
     /// Null while detached. Swapped only under `op_lock`; read lock-free.
     pub(super) domain: Atomic<Domain>,
-    pub(super) op_lock: Mutex<()>,
+    /// Serialises the endpoint's requests. On a cache line of its own:
+    /// every request locks and unlocks it, and every translation reads
+    /// `domain` (sharing a line, each request would make every device
+    /// thread's next translation miss the cache).
+    pub(super) op_lock: CachePadded<Mutex<()>>,
 }
 
 impl Endpoint {
@@ -145,7 +149,7 @@ impl Vm {
                 rid,
                 passthrough: passthrough.map(str::to_owned),
                 domain: Atomic::null(),
-                op_lock: Mutex::new(()),
+                op_lock: CachePadded::new(Mutex::new(())),
             }),
         );
         self.publish_endpoints(next, &guard);

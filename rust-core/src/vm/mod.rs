@@ -35,6 +35,7 @@ use std::sync::atomic::{
 };
 use std::sync::Arc;
 
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 use crate::abi::{self, Op, Status};
@@ -75,7 +76,9 @@ pub use wire::*;
 pub struct Vm {
     cfg: VmConfig,
     ram: GuestRam,
-    pins: PinTable,
+    /// Locked and counted by every MAP and UNMAP: on cache lines of its
+    /// own, away from what translations read (`ram`, `endpoints`).
+    pins: CachePadded<PinTable>,
     /// What the domains' nodes and records may take.
     mem: Arc<MemBudget>,
     endpoints: Atomic<EndpointMap>,
@@ -101,7 +104,7 @@ impl Vm {
     pub fn new(cfg: VmConfig) -> Result<Vm> {
         cfg.validate()?;
         Ok(Vm {
-            pins: PinTable::new(cfg.pin_limit, cfg.pin_mode),
+            pins: CachePadded::new(PinTable::new(cfg.pin_limit, cfg.pin_mode)),
             mem: Arc::new(MemBudget::new(cfg.mem_limit)),
             ram: GuestRam::new(),
             endpoints: Atomic::new(EndpointMap::new()),
@@ -112,8 +115,8 @@ impl Vm {
             stats: Stats {
                 requests: Default::default(),
                 transports: Default::default(),
-                mappings: AtomicU64::new(0),
-                translations: TranslationCounters::new(),
+                mappings: CachePadded::new(AtomicU64::new(0)),
+                translations: CachePadded::new(TranslationCounters::new()),
                 faults: AtomicU64::new(0),
             },
             lookup_generation: Arc::new(AtomicU64::new(domain::next_generation())),

@@ -27,11 +27,14 @@ pub struct StatsSnapshot {
     pub faults: u64,
 }
 
+/// Each group on cache lines of its own: the request counters are
+/// written by every request, and `translations` (its VM id) is read by
+/// every translation.
 pub(super) struct Stats {
-    pub(super) requests: [[AtomicU64; 13]; STATS_OPS],
-    pub(super) transports: [AtomicU64; 3],
-    pub(super) mappings: AtomicU64,
-    pub(super) translations: TranslationCounters,
+    pub(super) requests: CachePadded<[[AtomicU64; 13]; STATS_OPS]>,
+    pub(super) transports: CachePadded<[AtomicU64; 3]>,
+    pub(super) mappings: CachePadded<AtomicU64>,
+    pub(super) translations: CachePadded<TranslationCounters>,
     pub(super) faults: AtomicU64,
 }
 
