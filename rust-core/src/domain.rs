@@ -7,16 +7,15 @@
 //! table is only ever changed while it is held, so the records and the table
 //! agree whenever the mutex is free.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
+use crate::hash::PageKeyHash;
 use crate::iova_alloc::IovaAllocator;
 use crate::pin::{self, PinTable};
 use crate::ram::RamLayout;
@@ -471,67 +470,6 @@ pub(crate) fn next_generation() -> u64 {
     NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The key of a domain's record map: the hash of a mapping's first IOVA
-/// page is one 64x64->128 multiply with two secret per-domain values,
-/// folded. A guest picks its IOVAs (FIXED MAPs); with a fixed hash it
-/// could pick keys that all land in one probe sequence and make every
-/// MAP and UNMAP walk them, with these it cannot aim.
-#[derive(Clone, Copy)]
-struct PageKeyHash {
-    k0: u64,
-    /// Odd.
-    k1: u64,
-}
-
-impl PageKeyHash {
-    fn new() -> PageKeyHash {
-        let seed = RandomState::new();
-        PageKeyHash {
-            k0: seed.hash_one(0u64),
-            k1: seed.hash_one(1u64) | 1,
-        }
-    }
-}
-
-impl BuildHasher for PageKeyHash {
-    type Hasher = PageHasher;
-
-    #[inline]
-    fn build_hasher(&self) -> PageHasher {
-        PageHasher {
-            key: *self,
-            hash: 0,
-        }
-    }
-}
-
-/// The hasher of [`PageKeyHash`].
-struct PageHasher {
-    key: PageKeyHash,
-    hash: u64,
-}
-
-impl Hasher for PageHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed; fold anything else in byte by byte.
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    #[inline]
-    fn write_u64(&mut self, page: u64) {
-        let m = u128::from(self.hash ^ page ^ self.key.k0) * u128::from(self.key.k1);
-        // Truncation intended: the two halves are folded together.
-        self.hash = (m as u64) ^ ((m >> 64) as u64);
-    }
-
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.hash
-    }
-}
-
 /// The translation state of one attached endpoint.
 pub struct Domain {
     table: IoPageTable,
@@ -552,7 +490,7 @@ struct DomainInner {
     /// Mappings by first IOVA page. Unordered: range questions (which
     /// mappings lie in a span, does one cross its ends) are answered by
     /// the table, whose leaves are exactly the mapped pages (see
-    /// [`DomainInner::span_victims`]).
+    /// [`DomainInner::span_victims`]). Keyed per domain: guests pick IOVAs.
     mappings: HashMap<u64, Mapping, PageKeyHash>,
     /// Free IOVA pages for host-chosen MAPs; `None` until the first one.
     /// FIXED maps check their range in the table instead, so a domain
@@ -657,7 +595,7 @@ impl Domain {
             shared_generation: shared,
             table: IoPageTable::new(iova_bits),
             inner: CachePadded::new(Mutex::new(DomainInner {
-                mappings: HashMap::with_hasher(PageKeyHash::new()),
+                mappings: HashMap::default(),
                 alloc: None,
                 charged: 0,
             })),

@@ -34,6 +34,7 @@
 
 pub mod abi;
 mod domain;
+mod hash;
 mod iotlb;
 mod iova_alloc;
 mod iova_space;

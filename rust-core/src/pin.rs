@@ -15,8 +15,8 @@
 //! the `munlock` on the last unpin would undo its lock.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 
+use crate::hash::PageKeyHash;
 use crate::sync::{AtomicU64, Ordering};
 use crate::types::{PAGE_SHIFT, PAGE_SIZE};
 
@@ -97,33 +97,6 @@ fn munlock_page(gfn: u64, hva: usize) {
     }
 }
 
-/// Hashes a guest frame number: one 64x64->128 multiply, folded. Frame
-/// numbers are well spread, and a guest choosing them cannot do better
-/// than collide in a table it is limited to its own RAM's size.
-#[derive(Default)]
-struct GfnHasher(u64);
-
-impl Hasher for GfnHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed; fold anything else in byte by byte.
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    #[inline]
-    fn write_u64(&mut self, gfn: u64) {
-        let m = u128::from(self.0 ^ gfn) * 0x9e37_79b9_7f4a_7c15_u128;
-        // Truncation intended: the two halves are folded together.
-        self.0 = (m as u64) ^ ((m >> 64) as u64);
-    }
-
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 /// Frames per block of the range index (2 MiB of guest memory).
 const BLOCK_SHIFT: u32 = 9;
 
@@ -134,7 +107,7 @@ const BLOCK_SHIFT: u32 = 9;
 #[derive(Debug, Default)]
 struct Frames {
     /// Guest frame -> references; only frames with a count > 0 are present.
-    counts: HashMap<u64, u32, BuildHasherDefault<GfnHasher>>,
+    counts: HashMap<u64, u32, PageKeyHash>,
     /// Block (`gfn >> BLOCK_SHIFT`) -> frames of it in `counts`; only
     /// blocks with a count > 0 are present.
     blocks: BTreeMap<u64, u32>,
