@@ -767,7 +767,7 @@ impl Domain {
         if !inner.mappings.contains_key(&page) {
             return Err(Error::NoEnt { iova });
         }
-        Ok(self.remove_locked(&mut inner, &[page], ram, pins, notify))
+        Ok(self.remove_locked(&mut inner, self.table.lock(), &[page], ram, pins, notify))
     }
 
     /// UNMAP with `length` > 0: removes every mapping inside the pages
@@ -796,16 +796,16 @@ impl Domain {
             .get(&first)
             .is_some_and(|m| first + m.npages() - 1 == last)
         {
-            return Ok(self.remove_locked(&mut inner, &[first], ram, pins, notify));
+            let writer = self.table.lock();
+            return Ok(self.remove_locked(&mut inner, writer, &[first], ram, pins, notify));
         }
         let mut victims = SmallVec::<[u64; 4]>::new();
         let writer = self.table.lock();
         let found = inner.span_victims(&writer, first, last, &mut victims)?;
-        drop(writer);
         if found == 0 {
             return Err(Error::NoEnt { iova });
         }
-        Ok(self.remove_locked(&mut inner, &victims, ram, pins, notify))
+        Ok(self.remove_locked(&mut inner, writer, &victims, ram, pins, notify))
     }
 
     /// UNMAP_LIST: removes every mapping inside any of the page spans
@@ -839,12 +839,11 @@ impl Domain {
                 empty = Some(first << PAGE_SHIFT);
             }
         }
-        drop(writer);
         // RANGE anywhere in the list wins over an empty span.
         if let Some(iova) = empty {
             return Err(Error::NoEnt { iova });
         }
-        Ok(self.remove_locked(&mut inner, &victims, ram, pins, notify))
+        Ok(self.remove_locked(&mut inner, writer, &victims, ram, pins, notify))
     }
 
     /// Removes every mapping (DETACH, reset).
@@ -858,7 +857,7 @@ impl Domain {
         let mut all: Vec<u64> = inner.mappings.keys().copied().collect();
         // By IOVA: notifications in a stable order.
         all.sort_unstable();
-        self.remove_locked(&mut inner, &all, ram, pins, notify)
+        self.remove_locked(&mut inner, self.table.lock(), &all, ram, pins, notify)
     }
 
     /// Removes every mapping that has a page in guest-physical
@@ -880,19 +879,23 @@ impl Domain {
             .collect();
         // By IOVA: notifications in a stable order.
         hit.sort_unstable();
-        self.remove_locked(&mut inner, &hit, ram, pins, notify)
+        self.remove_locked(&mut inner, self.table.lock(), &hit, ram, pins, notify)
     }
 
+    /// Removes the mappings starting at `first_pages`, under the domain
+    /// lock (`inner`) and the table's writer lock (`writer`, taken by the
+    /// caller, which may have used it to find them; released here before
+    /// the pins are).
     fn remove_locked(
         &self,
         inner: &mut DomainInner,
+        mut writer: TableWriter<'_>,
         first_pages: &[u64],
         ram: &RamLayout,
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
     ) -> Removed {
         let mut removed = SmallVec::<[Mapping; 2]>::with_capacity(first_pages.len());
-        let mut writer = self.table.lock();
         let nodes_before = self.table.node_count();
         let mut released = 0;
         for page in first_pages {
