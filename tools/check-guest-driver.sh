@@ -2,9 +2,11 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
 # The guest kernel code against the kernel's own style checker: runs
-# checkpatch.pl --strict, taken from Debian's linux-source-6.12 (pinned by
-# SHA-256; only checkpatch.pl and its two data files are kept, under
-# ~/.cache/pvdma/checkpatch-<version>/), on guest/linux/ and guest/kmod/.
+# checkpatch.pl --strict, taken from Debian's linux-source-6.12 (the newest
+# build apt offers, checked against apt's signed indices; CHECKPATCH_SRC_VER
+# and CHECKPATCH_SRC_SHA256 pin one; only checkpatch.pl and its two data
+# files are kept, under ~/.cache/pvdma/checkpatch-<version>/), on
+# guest/linux/ and guest/kmod/.
 # Fails on any ERROR, WARNING or CHECK.
 #
 # Usage: tools/check-guest-driver.sh [FILE.c...]
@@ -13,8 +15,14 @@ set -euo pipefail
 . "$(dirname "$0")/guest-lib.sh"
 
 SRC_PKG=linux-source-6.12
-SRC_VER=${CHECKPATCH_SRC_VER:-6.12.118-1~deb12u1}
-SRC_SHA256=${CHECKPATCH_SRC_SHA256-896aff3b39299fa0dd36fef4f5db56ab189182e39abbbb1227dafdc7fcfe3fc3}
+SRC_VER=${CHECKPATCH_SRC_VER:-}
+SRC_SHA256=${CHECKPATCH_SRC_SHA256:-}
+if [ -z "$SRC_VER" ]; then
+    apt_fresh
+    SRC_VER=$(apt_version "$SRC_PKG")
+    [ -n "$SRC_VER" ] || die "apt offers no $SRC_PKG"
+fi
+log "checkpatch.pl of $SRC_PKG $SRC_VER"
 files=("$@")
 [ ${#files[@]} -gt 0 ] ||
     files=("$PVDMA_ROOT"/guest/linux/*.c "$PVDMA_ROOT"/guest/kmod/*.c)

@@ -24,45 +24,157 @@ GUEST_ABI_H="$PVDMA_ROOT/rust-core/include/pvdma_abi.h"
 GUEST_BUSYBOX_VER=${GUEST_BUSYBOX_VER:-1:1.35.0-4+deb12u1+b1}
 GUEST_BUSYBOX_SHA256=${GUEST_BUSYBOX_SHA256-3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744}
 
-# guest_kernel_select NAME: the pinned kernels (Debian 12, amd64, cloud
-# flavour). GK_ABI is the package ABI (uname -r is GK_ABI-cloud-amd64), GK_VER
-# the version of every package of the set; each *_SHA256 is the .deb's. An
-# empty hash takes the one `apt-cache show` gives (for trying other versions).
-guest_kernel_select() {
+# The guest kernels are chosen by series, not by build: Debian drops a
+# kernel build from its archive once no suite lists it, so a pin to one
+# build stops working on fresh machines at the next point release.
+#
+#   6.1   Debian 12's cloud kernel (linux-image-6.1.0-N-cloud-amd64, from
+#         bookworm or bookworm-security)
+#   6.12  the 6.12 cloud kernel of Debian 12's security archive
+#         (linux-image-6.12.N+deb12-cloud-amd64-unsigned, backported from
+#         trixie; the -unsigned image comes from the same source package as
+#         the headers, the signed one differs only in vmlinuz's signature)
+#
+# By default the newest build of the series that apt offers is used, with
+# the image, headers and kbuild packages all at one version; every .deb is
+# then checked against apt's signed indices (`apt-get download` and the
+# `SHA256:` of `apt-cache show`). PVDMA_GUEST_KERNEL_PIN=1 takes instead
+# the exact builds pinned below, by SHA-256, to reproduce an earlier run
+# (they work only while the archive still has them); PVDMA_GUEST_ABI_6_1 /
+# PVDMA_GUEST_ABI_6_12 pick one ABI (e.g. 6.1.0-50) at the version apt has.
+PVDMA_GUEST_KERNEL_PIN=${PVDMA_GUEST_KERNEL_PIN:-0}
+
+# guest_kernel_pinned NAME: the exact builds of an earlier run, with the
+# SHA-256 of each .deb.
+guest_kernel_pinned() {
     case $1 in
     6.1)
         GK_ABI=6.1.0-50
         GK_VER=6.1.176-1
-        GK_IMAGE_PKG=linux-image-6.1.0-50-cloud-amd64
         GK_IMAGE_SHA256=efe19f605b6f54a8352e68d85a629abb2d30b72a085faef603a9152590baa791
         GK_HEADERS_SHA256=9fdb34aac8cbd0519c78c2e69db5a4d02df1e82a797bfde0dbbe7a1da4379a92
         GK_COMMON_SHA256=7f6f7bee50efbc36dc02c976be5982b96cf36abe544f03f09368e98cfcc5ac3b
-        GK_KBUILD_PKG=linux-kbuild-6.1
         GK_KBUILD_SHA256=667d2e1e94047031c3bcefa4bb67c2520bbc3cc1cce0aa592e67b108dbbead03
         ;;
     6.12)
-        # bookworm-security's newest 6.12 (backported from trixie). The
-        # -unsigned image comes from the same source package as the
-        # headers; the signed one differs only in vmlinuz's signature.
         GK_ABI=6.12.118+deb12
         GK_VER=6.12.118-1~deb12u1
-        GK_IMAGE_PKG=linux-image-6.12.118+deb12-cloud-amd64-unsigned
         GK_IMAGE_SHA256=6b1406fe07b5304fca0361928e96d6f12c4fe8af833fc6f54bc053d2a127b935
         GK_HEADERS_SHA256=1df8576b4b347108f6e51510f8a333acc31089294fe279c2418a70eec7fc6c50
         GK_COMMON_SHA256=ed74603a3ba75ea8dfa271cbf5bf79a9a272f56e898729b7d5d02c60703d74c5
-        GK_KBUILD_PKG=linux-kbuild-6.12.118+deb12
         GK_KBUILD_SHA256=1f35a2cbe452526944e3b89507a37ad607ea71ccfa21a5cb196f7fdcbb0af6f2
         ;;
+    esac
+}
+
+# guest_series_packages NAME ABI: sets GK_IMAGE_PKG and GK_KBUILD_PKG of
+# the series NAME at ABI.
+guest_series_packages() {
+    case $1 in
+    6.1)
+        GK_IMAGE_PKG=linux-image-$2-cloud-amd64
+        GK_KBUILD_PKG=linux-kbuild-6.1
+        ;;
+    6.12)
+        GK_IMAGE_PKG=linux-image-$2-cloud-amd64-unsigned
+        GK_KBUILD_PKG=linux-kbuild-${2%+deb12}+deb12
+        ;;
+    esac
+}
+
+# apt_fresh: apt's package lists, updated when they are older than 6 hours
+# (a fresh machine's lists come with its image and may predate builds the
+# archive has since replaced).
+apt_fresh() {
+    local stamp="$PVDMA_CACHE/apt-lists-updated" t now
+    now=$(date +%s)
+    t=$(stat -c %Y /var/lib/apt/lists 2>/dev/null || echo 0)
+    [ -f "$stamp" ] && [ "$(stat -c %Y "$stamp")" -gt "$t" ] && t=$(stat -c %Y "$stamp")
+    [ $((now - t)) -lt 21600 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo=sudo
+    log "updating apt's package lists ($(((now - t) / 3600)) h old)"
+    if $sudo apt-get update -qq >&2; then
+        mkdir -p "$PVDMA_CACHE" && touch "$stamp"
+    else
+        log "apt-get update failed; using the lists as they are"
+    fi
+}
+
+# apt_version PKG: the candidate version apt offers for PKG (empty if none).
+apt_version() {
+    apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p' |
+        grep -v '(none)' || true
+}
+
+# guest_series_newest NAME: prints "ABI VERSION" of the newest build of the
+# series NAME whose image, headers and kbuild apt all offers at one version.
+guest_series_newest() {
+    local name=$1 re abis abi ver
+    case $name in
+    6.1) re='^linux-image-(6\.1\.0-[0-9]+)-cloud-amd64$' ;;
+    6.12) re='^linux-image-(6\.12\.[0-9]+\+deb12)-cloud-amd64-unsigned$' ;;
+    esac
+    abis=$(apt-cache pkgnames linux-image-"${name}". 2>/dev/null |
+               sed -nE "s/$re/\\1/p" | sort -rV)
+    for abi in $abis; do
+        guest_series_packages "$name" "$abi"
+        ver=$(apt_version "$GK_IMAGE_PKG")
+        [ -n "$ver" ] || continue
+        [ "$(apt_version "linux-headers-$abi-cloud-amd64")" = "$ver" ] || continue
+        [ "$(apt_version "linux-headers-$abi-common")" = "$ver" ] || continue
+        apt-cache show "$GK_KBUILD_PKG=$ver" >/dev/null 2>&1 || continue
+        printf '%s %s\n' "$abi" "$ver"
+        return 0
+    done
+    return 1
+}
+
+# guest_kernel_select NAME: sets the GK_* variables of the series NAME
+# (6.1 or 6.12). GK_ABI is the package ABI (uname -r is GK_ABI-cloud-amd64),
+# GK_VER the version of every package of the set; each *_SHA256 is the
+# .deb's (empty: the one apt's signed index gives).
+guest_kernel_select() {
+    case $1 in
+    6.1 | 6.12) ;;
     *)
         echo "guest_kernel_select: unknown kernel '$1' (6.1 or 6.12)" >&2
         return 1
         ;;
     esac
+    GK_IMAGE_SHA256='' GK_HEADERS_SHA256='' GK_COMMON_SHA256='' GK_KBUILD_SHA256=''
+    local how want_var want found
+    want_var=PVDMA_GUEST_ABI_${1//./_}
+    want=${!want_var:-}
+    if [ "$PVDMA_GUEST_KERNEL_PIN" = 1 ]; then
+        guest_kernel_pinned "$1"
+        how="pinned build (PVDMA_GUEST_KERNEL_PIN=1)"
+    elif [ -n "$want" ]; then
+        GK_ABI=$want
+        guest_series_packages "$1" "$GK_ABI"
+        GK_VER=$(apt_version "$GK_IMAGE_PKG")
+        [ -n "$GK_VER" ] || {
+            apt_fresh
+            GK_VER=$(apt_version "$GK_IMAGE_PKG")
+        }
+        [ -n "$GK_VER" ] || { echo "apt offers no $GK_IMAGE_PKG" >&2; return 1; }
+        how="$want_var"
+    else
+        apt_fresh
+        found=$(guest_series_newest "$1") || {
+            echo "apt offers no complete $1 cloud kernel build (image, headers, kbuild)" >&2
+            return 1
+        }
+        read -r GK_ABI GK_VER <<<"$found"
+        how="the newest build apt offers"
+    fi
+    guest_series_packages "$1" "$GK_ABI"
     # shellcheck disable=SC2034  # GK_NAME is for the callers
     GK_NAME=$1
     GK_RELEASE=$GK_ABI-cloud-amd64
     GK_DIR='' GK_KBUILD=''     # set by guest_kernel and guest_headers
     GK_HEADERS_VER=$GK_VER
+    log "guest kernel $1: $GK_IMAGE_PKG $GK_VER ($how)"
 }
 
 # guest_tools: what unpacking and building need. qemu-system-data has

@@ -54,6 +54,9 @@ if [ -x tools/loom.sh ]; then
     tools/loom.sh
 fi
 
+step "tools: the guest kernel build is chosen by series (fake apt)"
+tests/tools/guest-kernel-select-test.sh
+
 if [ -f meson.build ]; then
     step "meson test (C API, header drift)"
     builddir="$PVDMA_ROOT/build/meson"
