@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use pvdma::{epoch, Domain, GuestRam, Perm};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserU64,
@@ -224,6 +224,36 @@ struct Slot {
     call: Option<EventFd>,
     enabled: bool,
     ring: Option<Vring>,
+    /// Chains completed since the call eventfd was last signalled.
+    unsignalled: u32,
+}
+
+impl Slot {
+    /// Tells the driver about the completions not yet signalled.
+    fn signal(&mut self) {
+        if self.unsignalled == 0 {
+            return;
+        }
+        if let Some(call) = &self.call {
+            let _ = call.write(1);
+        }
+        self.unsignalled = 0;
+    }
+
+    /// Stops the ring (GET_VRING_BASE, reset): the completions it holds
+    /// are written and signalled first, as far as the used ring can be
+    /// reached now; the avail index to restart from. The caller holds an
+    /// access section.
+    fn stop(&mut self, sh: &Shared) -> u16 {
+        self.kick = None;
+        if let Some(mut ring) = self.ring.take() {
+            let (base, written) = ring.stop(sh);
+            self.unsignalled += written;
+            self.base = base;
+        }
+        self.signal();
+        self.base
+    }
 }
 
 /// One frontend connection's device.
@@ -698,14 +728,10 @@ impl Device {
         // backend channel only after this reply.
         let _ = self.sh.stop.write(1);
         let base = {
-            let mut s = slot.lock();
-            s.kick = None;
-            let base = s.ring.take().map_or(s.base, |r| {
-                use virtio_queue::QueueT;
-                r.queue.next_avail()
-            });
-            s.base = base;
-            base
+            // An access section: the completions still held are written
+            // to the used ring before the frontend learns the base.
+            let _access = self.sh.access.read();
+            slot.lock().stop(&self.sh)
         };
         let _ = self.sh.stop.read();
         log::info!("queue {} stopped at {base}", { st.index });
@@ -752,9 +778,13 @@ impl Device {
 
     fn reset(&mut self) {
         let _ = self.sh.stop.write(1);
-        for slot in &self.sh.vrings {
-            let mut s = slot.lock();
-            *s = Slot::default();
+        {
+            let _access = self.sh.access.read();
+            for slot in &self.sh.vrings {
+                let mut s = slot.lock();
+                s.stop(&self.sh);
+                *s = Slot::default();
+            }
         }
         let _ = self.sh.stop.read();
         let sh = self.sh.clone();
@@ -832,35 +862,43 @@ fn queue_thread(sh: &Shared) {
     }
 }
 
+/// Chains served before the call eventfd is signalled even though the
+/// ring is not empty yet, so a driver that keeps the ring full still hears
+/// of its completions.
+const SIGNAL_EVERY: u32 = 32;
+
 /// Serves ring `i` until it is empty or stalls, resolving misses.
+///
+/// Each chain is served in an access section of its own: the access lock
+/// (read) and the ring's mutex are released after every chain, and
+/// released *fairly*, handed straight to a thread that waits for them. So
+/// an invalidation or memory-table change (which takes `access` for
+/// writing) and GET_VRING_BASE (which takes the ring's mutex) wait for at
+/// most the chain in progress, however busy the ring is, and never for
+/// the ring to drain.
 fn serve_ring(sh: &Shared, i: usize) {
     loop {
-        let outcome = {
-            let _access = sh.access.read();
-            let mut slot = sh.vrings[i].lock();
-            if !slot.enabled {
-                return;
-            }
-            let Some(ring) = slot.ring.as_mut() else {
-                return;
-            };
-            let mut served = false;
-            let outcome = loop {
-                match ring.step(sh) {
-                    Step::Done => served = true,
-                    other => break other,
-                }
-            };
-            if served {
-                if let Some(call) = &slot.call {
-                    let _ = call.write(1);
-                }
-            }
-            outcome
+        let access = sh.access.read();
+        let mut slot = sh.vrings[i].lock();
+        if !slot.enabled {
+            return;
+        }
+        let Some(ring) = slot.ring.as_mut() else {
+            return;
         };
+        let outcome = ring.step(sh);
+        if outcome == Step::Done {
+            slot.unsignalled += 1;
+        }
+        if outcome != Step::Done || slot.unsignalled >= SIGNAL_EVERY {
+            slot.signal();
+        }
+        MutexGuard::unlock_fair(slot);
+        RwLockReadGuard::unlock_fair(access);
         match outcome {
+            Step::Done => {}
             Step::Miss(misses) => resolve_misses(sh, &misses),
-            Step::Empty | Step::Stalled | Step::Done => return,
+            Step::Empty | Step::Stalled => return,
         }
         if sh.exit.load(Ordering::Acquire) {
             return;

@@ -771,3 +771,186 @@ fn sg_misses_and_refusals() {
 fn window_misses_and_refusals() {
     misses_and_refusals(Mode::Window);
 }
+
+/// Reads the used ring's index (the backend writes it concurrently).
+fn used_idx(ram: usize) -> u16 {
+    // SAFETY: inside our mapping of guest RAM; a volatile read because the
+    // backend's queue thread writes the index meanwhile.
+    u16::from_le(unsafe { std::ptr::read_volatile((ram + 0x2002) as *const u16) })
+}
+
+/// The ring is kept busy from another thread (each request stays a while
+/// in the backend, and the thread refills the ring as chains complete, up
+/// to `LOAD` requests) while the frontend sends an INVALIDATE, then
+/// GET_VRING_BASE: each must be answered while the ring still has work,
+/// not once the load has drained. Counted in requests, not timed: a
+/// backend that holds its access section (or the ring's lock) for a whole
+/// batch answers only when the thread has run out of requests.
+#[test]
+fn invalidation_is_answered_under_load() {
+    const LOAD: u16 = 1000;
+    let mut f = Frontend::start_with(Mode::Sg, Duration::from_millis(1));
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    // an unrelated page, the one invalidated
+    f.update(0x7700_0000, 0x1000, 0x70000, 3);
+    // one chain at descriptors 0..3; every avail entry below names it
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    let ram = f.ram as usize;
+    let kick = f.kick.try_clone().unwrap();
+    let first = f.avail_idx;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_feeder = stop.clone();
+    let feeder = std::thread::spawn(move || {
+        let mut avail = first;
+        while avail != LOAD && !stop_feeder.load(Ordering::Relaxed) {
+            if avail.wrapping_sub(used_idx(ram)) >= QSIZE {
+                std::thread::yield_now();
+                continue;
+            }
+            let slot = (avail % QSIZE) as usize;
+            // SAFETY: the avail ring inside our RAM mapping; only this
+            // thread writes it while the feeder runs.
+            unsafe {
+                std::ptr::write_volatile((ram + 0x1000 + 4 + 2 * slot) as *mut u16, 0);
+                std::sync::atomic::fence(Ordering::SeqCst);
+                avail += 1;
+                std::ptr::write_volatile((ram + 0x1000 + 2) as *mut u16, avail.to_le());
+            }
+            kick.write(1).unwrap();
+        }
+        avail
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while used_idx(ram) < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let at_send = used_idx(ram);
+    f.invalidate(0x7700_0000, 0x1000);
+    let at_ack = used_idx(ram);
+    eprintln!(
+        "requests completed while the invalidation waited: {}",
+        at_ack.wrapping_sub(at_send)
+    );
+    assert!(
+        at_ack < LOAD - QSIZE,
+        "the invalidation was answered only after the load drained ({at_ack} of {LOAD} served)"
+    );
+    let v = f
+        .send(FrontendReq::GET_VRING_BASE, &state(0, 0), &[], true)
+        .unwrap();
+    let base = (v >> 32) as u16;
+    stop.store(true, Ordering::Relaxed);
+    let submitted = feeder.join().unwrap();
+    assert!(
+        base < LOAD - QSIZE,
+        "GET_VRING_BASE was answered only after the load drained ({base} of {LOAD})"
+    );
+    assert!(base <= submitted);
+    assert_eq!(
+        used_idx(ram),
+        base,
+        "every chain taken before the stop is reported in the used ring"
+    );
+    let s = f.finish();
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
+}
+
+impl Frontend {
+    /// Reads `n` misses from the backend channel and refuses each.
+    fn refuse_misses(&mut self, n: usize) {
+        for _ in 0..n {
+            let mut m = [0u8; 44];
+            self.chan.read_exact(&mut m).unwrap();
+            let h: Header = read_pod(&m[..12]).unwrap();
+            let r = Header {
+                request: h.request,
+                flags: VERSION | FLAG_REPLY,
+                size: 8,
+            };
+            let mut out = r.as_slice().to_vec();
+            out.extend_from_slice(&1u64.to_ne_bytes());
+            self.chan.write_all(&out).unwrap();
+        }
+    }
+
+    /// GET_VRING_BASE of queue 0.
+    fn vring_base(&mut self) -> u16 {
+        let v = self
+            .send(FrontendReq::GET_VRING_BASE, &state(0, 0), &[], true)
+            .unwrap();
+        (v >> 32) as u16
+    }
+
+    /// Starts queue 0 again at `base`.
+    fn restart(&mut self, base: u16) {
+        self.send(
+            FrontendReq::SET_VRING_BASE,
+            &state(0, u32::from(base)),
+            &[],
+            true,
+        );
+        let k = self.kick.as_raw_fd();
+        self.send(FrontendReq::SET_VRING_KICK, &0u64.to_ne_bytes(), &[k], true);
+    }
+
+    /// Submits a read whose completion cannot be written (the used ring
+    /// is not mapped; its misses are refused), so the backend holds it.
+    fn served_but_unreported(&mut self) {
+        self.invalidate(RING_IOVA + 0x2000, 0x1000);
+        self.submit(&[
+            (HDR.iova, 16, false),
+            (0x7500_0000, 0x1000, true),
+            (STATUS.iova, 1, true),
+        ]);
+        self.refuse_misses(usize::from(MISS_TRIES));
+    }
+}
+
+/// A completion the backend could not write yet (the used ring was
+/// unmapped) is not lost when the ring stops: GET_VRING_BASE (and a
+/// reset) write it when the used ring can be reached again, or else
+/// report a base before the chain, so that it is served again.
+#[test]
+fn completions_survive_a_stop() {
+    let mut f = Frontend::start(Mode::Sg);
+    let ram = f.ram as usize;
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    f.invalidate(RING_IOVA, 0x3000);
+    f.update(RING_IOVA, 0x2000, 0, 3);
+
+    // the used ring is mapped again before the stop: written then
+    f.served_but_unreported();
+    f.update(RING_IOVA + 0x2000, 0x1000, 0x2000, 3);
+    assert_eq!(f.vring_base(), 1);
+    assert_eq!(used_idx(ram), 1, "GET_VRING_BASE dropped a completion");
+    assert_eq!(f.ram_slice(STATUS.off, 1)[0], 0);
+    f.restart(1);
+
+    // still unreachable at the stop: the base is before the chain
+    f.served_but_unreported();
+    assert_eq!(f.vring_base(), 1, "the unreported chain is given up");
+    assert_eq!(used_idx(ram), 1);
+    f.update(RING_IOVA + 0x2000, 0x1000, 0x2000, 3);
+    f.used_seen = 1;
+    f.restart(1);
+    f.kick.write(1).unwrap();
+    assert_eq!(f.complete(&mut refuse).0, 0x1001, "served again");
+    assert_eq!(used_idx(ram), 2);
+
+    // a reset writes it too
+    f.served_but_unreported();
+    f.update(RING_IOVA + 0x2000, 0x1000, 0x2000, 3);
+    f.send(FrontendReq::RESET_DEVICE, &[], &[], true);
+    assert_eq!(used_idx(ram), 3, "the reset dropped a completion");
+    f.finish();
+}
