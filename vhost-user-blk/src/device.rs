@@ -83,6 +83,8 @@ pub struct Stats {
     pub invalidations: AtomicU64,
     /// Entries they removed.
     pub invalidated_entries: AtomicU64,
+    /// Entries evicted to make room for an update.
+    pub evictions: AtomicU64,
     /// virtio-blk requests parsed.
     pub requests: AtomicU64,
     /// Bytes read from the image into guest buffers.
@@ -116,6 +118,7 @@ impl Stats {
         format!(
             "iotlb_misses={} iotlb_miss_failures={} iotlb_updates={} iotlb_duplicate_updates={} \
              iotlb_refused={} iotlb_invalidations={} iotlb_invalidated_entries={} \
+             iotlb_evictions={} \
              requests={} read_bytes={} write_bytes={} io_errors={} refused_accesses={} \
              bad_chains={} ring_errors={}",
             g(&self.misses),
@@ -125,6 +128,7 @@ impl Stats {
             g(&self.refused_updates),
             g(&self.invalidations),
             g(&self.invalidated_entries),
+            g(&self.evictions),
             g(&self.requests),
             g(&self.read_bytes),
             g(&self.write_bytes),
@@ -300,6 +304,12 @@ impl Device {
             Mode::Sg => None,
         };
         let iotlb = DeviceIotlb::new(window.clone(), opts.max_entries);
+        if iotlb.capacity() < opts.max_entries {
+            log::info!(
+                "window mode: at most {} IOTLB entries (a share of vm.max_map_count)",
+                iotlb.capacity()
+            );
+        }
         let ev = || EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")));
         let sh = Arc::new(Shared {
             ram: GuestRam::new(),
@@ -561,10 +571,19 @@ impl Device {
                         return Err(e.to_string());
                     }
                 }
+                sh.stats
+                    .evictions
+                    .store(self.iotlb.evicted(), Ordering::Relaxed);
             }
             IotlbMsg::Invalidate { iova, size } => {
-                let n = self.iotlb.invalidate(ram, iova, size, &mut || sh.quiesce());
                 sh.stats.bump(&sh.stats.invalidations);
+                let n = self
+                    .iotlb
+                    .invalidate(ram, iova, size, &mut || sh.quiesce())
+                    .map_err(|e| {
+                        sh.stats.bump(&sh.stats.refused_updates);
+                        e.to_string()
+                    })?;
                 sh.stats
                     .invalidated_entries
                     .fetch_add(n as u64, Ordering::Relaxed);
@@ -601,7 +620,11 @@ impl Device {
         {
             let guard = epoch::pin();
             let ram = self.sh.ram.load(&guard);
-            self.iotlb.clear(ram, &mut || {});
+            // A window range that cannot be revoked refuses the table
+            // (the entries have left pvdma's table all the same).
+            self.iotlb
+                .clear(ram, &mut || {})
+                .map_err(|e| e.to_string())?;
         }
         let old = self.mem.take();
         if let Some(old) = &old {
@@ -789,7 +812,9 @@ impl Device {
         let _ = self.sh.stop.read();
         let sh = self.sh.clone();
         let guard = epoch::pin();
-        self.iotlb.clear(sh.ram.load(&guard), &mut || sh.quiesce());
+        if let Err(e) = self.iotlb.clear(sh.ram.load(&guard), &mut || sh.quiesce()) {
+            log::error!("reset: {e}");
+        }
     }
 
     /// Stops the queue thread and forgets the guest's memory.

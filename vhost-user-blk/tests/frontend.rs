@@ -78,6 +78,10 @@ impl Frontend {
     }
 
     fn start_with(mode: Mode, test_io_delay: Duration) -> Frontend {
+        Self::start_opts(mode, test_io_delay, 1024)
+    }
+
+    fn start_opts(mode: Mode, test_io_delay: Duration, max_entries: usize) -> Frontend {
         let dir = std::env::temp_dir().join(format!(
             "pvdma-vub-test-{}-{:?}-{}",
             std::process::id(),
@@ -102,7 +106,7 @@ impl Frontend {
             readonly: false,
             serial: "frontend-test".into(),
             miss_timeout: Duration::from_secs(10),
-            max_entries: 1024,
+            max_entries,
             window_bits: 32,
             test_io_delay,
         };
@@ -373,6 +377,7 @@ impl Frontend {
             refused_updates: g(&s.refused_updates),
             invalidations: g(&s.invalidations),
             invalidated_entries: g(&s.invalidated_entries),
+            evictions: g(&s.evictions),
             requests: g(&s.requests),
             read_bytes: g(&s.read_bytes),
             write_bytes: g(&s.write_bytes),
@@ -953,4 +958,48 @@ fn completions_survive_a_stop() {
     f.send(FrontendReq::RESET_DEVICE, &[], &[], true);
     assert_eq!(used_idx(ram), 3, "the reset dropped a completion");
     f.finish();
+}
+
+/// An IOTLB smaller than what the requests touch over time: updates past
+/// it evict the oldest entries instead of being refused, a request that
+/// then misses is answered again, and every request succeeds.
+fn a_full_iotlb_keeps_serving(mode: Mode) {
+    let mut f = Frontend::start_opts(mode, Duration::ZERO, 5);
+    std::fs::write(&f.image_path, vec![0x77u8; IMAGE as usize]).unwrap();
+    let mut pager = |f: &mut Frontend, iova: u64, _: u8| {
+        let page = iova & !0xfff;
+        let (off, perm) = match page {
+            p if (RING_IOVA..RING_IOVA + 0x3000).contains(&p) => (p - RING_IOVA, 3),
+            p if p == HDR.iova => (HDR.off, 1),
+            p if p == STATUS.iova => (STATUS.off, 2),
+            p => (0x40000 + ((p - 0x7800_0000) >> 12) % 16 * 0x1000, 3),
+        };
+        f.iotlb(IotlbType::Update, page, 0x1000, off, perm) == 0
+    };
+    prepare(&mut f, 0, 0);
+    for i in 0..40u64 {
+        f.ram_slice(STATUS.off, 1)[0] = 0xee;
+        f.submit(&[
+            (HDR.iova, 16, false),
+            (0x7800_0000 + (i << 12), 0x1000, true),
+            (STATUS.iova, 1, true),
+        ]);
+        let (len, _) = f.complete(&mut pager);
+        assert_eq!(len, 0x1001, "request {i}");
+        assert_eq!(f.ram_slice(STATUS.off, 1)[0], 0, "request {i}");
+    }
+    let s = f.finish();
+    assert_eq!(s.refused_updates.load(Ordering::Relaxed), 0);
+    assert!(s.evictions.load(Ordering::Relaxed) >= 30);
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn sg_a_full_iotlb_keeps_serving() {
+    a_full_iotlb_keeps_serving(Mode::Sg);
+}
+
+#[test]
+fn window_a_full_iotlb_keeps_serving() {
+    a_full_iotlb_keeps_serving(Mode::Window);
 }
