@@ -677,8 +677,11 @@ impl Device {
             (true, None) => None,
             _ => return Err(format!("{req:?}: descriptor and flag disagree")),
         };
-        // An eventfd from the frontend is only read or written 8 bytes at a
-        // time: a descriptor of another kind only makes those fail.
+        if let Some(fd) = &fd {
+            if req != FrontendReq::SET_VRING_ERR {
+                check_eventfd(fd).map_err(|e| format!("{req:?}: {e}"))?;
+            }
+        }
         let ev = fd.map(|fd| {
             // EventFd has no From<OwnedFd>: rebuild it from the raw fd.
             let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
@@ -837,6 +840,44 @@ impl Drop for Device {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Refuses a kick or call descriptor that is not an eventfd (a pipe as
+/// call fd blocks the queue thread once it is full, and every
+/// invalidation waits behind it), and makes it non-blocking: a frontend
+/// that fills the counter itself must not block our writes either. The
+/// kernel names an eventfd's inode `anon_inode:[eventfd]`; without /proc
+/// only the anonymous-inode type is checked.
+fn check_eventfd(fd: &OwnedFd) -> Result<(), String> {
+    // SAFETY: `st` is plain data fstat fills in for a valid fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a descriptor we own and a stat buffer of the right type.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!("fstat: {}", std::io::Error::last_os_error()));
+    }
+    // Anonymous inodes (eventfd, timerfd, ...) have no file type bits.
+    if st.st_mode & libc::S_IFMT != 0 {
+        return Err("not an eventfd".into());
+    }
+    match std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+        Ok(name) if name.as_os_str() != "anon_inode:[eventfd]" => {
+            return Err(format!("not an eventfd: {}", name.display()))
+        }
+        Ok(_) => {}
+        Err(e) if std::path::Path::new("/proc/self/fd").exists() => {
+            return Err(format!("/proc/self/fd: {e}"))
+        }
+        Err(_) => {}
+    }
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+    let ok = unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        fl >= 0 && libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn reply_u64(conn: &mut Connection, msg: &Message, v: u64) -> Result<(), Error> {

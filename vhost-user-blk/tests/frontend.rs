@@ -1003,3 +1003,40 @@ fn sg_a_full_iotlb_keeps_serving() {
 fn window_a_full_iotlb_keeps_serving() {
     a_full_iotlb_keeps_serving(Mode::Window);
 }
+
+/// Kick and call descriptors must be eventfds: a pipe as call fd would
+/// block the queue thread (and every invalidation behind it) once full.
+#[test]
+fn kick_and_call_must_be_eventfds() {
+    let mut f = Frontend::start(Mode::Sg);
+    let mut p = [0i32; 2];
+    // SAFETY: pipe fills two descriptors we then own.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors are ours.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    let file = std::fs::File::open(&f.image_path).unwrap();
+    for fd in [w.as_raw_fd(), r.as_raw_fd(), file.as_raw_fd()] {
+        for req in [FrontendReq::SET_VRING_CALL, FrontendReq::SET_VRING_KICK] {
+            assert_eq!(
+                f.send(req, &0u64.to_ne_bytes(), &[fd], true),
+                Some(1),
+                "{req:?} accepted a descriptor that is not an eventfd"
+            );
+        }
+    }
+    let c = f.call.as_raw_fd();
+    let call = f.send(FrontendReq::SET_VRING_CALL, &0u64.to_ne_bytes(), &[c], true);
+    assert_eq!(call, Some(0));
+    // and the queue still works with the eventfds it has
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let k = f.kick.as_raw_fd();
+    f.send(FrontendReq::SET_VRING_KICK, &0u64.to_ne_bytes(), &[k], true);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    f.finish();
+}
