@@ -177,7 +177,10 @@ pub struct Shared {
     pub stats: Stats,
     access: RwLock<()>,
     vrings: Vec<Mutex<Slot>>,
-    backend: Mutex<Option<BackendChannel>>,
+    /// The backend channel. The outer lock is held only to clone or
+    /// replace the handle, never across a miss wait (which holds the
+    /// channel's own lock), so SET_BACKEND_REQ_FD never waits for a miss.
+    backend: Mutex<Option<Arc<Mutex<BackendChannel>>>>,
     /// Ends a miss wait (a ring is being stopped).
     stop: EventFd,
     /// Wakes the queue thread (rings changed, exit).
@@ -470,7 +473,8 @@ impl Device {
             FrontendReq::SET_BACKEND_REQ_FD => {
                 match std::mem::take(&mut msg.fds).into_iter().next() {
                     Some(fd) => {
-                        *self.sh.backend.lock() = Some(BackendChannel::new(fd));
+                        *self.sh.backend.lock() =
+                            Some(Arc::new(Mutex::new(BackendChannel::new(fd))));
                         return self.ack_if_asked(conn, &msg.hdr, Ok(()));
                     }
                     None => Err("SET_BACKEND_REQ_FD without a descriptor".into()),
@@ -974,13 +978,14 @@ fn serve_ring(sh: &Shared, i: usize) {
 
 fn resolve_misses(sh: &Shared, misses: &[(u64, Perm)]) {
     sh.stats.add(&sh.stats.misses, misses.len() as u64);
-    let mut chan = sh.backend.lock();
-    let Some(chan) = chan.as_mut() else {
+    let chan = sh.backend.lock().clone();
+    let Some(chan) = chan else {
         sh.stats.add(&sh.stats.miss_failures, misses.len() as u64);
         log::warn!("IOTLB miss at {:#x} without a backend channel", misses[0].0);
         return;
     };
-    match chan.iotlb_misses(misses, &sh.stop, sh.miss_timeout) {
+    let answers = chan.lock().iotlb_misses(misses, &sh.stop, sh.miss_timeout);
+    match answers {
         Ok(answers) => {
             for (&(iova, perm), ok) in misses.iter().zip(answers) {
                 if ok {

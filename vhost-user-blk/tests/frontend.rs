@@ -1040,3 +1040,58 @@ fn kick_and_call_must_be_eventfds() {
     assert_eq!(f.complete(&mut refuse).0, 0x1001);
     f.finish();
 }
+
+/// A new backend channel is taken while the queue thread waits for the
+/// answer to a miss on the old one: the frontend socket is not held up
+/// for the miss timeout (10 s here; the reply must come within 5 s).
+#[test]
+fn backend_channel_is_replaced_during_a_miss_wait() {
+    let mut f = Frontend::start(Mode::Sg);
+    prepare(&mut f, 0, 0);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    // the miss is out: the queue thread waits for its answer
+    let mut m = [0u8; 44];
+    f.chan.read_exact(&mut m).unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    f.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let r = f.send(
+        FrontendReq::SET_BACKEND_REQ_FD,
+        &[],
+        &[theirs.as_raw_fd()],
+        true,
+    );
+    assert_eq!(r, Some(0));
+    drop(theirs);
+    // the miss is answered on the old channel, later ones come on the new
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let h: Header = read_pod(&m[..12]).unwrap();
+    let mut out = Header {
+        request: h.request,
+        flags: VERSION | FLAG_REPLY,
+        size: 8,
+    }
+    .as_slice()
+    .to_vec();
+    out.extend_from_slice(&0u64.to_ne_bytes());
+    f.chan.write_all(&out).unwrap();
+    f.chan = ours;
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7600_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    let (_, misses) = f.complete(&mut refuse);
+    assert_eq!(
+        misses.len(),
+        usize::from(MISS_TRIES),
+        "misses on the new channel"
+    );
+    f.finish();
+}
