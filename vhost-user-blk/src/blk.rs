@@ -5,8 +5,8 @@
 //! IOVA window per descriptor (window mode).
 //!
 //! A step pops one chain. A translation the table lacks is a *miss*: the
-//! chain goes back on the ring and the caller asks the frontend (once per
-//! page per chain), then steps again. An access still refused after that,
+//! chain goes back on the ring and the caller asks the frontend (up to
+//! `MISS_TRIES` times per page per chain), then steps again. An access still refused after that,
 //! or refused for a reason a miss cannot fix, fails the request: status
 //! `VIRTIO_BLK_S_IOERR` when the status byte is writable, else the chain
 //! is returned with length 0. Nothing is read or written outside what the
@@ -47,8 +47,8 @@ pub const MAX_MISSES_PER_CHAIN: usize = 1 << 16;
 /// Most misses for one page of one chain. A page QEMU did translate can
 /// be invalidated again before the chain is served (an invalidation may
 /// cover more than the mapping removed: QEMU's IOTLB entries can span
-/// neighbouring mappings), so one more miss is not proof that the
-/// frontend cannot help; a third refusal is.
+/// neighbouring mappings), or evicted by a full IOTLB, so one more miss
+/// is not proof that the frontend cannot help; a third refusal is.
 pub const MISS_TRIES: u8 = 3;
 /// Most misses sent to the frontend together.
 pub const MISS_BATCH: usize = 64;
@@ -400,8 +400,8 @@ impl Vring {
         Err(Fail::NoStatus)
     }
 
-    /// A refused access: a miss to ask for, once per page; else the
-    /// request fails.
+    /// A refused access: a miss to ask for, up to `MISS_TRIES` times per
+    /// page; else the request fails.
     fn refused(&mut self, sh: &Shared, f: TranslateFault, perm: Perm) -> Result<(), Fail> {
         if sh.iommu()
             && matches!(f.reason, FaultReason::Unmapped | FaultReason::Permission)

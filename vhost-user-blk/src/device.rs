@@ -8,7 +8,9 @@
 //!   answers every frontend message in order.
 //! - The queue thread serves kicked rings. It touches guest memory only
 //!   inside an *access section*: holding `access` for reading, with an
-//!   epoch guard pinned, translating through the domain's table.
+//!   epoch guard pinned, translating through the domain's table. A
+//!   section serves one chain, and is released fairly, so a writer waits
+//!   for at most one chain (see `serve_ring`).
 //! - An invalidation (and a memory-table change) removes the translations
 //!   first, then takes `access` for writing once, which waits out every
 //!   access section that could still use them, and only then acks.
