@@ -1095,3 +1095,126 @@ fn backend_channel_is_replaced_during_a_miss_wait() {
     );
     f.finish();
 }
+
+/// Keeps the ring full of 4 KiB reads of chain 0 until `load` were
+/// submitted (or `stop`); returns how many were.
+fn feed(
+    ram: usize,
+    kick: EventFd,
+    first: u16,
+    load: u32,
+    stop: &std::sync::atomic::AtomicBool,
+) -> u32 {
+    let mut avail = first;
+    let mut submitted = 0;
+    while submitted < load && !stop.load(Ordering::Relaxed) {
+        if avail.wrapping_sub(used_idx(ram)) >= QSIZE {
+            std::thread::yield_now();
+            continue;
+        }
+        let slot = (avail % QSIZE) as usize;
+        // SAFETY: the avail ring inside our RAM mapping; only this thread
+        // writes it while it feeds.
+        unsafe {
+            std::ptr::write_volatile((ram + 0x1000 + 4 + 2 * slot) as *mut u16, 0);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            avail = avail.wrapping_add(1);
+            std::ptr::write_volatile((ram + 0x1000 + 2) as *mut u16, avail.to_le());
+        }
+        kick.write(1).unwrap();
+        submitted += 1;
+    }
+    // wait for the last completions
+    while used_idx(ram) != avail && !stop.load(Ordering::Relaxed) {
+        std::thread::yield_now();
+    }
+    submitted
+}
+
+/// The body of `benches/invalidate_under_load.rs`: `load` 4 KiB reads fed
+/// by a thread that keeps the ring full, each held `service` in the
+/// backend (the test-only `test_io_delay`, standing for slower storage,
+/// so that the ring stays full on a loaded machine), alone and then with
+/// up to `rounds` INVALIDATEs (of an unrelated page, re-mapped before
+/// each) sent one after another while it runs; prints the load's rate
+/// both times and the invalidations' round-trip latencies.
+pub fn bench_invalidation_under_load(load: u32, rounds: usize, service: Duration) {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Instant;
+    let mut f = Frontend::start_with(Mode::Sg, service);
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    f.complete(&mut refuse);
+    let ram = f.ram as usize;
+    let never = AtomicBool::new(false);
+
+    let alone_runs = |f: &mut Frontend| {
+        let t = Instant::now();
+        let n = feed(ram, f.kick.try_clone().unwrap(), f.avail_idx, load, &never);
+        f.avail_idx = f.avail_idx.wrapping_add(n as u16);
+        (n, t.elapsed())
+    };
+    alone_runs(&mut f); // warm-up: page cache, allocations
+    let (n, alone) = alone_runs(&mut f);
+
+    let kick = f.kick.try_clone().unwrap();
+    let first = f.avail_idx;
+    let done = Arc::new(AtomicBool::new(false));
+    let done_feeder = done.clone();
+    let t = Instant::now();
+    let feeder = std::thread::spawn(move || {
+        let n = feed(ram, kick, first, load, &AtomicBool::new(false));
+        done_feeder.store(true, Ordering::Release);
+        n
+    });
+    while used_idx(ram) == first {
+        std::thread::yield_now();
+    }
+    let mut lat = Vec::new();
+    let mut while_loaded = 0;
+    while lat.len() < rounds && !done.load(Ordering::Acquire) {
+        f.update(0x7700_0000, 0x1000, 0x70000, 3);
+        let t0 = Instant::now();
+        f.invalidate(0x7700_0000, 0x1000);
+        lat.push(t0.elapsed());
+        while_loaded += usize::from(!done.load(Ordering::Acquire));
+    }
+    let n2 = feeder.join().unwrap();
+    let loaded = t.elapsed();
+    f.avail_idx = f.avail_idx.wrapping_add(n2 as u16);
+    let (n3, alone_after) = alone_runs(&mut f);
+    let (n, alone) = (n + n3, alone + alone_after);
+    lat.sort_unstable();
+    let pct = |p: usize| lat[(lat.len() - 1) * p / 100];
+    println!(
+        "load alone (before and after): {n} reads in {:.3} s, {:.0} reads/s",
+        alone.as_secs_f64(),
+        f64::from(n) / alone.as_secs_f64()
+    );
+    println!(
+        "load with invalidations: {n2} reads in {:.3} s, {:.0} reads/s ({:.3}x alone)",
+        loaded.as_secs_f64(),
+        f64::from(n2) / loaded.as_secs_f64(),
+        (f64::from(n2) / loaded.as_secs_f64()) / (f64::from(n) / alone.as_secs_f64())
+    );
+    if lat.is_empty() {
+        println!("no invalidation was sent while the load ran");
+    } else {
+        println!(
+            "INVALIDATE round trip: {} sent, {} answered while the load still ran; \
+             median {:?}, p99 {:?}, max {:?}",
+            lat.len(),
+            while_loaded,
+            pct(50),
+            pct(99),
+            lat[lat.len() - 1]
+        );
+    }
+    f.finish();
+}
