@@ -5,8 +5,8 @@
 //! IOVA window per descriptor (window mode).
 //!
 //! A step pops one chain. A translation the table lacks is a *miss*: the
-//! chain goes back on the ring and the caller asks the frontend (once per
-//! page per chain), then steps again. An access still refused after that,
+//! chain goes back on the ring and the caller asks the frontend (up to
+//! `MISS_TRIES` times per page per chain), then steps again. An access still refused after that,
 //! or refused for a reason a miss cannot fix, fails the request: status
 //! `VIRTIO_BLK_S_IOERR` when the status byte is writable, else the chain
 //! is returned with length 0. Nothing is read or written outside what the
@@ -47,8 +47,8 @@ pub const MAX_MISSES_PER_CHAIN: usize = 1 << 16;
 /// Most misses for one page of one chain. A page QEMU did translate can
 /// be invalidated again before the chain is served (an invalidation may
 /// cover more than the mapping removed: QEMU's IOTLB entries can span
-/// neighbouring mappings), so one more miss is not proof that the
-/// frontend cannot help; a third refusal is.
+/// neighbouring mappings), or evicted by a full IOTLB, so one more miss
+/// is not proof that the frontend cannot help; a third refusal is.
 pub const MISS_TRIES: u8 = 3;
 /// Most misses sent to the frontend together.
 pub const MISS_BATCH: usize = 64;
@@ -182,20 +182,9 @@ impl Vring {
         }
         let space = IovaSpace::with_cache(dom, ram, &guard, &[], pages);
 
-        while let Some(&(head, len)) = self.pending_used.first() {
-            match self.queue.add_used(&space, head, len) {
-                Ok(()) => {
-                    self.pending_used.remove(0);
-                }
-                Err(virtio_queue::Error::GuestMemory(_)) => {
-                    let iova = fault_iova(&space, self.queue.used_ring());
-                    return self.ring_fault(iova, Perm::WRITE);
-                }
-                Err(e) => {
-                    log::warn!("queue: dropping used entry {head}: {e}");
-                    self.pending_used.remove(0);
-                }
-            }
+        if self.flush_used(&space).is_err() {
+            let iova = fault_iova(&space, self.queue.used_ring());
+            return self.ring_fault(iova, Perm::WRITE);
         }
 
         let mut iter = match self.queue.iter(&space) {
@@ -258,6 +247,53 @@ impl Vring {
                 self.complete(&space, head, 0)
             }
         }
+    }
+
+    /// Writes the used entries held back while the used ring was out of
+    /// reach; `Err` (with the fault in `space`) when it still is. Only a
+    /// step that found none pending pops a chain, so at most one entry is
+    /// ever pending, for the last chain popped.
+    fn flush_used(&mut self, space: &IovaSpace<'_>) -> Result<(), ()> {
+        while let Some(&(head, len)) = self.pending_used.first() {
+            match self.queue.add_used(space, head, len) {
+                Ok(()) => {
+                    self.pending_used.remove(0);
+                }
+                Err(virtio_queue::Error::GuestMemory(_)) => return Err(()),
+                Err(e) => {
+                    log::warn!("queue: dropping used entry {head}: {e}");
+                    self.pending_used.remove(0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the queue (GET_VRING_BASE, reset), inside an access section:
+    /// writes the used entries still pending if the used ring can be
+    /// reached through the table now (no miss can be asked: the frontend
+    /// waits for our answer), and returns the avail index to restart from
+    /// and how many entries were written. A chain whose completion still
+    /// cannot be written is not dropped: the index returned is before it
+    /// (it is the last chain popped, see `flush_used`), so the restarted
+    /// queue serves it again. Serving a block request twice is harmless:
+    /// the driver has not seen it complete, so its buffers are unchanged.
+    pub fn stop(&mut self, sh: &Shared) -> (u16, u32) {
+        let guard = epoch::pin();
+        let ram = sh.ram.load(&guard);
+        let dom = sh.iommu().then(|| &**sh.domain());
+        let space = IovaSpace::new(dom, ram, &guard);
+        let before = self.pending_used.len();
+        let _ = self.flush_used(&space);
+        let written = (before - self.pending_used.len()) as u32;
+        let unreported = self.pending_used.len() as u16;
+        if unreported != 0 {
+            log::warn!(
+                "queue: {unreported} completion(s) could not be written at stop: served again after a restart"
+            );
+        }
+        self.pending_used.clear();
+        (self.queue.next_avail().wrapping_sub(unreported), written)
     }
 
     /// Adds to `misses` the other pages of the chain's buffers that the
@@ -364,8 +400,8 @@ impl Vring {
         Err(Fail::NoStatus)
     }
 
-    /// A refused access: a miss to ask for, once per page; else the
-    /// request fails.
+    /// A refused access: a miss to ask for, up to `MISS_TRIES` times per
+    /// page; else the request fails.
     fn refused(&mut self, sh: &Shared, f: TranslateFault, perm: Perm) -> Result<(), Fail> {
         if sh.iommu()
             && matches!(f.reason, FaultReason::Unmapped | FaultReason::Permission)

@@ -8,7 +8,9 @@
 //!   answers every frontend message in order.
 //! - The queue thread serves kicked rings. It touches guest memory only
 //!   inside an *access section*: holding `access` for reading, with an
-//!   epoch guard pinned, translating through the domain's table.
+//!   epoch guard pinned, translating through the domain's table. A
+//!   section serves one chain, and is released fairly, so a writer waits
+//!   for at most one chain (see `serve_ring`).
 //! - An invalidation (and a memory-table change) removes the translations
 //!   first, then takes `access` for writing once, which waits out every
 //!   access section that could still use them, and only then acks.
@@ -23,7 +25,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use pvdma::{epoch, Domain, GuestRam, Perm};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserU64,
@@ -83,6 +85,8 @@ pub struct Stats {
     pub invalidations: AtomicU64,
     /// Entries they removed.
     pub invalidated_entries: AtomicU64,
+    /// Entries evicted to make room for an update.
+    pub evictions: AtomicU64,
     /// virtio-blk requests parsed.
     pub requests: AtomicU64,
     /// Bytes read from the image into guest buffers.
@@ -116,6 +120,7 @@ impl Stats {
         format!(
             "iotlb_misses={} iotlb_miss_failures={} iotlb_updates={} iotlb_duplicate_updates={} \
              iotlb_refused={} iotlb_invalidations={} iotlb_invalidated_entries={} \
+             iotlb_evictions={} \
              requests={} read_bytes={} write_bytes={} io_errors={} refused_accesses={} \
              bad_chains={} ring_errors={}",
             g(&self.misses),
@@ -125,6 +130,7 @@ impl Stats {
             g(&self.refused_updates),
             g(&self.invalidations),
             g(&self.invalidated_entries),
+            g(&self.evictions),
             g(&self.requests),
             g(&self.read_bytes),
             g(&self.write_bytes),
@@ -173,7 +179,10 @@ pub struct Shared {
     pub stats: Stats,
     access: RwLock<()>,
     vrings: Vec<Mutex<Slot>>,
-    backend: Mutex<Option<BackendChannel>>,
+    /// The backend channel. The outer lock is held only to clone or
+    /// replace the handle, never across a miss wait (which holds the
+    /// channel's own lock), so SET_BACKEND_REQ_FD never waits for a miss.
+    backend: Mutex<Option<Arc<Mutex<BackendChannel>>>>,
     /// Ends a miss wait (a ring is being stopped).
     stop: EventFd,
     /// Wakes the queue thread (rings changed, exit).
@@ -224,6 +233,36 @@ struct Slot {
     call: Option<EventFd>,
     enabled: bool,
     ring: Option<Vring>,
+    /// Chains completed since the call eventfd was last signalled.
+    unsignalled: u32,
+}
+
+impl Slot {
+    /// Tells the driver about the completions not yet signalled.
+    fn signal(&mut self) {
+        if self.unsignalled == 0 {
+            return;
+        }
+        if let Some(call) = &self.call {
+            let _ = call.write(1);
+        }
+        self.unsignalled = 0;
+    }
+
+    /// Stops the ring (GET_VRING_BASE, reset): the completions it holds
+    /// are written and signalled first, as far as the used ring can be
+    /// reached now; the avail index to restart from. The caller holds an
+    /// access section.
+    fn stop(&mut self, sh: &Shared) -> u16 {
+        self.kick = None;
+        if let Some(mut ring) = self.ring.take() {
+            let (base, written) = ring.stop(sh);
+            self.unsignalled += written;
+            self.base = base;
+        }
+        self.signal();
+        self.base
+    }
 }
 
 /// One frontend connection's device.
@@ -270,6 +309,12 @@ impl Device {
             Mode::Sg => None,
         };
         let iotlb = DeviceIotlb::new(window.clone(), opts.max_entries);
+        if iotlb.capacity() < opts.max_entries {
+            log::info!(
+                "window mode: at most {} IOTLB entries (a share of vm.max_map_count)",
+                iotlb.capacity()
+            );
+        }
         let ev = || EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")));
         let sh = Arc::new(Shared {
             ram: GuestRam::new(),
@@ -430,7 +475,8 @@ impl Device {
             FrontendReq::SET_BACKEND_REQ_FD => {
                 match std::mem::take(&mut msg.fds).into_iter().next() {
                     Some(fd) => {
-                        *self.sh.backend.lock() = Some(BackendChannel::new(fd));
+                        *self.sh.backend.lock() =
+                            Some(Arc::new(Mutex::new(BackendChannel::new(fd))));
                         return self.ack_if_asked(conn, &msg.hdr, Ok(()));
                     }
                     None => Err("SET_BACKEND_REQ_FD without a descriptor".into()),
@@ -531,10 +577,19 @@ impl Device {
                         return Err(e.to_string());
                     }
                 }
+                sh.stats
+                    .evictions
+                    .store(self.iotlb.evicted(), Ordering::Relaxed);
             }
             IotlbMsg::Invalidate { iova, size } => {
-                let n = self.iotlb.invalidate(ram, iova, size, &mut || sh.quiesce());
                 sh.stats.bump(&sh.stats.invalidations);
+                let n = self
+                    .iotlb
+                    .invalidate(ram, iova, size, &mut || sh.quiesce())
+                    .map_err(|e| {
+                        sh.stats.bump(&sh.stats.refused_updates);
+                        e.to_string()
+                    })?;
                 sh.stats
                     .invalidated_entries
                     .fetch_add(n as u64, Ordering::Relaxed);
@@ -571,7 +626,11 @@ impl Device {
         {
             let guard = epoch::pin();
             let ram = self.sh.ram.load(&guard);
-            self.iotlb.clear(ram, &mut || {});
+            // A window range that cannot be revoked refuses the table
+            // (the entries have left pvdma's table all the same).
+            self.iotlb
+                .clear(ram, &mut || {})
+                .map_err(|e| e.to_string())?;
         }
         let old = self.mem.take();
         if let Some(old) = &old {
@@ -624,8 +683,11 @@ impl Device {
             (true, None) => None,
             _ => return Err(format!("{req:?}: descriptor and flag disagree")),
         };
-        // An eventfd from the frontend is only read or written 8 bytes at a
-        // time: a descriptor of another kind only makes those fail.
+        if let Some(fd) = &fd {
+            if req != FrontendReq::SET_VRING_ERR {
+                check_eventfd(fd).map_err(|e| format!("{req:?}: {e}"))?;
+            }
+        }
         let ev = fd.map(|fd| {
             // EventFd has no From<OwnedFd>: rebuild it from the raw fd.
             let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
@@ -698,14 +760,10 @@ impl Device {
         // backend channel only after this reply.
         let _ = self.sh.stop.write(1);
         let base = {
-            let mut s = slot.lock();
-            s.kick = None;
-            let base = s.ring.take().map_or(s.base, |r| {
-                use virtio_queue::QueueT;
-                r.queue.next_avail()
-            });
-            s.base = base;
-            base
+            // An access section: the completions still held are written
+            // to the used ring before the frontend learns the base.
+            let _access = self.sh.access.read();
+            slot.lock().stop(&self.sh)
         };
         let _ = self.sh.stop.read();
         log::info!("queue {} stopped at {base}", { st.index });
@@ -752,14 +810,20 @@ impl Device {
 
     fn reset(&mut self) {
         let _ = self.sh.stop.write(1);
-        for slot in &self.sh.vrings {
-            let mut s = slot.lock();
-            *s = Slot::default();
+        {
+            let _access = self.sh.access.read();
+            for slot in &self.sh.vrings {
+                let mut s = slot.lock();
+                s.stop(&self.sh);
+                *s = Slot::default();
+            }
         }
         let _ = self.sh.stop.read();
         let sh = self.sh.clone();
         let guard = epoch::pin();
-        self.iotlb.clear(sh.ram.load(&guard), &mut || sh.quiesce());
+        if let Err(e) = self.iotlb.clear(sh.ram.load(&guard), &mut || sh.quiesce()) {
+            log::error!("reset: {e}");
+        }
     }
 
     /// Stops the queue thread and forgets the guest's memory.
@@ -782,6 +846,44 @@ impl Drop for Device {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Refuses a kick or call descriptor that is not an eventfd (a pipe as
+/// call fd blocks the queue thread once it is full, and every
+/// invalidation waits behind it), and makes it non-blocking: a frontend
+/// that fills the counter itself must not block our writes either. The
+/// kernel names an eventfd's inode `anon_inode:[eventfd]`; without /proc
+/// only the anonymous-inode type is checked.
+fn check_eventfd(fd: &OwnedFd) -> Result<(), String> {
+    // SAFETY: `st` is plain data fstat fills in for a valid fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a descriptor we own and a stat buffer of the right type.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!("fstat: {}", std::io::Error::last_os_error()));
+    }
+    // Anonymous inodes (eventfd, timerfd, ...) have no file type bits.
+    if st.st_mode & libc::S_IFMT != 0 {
+        return Err("not an eventfd".into());
+    }
+    match std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+        Ok(name) if name.as_os_str() != "anon_inode:[eventfd]" => {
+            return Err(format!("not an eventfd: {}", name.display()))
+        }
+        Ok(_) => {}
+        Err(e) if std::path::Path::new("/proc/self/fd").exists() => {
+            return Err(format!("/proc/self/fd: {e}"))
+        }
+        Err(_) => {}
+    }
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+    let ok = unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        fl >= 0 && libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn reply_u64(conn: &mut Connection, msg: &Message, v: u64) -> Result<(), Error> {
@@ -832,35 +934,43 @@ fn queue_thread(sh: &Shared) {
     }
 }
 
+/// Chains served before the call eventfd is signalled even though the
+/// ring is not empty yet, so a driver that keeps the ring full still hears
+/// of its completions.
+const SIGNAL_EVERY: u32 = 32;
+
 /// Serves ring `i` until it is empty or stalls, resolving misses.
+///
+/// Each chain is served in an access section of its own: the access lock
+/// (read) and the ring's mutex are released after every chain, and
+/// released *fairly*, handed straight to a thread that waits for them. So
+/// an invalidation or memory-table change (which takes `access` for
+/// writing) and GET_VRING_BASE (which takes the ring's mutex) wait for at
+/// most the chain in progress, however busy the ring is, and never for
+/// the ring to drain.
 fn serve_ring(sh: &Shared, i: usize) {
     loop {
-        let outcome = {
-            let _access = sh.access.read();
-            let mut slot = sh.vrings[i].lock();
-            if !slot.enabled {
-                return;
-            }
-            let Some(ring) = slot.ring.as_mut() else {
-                return;
-            };
-            let mut served = false;
-            let outcome = loop {
-                match ring.step(sh) {
-                    Step::Done => served = true,
-                    other => break other,
-                }
-            };
-            if served {
-                if let Some(call) = &slot.call {
-                    let _ = call.write(1);
-                }
-            }
-            outcome
+        let access = sh.access.read();
+        let mut slot = sh.vrings[i].lock();
+        if !slot.enabled {
+            return;
+        }
+        let Some(ring) = slot.ring.as_mut() else {
+            return;
         };
+        let outcome = ring.step(sh);
+        if outcome == Step::Done {
+            slot.unsignalled += 1;
+        }
+        if outcome != Step::Done || slot.unsignalled >= SIGNAL_EVERY {
+            slot.signal();
+        }
+        MutexGuard::unlock_fair(slot);
+        RwLockReadGuard::unlock_fair(access);
         match outcome {
+            Step::Done => {}
             Step::Miss(misses) => resolve_misses(sh, &misses),
-            Step::Empty | Step::Stalled | Step::Done => return,
+            Step::Empty | Step::Stalled => return,
         }
         if sh.exit.load(Ordering::Acquire) {
             return;
@@ -870,13 +980,14 @@ fn serve_ring(sh: &Shared, i: usize) {
 
 fn resolve_misses(sh: &Shared, misses: &[(u64, Perm)]) {
     sh.stats.add(&sh.stats.misses, misses.len() as u64);
-    let mut chan = sh.backend.lock();
-    let Some(chan) = chan.as_mut() else {
+    let chan = sh.backend.lock().clone();
+    let Some(chan) = chan else {
         sh.stats.add(&sh.stats.miss_failures, misses.len() as u64);
         log::warn!("IOTLB miss at {:#x} without a backend channel", misses[0].0);
         return;
     };
-    match chan.iotlb_misses(misses, &sh.stop, sh.miss_timeout) {
+    let answers = chan.lock().iotlb_misses(misses, &sh.stop, sh.miss_timeout);
+    match answers {
         Ok(answers) => {
             for (&(iova, perm), ok) in misses.iter().zip(answers) {
                 if ok {

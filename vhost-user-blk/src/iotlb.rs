@@ -16,7 +16,19 @@
 //! - An invalidation removes every entry that overlaps its range, whole
 //!   (as the kernel's vhost does). Invalidating what was never mapped is
 //!   fine and removes nothing. Size 0 means "to the end of the space".
-//! - At most `max_entries` entries are held.
+//! - At most `capacity` entries are held (`max_entries`, and in window
+//!   mode a share of the kernel's `vm.max_map_count`, see
+//!   [`window_entry_limit`]). An update that finds the IOTLB full evicts
+//!   the entries updated least recently (a batch, with one quiesce):
+//!   evicting is always safe, a later access misses and QEMU sends the
+//!   translation again. Every check comes before anything is removed, so
+//!   a refused update changes nothing; only a failing system call after
+//!   the checks (the window's `mmap`) leaves the entries it replaced or
+//!   evicted removed, which is safe too.
+//! - A removal that cannot take the range out of the window again (the
+//!   `PROT_NONE` remap and `mprotect` both fail) is reported as an error,
+//!   so the invalidation is refused; the table has dropped the entry
+//!   before, so no access is made through it either way.
 //!
 //! Ordering: the entries leave the table (which stores the domain's new
 //! generation with Release) before `quiesce` runs, and the caller's
@@ -67,9 +79,16 @@ pub enum Error {
         /// First IOVA not accepted.
         limit: u64,
     },
-    /// Too many entries.
-    #[error("IOTLB holds {0} entries already")]
-    Full(usize),
+    /// A removed range could not be made inaccessible in the window.
+    #[error("window: revoking IOVA {iova:#x}+{len:#x}: {source}")]
+    Revoke {
+        /// IOVA.
+        iova: u64,
+        /// Bytes.
+        len: u64,
+        /// errno.
+        source: std::io::Error,
+    },
     /// pvdma refused the mapping.
     #[error("pvdma: {0}")]
     Domain(#[from] pvdma::DomainError),
@@ -191,7 +210,11 @@ impl Window {
         Ok(())
     }
 
-    fn unmap(&self, iova: u64, len: u64) {
+    /// Makes `[iova, +len)` inaccessible again. The reservation's own
+    /// kind of mapping first (so it merges back into one mapping); if
+    /// that fails (the kernel's map limit, memory), `mprotect` of what is
+    /// there; `Err` only when both fail.
+    fn unmap(&self, iova: u64, len: u64) -> std::io::Result<()> {
         // SAFETY: as in `map`; the range goes back to reserved PROT_NONE.
         // The caller quiesced every access that could reach it.
         let p = unsafe {
@@ -204,14 +227,24 @@ impl Window {
                 0,
             )
         };
-        if p == libc::MAP_FAILED {
-            // Cannot happen for a range inside our reservation short of
-            // ENOMEM; the table no longer maps it, so no access is made.
-            log::error!(
-                "window: re-reserving IOVA {iova:#x}+{len:#x}: {}",
-                std::io::Error::last_os_error()
-            );
+        if p != libc::MAP_FAILED {
+            return Ok(());
         }
+        let remap = std::io::Error::last_os_error();
+        // SAFETY: inside our reservation, as above; only the protection of
+        // pages we mapped changes.
+        let r = unsafe {
+            libc::mprotect(
+                (self.base + iova as usize) as *mut libc::c_void,
+                len as usize,
+                libc::PROT_NONE,
+            )
+        };
+        if r == 0 {
+            log::warn!("window: IOVA {iova:#x}+{len:#x}: remap failed ({remap}), mprotect'ed");
+            return Ok(());
+        }
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -223,22 +256,51 @@ impl Drop for Window {
     }
 }
 
+/// Mappings of the process left to everything else than the window.
+const MAP_HEADROOM: usize = 4096;
+
+/// Most entries a window may hold so that the process stays well inside
+/// the kernel's `vm.max_map_count` (65,530 by default, read at start): an
+/// entry is at most two mappings (its own, and the piece of the
+/// reservation after it), and revoking part of a mapping the kernel
+/// merged splits it, which needs two more for a moment. A quarter of the
+/// limit, less some headroom, keeps every revocation possible.
+pub fn window_entry_limit() -> usize {
+    let max = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(65530);
+    (max.saturating_sub(MAP_HEADROOM) / 4).max(1)
+}
+
+/// An entry and when it was last updated.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    entry: Entry,
+    age: u64,
+}
+
 /// The device's IOTLB: entries, the pvdma domain they are published in,
 /// and the window in window mode. Written by the frontend-socket thread
 /// only; read lock-free (the domain's table) by the queue thread.
 pub struct DeviceIotlb {
     domain: Arc<Domain>,
     pins: PinTable,
-    entries: BTreeMap<u64, Entry>,
+    entries: BTreeMap<u64, Held>,
+    /// Entries by the age of their last update (age -> IOVA), oldest first.
+    ages: BTreeMap<u64, u64>,
+    next_age: u64,
+    evicted: u64,
     window: Option<Arc<Window>>,
-    max_entries: usize,
+    capacity: usize,
     limit: u64,
 }
 
 impl std::fmt::Debug for DeviceIotlb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceIotlb")
-            .field("entries", &self.entries)
+            .field("entries", &self.entries.len())
+            .field("capacity", &self.capacity)
             .field("window", &self.window)
             .field("limit", &self.limit)
             .finish_non_exhaustive()
@@ -246,8 +308,14 @@ impl std::fmt::Debug for DeviceIotlb {
 }
 
 impl DeviceIotlb {
-    /// An empty IOTLB; `window`: the window mode's reservation.
+    /// An empty IOTLB holding at most `max_entries` entries (fewer in
+    /// window mode, see [`window_entry_limit`]); `window`: the window
+    /// mode's reservation.
     pub fn new(window: Option<Arc<Window>>, max_entries: usize) -> DeviceIotlb {
+        let mut capacity = max_entries.max(1);
+        if window.is_some() {
+            capacity = capacity.min(window_entry_limit());
+        }
         let limit = window
             .as_ref()
             .map_or(1u64 << MAX_IOVA_BITS, |w| w.size.min(1 << MAX_IOVA_BITS));
@@ -257,8 +325,11 @@ impl DeviceIotlb {
             // to pin, and no quota beyond `max_entries`.
             pins: PinTable::new(u64::MAX, PinMode::None),
             entries: BTreeMap::new(),
+            ages: BTreeMap::new(),
+            next_age: 0,
+            evicted: 0,
             window,
-            max_entries,
+            capacity,
             limit,
         }
     }
@@ -280,7 +351,38 @@ impl DeviceIotlb {
 
     /// The entry starting at `iova`, if any.
     pub fn entry(&self, iova: u64) -> Option<&Entry> {
-        self.entries.get(&iova)
+        self.entries.get(&iova).map(|h| &h.entry)
+    }
+
+    /// Most entries held.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Entries evicted so far to make room.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Marks `iova`'s entry as updated now.
+    fn touch(&mut self, iova: u64) {
+        let age = self.next_age;
+        self.next_age += 1;
+        if let Some(h) = self.entries.get_mut(&iova) {
+            self.ages.remove(&h.age);
+            h.age = age;
+            self.ages.insert(age, iova);
+        }
+    }
+
+    /// Starts of the entries overlapping `[iova, last]`.
+    fn overlapping(&self, iova: u64, last: u64) -> Vec<u64> {
+        self.entries
+            .range(..=last)
+            .rev()
+            .take_while(|(_, h)| h.entry.end > iova)
+            .map(|(&s, _)| s)
+            .collect()
     }
 
     /// Adds `[iova, iova + size)` -> `uaddr` with `perm`. `quiesce` is
@@ -312,13 +414,29 @@ impl DeviceIotlb {
             .resolve(uaddr, size)
             .ok_or(Error::NotInMemory { uaddr, size })?;
         let entry = Entry { end, uaddr, perm };
-        if self.entries.get(&iova) == Some(&entry) {
+        if self.entry(iova) == Some(&entry) {
+            self.touch(iova);
             return Ok(Updated::Duplicate);
         }
-        let replaced = self.invalidate(ram, iova, size, quiesce);
-        if self.entries.len() >= self.max_entries {
-            return Err(Error::Full(self.entries.len()));
+        let mut victims = self.overlapping(iova, end - 1);
+        let replaced = victims.len();
+        let kept = self.entries.len() - replaced;
+        if kept >= self.capacity {
+            // Full: evict the entries updated least recently, a sixteenth
+            // of the capacity at once so that one quiesce serves many
+            // updates.
+            let n = (kept + 1 - self.capacity).max(self.capacity / 16).min(kept);
+            let oldest: Vec<u64> = self
+                .ages
+                .values()
+                .copied()
+                .filter(|s| !victims.contains(s))
+                .take(n)
+                .collect();
+            self.evicted += oldest.len() as u64;
+            victims.extend(oldest);
         }
+        self.remove(ram, &victims, quiesce)?;
         if let Some(w) = &self.window {
             w.map(
                 iova,
@@ -338,11 +456,16 @@ impl DeviceIotlb {
             &mut |_| {},
         ) {
             if let Some(w) = &self.window {
-                w.unmap(iova, size);
+                w.unmap(iova, size).map_err(|source| Error::Revoke {
+                    iova,
+                    len: size,
+                    source,
+                })?;
             }
             return Err(e.into());
         }
-        self.entries.insert(iova, entry);
+        self.entries.insert(iova, Held { entry, age: 0 });
+        self.touch(iova);
         Ok(if replaced == 0 {
             Updated::Added
         } else {
@@ -353,33 +476,38 @@ impl DeviceIotlb {
     /// Removes every entry overlapping `[iova, iova + size)` (size 0: to
     /// the end of the space) and returns how many. `quiesce` runs after
     /// the table no longer holds them and before the window drops them.
+    /// `Err` only when the window could not revoke a range (the entries
+    /// are gone from the table all the same).
     pub fn invalidate(
         &mut self,
         ram: &RamLayout,
         iova: u64,
         size: u64,
         quiesce: &mut dyn FnMut(),
-    ) -> usize {
+    ) -> Result<usize> {
         // Inclusive last byte; saturates for "to the end".
         let last = if size == 0 {
             u64::MAX
         } else {
             iova.saturating_add(size - 1)
         };
-        let victims: Vec<(u64, Entry)> = self
-            .entries
-            .range(..=last)
-            .rev()
-            .take_while(|(_, e)| e.end > iova)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        if victims.is_empty() {
-            return 0;
+        let victims = self.overlapping(iova, last);
+        self.remove(ram, &victims, quiesce)?;
+        Ok(victims.len())
+    }
+
+    /// Removes the entries starting at `starts`: out of the table, then
+    /// `quiesce`, then out of the window (all of them even when one
+    /// revocation fails; the first failure is returned).
+    fn remove(&mut self, ram: &RamLayout, starts: &[u64], quiesce: &mut dyn FnMut()) -> Result<()> {
+        if starts.is_empty() {
+            return Ok(());
         }
         // Entries are disjoint: spans sorted by first page and disjoint.
-        let mut spans: Vec<(u64, u64)> = victims
+        let mut spans: Vec<(u64, u64)> = starts
             .iter()
-            .map(|&(s, e)| (s >> PAGE_SHIFT, (e.end - 1) >> PAGE_SHIFT))
+            .filter_map(|s| self.entries.get(s).map(|h| (*s, h.entry.end)))
+            .map(|(s, end)| (s >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT))
             .collect();
         spans.sort_unstable();
         if let Err(e) = self
@@ -387,20 +515,34 @@ impl DeviceIotlb {
             .unmap_spans(&spans, ram, &self.pins, &mut |_| {})
         {
             // Every span holds exactly one mapping we made: cannot happen.
-            log::error!("IOTLB invalidation {iova:#x}+{size:#x}: pvdma refused: {e}");
+            log::error!(
+                "IOTLB removal of {} entries: pvdma refused: {e}",
+                spans.len()
+            );
         }
         quiesce();
-        for (s, e) in &victims {
+        let mut failed = None;
+        for s in starts {
+            let Some(h) = self.entries.remove(s) else {
+                continue;
+            };
+            self.ages.remove(&h.age);
             if let Some(w) = &self.window {
-                w.unmap(*s, e.end - s);
+                if let Err(source) = w.unmap(*s, h.entry.end - s) {
+                    log::error!("window: revoking IOVA {s:#x}: {source}");
+                    failed.get_or_insert(Error::Revoke {
+                        iova: *s,
+                        len: h.entry.end - s,
+                        source,
+                    });
+                }
             }
-            self.entries.remove(s);
         }
-        victims.len()
+        failed.map_or(Ok(()), Err)
     }
 
     /// Removes everything (memory table change, reset, disconnect).
-    pub fn clear(&mut self, ram: &RamLayout, quiesce: &mut dyn FnMut()) -> usize {
+    pub fn clear(&mut self, ram: &RamLayout, quiesce: &mut dyn FnMut()) -> Result<usize> {
         self.invalidate(ram, 0, 0, quiesce)
     }
 }
@@ -464,7 +606,9 @@ mod tests {
         fn invalidate(&self, tlb: &mut DeviceIotlb, iova: u64, size: u64) -> (usize, u32) {
             let g = epoch::pin();
             let mut quiesced = 0;
-            let n = tlb.invalidate(self.ram.load(&g), iova, size, &mut || quiesced += 1);
+            let n = tlb
+                .invalidate(self.ram.load(&g), iova, size, &mut || quiesced += 1)
+                .unwrap();
             (n, quiesced)
         }
 
@@ -581,12 +725,6 @@ mod tests {
             "a refused update removed something"
         );
         assert_eq!(tlb.len(), 1);
-        f.update(&mut tlb, 0x3000, 0x1000, UADDR, Perm::RW).unwrap();
-        assert!(matches!(
-            f.update(&mut tlb, 0x5000, 0x1000, UADDR, Perm::RW),
-            Err(Error::Full(2))
-        ));
-        assert_eq!(f.read(&tlb, 0x5000, Perm::READ), None);
     }
 
     #[test]
@@ -648,5 +786,97 @@ mod tests {
         // the pages are PROT_NONE again: mincore says the range is mapped
         // but the table no longer has them
         assert_eq!(f.read(&tlb, 0x20000, Perm::READ), None);
+    }
+
+    /// Mappings (lines of /proc/self/maps) inside `w`'s reservation.
+    fn window_maps(w: &Window) -> usize {
+        let (lo, hi) = (w.host(0), w.host(0) + w.size() as usize);
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                let (range, _) = l.split_once(' ').unwrap();
+                let (a, b) = range.split_once('-').unwrap();
+                let a = usize::from_str_radix(a, 16).unwrap();
+                let b = usize::from_str_radix(b, 16).unwrap();
+                a < hi && lo < b
+            })
+            .count()
+    }
+
+    fn max_map_count() -> usize {
+        std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_full_iotlb_evicts_the_least_recently_updated() {
+        let f = fixture();
+        let mut tlb = DeviceIotlb::new(None, 4);
+        for i in 0..10u64 {
+            f.update(&mut tlb, i << 16, 0x1000, UADDR + (i << 12), Perm::RW)
+                .unwrap_or_else(|e| panic!("update {i} refused: {e}"));
+            // the entry at 0 is refreshed by QEMU answering a miss again
+            f.update(&mut tlb, 0, 0x1000, UADDR, Perm::RW).unwrap();
+            assert!(tlb.len() <= 4);
+        }
+        assert_eq!(f.read(&tlb, 9 << 16, Perm::READ), Some(9));
+        assert_eq!(f.read(&tlb, 0, Perm::READ), Some(0), "refreshed, kept");
+        assert_eq!(f.read(&tlb, 1 << 16, Perm::READ), None, "the oldest goes");
+        // at capacity, an update that replaces an entry evicts nothing else
+        let len = tlb.len();
+        let before: Vec<u64> = (0..10u64)
+            .filter(|&i| f.read(&tlb, i << 16, Perm::READ).is_some())
+            .collect();
+        assert_eq!(
+            f.update(&mut tlb, 9 << 16, 0x1000, UADDR + 0x5000, Perm::READ)
+                .unwrap(),
+            Updated::Replaced(1)
+        );
+        let after: Vec<u64> = (0..10u64)
+            .filter(|&i| f.read(&tlb, i << 16, Perm::READ).is_some())
+            .collect();
+        assert_eq!((tlb.len(), after), (len, before));
+        assert_eq!(f.read(&tlb, 9 << 16, Perm::READ), Some(5));
+    }
+
+    /// At the kernel's limit: more disjoint updates than the process has
+    /// mappings for (each one its own mapping, each leaving a piece of the
+    /// reservation between it and the next). All are accepted, the window
+    /// never holds more than a bounded number of mappings, and an
+    /// invalidation of everything merges the reservation back into one.
+    #[test]
+    fn window_mappings_stay_bounded_at_the_map_limit() {
+        let f = fixture();
+        let updates = max_map_count() as u64 * 2 / 3;
+        let w = Arc::new(Window::reserve((updates + 1) << 13).unwrap());
+        let mut tlb = DeviceIotlb::new(Some(w.clone()), 1 << 20);
+        let mut most = 0;
+        for i in 0..updates {
+            let page = i % (RAM >> 12);
+            f.update(&mut tlb, i << 13, 0x1000, UADDR + (page << 12), Perm::RW)
+                .unwrap_or_else(|e| panic!("update {i} of {updates} refused: {e}"));
+            if i % 4096 == 0 {
+                most = most.max(window_maps(&w));
+            }
+        }
+        most = most.max(window_maps(&w));
+        assert!(
+            most <= 2 * tlb.capacity() + 1 && most < max_map_count() / 2,
+            "{most} mappings in the window"
+        );
+        let last = updates - 1;
+        assert_eq!(
+            f.read(&tlb, last << 13, Perm::READ),
+            Some((last % (RAM >> 12)) as u8)
+        );
+        // SAFETY: the last update is mapped in the window.
+        let b = unsafe { *(w.host(last << 13) as *const u8) };
+        assert_eq!(b, (last % (RAM >> 12)) as u8);
+        f.invalidate(&mut tlb, 0, 0);
+        assert_eq!(window_maps(&w), 1);
     }
 }

@@ -36,7 +36,8 @@ Options:
                           reserved window, one slice per descriptor
   --window-bits N         window size 2^N bytes (window mode; default 39)
   --serial ID             answer to GET_ID (default: pvdma-vhost)
-  --max-iotlb-entries N   most IOTLB entries held (default 65536)
+  --max-iotlb-entries N   most IOTLB entries held (default 65536; fewer in
+                          window mode); a full IOTLB evicts the oldest
   --miss-timeout-ms N     wait for a miss's answer at most N ms (default 5000)
   --connect-timeout S     exit when no frontend connects within S seconds
                           (default: wait forever)

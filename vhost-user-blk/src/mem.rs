@@ -117,6 +117,22 @@ impl MemTable {
             {
                 return Err(bad("wraps"));
             }
+            // A mapping past the end of a file maps, but touching it
+            // raises SIGBUS: the region must lie inside the file.
+            // SAFETY: `st` is plain data fstat fills in for a valid fd.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: a descriptor we own and a stat buffer of the right type.
+            if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+                return Err(Error::Mmap {
+                    gpa: r.guest_phys_addr,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            if st.st_mode & libc::S_IFMT == libc::S_IFREG
+                && (st.st_size as u64) < r.mmap_offset + r.memory_size
+            {
+                return Err(bad("past the end of its file"));
+            }
             for o in &table.regions {
                 if o.uaddr < r.user_addr + r.memory_size && r.user_addr < o.uaddr + o.size {
                     return Err(Error::Overlap(r.user_addr));
@@ -234,6 +250,17 @@ pub(crate) mod tests {
                 Err(Error::Region { .. })
             ));
         }
+        // past the end of its file: touching it would raise SIGBUS
+        for (size, off) in [(0x3000, 0), (0x2000, 0x1000), (0x1000, 0x2000)] {
+            assert!(
+                matches!(
+                    MemTable::new(&[r(0, size, 0x10000, off)], vec![memfd(0x2000)]),
+                    Err(Error::Region { .. })
+                ),
+                "{size:#x} at {off:#x} of a 0x2000-byte file"
+            );
+        }
+        assert!(MemTable::new(&[r(0, 0x1000, 0x10000, 0x1000)], vec![memfd(0x2000)]).is_ok());
         assert!(matches!(
             MemTable::new(
                 &[r(0, 0x2000, 0x10000, 0), r(0x100000, 0x2000, 0x11000, 0)],

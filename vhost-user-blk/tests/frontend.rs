@@ -78,6 +78,10 @@ impl Frontend {
     }
 
     fn start_with(mode: Mode, test_io_delay: Duration) -> Frontend {
+        Self::start_opts(mode, test_io_delay, 1024)
+    }
+
+    fn start_opts(mode: Mode, test_io_delay: Duration, max_entries: usize) -> Frontend {
         let dir = std::env::temp_dir().join(format!(
             "pvdma-vub-test-{}-{:?}-{}",
             std::process::id(),
@@ -102,7 +106,7 @@ impl Frontend {
             readonly: false,
             serial: "frontend-test".into(),
             miss_timeout: Duration::from_secs(10),
-            max_entries: 1024,
+            max_entries,
             window_bits: 32,
             test_io_delay,
         };
@@ -373,6 +377,7 @@ impl Frontend {
             refused_updates: g(&s.refused_updates),
             invalidations: g(&s.invalidations),
             invalidated_entries: g(&s.invalidated_entries),
+            evictions: g(&s.evictions),
             requests: g(&s.requests),
             read_bytes: g(&s.read_bytes),
             write_bytes: g(&s.write_bytes),
@@ -770,4 +775,446 @@ fn sg_misses_and_refusals() {
 #[test]
 fn window_misses_and_refusals() {
     misses_and_refusals(Mode::Window);
+}
+
+/// Reads the used ring's index (the backend writes it concurrently).
+fn used_idx(ram: usize) -> u16 {
+    // SAFETY: inside our mapping of guest RAM; a volatile read because the
+    // backend's queue thread writes the index meanwhile.
+    u16::from_le(unsafe { std::ptr::read_volatile((ram + 0x2002) as *const u16) })
+}
+
+/// The ring is kept busy from another thread (each request stays a while
+/// in the backend, and the thread refills the ring as chains complete, up
+/// to `LOAD` requests) while the frontend sends an INVALIDATE, then
+/// GET_VRING_BASE: each must be answered while the ring still has work,
+/// not once the load has drained. Counted in requests, not timed: a
+/// backend that holds its access section (or the ring's lock) for a whole
+/// batch answers only when the thread has run out of requests.
+#[test]
+fn invalidation_is_answered_under_load() {
+    const LOAD: u16 = 1000;
+    let mut f = Frontend::start_with(Mode::Sg, Duration::from_millis(1));
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    // an unrelated page, the one invalidated
+    f.update(0x7700_0000, 0x1000, 0x70000, 3);
+    // one chain at descriptors 0..3; every avail entry below names it
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    let ram = f.ram as usize;
+    let kick = f.kick.try_clone().unwrap();
+    let first = f.avail_idx;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_feeder = stop.clone();
+    let feeder = std::thread::spawn(move || {
+        let mut avail = first;
+        while avail != LOAD && !stop_feeder.load(Ordering::Relaxed) {
+            if avail.wrapping_sub(used_idx(ram)) >= QSIZE {
+                std::thread::yield_now();
+                continue;
+            }
+            let slot = (avail % QSIZE) as usize;
+            // SAFETY: the avail ring inside our RAM mapping; only this
+            // thread writes it while the feeder runs.
+            unsafe {
+                std::ptr::write_volatile((ram + 0x1000 + 4 + 2 * slot) as *mut u16, 0);
+                std::sync::atomic::fence(Ordering::SeqCst);
+                avail += 1;
+                std::ptr::write_volatile((ram + 0x1000 + 2) as *mut u16, avail.to_le());
+            }
+            kick.write(1).unwrap();
+        }
+        avail
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while used_idx(ram) < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let at_send = used_idx(ram);
+    f.invalidate(0x7700_0000, 0x1000);
+    let at_ack = used_idx(ram);
+    eprintln!(
+        "requests completed while the invalidation waited: {}",
+        at_ack.wrapping_sub(at_send)
+    );
+    assert!(
+        at_ack < LOAD - QSIZE,
+        "the invalidation was answered only after the load drained ({at_ack} of {LOAD} served)"
+    );
+    let v = f
+        .send(FrontendReq::GET_VRING_BASE, &state(0, 0), &[], true)
+        .unwrap();
+    let base = (v >> 32) as u16;
+    stop.store(true, Ordering::Relaxed);
+    let submitted = feeder.join().unwrap();
+    assert!(
+        base < LOAD - QSIZE,
+        "GET_VRING_BASE was answered only after the load drained ({base} of {LOAD})"
+    );
+    assert!(base <= submitted);
+    assert_eq!(
+        used_idx(ram),
+        base,
+        "every chain taken before the stop is reported in the used ring"
+    );
+    let s = f.finish();
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
+}
+
+impl Frontend {
+    /// Reads `n` misses from the backend channel and refuses each.
+    fn refuse_misses(&mut self, n: usize) {
+        for _ in 0..n {
+            let mut m = [0u8; 44];
+            self.chan.read_exact(&mut m).unwrap();
+            let h: Header = read_pod(&m[..12]).unwrap();
+            let r = Header {
+                request: h.request,
+                flags: VERSION | FLAG_REPLY,
+                size: 8,
+            };
+            let mut out = r.as_slice().to_vec();
+            out.extend_from_slice(&1u64.to_ne_bytes());
+            self.chan.write_all(&out).unwrap();
+        }
+    }
+
+    /// GET_VRING_BASE of queue 0.
+    fn vring_base(&mut self) -> u16 {
+        let v = self
+            .send(FrontendReq::GET_VRING_BASE, &state(0, 0), &[], true)
+            .unwrap();
+        (v >> 32) as u16
+    }
+
+    /// Starts queue 0 again at `base`.
+    fn restart(&mut self, base: u16) {
+        self.send(
+            FrontendReq::SET_VRING_BASE,
+            &state(0, u32::from(base)),
+            &[],
+            true,
+        );
+        let k = self.kick.as_raw_fd();
+        self.send(FrontendReq::SET_VRING_KICK, &0u64.to_ne_bytes(), &[k], true);
+    }
+
+    /// Submits a read whose completion cannot be written (the used ring
+    /// is not mapped; its misses are refused), so the backend holds it.
+    fn served_but_unreported(&mut self) {
+        self.invalidate(RING_IOVA + 0x2000, 0x1000);
+        self.submit(&[
+            (HDR.iova, 16, false),
+            (0x7500_0000, 0x1000, true),
+            (STATUS.iova, 1, true),
+        ]);
+        self.refuse_misses(usize::from(MISS_TRIES));
+    }
+}
+
+/// A completion the backend could not write yet (the used ring was
+/// unmapped) is not lost when the ring stops: GET_VRING_BASE (and a
+/// reset) write it when the used ring can be reached again, or else
+/// report a base before the chain, so that it is served again.
+#[test]
+fn completions_survive_a_stop() {
+    let mut f = Frontend::start(Mode::Sg);
+    let ram = f.ram as usize;
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    f.invalidate(RING_IOVA, 0x3000);
+    f.update(RING_IOVA, 0x2000, 0, 3);
+
+    // the used ring is mapped again before the stop: written then
+    f.served_but_unreported();
+    f.update(RING_IOVA + 0x2000, 0x1000, 0x2000, 3);
+    assert_eq!(f.vring_base(), 1);
+    assert_eq!(used_idx(ram), 1, "GET_VRING_BASE dropped a completion");
+    assert_eq!(f.ram_slice(STATUS.off, 1)[0], 0);
+    f.restart(1);
+
+    // still unreachable at the stop: the base is before the chain
+    f.served_but_unreported();
+    assert_eq!(f.vring_base(), 1, "the unreported chain is given up");
+    assert_eq!(used_idx(ram), 1);
+    f.update(RING_IOVA + 0x2000, 0x1000, 0x2000, 3);
+    f.used_seen = 1;
+    f.restart(1);
+    f.kick.write(1).unwrap();
+    assert_eq!(f.complete(&mut refuse).0, 0x1001, "served again");
+    assert_eq!(used_idx(ram), 2);
+
+    // a reset writes it too
+    f.served_but_unreported();
+    f.update(RING_IOVA + 0x2000, 0x1000, 0x2000, 3);
+    f.send(FrontendReq::RESET_DEVICE, &[], &[], true);
+    assert_eq!(used_idx(ram), 3, "the reset dropped a completion");
+    f.finish();
+}
+
+/// An IOTLB smaller than what the requests touch over time: updates past
+/// it evict the oldest entries instead of being refused, a request that
+/// then misses is answered again, and every request succeeds.
+fn a_full_iotlb_keeps_serving(mode: Mode) {
+    let mut f = Frontend::start_opts(mode, Duration::ZERO, 5);
+    std::fs::write(&f.image_path, vec![0x77u8; IMAGE as usize]).unwrap();
+    let mut pager = |f: &mut Frontend, iova: u64, _: u8| {
+        let page = iova & !0xfff;
+        let (off, perm) = match page {
+            p if (RING_IOVA..RING_IOVA + 0x3000).contains(&p) => (p - RING_IOVA, 3),
+            p if p == HDR.iova => (HDR.off, 1),
+            p if p == STATUS.iova => (STATUS.off, 2),
+            p => (0x40000 + ((p - 0x7800_0000) >> 12) % 16 * 0x1000, 3),
+        };
+        f.iotlb(IotlbType::Update, page, 0x1000, off, perm) == 0
+    };
+    prepare(&mut f, 0, 0);
+    for i in 0..40u64 {
+        f.ram_slice(STATUS.off, 1)[0] = 0xee;
+        f.submit(&[
+            (HDR.iova, 16, false),
+            (0x7800_0000 + (i << 12), 0x1000, true),
+            (STATUS.iova, 1, true),
+        ]);
+        let (len, _) = f.complete(&mut pager);
+        assert_eq!(len, 0x1001, "request {i}");
+        assert_eq!(f.ram_slice(STATUS.off, 1)[0], 0, "request {i}");
+    }
+    let s = f.finish();
+    assert_eq!(s.refused_updates.load(Ordering::Relaxed), 0);
+    assert!(s.evictions.load(Ordering::Relaxed) >= 30);
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn sg_a_full_iotlb_keeps_serving() {
+    a_full_iotlb_keeps_serving(Mode::Sg);
+}
+
+#[test]
+fn window_a_full_iotlb_keeps_serving() {
+    a_full_iotlb_keeps_serving(Mode::Window);
+}
+
+/// Kick and call descriptors must be eventfds: a pipe as call fd would
+/// block the queue thread (and every invalidation behind it) once full.
+#[test]
+fn kick_and_call_must_be_eventfds() {
+    let mut f = Frontend::start(Mode::Sg);
+    let mut p = [0i32; 2];
+    // SAFETY: pipe fills two descriptors we then own.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors are ours.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    let file = std::fs::File::open(&f.image_path).unwrap();
+    for fd in [w.as_raw_fd(), r.as_raw_fd(), file.as_raw_fd()] {
+        for req in [FrontendReq::SET_VRING_CALL, FrontendReq::SET_VRING_KICK] {
+            assert_eq!(
+                f.send(req, &0u64.to_ne_bytes(), &[fd], true),
+                Some(1),
+                "{req:?} accepted a descriptor that is not an eventfd"
+            );
+        }
+    }
+    let c = f.call.as_raw_fd();
+    let call = f.send(FrontendReq::SET_VRING_CALL, &0u64.to_ne_bytes(), &[c], true);
+    assert_eq!(call, Some(0));
+    // and the queue still works with the eventfds it has
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let k = f.kick.as_raw_fd();
+    f.send(FrontendReq::SET_VRING_KICK, &0u64.to_ne_bytes(), &[k], true);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    f.finish();
+}
+
+/// A new backend channel is taken while the queue thread waits for the
+/// answer to a miss on the old one: the frontend socket is not held up
+/// for the miss timeout (10 s here; the reply must come within 5 s).
+#[test]
+fn backend_channel_is_replaced_during_a_miss_wait() {
+    let mut f = Frontend::start(Mode::Sg);
+    prepare(&mut f, 0, 0);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    // the miss is out: the queue thread waits for its answer
+    let mut m = [0u8; 44];
+    f.chan.read_exact(&mut m).unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    f.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let r = f.send(
+        FrontendReq::SET_BACKEND_REQ_FD,
+        &[],
+        &[theirs.as_raw_fd()],
+        true,
+    );
+    assert_eq!(r, Some(0));
+    drop(theirs);
+    // the miss is answered on the old channel, later ones come on the new
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let h: Header = read_pod(&m[..12]).unwrap();
+    let mut out = Header {
+        request: h.request,
+        flags: VERSION | FLAG_REPLY,
+        size: 8,
+    }
+    .as_slice()
+    .to_vec();
+    out.extend_from_slice(&0u64.to_ne_bytes());
+    f.chan.write_all(&out).unwrap();
+    f.chan = ours;
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7600_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    let (_, misses) = f.complete(&mut refuse);
+    assert_eq!(
+        misses.len(),
+        usize::from(MISS_TRIES),
+        "misses on the new channel"
+    );
+    f.finish();
+}
+
+/// Keeps the ring full of 4 KiB reads of chain 0 until `load` were
+/// submitted (or `stop`); returns how many were.
+fn feed(
+    ram: usize,
+    kick: EventFd,
+    first: u16,
+    load: u32,
+    stop: &std::sync::atomic::AtomicBool,
+) -> u32 {
+    let mut avail = first;
+    let mut submitted = 0;
+    while submitted < load && !stop.load(Ordering::Relaxed) {
+        if avail.wrapping_sub(used_idx(ram)) >= QSIZE {
+            std::thread::yield_now();
+            continue;
+        }
+        let slot = (avail % QSIZE) as usize;
+        // SAFETY: the avail ring inside our RAM mapping; only this thread
+        // writes it while it feeds.
+        unsafe {
+            std::ptr::write_volatile((ram + 0x1000 + 4 + 2 * slot) as *mut u16, 0);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            avail = avail.wrapping_add(1);
+            std::ptr::write_volatile((ram + 0x1000 + 2) as *mut u16, avail.to_le());
+        }
+        kick.write(1).unwrap();
+        submitted += 1;
+    }
+    // wait for the last completions
+    while used_idx(ram) != avail && !stop.load(Ordering::Relaxed) {
+        std::thread::yield_now();
+    }
+    submitted
+}
+
+/// The body of `benches/invalidate_under_load.rs`: `load` 4 KiB reads fed
+/// by a thread that keeps the ring full, each held `service` in the
+/// backend (the test-only `test_io_delay`, standing for slower storage,
+/// so that the ring stays full on a loaded machine), alone and then with
+/// up to `rounds` INVALIDATEs (of an unrelated page, re-mapped before
+/// each) sent one after another while it runs; prints the load's rate
+/// both times and the invalidations' round-trip latencies.
+pub fn bench_invalidation_under_load(load: u32, rounds: usize, service: Duration) {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Instant;
+    let mut f = Frontend::start_with(Mode::Sg, service);
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    f.complete(&mut refuse);
+    let ram = f.ram as usize;
+    let never = AtomicBool::new(false);
+
+    let alone_runs = |f: &mut Frontend| {
+        let t = Instant::now();
+        let n = feed(ram, f.kick.try_clone().unwrap(), f.avail_idx, load, &never);
+        f.avail_idx = f.avail_idx.wrapping_add(n as u16);
+        (n, t.elapsed())
+    };
+    alone_runs(&mut f); // warm-up: page cache, allocations
+    let (n, alone) = alone_runs(&mut f);
+
+    let kick = f.kick.try_clone().unwrap();
+    let first = f.avail_idx;
+    let done = Arc::new(AtomicBool::new(false));
+    let done_feeder = done.clone();
+    let t = Instant::now();
+    let feeder = std::thread::spawn(move || {
+        let n = feed(ram, kick, first, load, &AtomicBool::new(false));
+        done_feeder.store(true, Ordering::Release);
+        n
+    });
+    while used_idx(ram) == first {
+        std::thread::yield_now();
+    }
+    let mut lat = Vec::new();
+    let mut while_loaded = 0;
+    while lat.len() < rounds && !done.load(Ordering::Acquire) {
+        f.update(0x7700_0000, 0x1000, 0x70000, 3);
+        let t0 = Instant::now();
+        f.invalidate(0x7700_0000, 0x1000);
+        lat.push(t0.elapsed());
+        while_loaded += usize::from(!done.load(Ordering::Acquire));
+    }
+    let n2 = feeder.join().unwrap();
+    let loaded = t.elapsed();
+    f.avail_idx = f.avail_idx.wrapping_add(n2 as u16);
+    let (n3, alone_after) = alone_runs(&mut f);
+    let (n, alone) = (n + n3, alone + alone_after);
+    lat.sort_unstable();
+    let pct = |p: usize| lat[(lat.len() - 1) * p / 100];
+    println!(
+        "load alone (before and after): {n} reads in {:.3} s, {:.0} reads/s",
+        alone.as_secs_f64(),
+        f64::from(n) / alone.as_secs_f64()
+    );
+    println!(
+        "load with invalidations: {n2} reads in {:.3} s, {:.0} reads/s ({:.3}x alone)",
+        loaded.as_secs_f64(),
+        f64::from(n2) / loaded.as_secs_f64(),
+        (f64::from(n2) / loaded.as_secs_f64()) / (f64::from(n) / alone.as_secs_f64())
+    );
+    if lat.is_empty() {
+        println!("no invalidation was sent while the load ran");
+    } else {
+        println!(
+            "INVALIDATE round trip: {} sent, {} answered while the load still ran; \
+             median {:?}, p99 {:?}, max {:?}",
+            lat.len(),
+            while_loaded,
+            pct(50),
+            pct(99),
+            lat[lat.len() - 1]
+        );
+    }
+    f.finish();
 }
