@@ -96,7 +96,7 @@ class RunResult:
     mode: str
     argv: list
     topology: str = "flat"
-    hotplug: bool = False
+    hotplug: object = False           # False, True/"acpi", "pciehp"
     passed: bool = False
     failure: str = None
     results: list = dataclasses.field(default_factory=list)
@@ -167,6 +167,9 @@ VQ = "disable-legacy=on,iommu_platform=on"
 BLK_HOTPLUG = {"driver": "virtio-blk-pci", "id": "vblk0", "drive": "vblk",
                "bus": RP_OF["blk"], "disable-legacy": "on",
                "iommu_platform": True}
+# A second disk the hotplug test plugs into the spare port, which had no
+# function at boot; its -blockdev (node vhot) exists from the start.
+HOT_PLUG = dict(BLK_HOTPLUG, id="vhot0", drive="vhot", bus="rp5")
 
 
 def root_port_args():
@@ -181,14 +184,17 @@ def root_port_args():
 
 
 def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
-              disk_mib=64, vhost_user_blk=None, topology="flat"):
+              disk_mib=64, vhost_user_blk=None, topology="flat",
+              native_hotplug=False):
     """QEMU's arguments (after the binary) for a variant, and the disk
     images created in disk_dir. vhost_user_blk: a vhost-user socket path;
     the virtio-blk disk is then a vhost-user-blk-pci on it (the backend
     serves the image; guest RAM becomes a shared memfd for it).
     topology: "flat" (every device on the root bus) or "rootports" (each
     behind its own pcie-root-port; the virtio-blk disk is then a -blockdev,
-    which outlives its device, so it can be plugged in again)."""
+    which outlives its device, so it can be plugged in again).
+    native_hotplug: the root ports' hotplug is PCIe native (the guest's
+    pciehp) instead of QEMU's default for q35, ACPI (acpiphp)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} ({', '.join(VARIANTS)})")
     if topology not in ("flat", "rootports"):
@@ -216,8 +222,10 @@ def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
     # The ports after the IOMMU, which must exist when they are realized.
     if rp:
         args += root_port_args()
+    if native_hotplug:
+        args += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
     disks = {}
-    for name in ("blk", "nvme"):
+    for name in ("blk", "nvme") + (("hot",) if rp else ()):
         path = os.path.join(disk_dir, f"{name}.img")
         with open(path, "wb") as f:
             f.truncate(disk_mib << 20)
@@ -233,7 +241,10 @@ def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
                               f"file.driver=file,file.filename={disks['blk']},"
                               f"cache.direct={direct}",
                  "-device", f"virtio-blk-pci,drive=vblk,id=vblk0{on('blk')},"
-                            f"{vq}"]
+                            f"{vq}",
+                 "-blockdev", f"driver=raw,node-name=vhot,"
+                              f"file.driver=file,file.filename={disks['hot']},"
+                              f"cache.direct={direct}"]
     else:
         args += ["-drive", f"if=none,id=vblk,file={disks['blk']},format=raw,"
                            f"cache={disk_cache}",
@@ -356,7 +367,8 @@ def hotplug_cycle(vm, rid, res, say, limit=45):
     rid, under I/O, must be the virtio-blk disk below its root port and
     attached; device_del it, wait (bounded) until QEMU has removed it,
     check query-pvdma (snapshot "unplugged"), device_add it again into the
-    same port. Returns problems (strings)."""
+    same port, and a second virtio-blk function into the spare port
+    (empty since boot). Returns problems (strings)."""
     q = vm.qmp()
     snap = q.execute("query-pvdma")
     res.snapshots["before-unplug"] = snap
@@ -381,10 +393,18 @@ def hotplug_cycle(vm, rid, res, say, limit=45):
     say(f"== host: {rid} removed after {gone:.1f} s; query-pvdma "
         f"(unplugged)\n" + compact_json(snap), flush=True)
     problems += check_unplugged(snap, rid)
-    q.execute("device_add", **BLK_HOTPLUG)
+    # The guest's release_device DETACHed it before QEMU dropped it (QEMU
+    # forgets an unplugged function on its own; this is the guest's part).
+    def detaches(reply):
+        return sum(d.get("requests", {}).get("detach", 0) for d in reply)
+
+    if detaches(snap) <= detaches(res.snapshots["before-unplug"]):
+        problems.append(f"the guest sent no DETACH when {rid} was removed")
+    for plug in (BLK_HOTPLUG, HOT_PLUG):
+        q.execute("device_add", **plug)
+        say(f"== host: device_add {plug['id']} into {plug['bus']}",
+            flush=True)
     res.times["unplugged_s"] = round(gone, 2)
-    say(f"== host: device_add {BLK_HOTPLUG['id']} into "
-        f"{BLK_HOTPLUG['bus']}", flush=True)
     return problems
 
 
@@ -424,7 +444,8 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     framework's own handling), e.g. to act at a marker.
 
     topology: "flat" or "rootports" (qemu_args). hotplug (topology
-    rootports, mode test): the guest runs I/O on the virtio-blk disk and
+    rootports, mode test; True or "acpi": QEMU's default ACPI hotplug,
+    "pciehp": PCIe native): the guest runs I/O on the virtio-blk disk and
     pauses at `unplug:<rid>`; the host then removes that function and
     plugs it in again (hotplug_cycle), and the run passes only if pvdma
     held nothing for it once it was gone, and the new function's disk
@@ -433,12 +454,15 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     say = print if echo else (lambda *a, **k: None)
     if hotplug and (topology != "rootports" or mode != "test"):
         raise ValueError("hotplug needs topology rootports and mode test")
+    if hotplug not in (False, True, "acpi", "pciehp"):
+        raise ValueError(f"hotplug={hotplug!r}: acpi or pciehp")
     append = guest_append(variant, strict, mode, bench, modparams,
                           extra_append, refuse=refuse, hotplug=hotplug)
     import tempfile
     disk_dir = tempfile.TemporaryDirectory(prefix="pvdma-io-disks-")
     args = qemu_args(image, variant, disk_dir.name, append, disk_cache,
-                     disk_mib, vhost_user_blk, topology)
+                     disk_mib, vhost_user_blk, topology,
+                     hotplug == "pciehp")
     res = RunResult(image.kernel, variant, strict, mode, [qemu, *args],
                     topology, hotplug)
     has_pvdma = variant in ("pvdma", "pvdma-bypass")
@@ -593,7 +617,9 @@ def summary(r):
     return (f"kernel {r.kernel} variant {r.variant}"
             f"{' strict' if r.strict else ''}"
             f"{' ' + r.topology if r.topology != 'flat' else ''}"
-            f"{' hotplug' if r.hotplug else ''} mode {r.mode}: {verdict}"
+            f"{' hotplug' if r.hotplug else ''}"
+            f"{'-pciehp' if r.hotplug == 'pciehp' else ''}"
+            f" mode {r.mode}: {verdict}"
             f" (QEMU start -> /init {t.get('booted', '?')} s, -> ready"
             f" {t.get('ready', '?')} s, -> result {t.get('result', '?')} s,"
             f" -> exit {t.get('exit', '?')} s; QEMU CPU"
@@ -630,9 +656,12 @@ def main():
                     choices=("flat", "rootports"),
                     help="flat: every device on the root bus; rootports: "
                     "each behind its own pcie-root-port (libvirt's q35)")
-    ap.add_argument("--hotplug", action="store_true",
+    ap.add_argument("--hotplug", nargs="?", const="acpi", default=False,
+                    choices=("acpi", "pciehp"),
                     help="topology rootports, mode test: remove the "
-                    "virtio-blk function under I/O and plug it in again")
+                    "virtio-blk function under I/O and plug it in again, "
+                    "through ACPI hotplug (QEMU's q35 default) or the "
+                    "guest's pciehp")
     ap.add_argument("--summary-file",
                     help="append the one-line summary to this file")
     ap.add_argument("--json", help="write the whole result (RunResult) "
