@@ -401,9 +401,19 @@ def hotplug_cycle(vm, rid, res, say, limit=45):
     if detaches(snap) <= detaches(res.snapshots["before-unplug"]):
         problems.append(f"the guest sent no DETACH when {rid} was removed")
     for plug in (BLK_HOTPLUG, HOT_PLUG):
-        q.execute("device_add", **plug)
-        say(f"== host: device_add {plug['id']} into {plug['bus']}",
-            flush=True)
+        # The removed device leaves QEMU's PCI bus before it lets go of
+        # its -blockdev (requests in flight end first): retry, bounded.
+        t1 = time.monotonic()
+        while True:
+            try:
+                q.execute("device_add", **plug)
+                break
+            except QemuError as e:
+                if time.monotonic() - t1 > 15:
+                    return problems + [f"device_add {plug['id']}: {e}"]
+                time.sleep(0.2)
+        say(f"== host: device_add {plug['id']} into {plug['bus']} "
+            f"({time.monotonic() - t1:.1f} s)", flush=True)
     res.times["unplugged_s"] = round(gone, 2)
     return problems
 
