@@ -10,7 +10,8 @@
 # libvirt domain with pvdma (a private session libvirtd; installs libvirt),
 # checkpatch --strict on the guest kernel code, and Debian 6.1 and 6.12
 # guests doing disk and network I/O with pvdma as their IOMMU
-# (guest-io-test.sh: lazy, strict, a refused DMA, and two controls), the
+# (guest-io-test.sh: lazy, strict, a refused DMA, the root-port topology
+# with hotplug, and two controls), the
 # vhost-user-blk backend's disk in such a guest (vhost-user-blk-test.sh),
 # and vfio-pci behind pvdma in a nested guest (vfio-nested-test.sh).
 set -euo pipefail

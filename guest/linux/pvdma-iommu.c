@@ -91,8 +91,6 @@ struct pvdma_iommu {
 /* One pvdma per guest: the IOMMU core of 6.1 allows one driver per bus. */
 static struct pvdma_iommu *pvdma;
 static DEFINE_PER_CPU(struct pvdma_req *, pvdma_block);
-/* Set while iommu_device_register() probes devices that may be bound. */
-static bool pvdma_registering;
 
 struct pvdma_domain;
 
@@ -753,6 +751,42 @@ static bool pvdma_capable(struct device *dev, enum iommu_cap cap)
 
 /* ---- device probe ------------------------------------------------------ */
 
+/*
+ * Functions the driver does not take (they get no IOMMU group, and the host
+ * treats them as unattached: bypass with FEATURES.BYPASS, else blocked;
+ * the MSI window stays open for them either way):
+ *
+ * Bridges (root ports, switch ports, PCI bridges). Their only DMA of their
+ * own is MSI writes, which the host never translates. Taking them would
+ * put every function below a port without enabled ACS (Linux enables ACS
+ * only when an IOMMU is found at boot) into the port's group, and a port
+ * bound to pcieport at boot would drag that group into an identity
+ * domain. Left out, each endpoint below a PCIe port gets a group of its
+ * own from pci_device_group; in QEMU no DMA is routed between the
+ * functions below a port, every access of every function goes through
+ * pvdma under its own requester ID.
+ *
+ * Functions with a driver: it was bound before this IOMMU existed, so its
+ * DMA uses physical addresses and the IOMMU core never counted it as a
+ * user of a domain (iommu_device_use_default_domain ran without a group).
+ * Grouping it would let the core change the group's domain under it and
+ * hand the group to VFIO. The only probes that can meet a driver are the
+ * bus walk of iommu_device_register (a device added later is probed from
+ * BUS_NOTIFY_ADD_DEVICE, before any driver binds); PCI remove and rescan
+ * brings such a function back without a driver, and then it is taken.
+ */
+static bool pvdma_refused(struct pci_dev *pdev)
+{
+	if (pci_is_bridge(pdev))
+		return true;
+	if (pdev->dev.driver) {
+		pci_info(pdev, "bound to %s before pvdma: left untranslated; remove and rescan it to put it behind pvdma\n",
+			 pdev->dev.driver->name);
+		return true;
+	}
+	return false;
+}
+
 static struct iommu_device *pvdma_probe_device(struct device *dev)
 {
 	struct pvdma_endpoint *ep;
@@ -775,6 +809,12 @@ static struct iommu_device *pvdma_probe_device(struct device *dev)
 	st = pvdma_simple(PVDMA_OP_QUERY, rid, 0, 0, &result);
 	if (st != PVDMA_S_OK)
 		return ERR_PTR(-ENODEV);	/* not in pvdma's scope */
+	if (pvdma_refused(pdev)) {
+		/* Left attached by an earlier kernel (kexec): let it go. */
+		if (result & PVDMA_QUERY_ATTACHED)
+			pvdma_simple(PVDMA_OP_DETACH, rid, 0, 0, NULL);
+		return ERR_PTR(-ENODEV);
+	}
 	ep = kzalloc(sizeof(*ep), GFP_KERNEL);
 	if (!ep)
 		return ERR_PTR(-ENOMEM);
@@ -799,20 +839,6 @@ static void pvdma_release_device(struct device *dev)
 	pvdma_host_reset(ep, false);
 	dev_iommu_priv_set(dev, NULL);
 	kfree(ep);
-}
-
-/*
- * A function that already has a driver when pvdma registers may have DMA
- * in flight to physical addresses: it starts in an identity domain and is
- * moved by unbind, a write to iommu_group/type and a rebind. Afterwards
- * (and for every function without a driver) the kernel's default applies.
- */
-static int pvdma_def_domain_type(struct device *dev)
-{
-	if (READ_ONCE(pvdma_registering) && dev->driver &&
-	    (pvdma->features & PVDMA_FEATURE_BYPASS))
-		return IOMMU_DOMAIN_IDENTITY;
-	return 0;
 }
 
 static void pvdma_get_resv_regions(struct device *dev, struct list_head *head)
@@ -917,7 +943,6 @@ static struct iommu_ops pvdma_iommu_ops = {
 	.release_device		= pvdma_release_device,
 	.device_group		= pci_device_group,
 	.get_resv_regions	= pvdma_get_resv_regions,
-	.def_domain_type	= pvdma_def_domain_type,
 	.pgsize_bitmap		= SZ_4K,
 	.owner			= THIS_MODULE,
 	.default_domain_ops	= &pvdma_domain_ops,
@@ -1062,9 +1087,7 @@ static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	 * after an unregister, so from here on the module stays (no remove,
 	 * no unbind, no module_exit).
 	 */
-	WRITE_ONCE(pvdma_registering, true);
 	ret = iommu_device_register(&p->iommu, &pvdma_iommu_ops, NULL);
-	WRITE_ONCE(pvdma_registering, false);
 	if (ret) {
 		dev_err(dev, "iommu_device_register: %d\n", ret);
 		pvdma = NULL;

@@ -95,6 +95,8 @@ class RunResult:
     strict: bool
     mode: str
     argv: list
+    topology: str = "flat"
+    hotplug: object = False           # False, True/"acpi", "pciehp"
     passed: bool = False
     failure: str = None
     results: list = dataclasses.field(default_factory=list)
@@ -153,15 +155,57 @@ def check_pvdma(snapshot, requesters=(), attached=True):
     return problems
 
 
+# The root-port topology (--topology rootports): what libvirt generates
+# for q35, one pcie-root-port per endpoint, packed as functions of one
+# slot; one spare port, as libvirt adds for hotplug.
+ROOT_PORT_SLOT = 3
+ROOT_PORTS = ("rp1", "rp2", "rp3", "rp4", "rp5")
+# Where each endpoint goes, and the virtio-blk function's device_add
+# arguments (the hotplug test plugs it in again).
+RP_OF = {"blk": "rp1", "net0": "rp2", "net1": "rp3", "nvme": "rp4"}
+VQ = "disable-legacy=on,iommu_platform=on"
+BLK_HOTPLUG = {"driver": "virtio-blk-pci", "id": "vblk0", "drive": "vblk",
+               "bus": RP_OF["blk"], "disable-legacy": "on",
+               "iommu_platform": True}
+# A second disk the hotplug test plugs into the spare port, which had no
+# function at boot; its -blockdev (node vhot) exists from the start.
+HOT_PLUG = dict(BLK_HOTPLUG, id="vhot0", drive="vhot", bus="rp5")
+
+
+def root_port_args():
+    """-device arguments for the root ports of the root-port topology."""
+    out = []
+    for i, rp in enumerate(ROOT_PORTS):
+        addr = f"{ROOT_PORT_SLOT:#x}.{i:#x}"
+        mf = ",multifunction=on" if i == 0 else ""
+        out += ["-device", f"pcie-root-port,id={rp},bus=pcie.0,chassis={i + 1},"
+                           f"port={0x10 + i:#x},addr={addr}{mf}"]
+    return out
+
+
 def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
-              disk_mib=64, vhost_user_blk=None):
+              disk_mib=64, vhost_user_blk=None, topology="flat",
+              native_hotplug=False):
     """QEMU's arguments (after the binary) for a variant, and the disk
     images created in disk_dir. vhost_user_blk: a vhost-user socket path;
     the virtio-blk disk is then a vhost-user-blk-pci on it (the backend
-    serves the image; guest RAM becomes a shared memfd for it)."""
+    serves the image; guest RAM becomes a shared memfd for it).
+    topology: "flat" (every device on the root bus) or "rootports" (each
+    behind its own pcie-root-port; the virtio-blk disk is then a -blockdev,
+    which outlives its device, so it can be plugged in again).
+    native_hotplug: the root ports' hotplug is PCIe native (the guest's
+    pciehp) instead of QEMU's default for q35, ACPI (acpiphp)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} ({', '.join(VARIANTS)})")
-    vq = "disable-legacy=on,iommu_platform=on"
+    if topology not in ("flat", "rootports"):
+        raise ValueError(f"unknown topology {topology!r} (flat, rootports)")
+    if topology == "rootports" and vhost_user_blk:
+        raise ValueError("topology rootports with vhost_user_blk")
+    rp = topology == "rootports"
+
+    def on(name):
+        return f",bus={RP_OF[name]}" if rp else ""
+    vq = VQ
     machine = "q35,memory-backend=ram0" if vhost_user_blk else "q35"
     args = ["-M", machine, "-accel", "tcg", "-m", "1G", "-smp", "2",
             "-no-reboot", "-nic", "none",
@@ -175,8 +219,13 @@ def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
         args += ["-device", "pvdma,id=pvdma0"]
     elif variant == "virtio":
         args += ["-device", "virtio-iommu-pci"]
+    # The ports after the IOMMU, which must exist when they are realized.
+    if rp:
+        args += root_port_args()
+    if native_hotplug:
+        args += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
     disks = {}
-    for name in ("blk", "nvme"):
+    for name in ("blk", "nvme") + (("hot",) if rp else ()):
         path = os.path.join(disk_dir, f"{name}.img")
         with open(path, "wb") as f:
             f.truncate(disk_mib << 20)
@@ -186,22 +235,34 @@ def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
                  "-chardev", f"socket,id=vub,path={vhost_user_blk}",
                  "-device", f"vhost-user-blk-pci,chardev=vub,num-queues=1,"
                             f"{vq}"]
+    elif rp:
+        direct = "on" if disk_cache == "none" else "off"
+        args += ["-blockdev", f"driver=raw,node-name=vblk,"
+                              f"file.driver=file,file.filename={disks['blk']},"
+                              f"cache.direct={direct}",
+                 "-device", f"virtio-blk-pci,drive=vblk,id=vblk0{on('blk')},"
+                            f"{vq}",
+                 "-blockdev", f"driver=raw,node-name=vhot,"
+                              f"file.driver=file,file.filename={disks['hot']},"
+                              f"cache.direct={direct}"]
     else:
         args += ["-drive", f"if=none,id=vblk,file={disks['blk']},format=raw,"
                            f"cache={disk_cache}",
                  "-device", f"virtio-blk-pci,drive=vblk,{vq}"]
     args += ["-netdev", "hubport,id=hp0,hubid=0",
-             "-device", f"virtio-net-pci,netdev=hp0,mac=52:54:00:fa:00:01,{vq}",
+             "-device", f"virtio-net-pci,netdev=hp0,mac=52:54:00:fa:00:01"
+                        f"{on('net0')},{vq}",
              "-netdev", "hubport,id=hp1,hubid=0",
-             "-device", f"virtio-net-pci,netdev=hp1,mac=52:54:00:fa:00:02,{vq}",
+             "-device", f"virtio-net-pci,netdev=hp1,mac=52:54:00:fa:00:02"
+                        f"{on('net1')},{vq}",
              "-drive", f"if=none,id=nvm,file={disks['nvme']},format=raw,"
                        f"cache={disk_cache}",
-             "-device", "nvme,drive=nvm,serial=pvdma1"]
+             "-device", f"nvme,drive=nvm,serial=pvdma1{on('nvme')}"]
     return args
 
 
 def guest_append(variant, strict, mode, bench=(), modparams="",
-                 extra=(), pause_timeout=15, refuse=False):
+                 extra=(), pause_timeout=15, refuse=False, hotplug=False):
     """The kernel command line for a run."""
     iommu = {"pvdma-bypass": "none"}.get(variant, variant)
     out = ["console=ttyS0", "quiet", "panic=-1",
@@ -218,6 +279,8 @@ def guest_append(variant, strict, mode, bench=(), modparams="",
     if refuse:
         # True: a skipped MAP; "ro", "both": see guest/io/init.
         out.append(f"pvdmaio.refuse={1 if refuse is True else refuse}")
+    if hotplug:
+        out.append("pvdmaio.hotplug=1")
     return out + list(extra)
 
 
@@ -255,11 +318,111 @@ def check_refused(snapshot, rid):
     return problems
 
 
+def pci_find(qmp, rid):
+    """query-pci: (qdev id, qdev id of the bridge above it or None) of the
+    function rid (bus:dev.fn, the guest's bus numbers), or None."""
+    bus, _, df = rid.partition(":")
+    dev, _, fn = df.partition(".")
+    want = (int(bus, 16), int(dev, 16), int(fn, 16))
+
+    def walk(devices, parent):
+        for d in devices:
+            if (d["bus"], d["slot"], d["function"]) == want:
+                return d.get("qdev_id"), parent
+            below = (d.get("pci_bridge") or {}).get("devices")
+            found = walk(below, d.get("qdev_id")) if below else None
+            if found:
+                return found
+        return None
+
+    for b in qmp.execute("query-pci"):
+        found = walk(b["devices"], None)
+        if found:
+            return found
+    return None
+
+
+def check_unplugged(snapshot, rid):
+    """Problems in a query-pvdma taken after function rid was unplugged:
+    it must be neither attached nor hold mappings, and pvdma must hold no
+    mappings that no listed endpoint accounts for."""
+    if not snapshot:
+        return ["query-pvdma shows no pvdma device"]
+    problems = []
+    for dev in snapshot:
+        eps = dev.get("endpoints", [])
+        for e in eps:
+            if e["requester"] == rid and (e["attached"] or e["mappings"]):
+                problems.append(f"removed {rid}: attached={e['attached']}, "
+                                f"mappings {e['mappings']}")
+        held = sum(e["mappings"] for e in eps)
+        if dev.get("mappings", held) != held:
+            problems.append(f"{dev['mappings']} mappings, endpoints hold "
+                            f"{held}")
+    return problems
+
+
+def hotplug_cycle(vm, rid, res, say, limit=45):
+    """The host's part of the guest's `PAUSE unplug:<rid>`: the function
+    rid, under I/O, must be the virtio-blk disk below its root port and
+    attached; device_del it, wait (bounded) until QEMU has removed it,
+    check query-pvdma (snapshot "unplugged"), device_add it again into the
+    same port, and a second virtio-blk function into the spare port
+    (empty since boot). Returns problems (strings)."""
+    q = vm.qmp()
+    snap = q.execute("query-pvdma")
+    res.snapshots["before-unplug"] = snap
+    problems = check_pvdma(snap, [rid])
+    eps = {e["requester"]: e for d in snap for e in d.get("endpoints", [])}
+    if rid in eps and not eps[rid]["mappings"]:
+        problems.append(f"{rid} under I/O holds no mappings")
+    found = pci_find(q, rid)
+    if found != (BLK_HOTPLUG["id"], BLK_HOTPLUG["bus"]):
+        return problems + [f"{rid} is {found}, not "
+                           f"({BLK_HOTPLUG['id']}, {BLK_HOTPLUG['bus']})"]
+    t0 = time.monotonic()
+    q.execute("device_del", id=BLK_HOTPLUG["id"])
+    while pci_find(q, rid):
+        if time.monotonic() - t0 > limit:
+            return problems + [f"device_del {rid}: still there after "
+                               f"{limit} s"]
+        time.sleep(0.2)
+    gone = time.monotonic() - t0
+    snap = q.execute("query-pvdma")
+    res.snapshots["unplugged"] = snap
+    say(f"== host: {rid} removed after {gone:.1f} s; query-pvdma "
+        f"(unplugged)\n" + compact_json(snap), flush=True)
+    problems += check_unplugged(snap, rid)
+    # The guest's release_device DETACHed it before QEMU dropped it (QEMU
+    # forgets an unplugged function on its own; this is the guest's part).
+    def detaches(reply):
+        return sum(d.get("requests", {}).get("detach", 0) for d in reply)
+
+    if detaches(snap) <= detaches(res.snapshots["before-unplug"]):
+        problems.append(f"the guest sent no DETACH when {rid} was removed")
+    for plug in (BLK_HOTPLUG, HOT_PLUG):
+        # The removed device leaves QEMU's PCI bus before it lets go of
+        # its -blockdev (requests in flight end first): retry, bounded.
+        t1 = time.monotonic()
+        while True:
+            try:
+                q.execute("device_add", **plug)
+                break
+            except QemuError as e:
+                if time.monotonic() - t1 > 15:
+                    return problems + [f"device_add {plug['id']}: {e}"]
+                time.sleep(0.2)
+        say(f"== host: device_add {plug['id']} into {plug['bus']} "
+            f"({time.monotonic() - t1:.1f} s)", flush=True)
+    res.times["unplugged_s"] = round(gone, 2)
+    return problems
+
+
 def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                 modparams="", timeout=90, extra_append=(), echo=True,
                 disk_cache="writeback", disk_mib=64, query=True,
                 refuse=False, detached=(), vhost_user_blk=None,
-                on_line=None):
+                on_line=None, topology="flat", hotplug=False):
     """Boots the I/O guest once; returns a RunResult (never raises for a
     guest failure; QEMU is gone when it returns).
 
@@ -289,15 +452,29 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     socket (qemu_args); its backend is the caller's to start.
     on_line(vm, line): called for every console line (after the
     framework's own handling), e.g. to act at a marker.
+
+    topology: "flat" or "rootports" (qemu_args). hotplug (topology
+    rootports, mode test; True or "acpi": QEMU's default ACPI hotplug,
+    "pciehp": PCIe native): the guest runs I/O on the virtio-blk disk and
+    pauses at `unplug:<rid>`; the host then removes that function and
+    plugs it in again (hotplug_cycle), and the run passes only if pvdma
+    held nothing for it once it was gone, and the new function's disk
+    was verified and ends up attached.
     """
     say = print if echo else (lambda *a, **k: None)
+    if hotplug and (topology != "rootports" or mode != "test"):
+        raise ValueError("hotplug needs topology rootports and mode test")
+    if hotplug not in (False, True, "acpi", "pciehp"):
+        raise ValueError(f"hotplug={hotplug!r}: acpi or pciehp")
     append = guest_append(variant, strict, mode, bench, modparams,
-                          extra_append, refuse=refuse)
+                          extra_append, refuse=refuse, hotplug=hotplug)
     import tempfile
     disk_dir = tempfile.TemporaryDirectory(prefix="pvdma-io-disks-")
     args = qemu_args(image, variant, disk_dir.name, append, disk_cache,
-                     disk_mib, vhost_user_blk)
-    res = RunResult(image.kernel, variant, strict, mode, [qemu, *args])
+                     disk_mib, vhost_user_blk, topology,
+                     hotplug == "pciehp")
+    res = RunResult(image.kernel, variant, strict, mode, [qemu, *args],
+                    topology, hotplug)
     has_pvdma = variant in ("pvdma", "pvdma-bypass")
     if variant == "pvdma" and not image.pvdma_iommu:
         res.failure = "variant pvdma needs guest/linux (pvdma_iommu.ko)"
@@ -308,6 +485,7 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
         disk_dir.cleanup()
         return res
     vm = None
+    hotplug_problems = ["the guest never paused at unplug"] if hotplug else []
     open_marks = {}          # name -> (monotonic, cpu)
     last_mark = None
     try:
@@ -377,7 +555,10 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                 res.failure = "guest: " + " ".join(words[1:])
             elif words[0] == "PAUSE":
                 tag = words[1] if len(words) > 1 else "?"
-                if has_pvdma and query:
+                if hotplug and tag.startswith("unplug:"):
+                    hotplug_problems = hotplug_cycle(
+                        vm, tag.split(":", 1)[1], res, say)
+                elif has_pvdma and query:
                     snap = vm.qmp().execute("query-pvdma")
                     res.snapshots[tag] = snap
                     say(f"== host: query-pvdma ({tag})\n"
@@ -429,6 +610,8 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                                      nvme[0] if nvme else "?")
             if problems:
                 res.failure = "query-pvdma (final): " + "; ".join(problems)
+    if res.passed and hotplug_problems:
+        res.failure = "hotplug: " + "; ".join(hotplug_problems)
     if res.failure is not None:
         res.passed = False
     if res.cpu_total_s is not None:
@@ -442,7 +625,11 @@ def summary(r):
     t = r.times
     verdict = "PASS" if r.passed else f"FAIL: {r.failure}"
     return (f"kernel {r.kernel} variant {r.variant}"
-            f"{' strict' if r.strict else ''} mode {r.mode}: {verdict}"
+            f"{' strict' if r.strict else ''}"
+            f"{' ' + r.topology if r.topology != 'flat' else ''}"
+            f"{' hotplug' if r.hotplug else ''}"
+            f"{'-pciehp' if r.hotplug == 'pciehp' else ''}"
+            f" mode {r.mode}: {verdict}"
             f" (QEMU start -> /init {t.get('booted', '?')} s, -> ready"
             f" {t.get('ready', '?')} s, -> result {t.get('result', '?')} s,"
             f" -> exit {t.get('exit', '?')} s; QEMU CPU"
@@ -475,6 +662,16 @@ def main():
                     "on the NVMe disk (FAULTS must rise, for it only): into "
                     "a buffer whose MAP was skipped (no value), mapped "
                     "read-only (ro), or both")
+    ap.add_argument("--topology", default="flat",
+                    choices=("flat", "rootports"),
+                    help="flat: every device on the root bus; rootports: "
+                    "each behind its own pcie-root-port (libvirt's q35)")
+    ap.add_argument("--hotplug", nargs="?", const="acpi", default=False,
+                    choices=("acpi", "pciehp"),
+                    help="topology rootports, mode test: remove the "
+                    "virtio-blk function under I/O and plug it in again, "
+                    "through ACPI hotplug (QEMU's q35 default) or the "
+                    "guest's pciehp")
     ap.add_argument("--summary-file",
                     help="append the one-line summary to this file")
     ap.add_argument("--json", help="write the whole result (RunResult) "
@@ -486,7 +683,8 @@ def main():
     try:
         r = run_variant(qemu, image, a.variant, a.strict, a.mode, a.bench,
                         a.modparams, a.timeout, a.append, echo=not a.quiet,
-                        refuse=a.refuse, detached=a.expect_detached)
+                        refuse=a.refuse, detached=a.expect_detached,
+                        topology=a.topology, hotplug=a.hotplug)
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted ({e or 'SIGINT'})")
     for name, p in r.phases.items():

@@ -12,6 +12,11 @@
 #   pvdma         once guest/linux exists: pvdma_iommu.ko in the guest,
 #   pvdma-strict  lazy and iommu.strict=1; query-pvdma at the end must
 #                 show every device under test attached and FAULTS 0
+#   pvdma-rp      the same with libvirt's q35 layout, every device behind
+#   pvdma-rp-strict its own pcie-root-port; each also hot-unplugs the
+#                 virtio-blk function under I/O and plugs it in again
+#                 (lazy: ACPI hotplug, QEMU's default; strict: the guest's
+#                 pciehp, then refused DMAs on the NVMe disk)
 #
 # Usage: tests/guest/guest-io-test.sh [QEMU_BINARY]
 # Env:   GUEST_IO_KERNELS   kernels (default "6.1 6.12")
@@ -28,7 +33,7 @@ TIMEOUT=${GUEST_IO_TIMEOUT:-90}
 if [ -n "${GUEST_IO_VARIANTS:-}" ]; then
     VARIANTS=$GUEST_IO_VARIANTS
 elif [ -f "${PVDMA_GUEST_LINUX:-$PVDMA_ROOT/guest/linux}/Kbuild" ]; then
-    VARIANTS="none pvdma-bypass pvdma pvdma-strict"
+    VARIANTS="none pvdma-bypass pvdma pvdma-strict pvdma-rp pvdma-rp-strict"
 else
     VARIANTS="none pvdma-bypass"
     log "no guest/linux yet: variants $VARIANTS only"
@@ -54,6 +59,7 @@ for k in $KERNELS; do
     for v in $VARIANTS; do
         extra=()
         variant=$v
+        limit=$TIMEOUT
         if [ "$v" = pvdma ]; then
             # Lazy, leaving the VGA function (00:01.0) alone.
             extra=(--modparams exclude=00:01.0 --expect-detached 00:01.0)
@@ -64,10 +70,21 @@ for k in $KERNELS; do
             variant=pvdma
             extra=(--strict --refuse both)
         fi
+        if [ "$v" = pvdma-rp ]; then
+            variant=pvdma
+            extra=(--topology rootports --hotplug acpi)
+            limit=$((TIMEOUT + 60))   # the hotplug cycle and one more verify
+        fi
+        if [ "$v" = pvdma-rp-strict ]; then
+            variant=pvdma
+            extra=(--strict --topology rootports --hotplug pciehp
+                   --refuse both)
+            limit=$((TIMEOUT + 60))
+        fi
         log "kernel $k, variant $v"
         boot_run "kernel $k variant $v" \
             python3 "$PVDMA_ROOT/tests/framework/pvdma_guest.py" --qemu "$qemu" \
-            --kernel "$k" --variant "$variant" "${extra[@]}" --timeout "$TIMEOUT"
+            --kernel "$k" --variant "$variant" "${extra[@]}" --timeout "$limit"
     done
 done
 
