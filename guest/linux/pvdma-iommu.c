@@ -73,10 +73,6 @@ module_param(batch_map, bool, 0444);
 MODULE_PARM_DESC(batch_map,
 		 "6.12+: send the pages of one iommu_map/map_sg as one MAP from iotlb_sync_map (ignored on 6.1, where a deferred MAP could fail unseen)");
 
-/* Testing only: one-shot MAP tweaks for one PCI function (-1: none). */
-static int skip_map_rid = -1;
-static int ro_map_rid = -1;
-
 struct pvdma_iommu {
 	struct iommu_device iommu;
 	struct pci_dev *pdev;
@@ -93,6 +89,13 @@ static struct pvdma_iommu *pvdma;
 static DEFINE_PER_CPU(struct pvdma_req *, pvdma_block);
 /* Set while iommu_device_register() probes devices that may be bound. */
 static bool pvdma_registering;
+/* Serialises domain switches with .shutdown. */
+static DEFINE_MUTEX(pvdma_switch_lock);
+/*
+ * Set by .shutdown (under pvdma_switch_lock), which DETACHed every
+ * endpoint for the next kernel: no request but DETACH is sent afterwards.
+ */
+static bool pvdma_down;
 
 struct pvdma_domain;
 
@@ -263,16 +266,42 @@ static int pvdma_host_reset(struct pvdma_endpoint *ep, bool attach)
 
 /* ---- MAP --------------------------------------------------------------- */
 
+#ifdef PVDMA_TEST_HOOKS
 /*
- * Takes a one-shot test request (test_skip_map, test_ro_map) aimed at ep:
- * true once, for the first MAP that asks after it was set.
+ * Testing only (a build with PVDMA_TEST=1): one-shot MAP tweaks for one
+ * PCI function (-1: none), set through test_skip_map and test_ro_map.
  */
+static int skip_map_rid = -1;
+static int ro_map_rid = -1;
+
+/* Takes a one-shot test request aimed at ep: true once. */
 static bool pvdma_test_once(int *rid, struct pvdma_endpoint *ep)
 {
 	if (READ_ONCE(*rid) != (int)ep->rid)
 		return false;
 	return cmpxchg(rid, (int)ep->rid, -1) == (int)ep->rid;
 }
+
+static bool pvdma_test_skip_map(struct pvdma_endpoint *ep)
+{
+	return pvdma_test_once(&skip_map_rid, ep);
+}
+
+static bool pvdma_test_ro_map(struct pvdma_endpoint *ep)
+{
+	return pvdma_test_once(&ro_map_rid, ep);
+}
+#else
+static bool pvdma_test_skip_map(struct pvdma_endpoint *ep)
+{
+	return false;
+}
+
+static bool pvdma_test_ro_map(struct pvdma_endpoint *ep)
+{
+	return false;
+}
+#endif
 
 /*
  * Sends the MAP already laid out in this CPU's block (flags, iova, segs)
@@ -287,16 +316,18 @@ static int pvdma_map_all(struct pvdma_domain *dom)
 	u16 flags = r->flags;
 	u32 st;
 
+	if (READ_ONCE(pvdma_down))
+		return -ENODEV;		/* shut down: the endpoints bypass */
 	list_for_each_entry(ep, &dom->endpoints, link) {
 		if (!ep->attached)
 			continue;
-		if (pvdma_test_once(&skip_map_rid, ep)) {
+		if (pvdma_test_skip_map(ep)) {
 			dev_warn(ep->dev, "test_skip_map: not sending this MAP\n");
 			continue;
 		}
 		r->flags = flags;
 		if ((flags & PVDMA_FLAG_WRITE) &&
-		    pvdma_test_once(&ro_map_rid, ep)) {
+		    pvdma_test_ro_map(ep)) {
 			dev_warn(ep->dev, "test_ro_map: sending this MAP read-only\n");
 			r->flags = (flags & ~PVDMA_FLAG_WRITE) | PVDMA_FLAG_READ;
 		}
@@ -465,6 +496,8 @@ static void pvdma_unmap_range_all(struct pvdma_domain *dom, u64 iova, u64 len)
 	struct pvdma_endpoint *ep;
 	u32 st;
 
+	if (READ_ONCE(pvdma_down))
+		return;			/* DETACH removed everything */
 	list_for_each_entry(ep, &dom->endpoints, link) {
 		if (!ep->attached)
 			continue;
@@ -484,6 +517,8 @@ static void pvdma_flush_pending(struct pvdma_domain *dom)
 
 	if (!dom->nr_pending)
 		return;
+	if (READ_ONCE(pvdma_down))
+		goto done;		/* DETACH removed everything */
 	list_for_each_entry(ep, &dom->endpoints, link) {
 		struct pvdma_req *r;
 
@@ -514,6 +549,7 @@ static void pvdma_flush_pending(struct pvdma_domain *dom)
 					     dom->pending[i].iova, st);
 		}
 	}
+done:
 	dom->nr_pending = 0;
 }
 
@@ -640,37 +676,40 @@ static void pvdma_leave_domain(struct pvdma_endpoint *ep)
 
 	if (!old)
 		return;
+	/*
+	 * Every request of a domain is issued under its lock to the endpoints
+	 * on its list: once off the list, the endpoint gets no more of them.
+	 */
 	spin_lock_irqsave(&old->lock, irqflags);
-	list_del(&ep->link);
+	list_del_init(&ep->link);
 	spin_unlock_irqrestore(&old->lock, irqflags);
 	ep->domain = NULL;
 }
 
 /*
- * Paging domains: the endpoint is DETACHed (dropping the old domain's
- * mappings on the host), ATTACHed, and given the mappings the domain
- * already holds. Blocked: ATTACHed with no mappings. Identity: DETACHed,
- * so it bypasses (only offered with FEATURES.BYPASS).
+ * Removes every mapping an attached endpoint holds on the host and leaves
+ * it attached: its DMA is blocked. One UNMAP over the whole IOVA space
+ * cannot answer RANGE (no mapping crosses its ends), and it also takes
+ * what the shadow does not know of (a MAP whose answer was lost).
  */
-static int pvdma_attach_dev(struct iommu_domain *domain, struct device *dev)
+static int pvdma_host_block(struct pvdma_endpoint *ep)
 {
-	struct pvdma_endpoint *ep = dev_iommu_priv_get(dev);
-	struct pvdma_domain *dom = NULL;
+	u64 len = pvdma->iova_bits >= 64 ? U64_MAX : 1ULL << pvdma->iova_bits;
+	u32 st;
+
+	st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid, 0, len, NULL);
+	if (st == PVDMA_S_OK || st == PVDMA_S_NOENT)
+		return 0;
+	pvdma_report(ep, PVDMA_OP_UNMAP, 0, st);
+	return pvdma_errno(st);
+}
+
+/* The domain's mappings to one endpoint, which is not on its list yet. */
+static int pvdma_replay(struct pvdma_domain *dom, struct pvdma_endpoint *ep)
+{
 	struct interval_tree_node *it;
-	unsigned long irqflags;
-	int ret;
 
-	if (!ep)
-		return -ENODEV;
-	pvdma_leave_domain(ep);
-	if (domain->type == IOMMU_DOMAIN_IDENTITY)
-		return pvdma_host_reset(ep, false);
-	ret = pvdma_host_reset(ep, true);
-	if (ret || domain->type == IOMMU_DOMAIN_BLOCKED)
-		return ret;
-
-	dom = to_pvdma_domain(domain);
-	spin_lock_irqsave(&dom->lock, irqflags);
+	lockdep_assert_held(&dom->lock);
 	for (it = interval_tree_iter_first(&dom->mappings, 0, U64_MAX); it;
 	     it = interval_tree_iter_next(it, 0, U64_MAX)) {
 		struct pvdma_mapping *m = container_of(it, struct pvdma_mapping,
@@ -679,7 +718,7 @@ static int pvdma_attach_dev(struct iommu_domain *domain, struct device *dev)
 		u32 st;
 
 		if (!m->sent)
-			continue;
+			continue;	/* iotlb_sync_map sends it to the list */
 		r = pvdma_req_begin(PVDMA_OP_MAP, m->flags | PVDMA_FLAG_FIXED,
 				    ep->rid);
 		r->iova = it->start;
@@ -689,17 +728,59 @@ static int pvdma_attach_dev(struct iommu_domain *domain, struct device *dev)
 		st = pvdma_req_issue(r);
 		if (st != PVDMA_S_OK) {
 			pvdma_report(ep, PVDMA_OP_MAP, it->start, st);
-			ret = pvdma_errno(st);
-			break;
+			return pvdma_errno(st);
 		}
 	}
+	return 0;
+}
+
+/*
+ * A domain switch. During it the device's DMA reaches the old domain's
+ * mappings or the new one's, or is refused; it never bypasses unless the
+ * new domain is the identity domain:
+ *   identity  DETACH (only with FEATURES.BYPASS);
+ *   blocked   ATTACH when detached, else UNMAP of every mapping;
+ *   paging    the same, then the domain's mappings are MAPped.
+ * On a failure the endpoint stays attached with no mappings (blocked), or
+ * detached if it was (ATTACH failed), and the core re-attaches the old
+ * domain.
+ */
+static int pvdma_attach_dev(struct iommu_domain *domain, struct device *dev)
+{
+	struct pvdma_endpoint *ep = dev_iommu_priv_get(dev);
+	struct pvdma_domain *dom;
+	unsigned long irqflags;
+	int ret = 0;
+
+	if (!ep)
+		return -ENODEV;
+	mutex_lock(&pvdma_switch_lock);
+	if (pvdma_down) {
+		ret = -ENODEV;
+		goto out;
+	}
+	pvdma_leave_domain(ep);
+	if (domain->type == IOMMU_DOMAIN_IDENTITY) {
+		ret = pvdma_host_reset(ep, false);
+		goto out;
+	}
+	/* Attached: to an old domain, blocked, or left so by a kexec. */
+	ret = ep->attached ? pvdma_host_block(ep) : pvdma_host_reset(ep, true);
+	if (ret || domain->type == IOMMU_DOMAIN_BLOCKED)
+		goto out;
+
+	dom = to_pvdma_domain(domain);
+	spin_lock_irqsave(&dom->lock, irqflags);
+	ret = pvdma_replay(dom, ep);
 	if (!ret) {
 		list_add_tail(&ep->link, &dom->endpoints);
 		ep->domain = dom;
 	}
 	spin_unlock_irqrestore(&dom->lock, irqflags);
 	if (ret)
-		pvdma_host_reset(ep, false);
+		pvdma_host_block(ep);
+out:
+	mutex_unlock(&pvdma_switch_lock);
 	return ret;
 }
 
@@ -876,8 +957,12 @@ static void pvdma_detach_dev(struct iommu_domain *domain, struct device *dev)
 
 	if (!ep || ep->domain != to_pvdma_domain(domain))
 		return;
+	/* No domain: blocked, as attach_dev leaves a failed switch. */
+	mutex_lock(&pvdma_switch_lock);
 	pvdma_leave_domain(ep);
-	pvdma_host_reset(ep, false);
+	if (ep->attached && !pvdma_down)
+		pvdma_host_block(ep);
+	mutex_unlock(&pvdma_switch_lock);
 }
 
 static void pvdma_probe_finalize(struct device *dev)
@@ -925,6 +1010,7 @@ static struct iommu_ops pvdma_iommu_ops = {
 
 /* ---- the pvdma PCI function -------------------------------------------- */
 
+#ifdef PVDMA_TEST_HOOKS
 /* test_skip_map, test_ro_map: "bb:dd.f" arms the tweak, "none" disarms. */
 static int param_set_test_rid(const char *val, const struct kernel_param *kp)
 {
@@ -962,6 +1048,7 @@ MODULE_PARM_DESC(test_skip_map,
 module_param_cb(test_ro_map, &test_rid_ops, &ro_map_rid, 0644);
 MODULE_PARM_DESC(test_ro_map,
 		 "testing only: bb:dd.f whose next writable MAP is sent read-only (the device's write there faults), or none");
+#endif
 
 static void pvdma_free_blocks(void)
 {
@@ -990,6 +1077,71 @@ static int pvdma_alloc_blocks(void)
 	return 0;
 }
 
+/*
+ * The function's state lives as long as the module: once devices were
+ * probed they may issue requests at any time, and Linux 6.1 keeps the bus
+ * operations after an unregister. So nothing here is device-managed (a
+ * removal through sysfs would unmap the registers under them), and a
+ * failed registration keeps what it set up.
+ */
+static int pvdma_pci_setup(struct pci_dev *pdev, struct pvdma_iommu *p)
+{
+	struct device *dev = &pdev->dev;
+	int ret;
+
+	ret = pci_enable_device_mem(pdev);
+	if (ret)
+		return ret;
+	ret = pci_request_region(pdev, 0, KBUILD_MODNAME);
+	if (ret)
+		goto err_disable;
+	p->regs = pci_iomap(pdev, 0, 0);
+	if (!p->regs) {
+		ret = -ENOMEM;
+		goto err_release;
+	}
+	ret = -ENODEV;
+	if (readl(p->regs + PVDMA_REG_MAGIC) != PVDMA_MAGIC ||
+	    readl(p->regs + PVDMA_REG_VERSION) != PVDMA_VERSION) {
+		dev_err(dev, "not a pvdma version %u register block\n",
+			PVDMA_VERSION);
+		goto err_unmap;
+	}
+	p->features = readq(p->regs + PVDMA_REG_FEATURES);
+	p->iova_bits = readl(p->regs + PVDMA_REG_IOVA_BITS);
+	p->max_segs = min_t(u32, readl(p->regs + PVDMA_REG_MAX_SEGS),
+			    PVDMA_BLOCK_SEGS);
+	p->hc_nr = readl(p->regs + PVDMA_REG_HYPERCALL_NR);
+	if (p->iova_bits < 32 || p->iova_bits > 64 || !p->max_segs) {
+		dev_err(dev, "unusable IOVA_BITS %u / MAX_SEGS %u\n",
+			p->iova_bits, p->max_segs);
+		goto err_unmap;
+	}
+	if (sysfs_streq(transport, "hypercall")) {
+		if (!(p->features & PVDMA_FEATURE_HYPERCALL)) {
+			dev_err(dev, "transport=hypercall, but FEATURES.HYPERCALL is clear\n");
+			goto err_unmap;
+		}
+		p->use_hypercall = true;
+	} else if (sysfs_streq(transport, "auto")) {
+		p->use_hypercall = p->features & PVDMA_FEATURE_HYPERCALL;
+	} else if (!sysfs_streq(transport, "doorbell")) {
+		dev_err(dev, "transport=%s: want auto, doorbell or hypercall\n",
+			transport);
+		ret = -EINVAL;
+		goto err_unmap;
+	}
+	return 0;
+
+err_unmap:
+	pci_iounmap(pdev, p->regs);
+err_release:
+	pci_release_region(pdev, 0);
+err_disable:
+	pci_disable_device(pdev);
+	return ret;
+}
+
 static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 {
 	struct device *dev = &pdev->dev;
@@ -1004,50 +1156,16 @@ static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		dev_err(dev, "another IOMMU drives the PCI bus; not registering\n");
 		return -EBUSY;
 	}
-	p = devm_kzalloc(dev, sizeof(*p), GFP_KERNEL);
+	p = kzalloc(sizeof(*p), GFP_KERNEL);
 	if (!p)
 		return -ENOMEM;
 	p->pdev = pdev;
-	ret = pcim_enable_device(pdev);
+	ret = pvdma_pci_setup(pdev, p);
 	if (ret)
-		return ret;
-	ret = pcim_iomap_regions(pdev, BIT(0), KBUILD_MODNAME);
-	if (ret)
-		return ret;
-	p->regs = pcim_iomap_table(pdev)[0];
-	if (readl(p->regs + PVDMA_REG_MAGIC) != PVDMA_MAGIC ||
-	    readl(p->regs + PVDMA_REG_VERSION) != PVDMA_VERSION) {
-		dev_err(dev, "not a pvdma version %u register block\n",
-			PVDMA_VERSION);
-		return -ENODEV;
-	}
-	p->features = readq(p->regs + PVDMA_REG_FEATURES);
-	p->iova_bits = readl(p->regs + PVDMA_REG_IOVA_BITS);
-	p->max_segs = min_t(u32, readl(p->regs + PVDMA_REG_MAX_SEGS),
-			    PVDMA_BLOCK_SEGS);
-	p->hc_nr = readl(p->regs + PVDMA_REG_HYPERCALL_NR);
-	if (p->iova_bits < 32 || p->iova_bits > 64 || !p->max_segs) {
-		dev_err(dev, "unusable IOVA_BITS %u / MAX_SEGS %u\n",
-			p->iova_bits, p->max_segs);
-		return -ENODEV;
-	}
-	if (sysfs_streq(transport, "hypercall")) {
-		if (!(p->features & PVDMA_FEATURE_HYPERCALL)) {
-			dev_err(dev, "transport=hypercall, but FEATURES.HYPERCALL is clear\n");
-			return -ENODEV;
-		}
-		p->use_hypercall = true;
-	} else if (sysfs_streq(transport, "auto")) {
-		p->use_hypercall = p->features & PVDMA_FEATURE_HYPERCALL;
-	} else if (!sysfs_streq(transport, "doorbell")) {
-		dev_err(dev, "transport=%s: want auto, doorbell or hypercall\n",
-			transport);
-		return -EINVAL;
-	}
-
+		goto err_free;
 	ret = pvdma_alloc_blocks();
 	if (ret)
-		return ret;
+		goto err_regs;
 #if PVDMA_CORE_612
 	if (p->features & PVDMA_FEATURE_BYPASS)
 		pvdma_iommu_ops.identity_domain = &pvdma_identity_domain;
@@ -1056,6 +1174,8 @@ static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 				     pci_name(pdev));
 	if (ret)
 		goto err_blocks;
+	/* Kept, like everything above, for as long as the module is loaded. */
+	pci_dev_get(pdev);
 	pvdma = p;
 	/*
 	 * Probes every PCI device. The 6.1 core leaves its bus ops set even
@@ -1066,10 +1186,14 @@ static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	ret = iommu_device_register(&p->iommu, &pvdma_iommu_ops, NULL);
 	WRITE_ONCE(pvdma_registering, false);
 	if (ret) {
-		dev_err(dev, "iommu_device_register: %d\n", ret);
-		pvdma = NULL;
-		iommu_device_sysfs_remove(&p->iommu);
-		goto err_blocks;
+		/*
+		 * Devices may have been probed and attached before the failure,
+		 * and released since (DETACH): the blocks and registers stay,
+		 * a few pages for the life of the module, as does pvdma.
+		 */
+		dev_err(dev, "iommu_device_register: %d; the devices keep bypassing or being blocked as the host decides\n",
+			ret);
+		return ret;
 	}
 	dev_info(dev, "IOMMU for PCI bus %02x: features 0x%llx, %u-bit IOVAs, %u segments per request, %s\n",
 		 pdev->bus->number, p->features, p->iova_bits, p->max_segs,
@@ -1078,7 +1202,49 @@ static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 
 err_blocks:
 	pvdma_free_blocks();
+err_regs:
+	pci_iounmap(pdev, p->regs);
+	pci_release_region(pdev, 0);
+	pci_disable_device(pdev);
+err_free:
+	kfree(p);
 	return ret;
+}
+
+/*
+ * Before a kexec (and reboot or power-off), every endpoint is DETACHed,
+ * as intel-iommu turns translation off: the next kernel's drivers, built
+ * in and bound before any IOMMU driver, DMA to physical addresses and must
+ * not meet this kernel's tables. Devices bound after pvdma are shut down
+ * before it (the core shuts devices down in reverse probe order); any DMA
+ * mapping made after this fails. A crash kernel (kdump) is entered without
+ * this and finds the endpoints attached: see docs/guest-driver.md.
+ */
+static void pvdma_pci_shutdown(struct pci_dev *pdev)
+{
+	struct pci_dev *ep_pdev = NULL;
+	u64 result;
+	u32 rid, st;
+
+	if (!pvdma || pvdma->pdev != pdev)
+		return;
+	mutex_lock(&pvdma_switch_lock);
+	WRITE_ONCE(pvdma_down, true);
+	/* By requester ID: no endpoint structure is touched here. */
+	for_each_pci_dev(ep_pdev) {
+		if (ep_pdev == pdev)
+			continue;
+		rid = pci_dev_id(ep_pdev);
+		result = 0;
+		st = pvdma_simple(PVDMA_OP_QUERY, rid, 0, 0, &result);
+		if (st != PVDMA_S_OK || !(result & PVDMA_QUERY_ATTACHED))
+			continue;
+		st = pvdma_simple(PVDMA_OP_DETACH, rid, 0, 0, NULL);
+		if (st != PVDMA_S_OK && st != PVDMA_S_STATE)
+			pci_warn(ep_pdev, "pvdma: DETACH at shutdown: status %u\n",
+				 st);
+	}
+	mutex_unlock(&pvdma_switch_lock);
 }
 
 static const struct pci_device_id pvdma_pci_ids[] = {
@@ -1091,6 +1257,7 @@ static struct pci_driver pvdma_pci_driver = {
 	.name = "pvdma-iommu",
 	.id_table = pvdma_pci_ids,
 	.probe = pvdma_pci_probe,
+	.shutdown = pvdma_pci_shutdown,
 	.driver.suppress_bind_attrs = true,
 };
 
