@@ -1,0 +1,181 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+"""One boot of the I/O guest with pvdma_iommu.ko that moves a function
+between IOMMU domains while the host makes it DMA, then powers off.
+
+The machine is the I/O guest's (tests/framework/pvdma_guest.py) plus an
+`edu` function without a driver at 00:10.0. After the usual disk and
+network checks the guest (guest/io/init, pvdmaio.switch) turns on edu's bus
+mastering and writes DMA and DMA-FQ to its iommu_group/type ROUNDS times;
+each DMA-FQ -> DMA makes the IOMMU core attach a new paging domain (an
+empty one: edu has no driver, so nothing is mapped in either domain).
+Meanwhile a thread on a second QMP monitor keeps making edu read guest
+RAM at a guest-physical address with x-pvdma-dma-bench, one page at a
+time. Checks:
+
+  * no probe read succeeds: a read can only complete if edu bypassed
+    translation, i.e. reached memory outside both domains;
+  * the reads were refused: FAULTS rose by at least their number, all
+    faults edu's;
+  * the switches sent no DETACH and no ATTACH (query-pvdma's request
+    counts): the endpoint stayed attached throughout;
+  * after the guest's power-off (QEMU pauses, -action shutdown=pause, so
+    nothing is reset) every endpoint is detached: the driver's shutdown
+    hook, which a kexec runs too, DETACHed them.
+
+Usage: guest-switch-boot.py --qemu BIN --kernel 6.1|6.12 [--rounds N]
+       [--timeout S] [--strict]
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "framework"))
+import pvdma_guest as pg  # noqa: E402
+from pvdma_qemu import QMP, QemuError, interrupt_on_signals  # noqa: E402
+
+EDU_ADDR = "10.0"
+EDU = "00:" + EDU_ADDR
+# A guest-physical address in RAM (1 GiB guest) that no domain of edu maps.
+PROBE_GPA = 0x1000000
+
+
+class Prober:
+    """Makes edu read PROBE_GPA over its own QMP connection until stopped;
+    counts the reads that completed and those refused."""
+
+    def __init__(self, path, deadline):
+        self.path, self.deadline = path, deadline
+        self.reached = self.refused = 0
+        self.errors = []
+        self.stop = threading.Event()
+        self.thread = None
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        try:
+            qmp = QMP.connect(self.path, self.deadline)
+        except QemuError as e:
+            self.errors.append(str(e))
+            return
+        try:
+            while not self.stop.is_set():
+                try:
+                    qmp.execute("x-pvdma-dma-bench", device="edu0",
+                                segments=[{"addr": PROBE_GPA, "len": 4096}],
+                                iterations=1)
+                    self.reached += 1
+                except QemuError as e:
+                    if "failed" not in str(e):
+                        self.errors.append(str(e))
+                        return
+                    self.refused += 1
+        except (OSError, QemuError) as e:
+            self.errors.append(str(e))
+        finally:
+            qmp.close()
+
+    def finish(self):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(30)
+
+
+def counts(snap):
+    dev = snap[0]
+    req = dev.get("requests", {})
+    eps = {e["requester"]: e for e in dev.get("endpoints", [])}
+    return dev.get("faults", 0), req.get("detach", 0), \
+        req.get("attach", 0), eps, dev.get("last-faults", [])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--qemu", required=True)
+    ap.add_argument("--kernel", default="6.12", choices=("6.1", "6.12"))
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--timeout", type=float, default=150)
+    ap.add_argument("--strict", action="store_true")
+    ap.add_argument("--summary-file",
+                    help="append the one-line verdict to this file")
+    a = ap.parse_args()
+    interrupt_on_signals()
+    image = pg.prepare(a.kernel)
+    tmp = tempfile.TemporaryDirectory(prefix="pvdma-switch-")
+    qmp2 = os.path.join(tmp.name, "qmp2")
+    prober = Prober(qmp2, time.monotonic() + a.timeout)
+
+    def on_pause(vm, tag, when):
+        if tag == "switch-begin" and when == "after":
+            prober.start()
+        elif tag == "switch-end" and when == "before":
+            prober.finish()
+
+    try:
+        r = pg.run_variant(
+            a.qemu, image, "pvdma", strict=a.strict, timeout=a.timeout,
+            modparams="exclude=00:01.0",
+            extra_append=[f"pvdmaio.switch={EDU}:"
+                          f"{a.rounds}"],
+            extra_args=["-device", f"edu,id=edu0,addr=0x{EDU_ADDR[:2]}",
+                        "-qmp", f"unix:{qmp2},server=on,wait=off"],
+            on_pause=on_pause, clean_tag="switch-begin",
+            after_poweroff=True)
+    except KeyboardInterrupt as e:
+        sys.exit(f"interrupted ({e or 'SIGINT'})")
+    finally:
+        prober.finish()
+        tmp.cleanup()
+
+    problems = [] if r.passed else [r.failure]
+    begin, end = r.snapshots.get("switch-begin"), r.snapshots.get("switch-end")
+    # Judged whenever both were taken, also when the boot failed later.
+    if not (begin and end):
+        problems.append("no query-pvdma at switch-begin/switch-end")
+    else:
+        f0, d0, a0, eps0, _ = counts(begin)
+        f1, d1, a1, eps1, last = counts(end)
+        print(f"== probes: {prober.refused} refused, {prober.reached} "
+              f"reached guest RAM; FAULTS +{f1 - f0}, DETACH +{d1 - d0}, "
+              f"ATTACH +{a1 - a0}")
+        if prober.errors:
+            problems.append(f"probe: {prober.errors[0]}")
+        if prober.reached:
+            problems.append(f"{prober.reached} DMA reads by edu reached "
+                            f"guest RAM at 0x{PROBE_GPA:x} during the "
+                            "switches: it bypassed translation")
+        if not prober.refused:
+            problems.append("no probe read was made during the switches")
+        if f1 - f0 < prober.refused:
+            problems.append(f"FAULTS rose by {f1 - f0}, fewer than the "
+                            f"{prober.refused} refused reads")
+        others = {f["requester"] for f in last} - {EDU}
+        if others:
+            problems.append(f"faults from {sorted(others)}, not only {EDU}")
+        if d1 != d0 or a1 != a0:
+            problems.append(f"the switches sent {d1 - d0} DETACH and "
+                            f"{a1 - a0} ATTACH: the endpoint left "
+                            "translation")
+        for eps, tag in ((eps0, "switch-begin"), (eps1, "switch-end")):
+            if not eps.get(EDU, {}).get("attached"):
+                problems.append(f"{EDU} not attached at {tag}")
+    verdict = "PASS" if not problems else "FAIL: " + "; ".join(problems)
+    line = (f"guest-switch kernel {a.kernel}"
+            f"{' strict' if a.strict else ''}: {verdict}")
+    print("== " + line)
+    if a.summary_file:
+        with open(a.summary_file, "a") as f:
+            f.write(line + "\n")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
