@@ -490,6 +490,8 @@ added:
 
 /* ---- UNMAP ------------------------------------------------------------- */
 
+static void pvdma_resync(struct pvdma_domain *dom, struct pvdma_endpoint *ep);
+
 /* UNMAP of [iova, iova + len) on every endpoint; domain lock held. */
 static void pvdma_unmap_range_all(struct pvdma_domain *dom, u64 iova, u64 len)
 {
@@ -503,8 +505,10 @@ static void pvdma_unmap_range_all(struct pvdma_domain *dom, u64 iova, u64 len)
 			continue;
 		st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid, iova, len, NULL);
 		/* NOENT: nothing was mapped there for this endpoint. */
-		if (st != PVDMA_S_OK && st != PVDMA_S_NOENT)
-			pvdma_report(ep, PVDMA_OP_UNMAP, iova, st);
+		if (st == PVDMA_S_OK || st == PVDMA_S_NOENT)
+			continue;
+		pvdma_report(ep, PVDMA_OP_UNMAP, iova, st);
+		pvdma_resync(dom, ep);
 	}
 }
 
@@ -520,6 +524,7 @@ static void pvdma_flush_pending(struct pvdma_domain *dom)
 	if (READ_ONCE(pvdma_down))
 		goto done;		/* DETACH removed everything */
 	list_for_each_entry(ep, &dom->endpoints, link) {
+		bool refused = false;
 		struct pvdma_req *r;
 
 		if (!ep->attached)
@@ -544,10 +549,14 @@ static void pvdma_flush_pending(struct pvdma_domain *dom)
 			st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid,
 					  dom->pending[i].iova,
 					  dom->pending[i].len, NULL);
-			if (st != PVDMA_S_OK && st != PVDMA_S_NOENT)
-				pvdma_report(ep, PVDMA_OP_UNMAP,
-					     dom->pending[i].iova, st);
+			if (st == PVDMA_S_OK || st == PVDMA_S_NOENT)
+				continue;
+			pvdma_report(ep, PVDMA_OP_UNMAP, dom->pending[i].iova,
+				     st);
+			refused = true;
 		}
+		if (refused)
+			pvdma_resync(dom, ep);
 	}
 done:
 	dom->nr_pending = 0;
@@ -572,40 +581,87 @@ static void pvdma_queue_unmap(struct pvdma_domain *dom, u64 iova, u64 len)
 	dom->nr_pending++;
 }
 
+/*
+ * Removes [iova, last] from the shadow. A mapping reaching past either end
+ * is cut there and keeps the rest (one that reaches past both ends needs
+ * @tail for the part after @last): exactly the range asked for goes, and
+ * its size is returned. The host's MAP of such a mapping covers the part
+ * that stays, so the UNMAP of the range answers RANGE, and the endpoint is
+ * brought back to the shadow (pvdma_resync).
+ */
+static bool pvdma_cut(struct pvdma_domain *dom, struct pvdma_mapping *m,
+		      u64 iova, u64 last, struct pvdma_mapping **tail)
+{
+	struct interval_tree_node *it = &m->it;
+
+	if (it->start >= iova && it->last <= last) {
+		interval_tree_remove(it, &dom->mappings);
+		return true;			/* whole: the caller frees it */
+	}
+	interval_tree_remove(it, &dom->mappings);
+	if (it->start < iova && it->last > last) {
+		(*tail)->it.start = last + 1;
+		(*tail)->it.last = it->last;
+		(*tail)->paddr = m->paddr + (last + 1 - it->start);
+		(*tail)->flags = m->flags;
+		(*tail)->sent = m->sent;
+		interval_tree_insert(&(*tail)->it, &dom->mappings);
+		*tail = NULL;
+		it->last = iova - 1;
+	} else if (it->start < iova) {
+		it->last = iova - 1;
+	} else {
+		m->paddr += last + 1 - it->start;
+		it->start = last + 1;
+	}
+	interval_tree_insert(it, &dom->mappings);
+	return false;
+}
+
 static size_t pvdma_unmap_pages(struct iommu_domain *domain, unsigned long iova,
 				size_t pgsize, size_t pgcount,
 				struct iommu_iotlb_gather *gather)
 {
 	struct pvdma_domain *dom = to_pvdma_domain(domain);
 	u64 last = iova + pgsize * pgcount - 1;
+	struct pvdma_mapping *tail = NULL;
 	struct interval_tree_node *it, *next;
 	u64 sent_first = U64_MAX, sent_last = 0;
 	unsigned long irqflags;
 	bool found = false;
-	u64 end = 0;
 
+again:
 	spin_lock_irqsave(&dom->lock, irqflags);
 	it = interval_tree_iter_first(&dom->mappings, iova, last);
+	if (it && it->start < iova && it->last > last && !tail) {
+		/* Unmapping the middle of a mapping (never dma-iommu's). */
+		spin_unlock_irqrestore(&dom->lock, irqflags);
+		tail = kzalloc(sizeof(*tail), GFP_ATOMIC);
+		if (!tail)
+			return 0;
+		goto again;
+	}
 	while (it) {
 		struct pvdma_mapping *m = container_of(it, struct pvdma_mapping,
 						       it);
+		u64 first = max_t(u64, it->start, iova);
+		u64 end = min_t(u64, it->last, last);
+		bool sent = m->sent;
 
 		next = interval_tree_iter_next(it, iova, last);
-		interval_tree_remove(it, &dom->mappings);
-		/* A mapping is removed whole, as a page of a larger size. */
-		end = max_t(u64, end, it->last);
+		if (pvdma_cut(dom, m, iova, last, &tail))
+			kfree(m);
 		found = true;
-		if (m->sent) {
-			sent_first = min_t(u64, sent_first, it->start);
-			sent_last = max_t(u64, sent_last, it->last);
+		if (sent) {
+			sent_first = min_t(u64, sent_first, first);
+			sent_last = max_t(u64, sent_last, end);
 			if (iommu_iotlb_gather_queued(gather))
-				pvdma_queue_unmap(dom, it->start,
-						  it->last - it->start + 1);
+				pvdma_queue_unmap(dom, first, end - first + 1);
 		}
-		kfree(m);
 		it = next;
 	}
 	spin_unlock_irqrestore(&dom->lock, irqflags);
+	kfree(tail);
 
 	if (!found)
 		return 0;
@@ -622,7 +678,7 @@ static size_t pvdma_unmap_pages(struct iommu_domain *domain, unsigned long iova,
 		iommu_iotlb_gather_add_range(gather, sent_first,
 					     sent_last - sent_first + 1);
 	}
-	return end - iova + 1;
+	return last - iova + 1;
 }
 
 static void pvdma_iotlb_sync(struct iommu_domain *domain,
@@ -732,6 +788,28 @@ static int pvdma_replay(struct pvdma_domain *dom, struct pvdma_endpoint *ep)
 		}
 	}
 	return 0;
+}
+
+/*
+ * After an UNMAP the host refused with RANGE (a MAP of several shadow
+ * mappings, or of one since cut by a partial unmap, crosses the range) or
+ * INTERNAL, the host may still map IOVAs the shadow has freed, and that
+ * dma-iommu may hand out again: the endpoint is brought back to the shadow,
+ * every mapping removed and the domain's MAPped again. Its DMA is refused in
+ * between; if that fails too it stays blocked (attached, nothing mapped)
+ * until its next domain change. Domain lock held, endpoint on its list.
+ */
+static void pvdma_resync(struct pvdma_domain *dom, struct pvdma_endpoint *ep)
+{
+	int ret = pvdma_host_block(ep);
+
+	if (!ret)
+		ret = pvdma_replay(dom, ep);
+	if (!ret)
+		return;
+	pvdma_host_block(ep);
+	dev_err_ratelimited(ep->dev, "could not restore its mappings (%d): its DMA is refused until its next domain change\n",
+			    ret);
 }
 
 /*
@@ -1048,6 +1126,87 @@ MODULE_PARM_DESC(test_skip_map,
 module_param_cb(test_ro_map, &test_rid_ops, &ro_map_rid, 0644);
 MODULE_PARM_DESC(test_ro_map,
 		 "testing only: bb:dd.f whose next writable MAP is sent read-only (the device's write there faults), or none");
+
+#define PVDMA_TEST_IOVA		0x10000000UL
+
+/*
+ * test_partial_unmap=bb:dd.f (a function without a driver, alone in its
+ * group): the function goes into a new paging domain, as with VFIO, which
+ * maps 16 KiB with one iommu_map() at PVDMA_TEST_IOVA and unmaps its
+ * second page. The write fails unless exactly that page went; the rest
+ * stays mapped, and the domain attached, for the host to check.
+ */
+static int param_set_test_partial_unmap(const char *val,
+					const struct kernel_param *kp)
+{
+	unsigned int bus, slot, fn;
+	struct iommu_domain *domain;
+	phys_addr_t pa, got[4];
+	struct pci_dev *pdev;
+	struct page *pages;
+	size_t unmapped;
+	int i, ret;
+
+	if (sscanf(val, "%x:%x.%x", &bus, &slot, &fn) != 3 || bus > 0xff ||
+	    slot > 0x1f || fn > 7)
+		return -EINVAL;
+	pdev = pci_get_domain_bus_and_slot(0, bus, PCI_DEVFN(slot, fn));
+	if (!pdev)
+		return -ENODEV;
+#if PVDMA_CORE_612
+	domain = iommu_paging_domain_alloc(&pdev->dev);
+#else
+	domain = iommu_domain_alloc(&pci_bus_type) ?: ERR_PTR(-ENOMEM);
+#endif
+	ret = PTR_ERR_OR_ZERO(domain);
+	if (ret)
+		goto out_put;
+	pages = alloc_pages(GFP_KERNEL | __GFP_ZERO, 2);
+	ret = -ENOMEM;
+	if (!pages)
+		goto out_domain;
+	pa = page_to_phys(pages);
+	ret = iommu_attach_device(domain, &pdev->dev);
+	if (ret)
+		goto out_pages;
+#if PVDMA_CORE_612
+	ret = iommu_map(domain, PVDMA_TEST_IOVA, pa, SZ_16K,
+			IOMMU_READ | IOMMU_WRITE, GFP_KERNEL);
+#else
+	ret = iommu_map(domain, PVDMA_TEST_IOVA, pa, SZ_16K,
+			IOMMU_READ | IOMMU_WRITE);
+#endif
+	if (ret)
+		goto out_detach;
+	unmapped = iommu_unmap(domain, PVDMA_TEST_IOVA + SZ_4K, SZ_4K);
+	for (i = 0; i < 4; i++)
+		got[i] = iommu_iova_to_phys(domain, PVDMA_TEST_IOVA + i * SZ_4K);
+	pci_info(pdev, "test_partial_unmap: 0x%zx of 0x1000 unmapped; pages %pa %pa %pa %pa (mapped from %pa)\n",
+		 unmapped, &got[0], &got[1], &got[2], &got[3], &pa);
+	if (unmapped == SZ_4K && got[0] == pa && !got[1] &&
+	    got[2] == pa + SZ_8K && got[3] == pa + SZ_8K + SZ_4K) {
+		pci_dev_put(pdev);
+		return 0;		/* left in place: test builds only */
+	}
+	ret = -EIO;
+	iommu_unmap(domain, PVDMA_TEST_IOVA, SZ_16K);
+out_detach:
+	iommu_detach_device(domain, &pdev->dev);
+out_pages:
+	__free_pages(pages, 2);
+out_domain:
+	iommu_domain_free(domain);
+out_put:
+	pci_dev_put(pdev);
+	return ret;
+}
+
+static const struct kernel_param_ops test_partial_unmap_ops = {
+	.set = param_set_test_partial_unmap,
+};
+module_param_cb(test_partial_unmap, &test_partial_unmap_ops, NULL, 0200);
+MODULE_PARM_DESC(test_partial_unmap,
+		 "testing only: bb:dd.f (no driver) to put in a new domain that maps 16 KiB and unmaps the second page");
 #endif
 
 static void pvdma_free_blocks(void)

@@ -430,6 +430,8 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
             elif words[0] == "FAIL":
                 res.times["result"] = round(now, 2)
                 res.failure = "guest: " + " ".join(words[1:])
+                if after_poweroff:      # QEMU would wait at the power-off
+                    res.snapshots["poweroff"] = poweroff_snapshot(vm)
             elif words[0] == "PAUSE":
                 tag = words[1] if len(words) > 1 else "?"
                 if on_pause is not None:

@@ -19,6 +19,12 @@ time. Checks:
     faults edu's;
   * the switches sent no DETACH and no ATTACH (query-pvdma's request
     counts): the endpoint stayed attached throughout;
+  * partial unmap: the driver's test hook (test_partial_unmap) puts edu
+    in a new paging domain that maps 16 KiB at TEST_IOVA with one
+    iommu_map() and unmaps its second page; the hook checks the size the
+    IOMMU core got back and iova_to_phys, the host that edu's endpoint
+    holds the other three pages (12 KiB in 2 mappings) and that edu's
+    reads there complete, and not in the unmapped page;
   * after the guest's power-off (QEMU pauses, -action shutdown=pause, so
     nothing is reset) every endpoint is detached: the driver's shutdown
     hook, which a kexec runs too, DETACHed them.
@@ -43,6 +49,8 @@ EDU_ADDR = "10.0"
 EDU = "00:" + EDU_ADDR
 # A guest-physical address in RAM (1 GiB guest) that no domain of edu maps.
 PROBE_GPA = 0x1000000
+# Where test_partial_unmap maps (PVDMA_TEST_IOVA in the driver).
+TEST_IOVA = 0x10000000
 
 
 class Prober:
@@ -113,18 +121,32 @@ def main():
     qmp2 = os.path.join(tmp.name, "qmp2")
     prober = Prober(qmp2, time.monotonic() + a.timeout)
 
+    partial = {}
+
     def on_pause(vm, tag, when):
         if tag == "switch-begin" and when == "after":
             prober.start()
         elif tag == "switch-end" and when == "before":
             prober.finish()
+        elif tag == "partial-unmap" and when == "before":
+            for page in range(4):
+                addr = TEST_IOVA + page * 4096
+                try:
+                    vm.qmp().execute("x-pvdma-dma-bench", device="edu0",
+                                     segments=[{"addr": addr, "len": 4096}],
+                                     iterations=1)
+                    partial[page] = True
+                except QemuError as e:
+                    if "failed" not in str(e):
+                        raise
+                    partial[page] = False
 
     try:
         r = pg.run_variant(
             a.qemu, image, "pvdma", strict=a.strict, timeout=a.timeout,
             modparams="exclude=00:01.0",
-            extra_append=[f"pvdmaio.switch={EDU}:"
-                          f"{a.rounds}"],
+            extra_append=[f"pvdmaio.switch={EDU}:{a.rounds}",
+                          f"pvdmaio.partial_unmap={EDU}"],
             extra_args=["-device", f"edu,id=edu0,addr=0x{EDU_ADDR[:2]}",
                         "-qmp", f"unix:{qmp2},server=on,wait=off"],
             on_pause=on_pause, clean_tag="switch-begin",
@@ -167,6 +189,23 @@ def main():
         for eps, tag in ((eps0, "switch-begin"), (eps1, "switch-end")):
             if not eps.get(EDU, {}).get("attached"):
                 problems.append(f"{EDU} not attached at {tag}")
+    pu = r.snapshots.get("partial-unmap")
+    if not pu:
+        problems.append("no query-pvdma at partial-unmap")
+    else:
+        ep = counts(pu)[3].get(EDU, {})
+        print(f"== partial unmap: edu holds {ep.get('mappings')} mappings, "
+              f"{ep.get('mapped-bytes')} bytes; reads of its 4 pages: "
+              f"{[partial.get(i) for i in range(4)]}")
+        if (ep.get("mappings"), ep.get("mapped-bytes")) != (2, 12288):
+            problems.append(f"after unmapping 1 page of 4 edu holds "
+                            f"{ep.get('mappings')} mappings of "
+                            f"{ep.get('mapped-bytes')} bytes, not 2 of "
+                            "12288")
+        if [partial.get(i) for i in range(4)] != [True, False, True, True]:
+            problems.append("edu's reads of the 4 pages completed: "
+                            f"{[partial.get(i) for i in range(4)]}, not "
+                            "[True, False, True, True]")
     verdict = "PASS" if not problems else "FAIL: " + "; ".join(problems)
     line = (f"guest-switch kernel {a.kernel}"
             f"{' strict' if a.strict else ''}: {verdict}")
