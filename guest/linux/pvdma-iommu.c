@@ -14,7 +14,10 @@
  *   unmap_pages      strict: gathered, one UNMAP of the range in iotlb_sync
  *                    lazy: queued per domain, sent by flush_iotlb_all as
  *                    UNMAP_LIST requests (or UNMAPs without that feature)
- *   attach_dev       ATTACH (paging, blocked) or DETACH (identity)
+ *   attach_dev       paging, blocked: ATTACH, or UNMAP of everything when
+ *                    attached already, then MAPs of the domain's mappings;
+ *                    identity: DETACH (the only way out of translation)
+ *   .shutdown        DETACH of every endpoint, for a kexec'd kernel
  *
  * A shadow interval tree per domain answers iova_to_phys, which dma-iommu
  * calls on every unmap. See docs/guest-driver.md for use and limits.
