@@ -7,7 +7,7 @@
 #   build   the module as shipped (no PVDMA_TEST) has no test_skip_map,
 #           test_ro_map or test_partial_unmap parameter; the test build
 #           (PVDMA_TEST=1) has them
-#   switch  tests/guest/guest-switch-boot.py: an edu function moved 100
+#   switch  tests/guest/guest-switch-boot.py: an edu function moved 300
 #           times between DMA domains while the host makes it DMA; no read
 #           may reach guest RAM, no DETACH or ATTACH may be sent; one page
 #           unmapped out of a 16 KiB mapping (test_partial_unmap) goes and
