@@ -1210,6 +1210,71 @@ static const struct kernel_param_ops test_partial_unmap_ops = {
 module_param_cb(test_partial_unmap, &test_partial_unmap_ops, NULL, 0200);
 MODULE_PARM_DESC(test_partial_unmap,
 		 "testing only: bb:dd.f (no driver) to put in a new domain that maps 16 KiB and unmaps the second page");
+
+#define PVDMA_TEST_REPLAY_IOVA	0x40000000UL
+#define PVDMA_TEST_REPLAY_SIZE	SZ_512M
+
+/*
+ * test_failed_replay=bb:dd.f (a function without a driver, alone in its
+ * group): a new paging domain maps 512 MiB of guest RAM from 1 MiB while
+ * no device is in it (so nothing is sent), then the function is attached
+ * to it. The replay asks the host to pin all of it, which a pin-limit
+ * below that refuses (QUOTA): the write succeeds when the attach failed
+ * so, with -ENOMEM. The domain is freed; the function is left as the IOMMU core leaves
+ * it (6.12 attaches its default domain again, 6.1 does not).
+ */
+static int param_set_test_failed_replay(const char *val,
+					const struct kernel_param *kp)
+{
+	unsigned int bus, slot, fn;
+	struct iommu_domain *domain;
+	struct pci_dev *pdev;
+	int ret;
+
+	if (sscanf(val, "%x:%x.%x", &bus, &slot, &fn) != 3 || bus > 0xff ||
+	    slot > 0x1f || fn > 7)
+		return -EINVAL;
+	pdev = pci_get_domain_bus_and_slot(0, bus, PCI_DEVFN(slot, fn));
+	if (!pdev)
+		return -ENODEV;
+#if PVDMA_CORE_612
+	domain = iommu_paging_domain_alloc(&pdev->dev);
+#else
+	domain = iommu_domain_alloc(&pci_bus_type) ?: ERR_PTR(-ENOMEM);
+#endif
+	ret = PTR_ERR_OR_ZERO(domain);
+	if (ret)
+		goto out_put;
+#if PVDMA_CORE_612
+	ret = iommu_map(domain, PVDMA_TEST_REPLAY_IOVA, SZ_1M,
+			PVDMA_TEST_REPLAY_SIZE, IOMMU_READ, GFP_KERNEL);
+#else
+	ret = iommu_map(domain, PVDMA_TEST_REPLAY_IOVA, SZ_1M,
+			PVDMA_TEST_REPLAY_SIZE, IOMMU_READ);
+#endif
+	if (ret)
+		goto out_domain;
+	ret = iommu_attach_device(domain, &pdev->dev);
+	pci_info(pdev, "test_failed_replay: attach to a domain holding 512 MiB: %d\n",
+		 ret);
+	if (!ret)
+		iommu_detach_device(domain, &pdev->dev);
+	/* The replay was meant to fail, and for the pins (QUOTA). */
+	ret = ret == -ENOMEM ? 0 : -EIO;
+	iommu_unmap(domain, PVDMA_TEST_REPLAY_IOVA, PVDMA_TEST_REPLAY_SIZE);
+out_domain:
+	iommu_domain_free(domain);
+out_put:
+	pci_dev_put(pdev);
+	return ret;
+}
+
+static const struct kernel_param_ops test_failed_replay_ops = {
+	.set = param_set_test_failed_replay,
+};
+module_param_cb(test_failed_replay, &test_failed_replay_ops, NULL, 0200);
+MODULE_PARM_DESC(test_failed_replay,
+		 "testing only: bb:dd.f (no driver) to attach to a new domain whose 512 MiB the host's pin-limit refuses");
 #endif
 
 static void pvdma_free_blocks(void)

@@ -19,6 +19,12 @@ time. Checks:
     faults edu's;
   * the switches sent no DETACH and no ATTACH (query-pvdma's request
     counts): the endpoint stayed attached throughout;
+  * failed replay: with QEMU's pin-limit at 256 MiB, the driver's test
+    hook (test_failed_replay) attaches edu to a domain that maps 512 MiB
+    while no device uses it; the replay gets QUOTA and the attach must
+    fail without a DETACH. Then edu must be attached (blocked or back in
+    its default domain: never bypassing), its reads of guest RAM and of
+    the domain's IOVAs refused and counted in FAULTS;
   * partial unmap: the driver's test hook (test_partial_unmap) puts edu
     in a new paging domain that maps 16 KiB at TEST_IOVA with one
     iommu_map() and unmaps its second page; the hook checks the size the
@@ -51,6 +57,8 @@ EDU = "00:" + EDU_ADDR
 PROBE_GPA = 0x1000000
 # Where test_partial_unmap maps (PVDMA_TEST_IOVA in the driver).
 TEST_IOVA = 0x10000000
+# Where test_failed_replay maps (PVDMA_TEST_REPLAY_IOVA in the driver).
+REPLAY_IOVA = 0x40000000
 
 
 class Prober:
@@ -122,6 +130,19 @@ def main():
     prober = Prober(qmp2, time.monotonic() + a.timeout)
 
     partial = {}
+    replay = {}
+
+    def edu_reads(vm, addr):
+        """True when edu's one-page read at addr completes."""
+        try:
+            vm.qmp().execute("x-pvdma-dma-bench", device="edu0",
+                             segments=[{"addr": addr, "len": 4096}],
+                             iterations=1)
+            return True
+        except QemuError as e:
+            if "failed" not in str(e):
+                raise
+            return False
 
     def on_pause(vm, tag, when):
         if tag == "switch-begin" and when == "after":
@@ -130,24 +151,23 @@ def main():
             prober.finish()
         elif tag == "partial-unmap" and when == "before":
             for page in range(4):
-                addr = TEST_IOVA + page * 4096
-                try:
-                    vm.qmp().execute("x-pvdma-dma-bench", device="edu0",
-                                     segments=[{"addr": addr, "len": 4096}],
-                                     iterations=1)
-                    partial[page] = True
-                except QemuError as e:
-                    if "failed" not in str(e):
-                        raise
-                    partial[page] = False
+                partial[page] = edu_reads(vm, TEST_IOVA + page * 4096)
+        elif tag == "failed-replay":
+            # Before and after the reads: FAULTS must count them.
+            replay[when] = counts(vm.qmp().execute("query-pvdma"))
+            if when == "before":
+                replay["ram"] = edu_reads(vm, PROBE_GPA)
+                replay["iova"] = edu_reads(vm, REPLAY_IOVA)
 
     try:
         r = pg.run_variant(
             a.qemu, image, "pvdma", strict=a.strict, timeout=a.timeout,
             modparams="exclude=00:01.0",
             extra_append=[f"pvdmaio.switch={EDU}:{a.rounds}",
+                          f"pvdmaio.failed_replay={EDU}",
                           f"pvdmaio.partial_unmap={EDU}"],
             extra_args=["-device", f"edu,id=edu0,addr=0x{EDU_ADDR[:2]}",
+                        "-global", "pvdma.pin-limit=256M",
                         "-qmp", f"unix:{qmp2},server=on,wait=off"],
             on_pause=on_pause, clean_tag="switch-begin",
             after_poweroff=True)
@@ -189,6 +209,33 @@ def main():
         for eps, tag in ((eps0, "switch-begin"), (eps1, "switch-end")):
             if not eps.get(EDU, {}).get("attached"):
                 problems.append(f"{EDU} not attached at {tag}")
+    if "after" not in replay:
+        problems.append("no failed-replay pause")
+    else:
+        f0, f1 = replay["before"][0], replay["after"][0]
+        ep = replay["before"][3].get(EDU, {})
+        print(f"== failed replay: edu attached={ep.get('attached')} "
+              f"mappings={ep.get('mappings')}; its reads of guest RAM "
+              f"completed={replay['ram']}, of the domain's IOVA "
+              f"completed={replay['iova']}; FAULTS +{f1 - f0}")
+        if not ep.get("attached"):
+            problems.append("after the failed replay edu is not attached: "
+                            "its DMA bypasses translation")
+        if replay["ram"] or replay["iova"]:
+            problems.append("after the failed replay edu's reads completed "
+                            f"(guest RAM: {replay['ram']}, the domain's "
+                            f"IOVA: {replay['iova']})")
+        if f1 - f0 < 2:
+            problems.append(f"FAULTS rose by {f1 - f0} for 2 refused reads")
+        # The failed switch itself must not have left translation either
+        # (the IOMMU core re-attaches the old domain at once, so only the
+        # requests show a detour through DETACH).
+        if end:
+            d_end, d_fr = counts(end)[1], replay["before"][1]
+            print(f"== failed replay: DETACH +{d_fr - d_end}")
+            if d_fr != d_end:
+                problems.append(f"the failed switch sent {d_fr - d_end} "
+                                "DETACH: the endpoint left translation")
     pu = r.snapshots.get("partial-unmap")
     if not pu:
         problems.append("no query-pvdma at partial-unmap")

@@ -5,11 +5,14 @@
 # in Debian's 6.1 and 6.12 guests (docs/guest-driver.md):
 #
 #   build   the module as shipped (no PVDMA_TEST) has no test_skip_map,
-#           test_ro_map or test_partial_unmap parameter; the test build
+#           test_ro_map, test_partial_unmap or test_failed_replay parameter;
+#           the test build
 #           (PVDMA_TEST=1) has them
 #   switch  tests/guest/guest-switch-boot.py: an edu function moved 300
 #           times between DMA domains while the host makes it DMA; no read
-#           may reach guest RAM, no DETACH or ATTACH may be sent; one page
+#           may reach guest RAM, no DETACH or ATTACH may be sent; an attach
+#           whose replay the pin-limit refuses fails and leaves edu
+#           attached, its DMA refused (test_failed_replay); one page
 #           unmapped out of a 16 KiB mapping (test_partial_unmap) goes and
 #           the rest stays; after the guest's power-off every endpoint is
 #           detached (.shutdown)
@@ -51,7 +54,8 @@ for k in $KERNELS; do
     p=$(module_params "$prod" | tr '\n' ' ')
     t=$(module_params "$test" | tr '\n' ' ')
     log "kernel $k: parameters as shipped: $p; test build: $t"
-    for param in test_skip_map test_ro_map test_partial_unmap; do
+    for param in test_skip_map test_ro_map test_partial_unmap \
+                 test_failed_replay; do
         if grep -qx "$param" <<<"${p// /$'\n'}"; then
             echo "kernel $k build: FAIL: the module as shipped has $param" >>"$BOOTS_SUMMARY"
             BOOTS_FAILED=1
