@@ -32,7 +32,8 @@ guest_busybox
 iommu_ko=
 if [ -f "$LINUX_SRC/Kbuild" ]; then
     guest_headers
-    iommu_ko=$(guest_build_module "$LINUX_SRC" pvdma_iommu.ko)
+    # The test build: test_skip_map and test_ro_map exist only in it.
+    iommu_ko=$(guest_build_module "$LINUX_SRC" pvdma_iommu.ko PVDMA_TEST=1)
 fi
 
 # pvdma-io, keyed by its source and gcc.

@@ -13,7 +13,8 @@
 #   guest_kernel                   vmlinuz, config and modules of GK_*: sets GK_DIR
 #   guest_headers                  headers + kbuild of GK_*: sets GK_KBUILD
 #   guest_busybox                  sets GUEST_BUSYBOX (the static binary)
-#   guest_build_module SRC KO      prints the path of KO built from SRC
+#   guest_build_module SRC KO [VAR=VALUE..]  prints the path of KO built
+#                                  from SRC (VAR=VALUE: more make variables)
 #   guest_modules_closure DEST M.. copies modules M (and their dependencies,
 #                                  decompressed) to DEST; prints the load order
 
@@ -275,16 +276,18 @@ guest_headers() {
 # SRC_DIR (a Kbuild taking PVDMA_ABI_INC) against GK_KBUILD and prints the
 # path of KO (e.g. pvdma_hc.ko). Cached under a key of the sources (every
 # file in SRC_DIR), pvdma_abi.h, the headers' release and version and
-# gcc-12's version; built in a copy so the source tree stays clean.
+# gcc-12's version; built in a copy so the source tree stays clean. Further
+# arguments are make variables (e.g. PVDMA_TEST=1), part of the key too.
 guest_build_module() {
     local src=$1 ko=$2 key mdir out files
+    shift 2
     [ -n "${GK_KBUILD:-}" ] || guest_headers || return 1
     # The sources: every file but kbuild's output, should SRC_DIR have
     # been built in place.
     files=$(cd "$src" && find . -type f ! -name '.*' ! -name '*.o' \
                 ! -name '*.ko' ! -name '*.mod' ! -name '*.mod.c' \
                 ! -name Module.symvers ! -name modules.order | LC_ALL=C sort)
-    key=$( { echo "$GK_RELEASE $GK_HEADERS_VER"; gcc-12 --version | head -n1
+    key=$( { echo "$GK_RELEASE $GK_HEADERS_VER $*"; gcc-12 --version | head -n1
              (cd "$src" && printf '%s\n' "$files" | xargs sha256sum)
              cat "$GUEST_ABI_H"; } | sha256sum | cut -c1-16)
     mdir="$GUEST_CACHE/kmod-${ko%.ko}-$key"
@@ -296,7 +299,7 @@ guest_build_module() {
             tar -xf - -C "$mdir.tmp/src"
         cp "$GUEST_ABI_H" "$mdir.tmp/src/"
         out=$(make -s -C "$GK_KBUILD" M="$mdir.tmp/src" \
-                  PVDMA_ABI_INC="$mdir.tmp/src" W=1 modules 2>&1) || true
+                  PVDMA_ABI_INC="$mdir.tmp/src" W=1 "$@" modules 2>&1) || true
         printf '%s\n' "$out" | grep -v 'Skipping BTF generation' | grep . >&2 || true
         [ -f "$mdir.tmp/src/$ko" ] || { echo "$ko did not build against $GK_KBUILD" >&2; return 1; }
         cp "$mdir.tmp/src/$ko" "$mdir.tmp/$ko"

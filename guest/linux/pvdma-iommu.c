@@ -14,7 +14,10 @@
  *   unmap_pages      strict: gathered, one UNMAP of the range in iotlb_sync
  *                    lazy: queued per domain, sent by flush_iotlb_all as
  *                    UNMAP_LIST requests (or UNMAPs without that feature)
- *   attach_dev       ATTACH (paging, blocked) or DETACH (identity)
+ *   attach_dev       paging, blocked: ATTACH, or UNMAP of everything when
+ *                    attached already, then MAPs of the domain's mappings;
+ *                    identity: DETACH (the only way out of translation)
+ *   .shutdown        DETACH of every endpoint, for a kexec'd kernel
  *
  * A shadow interval tree per domain answers iova_to_phys, which dma-iommu
  * calls on every unmap. See docs/guest-driver.md for use and limits.
@@ -73,10 +76,6 @@ module_param(batch_map, bool, 0444);
 MODULE_PARM_DESC(batch_map,
 		 "6.12+: send the pages of one iommu_map/map_sg as one MAP from iotlb_sync_map (ignored on 6.1, where a deferred MAP could fail unseen)");
 
-/* Testing only: one-shot MAP tweaks for one PCI function (-1: none). */
-static int skip_map_rid = -1;
-static int ro_map_rid = -1;
-
 struct pvdma_iommu {
 	struct iommu_device iommu;
 	struct pci_dev *pdev;
@@ -91,6 +90,13 @@ struct pvdma_iommu {
 /* One pvdma per guest: the IOMMU core of 6.1 allows one driver per bus. */
 static struct pvdma_iommu *pvdma;
 static DEFINE_PER_CPU(struct pvdma_req *, pvdma_block);
+/* Serialises domain switches with .shutdown. */
+static DEFINE_MUTEX(pvdma_switch_lock);
+/*
+ * Set by .shutdown (under pvdma_switch_lock), which DETACHed every
+ * endpoint for the next kernel: no request but DETACH is sent afterwards.
+ */
+static bool pvdma_down;
 
 struct pvdma_domain;
 
@@ -261,16 +267,42 @@ static int pvdma_host_reset(struct pvdma_endpoint *ep, bool attach)
 
 /* ---- MAP --------------------------------------------------------------- */
 
+#ifdef PVDMA_TEST_HOOKS
 /*
- * Takes a one-shot test request (test_skip_map, test_ro_map) aimed at ep:
- * true once, for the first MAP that asks after it was set.
+ * Testing only (a build with PVDMA_TEST=1): one-shot MAP tweaks for one
+ * PCI function (-1: none), set through test_skip_map and test_ro_map.
  */
+static int skip_map_rid = -1;
+static int ro_map_rid = -1;
+
+/* Takes a one-shot test request aimed at ep: true once. */
 static bool pvdma_test_once(int *rid, struct pvdma_endpoint *ep)
 {
 	if (READ_ONCE(*rid) != (int)ep->rid)
 		return false;
 	return cmpxchg(rid, (int)ep->rid, -1) == (int)ep->rid;
 }
+
+static bool pvdma_test_skip_map(struct pvdma_endpoint *ep)
+{
+	return pvdma_test_once(&skip_map_rid, ep);
+}
+
+static bool pvdma_test_ro_map(struct pvdma_endpoint *ep)
+{
+	return pvdma_test_once(&ro_map_rid, ep);
+}
+#else
+static bool pvdma_test_skip_map(struct pvdma_endpoint *ep)
+{
+	return false;
+}
+
+static bool pvdma_test_ro_map(struct pvdma_endpoint *ep)
+{
+	return false;
+}
+#endif
 
 /*
  * Sends the MAP already laid out in this CPU's block (flags, iova, segs)
@@ -285,16 +317,18 @@ static int pvdma_map_all(struct pvdma_domain *dom)
 	u16 flags = r->flags;
 	u32 st;
 
+	if (READ_ONCE(pvdma_down))
+		return -ENODEV;		/* shut down: the endpoints bypass */
 	list_for_each_entry(ep, &dom->endpoints, link) {
 		if (!ep->attached)
 			continue;
-		if (pvdma_test_once(&skip_map_rid, ep)) {
+		if (pvdma_test_skip_map(ep)) {
 			dev_warn(ep->dev, "test_skip_map: not sending this MAP\n");
 			continue;
 		}
 		r->flags = flags;
 		if ((flags & PVDMA_FLAG_WRITE) &&
-		    pvdma_test_once(&ro_map_rid, ep)) {
+		    pvdma_test_ro_map(ep)) {
 			dev_warn(ep->dev, "test_ro_map: sending this MAP read-only\n");
 			r->flags = (flags & ~PVDMA_FLAG_WRITE) | PVDMA_FLAG_READ;
 		}
@@ -457,19 +491,25 @@ added:
 
 /* ---- UNMAP ------------------------------------------------------------- */
 
+static void pvdma_resync(struct pvdma_domain *dom, struct pvdma_endpoint *ep);
+
 /* UNMAP of [iova, iova + len) on every endpoint; domain lock held. */
 static void pvdma_unmap_range_all(struct pvdma_domain *dom, u64 iova, u64 len)
 {
 	struct pvdma_endpoint *ep;
 	u32 st;
 
+	if (READ_ONCE(pvdma_down))
+		return;			/* DETACH removed everything */
 	list_for_each_entry(ep, &dom->endpoints, link) {
 		if (!ep->attached)
 			continue;
 		st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid, iova, len, NULL);
 		/* NOENT: nothing was mapped there for this endpoint. */
-		if (st != PVDMA_S_OK && st != PVDMA_S_NOENT)
-			pvdma_report(ep, PVDMA_OP_UNMAP, iova, st);
+		if (st == PVDMA_S_OK || st == PVDMA_S_NOENT)
+			continue;
+		pvdma_report(ep, PVDMA_OP_UNMAP, iova, st);
+		pvdma_resync(dom, ep);
 	}
 }
 
@@ -482,7 +522,10 @@ static void pvdma_flush_pending(struct pvdma_domain *dom)
 
 	if (!dom->nr_pending)
 		return;
+	if (READ_ONCE(pvdma_down))
+		goto done;		/* DETACH removed everything */
 	list_for_each_entry(ep, &dom->endpoints, link) {
+		bool refused = false;
 		struct pvdma_req *r;
 
 		if (!ep->attached)
@@ -507,11 +550,16 @@ static void pvdma_flush_pending(struct pvdma_domain *dom)
 			st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid,
 					  dom->pending[i].iova,
 					  dom->pending[i].len, NULL);
-			if (st != PVDMA_S_OK && st != PVDMA_S_NOENT)
-				pvdma_report(ep, PVDMA_OP_UNMAP,
-					     dom->pending[i].iova, st);
+			if (st == PVDMA_S_OK || st == PVDMA_S_NOENT)
+				continue;
+			pvdma_report(ep, PVDMA_OP_UNMAP, dom->pending[i].iova,
+				     st);
+			refused = true;
 		}
+		if (refused)
+			pvdma_resync(dom, ep);
 	}
+done:
 	dom->nr_pending = 0;
 }
 
@@ -534,40 +582,87 @@ static void pvdma_queue_unmap(struct pvdma_domain *dom, u64 iova, u64 len)
 	dom->nr_pending++;
 }
 
+/*
+ * Removes [iova, last] from the shadow. A mapping reaching past either end
+ * is cut there and keeps the rest (one that reaches past both ends needs
+ * @tail for the part after @last): exactly the range asked for goes, and
+ * its size is returned. The host's MAP of such a mapping covers the part
+ * that stays, so the UNMAP of the range answers RANGE, and the endpoint is
+ * brought back to the shadow (pvdma_resync).
+ */
+static bool pvdma_cut(struct pvdma_domain *dom, struct pvdma_mapping *m,
+		      u64 iova, u64 last, struct pvdma_mapping **tail)
+{
+	struct interval_tree_node *it = &m->it;
+
+	if (it->start >= iova && it->last <= last) {
+		interval_tree_remove(it, &dom->mappings);
+		return true;			/* whole: the caller frees it */
+	}
+	interval_tree_remove(it, &dom->mappings);
+	if (it->start < iova && it->last > last) {
+		(*tail)->it.start = last + 1;
+		(*tail)->it.last = it->last;
+		(*tail)->paddr = m->paddr + (last + 1 - it->start);
+		(*tail)->flags = m->flags;
+		(*tail)->sent = m->sent;
+		interval_tree_insert(&(*tail)->it, &dom->mappings);
+		*tail = NULL;
+		it->last = iova - 1;
+	} else if (it->start < iova) {
+		it->last = iova - 1;
+	} else {
+		m->paddr += last + 1 - it->start;
+		it->start = last + 1;
+	}
+	interval_tree_insert(it, &dom->mappings);
+	return false;
+}
+
 static size_t pvdma_unmap_pages(struct iommu_domain *domain, unsigned long iova,
 				size_t pgsize, size_t pgcount,
 				struct iommu_iotlb_gather *gather)
 {
 	struct pvdma_domain *dom = to_pvdma_domain(domain);
 	u64 last = iova + pgsize * pgcount - 1;
+	struct pvdma_mapping *tail = NULL;
 	struct interval_tree_node *it, *next;
 	u64 sent_first = U64_MAX, sent_last = 0;
 	unsigned long irqflags;
 	bool found = false;
-	u64 end = 0;
 
+again:
 	spin_lock_irqsave(&dom->lock, irqflags);
 	it = interval_tree_iter_first(&dom->mappings, iova, last);
+	if (it && it->start < iova && it->last > last && !tail) {
+		/* Unmapping the middle of a mapping (never dma-iommu's). */
+		spin_unlock_irqrestore(&dom->lock, irqflags);
+		tail = kzalloc(sizeof(*tail), GFP_ATOMIC);
+		if (!tail)
+			return 0;
+		goto again;
+	}
 	while (it) {
 		struct pvdma_mapping *m = container_of(it, struct pvdma_mapping,
 						       it);
+		u64 first = max_t(u64, it->start, iova);
+		u64 end = min_t(u64, it->last, last);
+		bool sent = m->sent;
 
 		next = interval_tree_iter_next(it, iova, last);
-		interval_tree_remove(it, &dom->mappings);
-		/* A mapping is removed whole, as a page of a larger size. */
-		end = max_t(u64, end, it->last);
+		if (pvdma_cut(dom, m, iova, last, &tail))
+			kfree(m);
 		found = true;
-		if (m->sent) {
-			sent_first = min_t(u64, sent_first, it->start);
-			sent_last = max_t(u64, sent_last, it->last);
+		if (sent) {
+			sent_first = min_t(u64, sent_first, first);
+			sent_last = max_t(u64, sent_last, end);
 			if (iommu_iotlb_gather_queued(gather))
-				pvdma_queue_unmap(dom, it->start,
-						  it->last - it->start + 1);
+				pvdma_queue_unmap(dom, first, end - first + 1);
 		}
-		kfree(m);
 		it = next;
 	}
 	spin_unlock_irqrestore(&dom->lock, irqflags);
+	kfree(tail);
 
 	if (!found)
 		return 0;
@@ -584,7 +679,7 @@ static size_t pvdma_unmap_pages(struct iommu_domain *domain, unsigned long iova,
 		iommu_iotlb_gather_add_range(gather, sent_first,
 					     sent_last - sent_first + 1);
 	}
-	return end - iova + 1;
+	return last - iova + 1;
 }
 
 static void pvdma_iotlb_sync(struct iommu_domain *domain,
@@ -638,37 +733,40 @@ static void pvdma_leave_domain(struct pvdma_endpoint *ep)
 
 	if (!old)
 		return;
+	/*
+	 * Every request of a domain is issued under its lock to the endpoints
+	 * on its list: once off the list, the endpoint gets no more of them.
+	 */
 	spin_lock_irqsave(&old->lock, irqflags);
-	list_del(&ep->link);
+	list_del_init(&ep->link);
 	spin_unlock_irqrestore(&old->lock, irqflags);
 	ep->domain = NULL;
 }
 
 /*
- * Paging domains: the endpoint is DETACHed (dropping the old domain's
- * mappings on the host), ATTACHed, and given the mappings the domain
- * already holds. Blocked: ATTACHed with no mappings. Identity: DETACHed,
- * so it bypasses (only offered with FEATURES.BYPASS).
+ * Removes every mapping an attached endpoint holds on the host and leaves
+ * it attached: its DMA is blocked. One UNMAP over the whole IOVA space
+ * cannot answer RANGE (no mapping crosses its ends), and it also takes
+ * what the shadow does not know of (a MAP whose answer was lost).
  */
-static int pvdma_attach_dev(struct iommu_domain *domain, struct device *dev)
+static int pvdma_host_block(struct pvdma_endpoint *ep)
 {
-	struct pvdma_endpoint *ep = dev_iommu_priv_get(dev);
-	struct pvdma_domain *dom = NULL;
+	u64 len = pvdma->iova_bits >= 64 ? U64_MAX : 1ULL << pvdma->iova_bits;
+	u32 st;
+
+	st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid, 0, len, NULL);
+	if (st == PVDMA_S_OK || st == PVDMA_S_NOENT)
+		return 0;
+	pvdma_report(ep, PVDMA_OP_UNMAP, 0, st);
+	return pvdma_errno(st);
+}
+
+/* The domain's mappings to one endpoint, which is not on its list yet. */
+static int pvdma_replay(struct pvdma_domain *dom, struct pvdma_endpoint *ep)
+{
 	struct interval_tree_node *it;
-	unsigned long irqflags;
-	int ret;
 
-	if (!ep)
-		return -ENODEV;
-	pvdma_leave_domain(ep);
-	if (domain->type == IOMMU_DOMAIN_IDENTITY)
-		return pvdma_host_reset(ep, false);
-	ret = pvdma_host_reset(ep, true);
-	if (ret || domain->type == IOMMU_DOMAIN_BLOCKED)
-		return ret;
-
-	dom = to_pvdma_domain(domain);
-	spin_lock_irqsave(&dom->lock, irqflags);
+	lockdep_assert_held(&dom->lock);
 	for (it = interval_tree_iter_first(&dom->mappings, 0, U64_MAX); it;
 	     it = interval_tree_iter_next(it, 0, U64_MAX)) {
 		struct pvdma_mapping *m = container_of(it, struct pvdma_mapping,
@@ -677,7 +775,7 @@ static int pvdma_attach_dev(struct iommu_domain *domain, struct device *dev)
 		u32 st;
 
 		if (!m->sent)
-			continue;
+			continue;	/* iotlb_sync_map sends it to the list */
 		r = pvdma_req_begin(PVDMA_OP_MAP, m->flags | PVDMA_FLAG_FIXED,
 				    ep->rid);
 		r->iova = it->start;
@@ -687,17 +785,81 @@ static int pvdma_attach_dev(struct iommu_domain *domain, struct device *dev)
 		st = pvdma_req_issue(r);
 		if (st != PVDMA_S_OK) {
 			pvdma_report(ep, PVDMA_OP_MAP, it->start, st);
-			ret = pvdma_errno(st);
-			break;
+			return pvdma_errno(st);
 		}
 	}
+	return 0;
+}
+
+/*
+ * After an UNMAP the host refused with RANGE (a MAP of several shadow
+ * mappings, or of one since cut by a partial unmap, crosses the range) or
+ * INTERNAL, the host may still map IOVAs the shadow has freed, and that
+ * dma-iommu may hand out again: the endpoint is brought back to the shadow,
+ * every mapping removed and the domain's MAPped again. Its DMA is refused in
+ * between; if that fails too it stays blocked (attached, nothing mapped)
+ * until its next domain change. Domain lock held, endpoint on its list.
+ */
+static void pvdma_resync(struct pvdma_domain *dom, struct pvdma_endpoint *ep)
+{
+	int ret = pvdma_host_block(ep);
+
+	if (!ret)
+		ret = pvdma_replay(dom, ep);
+	if (!ret)
+		return;
+	pvdma_host_block(ep);
+	dev_err_ratelimited(ep->dev, "could not restore its mappings (%d): its DMA is refused until its next domain change\n",
+			    ret);
+}
+
+/*
+ * A domain switch. During it the device's DMA reaches the old domain's
+ * mappings or the new one's, or is refused; it never bypasses unless the
+ * new domain is the identity domain:
+ *   identity  DETACH (only with FEATURES.BYPASS);
+ *   blocked   ATTACH when detached, else UNMAP of every mapping;
+ *   paging    the same, then the domain's mappings are MAPped.
+ * On a failure the endpoint stays attached with no mappings (blocked), or
+ * detached if it was (ATTACH failed), and the core re-attaches the old
+ * domain.
+ */
+static int pvdma_attach_dev(struct iommu_domain *domain, struct device *dev)
+{
+	struct pvdma_endpoint *ep = dev_iommu_priv_get(dev);
+	struct pvdma_domain *dom;
+	unsigned long irqflags;
+	int ret = 0;
+
+	if (!ep)
+		return -ENODEV;
+	mutex_lock(&pvdma_switch_lock);
+	if (pvdma_down) {
+		ret = -ENODEV;
+		goto out;
+	}
+	pvdma_leave_domain(ep);
+	if (domain->type == IOMMU_DOMAIN_IDENTITY) {
+		ret = pvdma_host_reset(ep, false);
+		goto out;
+	}
+	/* Attached: to an old domain, blocked, or left so by a kexec. */
+	ret = ep->attached ? pvdma_host_block(ep) : pvdma_host_reset(ep, true);
+	if (ret || domain->type == IOMMU_DOMAIN_BLOCKED)
+		goto out;
+
+	dom = to_pvdma_domain(domain);
+	spin_lock_irqsave(&dom->lock, irqflags);
+	ret = pvdma_replay(dom, ep);
 	if (!ret) {
 		list_add_tail(&ep->link, &dom->endpoints);
 		ep->domain = dom;
 	}
 	spin_unlock_irqrestore(&dom->lock, irqflags);
 	if (ret)
-		pvdma_host_reset(ep, false);
+		pvdma_host_block(ep);
+out:
+	mutex_unlock(&pvdma_switch_lock);
 	return ret;
 }
 
@@ -902,8 +1064,12 @@ static void pvdma_detach_dev(struct iommu_domain *domain, struct device *dev)
 
 	if (!ep || ep->domain != to_pvdma_domain(domain))
 		return;
+	/* No domain: blocked, as attach_dev leaves a failed switch. */
+	mutex_lock(&pvdma_switch_lock);
 	pvdma_leave_domain(ep);
-	pvdma_host_reset(ep, false);
+	if (ep->attached && !pvdma_down)
+		pvdma_host_block(ep);
+	mutex_unlock(&pvdma_switch_lock);
 }
 
 static void pvdma_probe_finalize(struct device *dev)
@@ -950,6 +1116,7 @@ static struct iommu_ops pvdma_iommu_ops = {
 
 /* ---- the pvdma PCI function -------------------------------------------- */
 
+#ifdef PVDMA_TEST_HOOKS
 /* test_skip_map, test_ro_map: "bb:dd.f" arms the tweak, "none" disarms. */
 static int param_set_test_rid(const char *val, const struct kernel_param *kp)
 {
@@ -988,6 +1155,153 @@ module_param_cb(test_ro_map, &test_rid_ops, &ro_map_rid, 0644);
 MODULE_PARM_DESC(test_ro_map,
 		 "testing only: bb:dd.f whose next writable MAP is sent read-only (the device's write there faults), or none");
 
+#define PVDMA_TEST_IOVA		0x10000000UL
+
+/*
+ * test_partial_unmap=bb:dd.f (a function without a driver, alone in its
+ * group): the function goes into a new paging domain, as with VFIO, which
+ * maps 16 KiB with one iommu_map() at PVDMA_TEST_IOVA and unmaps its
+ * second page. The write fails unless exactly that page went; the rest
+ * stays mapped, and the domain attached, for the host to check.
+ */
+static int param_set_test_partial_unmap(const char *val,
+					const struct kernel_param *kp)
+{
+	unsigned int bus, slot, fn;
+	struct iommu_domain *domain;
+	phys_addr_t pa, got[4];
+	struct pci_dev *pdev;
+	struct page *pages;
+	size_t unmapped;
+	int i, ret;
+
+	if (sscanf(val, "%x:%x.%x", &bus, &slot, &fn) != 3 || bus > 0xff ||
+	    slot > 0x1f || fn > 7)
+		return -EINVAL;
+	pdev = pci_get_domain_bus_and_slot(0, bus, PCI_DEVFN(slot, fn));
+	if (!pdev)
+		return -ENODEV;
+#if PVDMA_CORE_612
+	domain = iommu_paging_domain_alloc(&pdev->dev);
+#else
+	domain = iommu_domain_alloc(&pci_bus_type) ?: ERR_PTR(-ENOMEM);
+#endif
+	ret = PTR_ERR_OR_ZERO(domain);
+	if (ret)
+		goto out_put;
+	pages = alloc_pages(GFP_KERNEL | __GFP_ZERO, 2);
+	ret = -ENOMEM;
+	if (!pages)
+		goto out_domain;
+	pa = page_to_phys(pages);
+	ret = iommu_attach_device(domain, &pdev->dev);
+	if (ret)
+		goto out_pages;
+#if PVDMA_CORE_612
+	ret = iommu_map(domain, PVDMA_TEST_IOVA, pa, SZ_16K,
+			IOMMU_READ | IOMMU_WRITE, GFP_KERNEL);
+#else
+	ret = iommu_map(domain, PVDMA_TEST_IOVA, pa, SZ_16K,
+			IOMMU_READ | IOMMU_WRITE);
+#endif
+	if (ret)
+		goto out_detach;
+	unmapped = iommu_unmap(domain, PVDMA_TEST_IOVA + SZ_4K, SZ_4K);
+	for (i = 0; i < 4; i++)
+		got[i] = iommu_iova_to_phys(domain, PVDMA_TEST_IOVA + i * SZ_4K);
+	pci_info(pdev, "test_partial_unmap: 0x%zx of 0x1000 unmapped; pages %pa %pa %pa %pa (mapped from %pa)\n",
+		 unmapped, &got[0], &got[1], &got[2], &got[3], &pa);
+	if (unmapped == SZ_4K && got[0] == pa && !got[1] &&
+	    got[2] == pa + SZ_8K && got[3] == pa + SZ_8K + SZ_4K) {
+		pci_dev_put(pdev);
+		return 0;		/* left in place: test builds only */
+	}
+	ret = -EIO;
+	iommu_unmap(domain, PVDMA_TEST_IOVA, SZ_16K);
+out_detach:
+	iommu_detach_device(domain, &pdev->dev);
+out_pages:
+	__free_pages(pages, 2);
+out_domain:
+	iommu_domain_free(domain);
+out_put:
+	pci_dev_put(pdev);
+	return ret;
+}
+
+static const struct kernel_param_ops test_partial_unmap_ops = {
+	.set = param_set_test_partial_unmap,
+};
+module_param_cb(test_partial_unmap, &test_partial_unmap_ops, NULL, 0200);
+MODULE_PARM_DESC(test_partial_unmap,
+		 "testing only: bb:dd.f (no driver) to put in a new domain that maps 16 KiB and unmaps the second page");
+
+#define PVDMA_TEST_REPLAY_IOVA	0x40000000UL
+#define PVDMA_TEST_REPLAY_SIZE	SZ_512M
+
+/*
+ * test_failed_replay=bb:dd.f (a function without a driver, alone in its
+ * group): a new paging domain maps 512 MiB of guest RAM from 1 MiB while
+ * no device is in it (so nothing is sent), then the function is attached
+ * to it. The replay asks the host to pin all of it, which a pin-limit
+ * below that refuses (QUOTA): the write succeeds when the attach failed
+ * so, with -ENOMEM. The domain is freed; the function is left as the IOMMU core leaves
+ * it (6.12 attaches its default domain again, 6.1 does not).
+ */
+static int param_set_test_failed_replay(const char *val,
+					const struct kernel_param *kp)
+{
+	unsigned int bus, slot, fn;
+	struct iommu_domain *domain;
+	struct pci_dev *pdev;
+	int ret;
+
+	if (sscanf(val, "%x:%x.%x", &bus, &slot, &fn) != 3 || bus > 0xff ||
+	    slot > 0x1f || fn > 7)
+		return -EINVAL;
+	pdev = pci_get_domain_bus_and_slot(0, bus, PCI_DEVFN(slot, fn));
+	if (!pdev)
+		return -ENODEV;
+#if PVDMA_CORE_612
+	domain = iommu_paging_domain_alloc(&pdev->dev);
+#else
+	domain = iommu_domain_alloc(&pci_bus_type) ?: ERR_PTR(-ENOMEM);
+#endif
+	ret = PTR_ERR_OR_ZERO(domain);
+	if (ret)
+		goto out_put;
+#if PVDMA_CORE_612
+	ret = iommu_map(domain, PVDMA_TEST_REPLAY_IOVA, SZ_1M,
+			PVDMA_TEST_REPLAY_SIZE, IOMMU_READ, GFP_KERNEL);
+#else
+	ret = iommu_map(domain, PVDMA_TEST_REPLAY_IOVA, SZ_1M,
+			PVDMA_TEST_REPLAY_SIZE, IOMMU_READ);
+#endif
+	if (ret)
+		goto out_domain;
+	ret = iommu_attach_device(domain, &pdev->dev);
+	pci_info(pdev, "test_failed_replay: attach to a domain holding 512 MiB: %d\n",
+		 ret);
+	if (!ret)
+		iommu_detach_device(domain, &pdev->dev);
+	/* The replay was meant to fail, and for the pins (QUOTA). */
+	ret = ret == -ENOMEM ? 0 : -EIO;
+	iommu_unmap(domain, PVDMA_TEST_REPLAY_IOVA, PVDMA_TEST_REPLAY_SIZE);
+out_domain:
+	iommu_domain_free(domain);
+out_put:
+	pci_dev_put(pdev);
+	return ret;
+}
+
+static const struct kernel_param_ops test_failed_replay_ops = {
+	.set = param_set_test_failed_replay,
+};
+module_param_cb(test_failed_replay, &test_failed_replay_ops, NULL, 0200);
+MODULE_PARM_DESC(test_failed_replay,
+		 "testing only: bb:dd.f (no driver) to attach to a new domain whose 512 MiB the host's pin-limit refuses");
+#endif
+
 static void pvdma_free_blocks(void)
 {
 	int cpu;
@@ -1015,6 +1329,71 @@ static int pvdma_alloc_blocks(void)
 	return 0;
 }
 
+/*
+ * The function's state lives as long as the module: once devices were
+ * probed they may issue requests at any time, and Linux 6.1 keeps the bus
+ * operations after an unregister. So nothing here is device-managed (a
+ * removal through sysfs would unmap the registers under them), and a
+ * failed registration keeps what it set up.
+ */
+static int pvdma_pci_setup(struct pci_dev *pdev, struct pvdma_iommu *p)
+{
+	struct device *dev = &pdev->dev;
+	int ret;
+
+	ret = pci_enable_device_mem(pdev);
+	if (ret)
+		return ret;
+	ret = pci_request_region(pdev, 0, KBUILD_MODNAME);
+	if (ret)
+		goto err_disable;
+	p->regs = pci_iomap(pdev, 0, 0);
+	if (!p->regs) {
+		ret = -ENOMEM;
+		goto err_release;
+	}
+	ret = -ENODEV;
+	if (readl(p->regs + PVDMA_REG_MAGIC) != PVDMA_MAGIC ||
+	    readl(p->regs + PVDMA_REG_VERSION) != PVDMA_VERSION) {
+		dev_err(dev, "not a pvdma version %u register block\n",
+			PVDMA_VERSION);
+		goto err_unmap;
+	}
+	p->features = readq(p->regs + PVDMA_REG_FEATURES);
+	p->iova_bits = readl(p->regs + PVDMA_REG_IOVA_BITS);
+	p->max_segs = min_t(u32, readl(p->regs + PVDMA_REG_MAX_SEGS),
+			    PVDMA_BLOCK_SEGS);
+	p->hc_nr = readl(p->regs + PVDMA_REG_HYPERCALL_NR);
+	if (p->iova_bits < 32 || p->iova_bits > 64 || !p->max_segs) {
+		dev_err(dev, "unusable IOVA_BITS %u / MAX_SEGS %u\n",
+			p->iova_bits, p->max_segs);
+		goto err_unmap;
+	}
+	if (sysfs_streq(transport, "hypercall")) {
+		if (!(p->features & PVDMA_FEATURE_HYPERCALL)) {
+			dev_err(dev, "transport=hypercall, but FEATURES.HYPERCALL is clear\n");
+			goto err_unmap;
+		}
+		p->use_hypercall = true;
+	} else if (sysfs_streq(transport, "auto")) {
+		p->use_hypercall = p->features & PVDMA_FEATURE_HYPERCALL;
+	} else if (!sysfs_streq(transport, "doorbell")) {
+		dev_err(dev, "transport=%s: want auto, doorbell or hypercall\n",
+			transport);
+		ret = -EINVAL;
+		goto err_unmap;
+	}
+	return 0;
+
+err_unmap:
+	pci_iounmap(pdev, p->regs);
+err_release:
+	pci_release_region(pdev, 0);
+err_disable:
+	pci_disable_device(pdev);
+	return ret;
+}
+
 static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 {
 	struct device *dev = &pdev->dev;
@@ -1029,50 +1408,16 @@ static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		dev_err(dev, "another IOMMU drives the PCI bus; not registering\n");
 		return -EBUSY;
 	}
-	p = devm_kzalloc(dev, sizeof(*p), GFP_KERNEL);
+	p = kzalloc(sizeof(*p), GFP_KERNEL);
 	if (!p)
 		return -ENOMEM;
 	p->pdev = pdev;
-	ret = pcim_enable_device(pdev);
+	ret = pvdma_pci_setup(pdev, p);
 	if (ret)
-		return ret;
-	ret = pcim_iomap_regions(pdev, BIT(0), KBUILD_MODNAME);
-	if (ret)
-		return ret;
-	p->regs = pcim_iomap_table(pdev)[0];
-	if (readl(p->regs + PVDMA_REG_MAGIC) != PVDMA_MAGIC ||
-	    readl(p->regs + PVDMA_REG_VERSION) != PVDMA_VERSION) {
-		dev_err(dev, "not a pvdma version %u register block\n",
-			PVDMA_VERSION);
-		return -ENODEV;
-	}
-	p->features = readq(p->regs + PVDMA_REG_FEATURES);
-	p->iova_bits = readl(p->regs + PVDMA_REG_IOVA_BITS);
-	p->max_segs = min_t(u32, readl(p->regs + PVDMA_REG_MAX_SEGS),
-			    PVDMA_BLOCK_SEGS);
-	p->hc_nr = readl(p->regs + PVDMA_REG_HYPERCALL_NR);
-	if (p->iova_bits < 32 || p->iova_bits > 64 || !p->max_segs) {
-		dev_err(dev, "unusable IOVA_BITS %u / MAX_SEGS %u\n",
-			p->iova_bits, p->max_segs);
-		return -ENODEV;
-	}
-	if (sysfs_streq(transport, "hypercall")) {
-		if (!(p->features & PVDMA_FEATURE_HYPERCALL)) {
-			dev_err(dev, "transport=hypercall, but FEATURES.HYPERCALL is clear\n");
-			return -ENODEV;
-		}
-		p->use_hypercall = true;
-	} else if (sysfs_streq(transport, "auto")) {
-		p->use_hypercall = p->features & PVDMA_FEATURE_HYPERCALL;
-	} else if (!sysfs_streq(transport, "doorbell")) {
-		dev_err(dev, "transport=%s: want auto, doorbell or hypercall\n",
-			transport);
-		return -EINVAL;
-	}
-
+		goto err_free;
 	ret = pvdma_alloc_blocks();
 	if (ret)
-		return ret;
+		goto err_regs;
 #if PVDMA_CORE_612
 	if (p->features & PVDMA_FEATURE_BYPASS)
 		pvdma_iommu_ops.identity_domain = &pvdma_identity_domain;
@@ -1081,6 +1426,8 @@ static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 				     pci_name(pdev));
 	if (ret)
 		goto err_blocks;
+	/* Kept, like everything above, for as long as the module is loaded. */
+	pci_dev_get(pdev);
 	pvdma = p;
 	/*
 	 * Probes every PCI device. The 6.1 core leaves its bus ops set even
@@ -1089,10 +1436,14 @@ static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	 */
 	ret = iommu_device_register(&p->iommu, &pvdma_iommu_ops, NULL);
 	if (ret) {
-		dev_err(dev, "iommu_device_register: %d\n", ret);
-		pvdma = NULL;
-		iommu_device_sysfs_remove(&p->iommu);
-		goto err_blocks;
+		/*
+		 * Devices may have been probed and attached before the failure,
+		 * and released since (DETACH): the blocks and registers stay,
+		 * a few pages for the life of the module, as does pvdma.
+		 */
+		dev_err(dev, "iommu_device_register: %d; the devices keep bypassing or being blocked as the host decides\n",
+			ret);
+		return ret;
 	}
 	dev_info(dev, "IOMMU for PCI bus %02x: features 0x%llx, %u-bit IOVAs, %u segments per request, %s\n",
 		 pdev->bus->number, p->features, p->iova_bits, p->max_segs,
@@ -1101,7 +1452,49 @@ static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 
 err_blocks:
 	pvdma_free_blocks();
+err_regs:
+	pci_iounmap(pdev, p->regs);
+	pci_release_region(pdev, 0);
+	pci_disable_device(pdev);
+err_free:
+	kfree(p);
 	return ret;
+}
+
+/*
+ * Before a kexec (and reboot or power-off), every endpoint is DETACHed,
+ * as intel-iommu turns translation off: the next kernel's drivers, built
+ * in and bound before any IOMMU driver, DMA to physical addresses and must
+ * not meet this kernel's tables. Devices bound after pvdma are shut down
+ * before it (the core shuts devices down in reverse probe order); any DMA
+ * mapping made after this fails. A crash kernel (kdump) is entered without
+ * this and finds the endpoints attached: see docs/guest-driver.md.
+ */
+static void pvdma_pci_shutdown(struct pci_dev *pdev)
+{
+	struct pci_dev *ep_pdev = NULL;
+	u64 result;
+	u32 rid, st;
+
+	if (!pvdma || pvdma->pdev != pdev)
+		return;
+	mutex_lock(&pvdma_switch_lock);
+	WRITE_ONCE(pvdma_down, true);
+	/* By requester ID: no endpoint structure is touched here. */
+	for_each_pci_dev(ep_pdev) {
+		if (ep_pdev == pdev)
+			continue;
+		rid = pci_dev_id(ep_pdev);
+		result = 0;
+		st = pvdma_simple(PVDMA_OP_QUERY, rid, 0, 0, &result);
+		if (st != PVDMA_S_OK || !(result & PVDMA_QUERY_ATTACHED))
+			continue;
+		st = pvdma_simple(PVDMA_OP_DETACH, rid, 0, 0, NULL);
+		if (st != PVDMA_S_OK && st != PVDMA_S_STATE)
+			pci_warn(ep_pdev, "pvdma: DETACH at shutdown: status %u\n",
+				 st);
+	}
+	mutex_unlock(&pvdma_switch_lock);
 }
 
 static const struct pci_device_id pvdma_pci_ids[] = {
@@ -1114,6 +1507,7 @@ static struct pci_driver pvdma_pci_driver = {
 	.name = "pvdma-iommu",
 	.id_table = pvdma_pci_ids,
 	.probe = pvdma_pci_probe,
+	.shutdown = pvdma_pci_shutdown,
 	.driver.suppress_bind_attrs = true,
 };
 

@@ -418,11 +418,50 @@ def hotplug_cycle(vm, rid, res, say, limit=45):
     return problems
 
 
+def poweroff_snapshot(vm, limit=30):
+    """Waits (at most limit seconds) for QEMU to stop at the guest's
+    power-off (-action shutdown=pause: no reset, so pvdma's state is what
+    the guest left), returns query-pvdma there and quits QEMU."""
+    qmp = vm.qmp()
+    end = time.monotonic() + limit
+    while qmp.execute("query-status")["status"] != "shutdown":
+        if time.monotonic() > end:
+            raise QemuError(f"the guest did not power off within {limit} s")
+        time.sleep(0.1)
+    snap = qmp.execute("query-pvdma")
+    qmp.execute("quit")
+    return snap
+
+
+def check_shutdown(final, poweroff):
+    """Problems after the guest's power-off: every endpoint must be
+    detached (the driver's shutdown hook DETACHes them for a kexec'd
+    kernel), with one DETACH per endpoint attached at the final PAUSE."""
+    if not poweroff:
+        return ["no query-pvdma after the power-off"]
+    problems = []
+    for before, after in zip(final or [], poweroff):
+        name = after.get("id", after["path"])
+        still = [e["requester"] for e in after.get("endpoints", [])
+                 if e["attached"]]
+        if still:
+            problems.append(f"{name}: attached after the power-off: "
+                            f"{', '.join(still)}")
+        was = sum(e["attached"] for e in before.get("endpoints", []))
+        sent = (after.get("requests", {}).get("detach", 0)
+                - before.get("requests", {}).get("detach", 0))
+        if sent < was:
+            problems.append(f"{name}: {sent} DETACH at power-off for "
+                            f"{was} attached endpoints")
+    return problems
+
+
 def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                 modparams="", timeout=90, extra_append=(), echo=True,
                 disk_cache="writeback", disk_mib=64, query=True,
                 refuse=False, detached=(), vhost_user_blk=None,
-                on_line=None, topology="flat", hotplug=False):
+                on_line=None, topology="flat", hotplug=False, extra_args=(),
+                on_pause=None, clean_tag=None, after_poweroff=False):
     """Boots the I/O guest once; returns a RunResult (never raises for a
     guest failure; QEMU is gone when it returns).
 
@@ -460,6 +499,15 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     plugs it in again (hotplug_cycle), and the run passes only if pvdma
     held nothing for it once it was gone, and the new function's disk
     was verified and ends up attached.
+    extra_args: more QEMU arguments (devices, a second -qmp).
+    on_pause(vm, tag, when): called at each PAUSE with when "before"
+    (before query-pvdma) and "after" (after it, before the guest goes on).
+    clean_tag: the PAUSE whose snapshot must show FAULTS 0 and the devices
+    attached (default "final", or "verified" with refuse).
+    after_poweroff: QEMU pauses at the guest's power-off instead of
+    exiting (-action shutdown=pause); the framework then takes
+    .snapshots["poweroff"] and quits QEMU. The guest's power-off runs the
+    drivers' shutdown hooks, so this is what a kexec'd kernel would find.
     """
     say = print if echo else (lambda *a, **k: None)
     if hotplug and (topology != "rootports" or mode != "test"):
@@ -472,7 +520,9 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     disk_dir = tempfile.TemporaryDirectory(prefix="pvdma-io-disks-")
     args = qemu_args(image, variant, disk_dir.name, append, disk_cache,
                      disk_mib, vhost_user_blk, topology,
-                     hotplug == "pciehp")
+                     hotplug == "pciehp") + list(extra_args)
+    if after_poweroff:
+        args += ["-action", "shutdown=pause"]
     res = RunResult(image.kernel, variant, strict, mode, [qemu, *args],
                     topology, hotplug)
     has_pvdma = variant in ("pvdma", "pvdma-bypass")
@@ -550,11 +600,20 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
             elif words[0] == "PASS":
                 res.times["result"] = round(now, 2)
                 res.passed = True
+                if after_poweroff and has_pvdma:
+                    res.snapshots["poweroff"] = poweroff_snapshot(vm)
+                    say("== host: query-pvdma (poweroff)\n"
+                        + compact_json(res.snapshots["poweroff"]),
+                        flush=True)
             elif words[0] == "FAIL":
                 res.times["result"] = round(now, 2)
                 res.failure = "guest: " + " ".join(words[1:])
+                if after_poweroff:      # QEMU would wait at the power-off
+                    res.snapshots["poweroff"] = poweroff_snapshot(vm)
             elif words[0] == "PAUSE":
                 tag = words[1] if len(words) > 1 else "?"
+                if on_pause is not None:
+                    on_pause(vm, tag, "before")
                 if hotplug and tag.startswith("unplug:"):
                     hotplug_problems = hotplug_cycle(
                         vm, tag.split(":", 1)[1], res, say)
@@ -564,6 +623,8 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                     say(f"== host: query-pvdma ({tag})\n"
                         + compact_json(snap), flush=True)
                 res.cpu_total_s = vm.cpu_seconds()
+                if on_pause is not None:
+                    on_pause(vm, tag, "after")
                 vm.send_line()
         if res.failure is None:
             try:
@@ -591,7 +652,7 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     if res.passed and has_pvdma and query:
         tested = [requester(d["pci"]) for d in res.devices.values()
                   if "pci" in d]
-        clean = "verified" if refuse else "final"
+        clean = clean_tag or ("verified" if refuse else "final")
         problems = check_pvdma(res.snapshots.get(clean), tested,
                                attached=variant == "pvdma")
         if not problems and variant == "pvdma":
@@ -610,6 +671,11 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                                      nvme[0] if nvme else "?")
             if problems:
                 res.failure = "query-pvdma (final): " + "; ".join(problems)
+        if res.failure is None and after_poweroff:
+            problems = check_shutdown(res.snapshots.get("final"),
+                                      res.snapshots.get("poweroff"))
+            if problems:
+                res.failure = "query-pvdma (poweroff): " + "; ".join(problems)
     if res.passed and hotplug_problems:
         res.failure = "hotplug: " + "; ".join(hotplug_problems)
     if res.failure is not None:
