@@ -51,7 +51,7 @@ pub use result::pvdma_result;
 /// What every topic file uses: the C types, the core's types, the
 /// helpers.
 mod prelude {
-    pub(crate) use std::ffi::{c_char, c_void, CStr};
+    pub(crate) use std::ffi::{c_char, c_int, c_void, CStr};
     pub(crate) use std::ptr;
     pub(crate) use std::sync::Arc;
 

@@ -42,8 +42,15 @@ impl From<&MapEvent> for pvdma_map_event {
 }
 
 /// The notification callback. `ev` is valid only during the call.
+///
+/// It returns 0 when it carried the change out. For a MAP event, nonzero
+/// refuses the mapping: the embedder could not set up what it needs (VFIO
+/// could not pin the pages, say). The request then answers QUOTA and
+/// leaves nothing mapped: no further runs of it are notified, and UNMAP
+/// events for all its runs follow, so that the embedder drops whatever it
+/// did set up. What an UNMAP event returns is ignored.
 pub type pvdma_notify_fn =
-    Option<unsafe extern "C" fn(opaque: *mut c_void, ev: *const pvdma_map_event)>;
+    Option<unsafe extern "C" fn(opaque: *mut c_void, ev: *const pvdma_map_event) -> c_int>;
 
 /// The callback's `opaque`, carried to whichever thread runs a request.
 struct Opaque(*mut c_void);
@@ -92,7 +99,7 @@ pub unsafe extern "C" fn pvdma_vm_set_notifier(
                 let ev = pvdma_map_event::from(ev);
                 // SAFETY: the caller promised `f` may be called with
                 // `opaque` from any thread while set; `ev` outlives the call.
-                unsafe { f(opaque.get(), &ev) };
+                unsafe { f(opaque.get(), &ev) == 0 }
             });
             n
         });

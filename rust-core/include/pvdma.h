@@ -288,8 +288,15 @@ typedef struct pvdma_map_event {
 
 /**
  * The notification callback. `ev` is valid only during the call.
+ *
+ * It returns 0 when it carried the change out. For a MAP event, nonzero
+ * refuses the mapping: the embedder could not set up what it needs (VFIO
+ * could not pin the pages, say). The request then answers QUOTA and
+ * leaves nothing mapped: no further runs of it are notified, and UNMAP
+ * events for all its runs follow, so that the embedder drops whatever it
+ * did set up. What an UNMAP event returns is ignored.
  */
-typedef void (*pvdma_notify_fn)(void *opaque, const struct pvdma_map_event *ev);
+typedef int (*pvdma_notify_fn)(void *opaque, const struct pvdma_map_event *ev);
 
 /**
  * The counters.

@@ -17,7 +17,8 @@ fn removing_a_region_tears_down_exactly_the_mappings_in_it() {
     let events: Arc<Mutex<Vec<MapEvent>>> = Arc::default();
     let sink = events.clone();
     g.vm.set_notifier(Some(Arc::new(move |e: &MapEvent| {
-        sink.lock().unwrap().push(*e)
+        sink.lock().unwrap().push(*e);
+        true
     })));
     assert_eq!(g.attach(EP), Status::Ok);
     assert_eq!(g.attach(EP2), Status::Ok);

@@ -299,6 +299,57 @@ fn quota() {
     assert!(!g.vm.ram_range_pinned(0x6000, 0x1000));
 }
 
+/// A MAP the embedder cannot carry out (VFIO could not pin it) is refused
+/// by its notifier: QUOTA, later runs not notified, every run unmapped
+/// again, and no mapping, pin or IOVA left behind.
+#[test]
+fn quota_refused_by_the_notifier() {
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    let keep = g.map(EP, RW, 0, &[(0x9000, 0x1000)]);
+    assert_eq!(keep.status, Status::Ok);
+    let iova0 = next_host_iova(&g);
+    let log: Arc<Mutex<Vec<MapEvent>>> = Arc::default();
+    let sink = Arc::clone(&log);
+    g.vm.set_notifier(Some(Arc::new(move |e: &MapEvent| {
+        let mut log = sink.lock().unwrap();
+        log.push(*e);
+        // Refuse the second MAP run; UNMAP answers are ignored.
+        !(e.kind == MapEventKind::Map && log.len() == 2)
+    })));
+    // Three runs: guest-physically apart.
+    let segs = [(0x1000, 0x1000), (0x3000, 0x2000), (0x7000, 0x1000)];
+    fails_cleanly(&g, Status::Quota, |g| g.map(EP, RW, 0, &segs));
+    let kinds: Vec<_> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| (e.kind, e.iova - iova0, e.gpa, e.len))
+        .collect();
+    use MapEventKind::{Map, Unmap};
+    assert_eq!(
+        kinds,
+        [
+            (Map, 0, 0x1000, 0x1000),
+            (Map, 0x1000, 0x3000, 0x2000),
+            (Unmap, 0, 0x1000, 0x1000),
+            (Unmap, 0x1000, 0x3000, 0x2000),
+            (Unmap, 0x3000, 0x7000, 0x1000),
+        ]
+    );
+    assert!(
+        g.vm.lookup(EP, iova0, None).is_err(),
+        "the refused MAP translates"
+    );
+    g.vm.set_notifier(None);
+    assert_eq!(next_host_iova(&g), iova0, "the refused MAP kept its IOVA");
+    // The same MAP, not refused, maps.
+    let m = g.map(EP, RW, 0, &segs);
+    assert_eq!(m.status, Status::Ok);
+    assert_eq!(g.vm.stats().pinned_pages, 5);
+    assert_eq!(g.vm.stats().mappings, 2);
+}
+
 /// A guest may map one page at many IOVAs (pins count distinct pages), so
 /// the host memory its page tables and records take has a limit of its
 /// own, shared by the VM's domains: QUOTA, leaving nothing behind.
@@ -416,7 +467,8 @@ fn record_events(g: &Guest) -> Arc<Mutex<Vec<MapEvent>>> {
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&log);
     g.vm.set_notifier(Some(Arc::new(move |e: &MapEvent| {
-        sink.lock().unwrap().push(*e)
+        sink.lock().unwrap().push(*e);
+        true
     })));
     log
 }

@@ -274,7 +274,8 @@ fn notifier_sees_every_event_before_the_request_returns() {
     let log: Arc<Mutex<Vec<MapEvent>>> = Arc::default();
     let sink = log.clone();
     g.vm.set_notifier(Some(Arc::new(move |e: &MapEvent| {
-        sink.lock().unwrap().push(*e)
+        sink.lock().unwrap().push(*e);
+        true
     })));
 
     // Thread t: writer slots of its own on EP (shared endpoint), and for

@@ -1000,9 +1000,11 @@ struct events {
     int n;
     pvdma_map_event ev[16];
     void *opaque_seen;
+    /* Refuse the MAP event with this number (from 1; 0: none). */
+    int refuse;
 };
 
-static void record_event(void *opaque, const pvdma_map_event *ev)
+static int record_event(void *opaque, const pvdma_map_event *ev)
 {
     struct events *e = opaque;
     e->opaque_seen = opaque;
@@ -1010,6 +1012,7 @@ static void record_event(void *opaque, const pvdma_map_event *ev)
         e->ev[e->n] = *ev;
     }
     e->n++;
+    return e->refuse == e->n && ev->kind == PVDMA_EVENT_MAP;
 }
 
 static void check_event(const pvdma_map_event *ev, uint32_t kind, uint64_t iova,
@@ -1080,6 +1083,49 @@ static void test_notifier(void)
     e.n = 0;
     pvdma_vm_free(vm);
     CHECK_U64(e.n, 1);
+}
+
+/*
+ * A notifier that cannot carry a MAP out (VFIO could not pin it) refuses
+ * it: QUOTA, the later runs are not notified, every run is unmapped
+ * again, and nothing stays mapped or pinned.
+ */
+static void test_notifier_refuses_map(void)
+{
+    pvdma_vm *vm = new_vm();
+    struct events e;
+    pvdma_stats st;
+    memset(&e, 0, sizeof(e));
+    CHECK_ST(op_simple(vm, PVDMA_OP_ATTACH, RID_A, NULL), PVDMA_S_OK);
+    pvdma_vm_set_notifier(vm, record_event, &e);
+    e.refuse = 2;
+    CHECK_ST(map(vm, RID_A, RW | FIXED, SCATTER_IOVA, scatter, 4, NULL), PVDMA_S_QUOTA);
+    CHECK_U64(e.n, 6);
+    check_event(&e.ev[0], PVDMA_EVENT_MAP, 0x50000000, 0x30000, PAGE, RW);
+    check_event(&e.ev[1], PVDMA_EVENT_MAP, 0x50001000, 0x50000, PAGE, RW);
+    check_event(&e.ev[2], PVDMA_EVENT_UNMAP, 0x50000000, 0x30000, PAGE, 0);
+    check_event(&e.ev[3], PVDMA_EVENT_UNMAP, 0x50001000, 0x50000, PAGE, 0);
+    check_event(&e.ev[4], PVDMA_EVENT_UNMAP, 0x50002000, RAM1_GPA + 0x2000, 2 * PAGE, 0);
+    check_event(&e.ev[5], PVDMA_EVENT_UNMAP, 0x50004000, 0x40000, PAGE, 0);
+    CHECK_U64(pvdma_vm_mappings(vm, RID_A, NULL, 0), 0);
+    CHECK_RES(pvdma_vm_stats(vm, &st), PVDMA_OK);
+    CHECK_U64(st.mappings, 0);
+    CHECK_U64(st.pinned_pages, 0);
+    CHECK_U64(st.mem_used, 0);
+    CHECK(!pvdma_vm_ram_pinned(vm, 0, RAM0_SIZE));
+
+    /* What UNMAP events return is ignored; the same MAP accepted maps. */
+    e.n = 0;
+    e.refuse = 0;
+    CHECK_ST(map(vm, RID_A, RW | FIXED, SCATTER_IOVA, scatter, 4, NULL), PVDMA_S_OK);
+    CHECK_U64(e.n, 4);
+    e.n = 0;
+    e.refuse = 1;
+    CHECK_ST(unmap(vm, RID_A, SCATTER_IOVA, 0, NULL), PVDMA_S_OK);
+    CHECK_U64(e.n, 4);
+    CHECK_U64(pvdma_vm_mappings(vm, RID_A, NULL, 0), 0);
+    pvdma_vm_set_notifier(vm, NULL, NULL);
+    pvdma_vm_free(vm);
 }
 
 static void test_remove_ram(void)
@@ -1754,6 +1800,7 @@ int main(void)
     run_test("the fault log keeps the newest", test_fault_log_wraps);
     run_test("single-address lookup", test_lookup);
     run_test("map/unmap notifications", test_notifier);
+    run_test("a notifier refusing a MAP: QUOTA, nothing left", test_notifier_refuses_map);
     run_test("RAM removal tears down mappings", test_remove_ram);
     run_test("statistics", test_stats);
     run_test("UNMAP_LIST", test_unmap_list);

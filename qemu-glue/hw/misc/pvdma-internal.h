@@ -64,6 +64,14 @@ typedef struct PvdmaEndpoint {
     bool attached;
     bool remapping;
     IOMMUNotifierFlag notifier_flags;
+/* @series-begin vfio-quota */
+    /*
+     * pvdma_notify_event() is sending a MAP, and the first error a
+     * notifier reported for it (-errno), or 0.
+     */
+    bool map_pending;
+    int map_error;
+/* @series-end vfio-quota */
     MemoryRegion root;
     MemoryRegion bypass_mr;
     MemoryRegion msi_mr;

@@ -529,6 +529,9 @@ typedef void PvdmaEventFn(IOMMUMemoryRegion *iommu_mr, IOMMUNotifier *n,
 /*
  * An IOTLB entry covers a naturally aligned power of two, so a run of
  * @len bytes at @iova (to @gpa) goes out as the fewest such pieces.
+/* @series-begin vfio-quota */
+ * A MAP stops at the first piece a notifier could not carry out.
+/* @series-end vfio-quota */
  */
 static void pvdma_for_each_piece(IOMMUMemoryRegion *iommu_mr,
                                  IOMMUNotifier *n, IOMMUNotifierFlag type,
@@ -552,6 +555,11 @@ static void pvdma_for_each_piece(IOMMUMemoryRegion *iommu_mr,
             .perm = type == IOMMU_NOTIFIER_MAP ? perm : IOMMU_NONE,
         };
         fn(iommu_mr, n, &event);
+/* @series-begin vfio-quota */
+        if (container_of(iommu_mr, PvdmaEndpoint, iommu_mr)->map_error) {
+            return;
+        }
+/* @series-end vfio-quota */
         iova += size;
         gpa += size;
         len -= size;
@@ -608,13 +616,43 @@ static void pvdma_populate_for_write(uint64_t gpa, uint64_t len)
 #endif
 }
 
+/* @series-begin vfio-quota */
+/*
+ * A notifier could not carry out a MAP event it was sent: VFIO could not
+ * map (and pin) the pages in the host IOMMU, most often because that
+ * would pass the process's RLIMIT_MEMLOCK. The guest must not get OK for
+ * it: the device's DMA would fault in the host IOMMU and its data would
+ * be lost. Remember the error; pvdma_notify_event() then refuses the MAP.
+ * Only while pvdma_notify_event() sends a MAP: during a replay (a notifier
+ * registered while the endpoint has mappings, which the guest got OK for
+ * long ago) there is nothing left to refuse.
+ */
+static void pvdma_map_failed(IOMMUMemoryRegion *iommu_mr, IOMMUNotifier *n,
+                             const IOMMUTLBEntry *entry, int err)
+{
+    PvdmaEndpoint *ep = container_of(iommu_mr, PvdmaEndpoint, iommu_mr);
+
+    trace_pvdma_map_failed(memory_region_name(MEMORY_REGION(iommu_mr)),
+                           entry->iova, entry->addr_mask + 1, err);
+    if (ep->map_pending && !ep->map_error) {
+        ep->map_error = err ? err : -EIO;
+    }
+}
+
+/* @series-end vfio-quota */
 /*
  * The library's notification: after a MAP is in the table, before an
  * UNMAP (DETACH, reset, ...) returns. It runs under the BQL, as every
  * call that changes the library's state is made under it.
+/* @series-begin vfio-quota */
+ *
+ * A MAP that a notifier could not carry out is refused (nonzero): the
+ * library answers QUOTA, the status for "the host will not pin more", and
+ * takes the mapping down again with UNMAP events, which make VFIO drop
+ * the pieces it did map.
+/* @series-end vfio-quota */
  */
-static void pvdma_notify_event(void *opaque,
-                               const struct pvdma_map_event *ev)
+static int pvdma_notify_event(void *opaque, const struct pvdma_map_event *ev)
 {
     PvdmaState *s = opaque;
     PvdmaEndpoint *ep = g_hash_table_lookup(s->by_rid,
@@ -625,17 +663,30 @@ static void pvdma_notify_event(void *opaque,
                           ev->requester, ev->iova, ev->len, ev->gpa,
                           ev->perms);
     if (!ep || !ep->notifier_flags) {
-        return;
+        return 0;
     }
     iommu_mr = &ep->iommu_mr;
     if (ev->kind == PVDMA_EVENT_MAP) {
         if (!(ev->perms & IOMMU_WO)) {
             pvdma_populate_for_write(ev->gpa, ev->len);
         }
+/* @series-begin vfio-quota */
+        ep->map_pending = true;
+        ep->map_error = 0;
+/* @series-end vfio-quota */
         pvdma_for_each_piece(iommu_mr, NULL, IOMMU_NOTIFIER_MAP, ev->iova,
                              ev->gpa, ev->len, ev->perms & IOMMU_RW,
                              pvdma_notify_all);
-        return;
+/* @series-begin vfio-quota */
+        ep->map_pending = false;
+        if (ep->map_error) {
+            trace_pvdma_map_refused(ev->requester, ev->iova, ev->len,
+                                    ep->map_error);
+            ep->map_error = 0;
+            return 1;
+        }
+/* @series-end vfio-quota */
+        return 0;
     }
     pvdma_for_each_piece(iommu_mr, NULL, IOMMU_NOTIFIER_UNMAP, ev->iova,
                          ev->gpa, ev->len, IOMMU_NONE, pvdma_notify_all);
@@ -644,6 +695,7 @@ static void pvdma_notify_event(void *opaque,
                              ev->iova, ev->gpa, ev->len, IOMMU_NONE,
                              pvdma_notify_all);
     }
+    return 0;
 }
 
 /* Tell a new notifier about every translation the endpoint has. */
@@ -760,6 +812,9 @@ static void pvdma_iommu_memory_region_class_init(ObjectClass *klass,
     imrc->replay = pvdma_replay;
     imrc->notify_flag_changed = pvdma_notify_flag_changed;
 /* @series-end notify */
+/* @series-begin vfio-quota */
+    imrc->map_failed = pvdma_map_failed;
+/* @series-end vfio-quota */
 }
 
 static const TypeInfo pvdma_iommu_memory_region_info = {

@@ -299,8 +299,25 @@ impl Vm {
         } else {
             return Response::status(Status::Inval);
         };
-        let mut notify = self.notifier_for(ep.rid, MapEventKind::Map, perms, guard);
-        match dom.map(segs, perms, choice, ram, &self.pins, &mut notify) {
+        let mut embedder = self.notifier_for(ep.rid, MapEventKind::Map, perms, guard);
+        let mut refused = false;
+        let mut notify = |run: &PageRun| {
+            if !refused {
+                refused = !embedder(run);
+            }
+        };
+        let mapped = dom.map(segs, perms, choice, ram, &self.pins, &mut notify);
+        match mapped {
+            Ok((iova, _)) if refused => {
+                // The embedder could not carry the mapping out (VFIO could
+                // not pin it): take it down again, pins and all, and tell
+                // the embedder so that it drops what it did set up. Still
+                // under the request lock, so no other request saw it.
+                let mut notify = self.unmap_notifier(ep.rid, guard);
+                let undone = dom.unmap_at(iova, ram, &self.pins, &mut notify);
+                debug_assert!(undone.is_ok(), "the refused MAP at {iova:#x} is gone");
+                Response::status(Status::Quota)
+            }
             Ok((iova, length)) => {
                 // Relaxed: a statistic.
                 self.stats.mappings.fetch_add(1, Ordering::Relaxed);

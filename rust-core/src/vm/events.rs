@@ -36,7 +36,14 @@ pub struct MapEvent {
 /// The embedder's notification callback. It runs after the table commits
 /// (adds) or before the request returns (removes), under the endpoint's
 /// request lock: it may translate, but must not submit requests.
-pub type Notifier = Arc<dyn Fn(&MapEvent) + Send + Sync>;
+///
+/// It returns whether the embedder carried the change out. Only a MAP can
+/// be refused (`false`): the embedder could not set up what the mapping
+/// needs (VFIO could not pin its pages, say). The MAP then answers QUOTA
+/// and leaves nothing behind: it is removed again, with UNMAP events for
+/// all its runs, and no further runs of it are notified. What an UNMAP
+/// event returns is ignored: a removal always happens.
+pub type Notifier = Arc<dyn Fn(&MapEvent) -> bool + Send + Sync>;
 
 /// What [`Vm`]'s notifier pointer points to.
 pub(super) struct NotifierSlot(Notifier);
@@ -103,29 +110,29 @@ impl Vm {
 
     /// The notification of one request's page runs, through the callback
     /// set when it started (loaded once, under the request's `guard`).
+    /// Returns what the callback did (true without one).
     pub(super) fn notifier_for<'g>(
         &self,
         rid: u32,
         kind: MapEventKind,
         perms: Perm,
         guard: &'g Guard,
-    ) -> impl FnMut(&PageRun) + 'g {
+    ) -> impl FnMut(&PageRun) -> bool + 'g {
         // Acquire: pairs with the Release of `set_notifier`'s swap.
         let slot = self.notifier.load(Ordering::Acquire, guard);
         // SAFETY: null or a slot from `set_notifier`, freed only through
         // `defer_destroy` after it was unlinked, so alive while `guard` is.
         let n = unsafe { slot.as_ref() }.map(|slot| &slot.0);
-        move |run: &PageRun| {
-            if let Some(n) = n {
-                n(&MapEvent {
-                    kind,
-                    requester: rid,
-                    iova: run.iova,
-                    len: run.len,
-                    gpa: run.gpa,
-                    perms,
-                })
-            }
+        move |run: &PageRun| match n {
+            Some(n) => n(&MapEvent {
+                kind,
+                requester: rid,
+                iova: run.iova,
+                len: run.len,
+                gpa: run.gpa,
+                perms,
+            }),
+            None => true,
         }
     }
 
@@ -134,8 +141,12 @@ impl Vm {
         rid: u32,
         guard: &'g Guard,
     ) -> impl FnMut(&PageRun) + 'g {
-        // Unmap events carry no meaningful permissions.
-        self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE, guard)
+        // Unmap events carry no meaningful permissions, and cannot be
+        // refused.
+        let mut n = self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE, guard);
+        move |run: &PageRun| {
+            n(run);
+        }
     }
 
     /// Invalidates every cached [`Vm::lookup`] of this VM, on every thread.
