@@ -726,23 +726,6 @@ static phys_addr_t pvdma_iova_to_phys(struct iommu_domain *domain,
 
 /* ---- domains ----------------------------------------------------------- */
 
-static void pvdma_leave_domain(struct pvdma_endpoint *ep)
-{
-	struct pvdma_domain *old = ep->domain;
-	unsigned long irqflags;
-
-	if (!old)
-		return;
-	/*
-	 * Every request of a domain is issued under its lock to the endpoints
-	 * on its list: once off the list, the endpoint gets no more of them.
-	 */
-	spin_lock_irqsave(&old->lock, irqflags);
-	list_del_init(&ep->link);
-	spin_unlock_irqrestore(&old->lock, irqflags);
-	ep->domain = NULL;
-}
-
 /*
  * Removes every mapping an attached endpoint holds on the host and leaves
  * it attached: its DMA is blocked. One UNMAP over the whole IOVA space
@@ -759,6 +742,32 @@ static int pvdma_host_block(struct pvdma_endpoint *ep)
 		return 0;
 	pvdma_report(ep, PVDMA_OP_UNMAP, 0, st);
 	return pvdma_errno(st);
+}
+
+/*
+ * Takes the endpoint off its domain's list. With @block (and the endpoint
+ * attached) its mappings go on the host first, under the domain's lock:
+ * the domain's UNMAPs are issued under that lock to the endpoints on its
+ * list, so none of them can fall between the endpoint leaving the list
+ * and its mappings going, which would leave an IOVA the domain freed
+ * mapped for the device. Returns the block's error (the endpoint leaves
+ * the list all the same).
+ */
+static int pvdma_leave_domain(struct pvdma_endpoint *ep, bool block)
+{
+	struct pvdma_domain *old = ep->domain;
+	unsigned long irqflags;
+	int ret = 0;
+
+	if (!old)
+		return block && ep->attached ? pvdma_host_block(ep) : 0;
+	spin_lock_irqsave(&old->lock, irqflags);
+	if (block && ep->attached)
+		ret = pvdma_host_block(ep);
+	list_del_init(&ep->link);
+	spin_unlock_irqrestore(&old->lock, irqflags);
+	ep->domain = NULL;
+	return ret;
 }
 
 /* The domain's mappings to one endpoint, which is not on its list yet. */
@@ -838,13 +847,18 @@ static int pvdma_attach_dev(struct iommu_domain *domain, struct device *dev)
 		ret = -ENODEV;
 		goto out;
 	}
-	pvdma_leave_domain(ep);
 	if (domain->type == IOMMU_DOMAIN_IDENTITY) {
+		pvdma_leave_domain(ep, false);
 		ret = pvdma_host_reset(ep, false);
 		goto out;
 	}
 	/* Attached: to an old domain, blocked, or left so by a kexec. */
-	ret = ep->attached ? pvdma_host_block(ep) : pvdma_host_reset(ep, true);
+	if (ep->attached) {
+		ret = pvdma_leave_domain(ep, true);
+	} else {
+		pvdma_leave_domain(ep, false);
+		ret = pvdma_host_reset(ep, true);
+	}
 	if (ret || domain->type == IOMMU_DOMAIN_BLOCKED)
 		goto out;
 
@@ -997,7 +1011,7 @@ static void pvdma_release_device(struct device *dev)
 
 	if (!ep)
 		return;
-	pvdma_leave_domain(ep);
+	pvdma_leave_domain(ep, false);
 	pvdma_host_reset(ep, false);
 	dev_iommu_priv_set(dev, NULL);
 	kfree(ep);
@@ -1066,9 +1080,7 @@ static void pvdma_detach_dev(struct iommu_domain *domain, struct device *dev)
 		return;
 	/* No domain: blocked, as attach_dev leaves a failed switch. */
 	mutex_lock(&pvdma_switch_lock);
-	pvdma_leave_domain(ep);
-	if (ep->attached && !pvdma_down)
-		pvdma_host_block(ep);
+	pvdma_leave_domain(ep, !pvdma_down);
 	mutex_unlock(&pvdma_switch_lock);
 }
 
