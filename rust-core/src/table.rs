@@ -561,6 +561,31 @@ impl TableWriter<'_> {
         Some(needed)
     }
 
+    /// Whether a leaf covers IOVA page number `page` (a page inside a 2 MiB
+    /// leaf counts): one descent, no epoch pin.
+    pub fn is_mapped_page(&self, page: u64) -> bool {
+        if page >> (self.table.iova_bits - PAGE_SHIFT) != 0 {
+            return false;
+        }
+        let iova = page << PAGE_SHIFT;
+        let mut node: &Node = &self.table.root;
+        let mut level = self.table.levels - 1;
+        loop {
+            // Relaxed: only writers store entries, and we hold the mutex.
+            let entry = node.slot(iova, level).load(Ordering::Relaxed);
+            if entry & PRESENT == 0 || level == 0 {
+                return entry & PRESENT != 0;
+            }
+            if entry & LEAF != 0 {
+                return true;
+            }
+            // SAFETY: a pointer entry (PRESENT set, LEAF clear) of a linked
+            // node; we hold the mutex, and only writers free nodes.
+            node = unsafe { child(entry) };
+            level -= 1;
+        }
+    }
+
     /// The first page address at or above `from` and below `end` that a
     /// leaf covers (a page inside a 2 MiB leaf counts), if any. Empty
     /// subtrees are skipped whole, so a scan over a sparse range costs the
