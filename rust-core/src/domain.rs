@@ -607,11 +607,13 @@ impl Domain {
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
     ) -> Result<Removed> {
-        let end = iova
-            .checked_add(length)
-            .ok_or(Error::Inval("UNMAP range wraps"))?;
+        // The last byte, not the end: a range may end at 2^64.
+        let last_byte = length
+            .checked_sub(1)
+            .and_then(|n| iova.checked_add(n))
+            .ok_or(Error::Inval("UNMAP range empty or wrapping"))?;
         let first = iova >> PAGE_SHIFT;
-        let last = (end - 1) >> PAGE_SHIFT; // inclusive
+        let last = last_byte >> PAGE_SHIFT; // inclusive
         let mut inner = self.inner.lock();
         // The usual UNMAP names exactly one mapping: one that starts on the
         // range's first page and ends on its last. Mappings are disjoint,
@@ -964,6 +966,33 @@ mod tests {
             let r = self.dom.unmap_spans(spans, ram, &self.pins, &mut |_| {});
             (r, self.dom.inner.lock().probes.get() - before)
         }
+    }
+
+    /// UNMAP ranges reaching 2^64 neither overflow nor miss mappings: the
+    /// whole 64-bit space takes every mapping, its last page is NOENT.
+    #[test]
+    fn unmap_ranges_up_to_2_pow_64() {
+        let f = Fixture::new();
+        let guard = epoch::pin();
+        let ram = f.ram.load(&guard);
+        let unmap = |iova, len| f.dom.unmap_range(iova, len, ram, &f.pins, &mut |_| {});
+        let top = PAGE_SIZE.wrapping_neg();
+        for (iova, len) in [(top, PAGE_SIZE), (top + 5, PAGE_SIZE - 5), (top, 1)] {
+            let r = unmap(iova, len);
+            assert!(
+                matches!(r, Err(Error::NoEnt { .. })),
+                "{iova:#x}+{len:#x}: {r:?}"
+            );
+        }
+        // Wrapping past 2^64, and empty: invalid.
+        assert!(matches!(unmap(top, PAGE_SIZE + 1), Err(Error::Inval(_))));
+        assert!(matches!(
+            unmap(CROWD << PAGE_SHIFT, 0),
+            Err(Error::Inval(_))
+        ));
+        let removed = unmap(0, u64::MAX).expect("everything inside");
+        assert_eq!(removed.mappings, MANY + 1);
+        assert_eq!(f.dom.mapping_count(), 0);
     }
 
     /// A refused UNMAP or UNMAP_LIST probes a bounded number of records,

@@ -395,8 +395,11 @@ impl IoPageTable {
     fn clip(&self, iova: u64, len: u64) -> Option<(u64, u64)> {
         let limit = 1u64 << self.iova_bits;
         let start = iova & !PAGE_MASK;
-        let end = iova.checked_add(len)?.checked_add(PAGE_MASK)? & !PAGE_MASK;
-        let end = end.min(limit);
+        // Clipped to the table before rounding up (`limit` <= 2^57), so a
+        // range ending at or within a page of 2^64 cannot overflow; one
+        // that would wrap is taken to end at 2^64.
+        let end = iova.saturating_add(len).min(limit);
+        let end = (end + PAGE_MASK) & !PAGE_MASK;
         (start < end).then_some((start, end))
     }
 }
@@ -1107,6 +1110,29 @@ mod tests {
         assert_eq!(w.next_mapped(9 * GIB, 9 * GIB), None);
         assert_eq!(w.next_mapped(9 * GIB + 1, 9 * GIB), None);
         assert_eq!(w.next_mapped(9 * GIB + HUGE_SIZE, u64::MAX), None);
+    }
+
+    /// Ranges that end at 2^64, or within a page of it, reach the top of
+    /// the table: nothing overflows while rounding them to pages.
+    #[test]
+    fn ranges_ending_near_2_pow_64_reach_the_table() {
+        let t = IoPageTable::new(48);
+        let top = (1u64 << 48) - PAGE_SIZE;
+        map(&t, 0x5000, 0x9000, PAGE_SIZE, Perm::RW);
+        map(&t, top, 0xa000, PAGE_SIZE, Perm::RW);
+        let w = t.lock();
+        for end in [u64::MAX, u64::MAX - 1, u64::MAX - PAGE_MASK + 1] {
+            assert_eq!(w.next_mapped(0, end), Some(0x5000), "end {end:#x}");
+            assert_eq!(w.next_mapped(0x6000, end), Some(top), "end {end:#x}");
+            assert_eq!(w.next_mapped(u64::MAX - PAGE_SIZE, end), None);
+        }
+        assert!(w.is_mapped_page(top >> PAGE_SHIFT));
+        assert!(!w.is_mapped_page(u64::MAX >> PAGE_SHIFT));
+        drop(w);
+        // [top, 2^64): its length is 2^64 - top.
+        unmap(&t, top, top.wrapping_neg());
+        assert_eq!(look(&t, top), None);
+        assert_eq!(look(&t, 0x5000).map(|l| l.gpa), Some(0x9000));
     }
 
     #[test]
