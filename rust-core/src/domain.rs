@@ -14,7 +14,7 @@ use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
-use crate::hash::PageKeyHash;
+use crate::hash::{note_room, shrink_when_sparse, PageKeyHash};
 use crate::iova_alloc::IovaAllocator;
 use crate::mapping::page_list;
 pub use crate::mapping::{check_segments, Mapping, PageRun, Runs};
@@ -287,6 +287,9 @@ struct DomainInner {
     /// the table, whose leaves are exactly the mapped pages (see
     /// [`DomainInner::span_victims`]). Keyed per domain: guests pick IOVAs.
     mappings: HashMap<u64, Mapping, PageKeyHash>,
+    /// The record map's size, for shrinking it as mappings go (see
+    /// [`shrink_when_sparse`]).
+    room: usize,
     /// Free IOVA pages for host-chosen MAPs; `None` until the first one.
     /// FIXED maps check their range in the table instead, so a domain
     /// whose driver only maps FIXED (the Linux driver) never keeps it.
@@ -420,6 +423,7 @@ impl Domain {
             table: IoPageTable::new(iova_bits),
             inner: CachePadded::new(Mutex::new(DomainInner {
                 mappings: HashMap::default(),
+                room: 0,
                 alloc: None,
                 charged: 0,
                 #[cfg(test)]
@@ -576,6 +580,7 @@ impl Domain {
             segs,
         };
         inner.mappings.insert(first_page, mapping);
+        note_room(&inner.mappings, &mut inner.room);
         Ok((iova, length))
     }
 
@@ -746,6 +751,8 @@ impl Domain {
             released += record_bytes(m.segs.len());
             removed.push(m);
         }
+        // The records' memory goes back with them (not only their budget).
+        shrink_when_sparse(&mut inner.mappings, &mut inner.room);
         released += (nodes_before - self.table.node_count()) as u64 * NODE_BYTES;
         debug_assert!(
             released <= inner.charged,
