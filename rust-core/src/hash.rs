@@ -66,24 +66,6 @@ impl Hasher for PageHasher {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::HashMap;
-
-    #[test]
-    fn maps_get_their_own_keys_and_keep_entries_apart() {
-        let (a, b) = (PageKeyHash::default(), PageKeyHash::default());
-        assert_ne!((a.k0, a.k1), (b.k0, b.k1), "two maps drew the same key");
-        assert_eq!(a.hash_one(7u64), a.hash_one(7u64));
-        let mut m: HashMap<u64, u64, PageKeyHash> = HashMap::default();
-        for k in 0..1000u64 {
-            m.insert(k << 9, k);
-        }
-        assert!((0..1000u64).all(|k| m[&(k << 9)] == k));
-    }
-}
-
 /// Capacity a page-keyed map keeps however few entries it holds: a map
 /// that goes between empty and a few entries (one page mapped and
 /// unmapped per I/O) must not allocate and free on every request.
@@ -118,4 +100,22 @@ pub(crate) fn shrink_when_sparse<V>(
 #[inline]
 pub(crate) fn note_room<V>(map: &std::collections::HashMap<u64, V, PageKeyHash>, room: &mut usize) {
     *room = (*room).max(map.capacity());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn maps_get_their_own_keys_and_keep_entries_apart() {
+        let (a, b) = (PageKeyHash::default(), PageKeyHash::default());
+        assert_ne!((a.k0, a.k1), (b.k0, b.k1), "two maps drew the same key");
+        assert_eq!(a.hash_one(7u64), a.hash_one(7u64));
+        let mut m: HashMap<u64, u64, PageKeyHash> = HashMap::default();
+        for k in 0..1000u64 {
+            m.insert(k << 9, k);
+        }
+        assert!((0..1000u64).all(|k| m[&(k << 9)] == k));
+    }
 }
