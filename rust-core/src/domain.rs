@@ -265,6 +265,28 @@ pub(crate) fn next_generation() -> u64 {
     NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Moves `shared`, a generation that several writers move (the VM's
+/// lookup generation: every endpoint's requests, each under its own
+/// locks), to a new value, after the caller's table changes.
+///
+/// A read-modify-write with AcqRel, not a Release store. A reader that
+/// loads a value with Acquire synchronises with the write it read and,
+/// through the release sequence that read-modify-writes continue, with
+/// every write before it. With plain stores it would synchronise with the
+/// last writer only: it could load the current value and still see an
+/// earlier writer's removed page in the table, and cache it under a value
+/// that never changes again (the loom model below finds this).
+///
+/// A swap rather than `fetch_max`: the new value comes from
+/// [`next_generation`] before the write, so two writers may write theirs
+/// in the other order; `fetch_max` would then leave the larger in place
+/// and the second removal would not change the value at all. Every value
+/// is written once, so any write makes every cached tag stale.
+#[inline]
+pub(crate) fn bump_shared_generation(shared: &AtomicU64) {
+    shared.swap(next_generation(), Ordering::AcqRel);
+}
+
 /// The translation state of one attached endpoint.
 pub struct Domain {
     table: IoPageTable,
@@ -768,8 +790,9 @@ impl Domain {
             // pins are released below).
             self.generation.store(next_generation(), Ordering::Release);
             if let Some(shared) = &self.shared_generation {
-                // Release, after the table was cleared: as above.
-                shared.store(next_generation(), Ordering::Release);
+                // After the table was cleared: as above, but other domains
+                // write it too (see the function).
+                bump_shared_generation(shared);
             }
         }
         drop(writer);
@@ -1033,5 +1056,62 @@ mod tests {
         let (r, _) = f.unmap_list(&[(CROWD, last), (TWO, TWO + 1)]);
         assert_eq!(r.expect("removing").mappings, MANY + 1);
         assert_eq!(f.dom.mapping_count(), 0);
+    }
+}
+
+// LOOM_MAX_PREEMPTIONS=2 RUSTFLAGS="--cfg loom --cfg crossbeam_loom" \
+//     cargo test -p pvdma --features loom --release --lib loom_tests
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use crate::sync::epoch;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    const IOVA: u64 = 0x3000;
+    const GPA: u64 = 0x2345_6000;
+
+    /// Two domains' removals (each table cleared, then the shared
+    /// generation moved, as `remove_locked` does) race a reader filling a
+    /// cache entry as `Vm::lookup` does (the shared generation loaded
+    /// before the walks). Once both removals returned, an entry tagged
+    /// with the current value must hold neither removed page. Fails with
+    /// Release stores in `bump_shared_generation`: the reader can load the
+    /// second writer's value and still see the first writer's page.
+    #[test]
+    fn shared_generation_orders_every_writer() {
+        loom::model(|| {
+            let tables = Arc::new([IoPageTable::new(30), IoPageTable::new(30)]);
+            for table in tables.iter() {
+                let mut w = table.lock();
+                w.map(IOVA, GPA, PAGE_SIZE, Perm::READ);
+                // Keeps the leaf node alive: the removal clears one entry.
+                w.map(IOVA + PAGE_SIZE, GPA, PAGE_SIZE, Perm::READ);
+            }
+            let shared = Arc::new(AtomicU64::new(next_generation()));
+            let writers: Vec<_> = (0..2)
+                .map(|i| {
+                    let (tables, shared) = (Arc::clone(&tables), Arc::clone(&shared));
+                    thread::spawn(move || {
+                        tables[i].lock().unmap(IOVA, PAGE_SIZE);
+                        bump_shared_generation(&shared);
+                    })
+                })
+                .collect();
+            let tag = shared.load(Ordering::Acquire);
+            let guard = epoch::pin();
+            let cached = [0, 1].map(|i| tables[i].lookup(IOVA, &guard).is_some());
+            drop(guard);
+            for w in writers {
+                w.join().unwrap();
+            }
+            if shared.load(Ordering::Acquire) == tag {
+                assert_eq!(
+                    cached,
+                    [false, false],
+                    "a removed page under the current tag"
+                );
+            }
+        });
     }
 }
