@@ -275,7 +275,8 @@ pub(crate) fn next_generation() -> u64 {
 /// every write before it. With plain stores it would synchronise with the
 /// last writer only: it could load the current value and still see an
 /// earlier writer's removed page in the table, and cache it under a value
-/// that never changes again (the loom model below finds this).
+/// that never changes again (the loom model in `domain/loom_tests.rs`
+/// finds this).
 ///
 /// A swap rather than `fetch_max`: the new value comes from
 /// [`next_generation`] before the write, so two writers may write theirs
