@@ -93,4 +93,16 @@ if c:
             hog_cells = (f"{1e3 / hog:.1f}", f"{hog / alone:.2f}x") if hog else ("", "")
             print(f"| {kind} | {1e3 / alone:.1f} | {hog_cells[0]} | {1e3 / busy:.1f} "
                   f"| {busy / alone:.2f}x | {hog_cells[1]} |")
+
+# Refused UNMAPs in a big domain: each against a successful one-page
+# MAP + UNMAP of the same run and domain (the cost must not grow with it).
+u = {f: ns for (g, _, f), ns in results.items() if g == "unmap_refused"}
+ok = u.get("ok_map_unmap")
+if ok:
+    print()
+    print("| refused UNMAP (400,000 records) | ns | / ok_map_unmap |")
+    print("|---|---:|---:|")
+    for f in sorted(u):
+        if f != "ok_map_unmap":
+            print(f"| {f} | {fmt(u[f])} | {u[f] / ok:.2f}x |")
 PY

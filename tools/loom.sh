@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-# Model-checks the lock-free page table (update and epoch reclamation) with
-# loom. Miri would need a nightly toolchain, which we do not use.
+# Model-checks with loom the lock-free page table (update and epoch
+# reclamation), the software IOTLB's generation and the VM-wide lookup
+# generation that several domains write. Miri would need a nightly toolchain, which we do not use.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$PVDMA_ROOT"

@@ -8,15 +8,16 @@
 //! agree whenever the mutex is free.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
-use crate::hash::PageKeyHash;
+use crate::hash::{note_room, shrink_when_sparse, PageKeyHash};
 use crate::iova_alloc::IovaAllocator;
+use crate::mapping::page_list;
+pub use crate::mapping::{check_segments, Mapping, PageRun, Runs};
 use crate::pin::{self, PinTable};
 use crate::ram::RamLayout;
 use crate::sync::epoch::Guard;
@@ -59,12 +60,12 @@ pub enum Error {
         iova: u64,
     },
     /// A mapping crosses an end of the UNMAP range.
-    #[error("mapping at {iova:#x}+{len:#x} crosses the end of the range")]
+    #[error("a mapping crosses the UNMAP range's end at page {iova:#x}")]
     Range {
-        /// The crossing mapping's first byte.
+        /// The first byte of the range's end page that the crossing
+        /// mapping holds (its first or last page). Not the mapping's own
+        /// address: finding it would cost a search of every record.
         iova: u64,
-        /// Its length.
-        len: u64,
     },
     /// The pin table refused.
     #[error(transparent)]
@@ -149,212 +150,6 @@ fn record_bytes(segs: usize) -> u64 {
 
 /// Result alias for domain operations.
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// One mapping: a guest MAP request that succeeded.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Mapping {
-    /// IOVA of the first byte (same in-page offset as `segs[0].0`).
-    pub iova: u64,
-    /// Sum of the segment lengths.
-    pub length: u64,
-    /// What the device may do.
-    pub perms: Perm,
-    /// Guest-physical segments `(gpa, len)` as the guest gave them.
-    pub segs: Vec<(u64, u64)>,
-}
-
-impl fmt::Debug for Mapping {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Mapping({:#x}+{:#x} {} {} segs)",
-            self.iova,
-            self.length,
-            self.perms,
-            self.segs.len()
-        )
-    }
-}
-
-/// A run of whole pages that is contiguous in IOVA and in guest-physical
-/// space: the unit of table updates and of notifications.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageRun {
-    /// Page-aligned IOVA.
-    pub iova: u64,
-    /// Page-aligned guest-physical address.
-    pub gpa: u64,
-    /// Length in bytes, a multiple of the page size.
-    pub len: u64,
-}
-
-impl Mapping {
-    /// First IOVA page number.
-    pub fn first_page(&self) -> u64 {
-        self.iova >> PAGE_SHIFT
-    }
-
-    /// Number of IOVA pages covered (page of the first byte to page of the
-    /// last). Mappings are validated on creation, so this cannot overflow.
-    pub fn npages(&self) -> u64 {
-        ((self.iova & PAGE_MASK) + self.length).div_ceil(PAGE_SIZE)
-    }
-
-    /// Bytes of IOVA space the mapping occupies (whole pages).
-    pub fn span(&self) -> u64 {
-        self.npages() << PAGE_SHIFT
-    }
-
-    /// The page runs, merging segments that continue each other in
-    /// guest-physical space.
-    pub fn runs(&self) -> Vec<PageRun> {
-        self.run_iter().collect()
-    }
-
-    /// [`Mapping::runs`] without collecting them.
-    pub fn run_iter(&self) -> Runs<'_> {
-        Runs::new(self.iova, &self.segs)
-    }
-
-    /// Distinct guest page frame numbers covered, ascending.
-    ///
-    /// Segments may name the same pages many times; the runs are merged as
-    /// intervals first, so the work and memory are bounded by the distinct
-    /// pages (themselves bounded by guest RAM), not by the IOVA span.
-    pub fn gfns(&self) -> Vec<u64> {
-        let mut gfns = Vec::new();
-        for_each_distinct_span(self.run_iter(), |first, end| gfns.extend(first..end));
-        gfns
-    }
-
-    /// True when some page of the mapping lies in [gpa, gpa + len).
-    pub fn touches_gpa(&self, gpa: u64, len: u64) -> bool {
-        let end = gpa.saturating_add(len);
-        self.run_iter().any(|r| r.gpa < end && gpa < r.gpa + r.len)
-    }
-}
-
-/// The page runs of the segments `segs` of a mapping at `iova`: an
-/// iterator, so that MAP and UNMAP walk them without allocating.
-#[derive(Clone)]
-pub struct Runs<'a> {
-    segs: std::slice::Iter<'a, (u64, u64)>,
-    /// IOVA of the next segment's first page.
-    iova: u64,
-    /// The run being extended.
-    pending: Option<PageRun>,
-}
-
-impl<'a> Runs<'a> {
-    fn new(iova: u64, segs: &'a [(u64, u64)]) -> Runs<'a> {
-        Runs {
-            segs: segs.iter(),
-            iova: iova & !PAGE_MASK,
-            pending: None,
-        }
-    }
-}
-
-impl Iterator for Runs<'_> {
-    type Item = PageRun;
-
-    fn next(&mut self) -> Option<PageRun> {
-        for &(gpa, len) in self.segs.by_ref() {
-            let start = gpa & !PAGE_MASK;
-            let bytes = ((gpa & PAGE_MASK) + len).div_ceil(PAGE_SIZE) << PAGE_SHIFT;
-            let iova = self.iova;
-            self.iova += bytes;
-            match &mut self.pending {
-                Some(last) if last.gpa + last.len == start => last.len += bytes,
-                pending => {
-                    let done = pending.replace(PageRun {
-                        iova,
-                        gpa: start,
-                        len: bytes,
-                    });
-                    if done.is_some() {
-                        return done;
-                    }
-                }
-            }
-        }
-        self.pending.take()
-    }
-}
-
-/// Calls `f(first_gfn, end_gfn)` for the distinct guest frames of `runs`,
-/// as disjoint ascending spans. Runs that are already ascending and
-/// disjoint (what drivers send) take one pass without allocating; others
-/// are sorted and merged first.
-fn for_each_distinct_span(runs: Runs<'_>, mut f: impl FnMut(u64, u64)) {
-    let span = |r: PageRun| (r.gpa >> PAGE_SHIFT, (r.gpa + r.len) >> PAGE_SHIFT);
-    let mut prev_end = 0;
-    let ascending = runs.clone().enumerate().all(|(i, r)| {
-        let (first, end) = span(r);
-        let ok = i == 0 || first >= prev_end;
-        prev_end = end;
-        ok
-    });
-    if ascending {
-        runs.for_each(|r| {
-            let (first, end) = span(r);
-            f(first, end);
-        });
-        return;
-    }
-    // At most one run per segment.
-    let mut spans: Vec<(u64, u64)> = Vec::with_capacity(runs.segs.len() + 1);
-    spans.extend(runs.map(span));
-    spans.sort_unstable();
-    let mut merged: Option<(u64, u64)> = None;
-    for (s, e) in spans {
-        match &mut merged {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            last => {
-                if let Some((ls, le)) = last.replace((s, e)) {
-                    f(ls, le);
-                }
-            }
-        }
-    }
-    if let Some((s, e)) = merged {
-        f(s, e);
-    }
-}
-
-/// Checks the ABI's segment rules and returns the mapping's byte length
-/// and page count. Does not look at guest RAM.
-pub fn check_segments(segs: &[(u64, u64)]) -> Result<(u64, u64)> {
-    let Some(&(gpa0, _)) = segs.first() else {
-        return Err(Error::Inval("no segments"));
-    };
-    let last = segs.len() - 1;
-    let mut length: u64 = 0;
-    for (i, &(gpa, len)) in segs.iter().enumerate() {
-        if len == 0 {
-            return Err(Error::Inval("zero-length segment"));
-        }
-        let end = gpa
-            .checked_add(len)
-            .ok_or(Error::Inval("segment wraps the address space"))?;
-        if i > 0 && gpa & PAGE_MASK != 0 {
-            return Err(Error::Inval("segment after the first is not page aligned"));
-        }
-        if i < last && end & PAGE_MASK != 0 {
-            return Err(Error::Inval(
-                "segment before the last does not end on a page",
-            ));
-        }
-        length = length
-            .checked_add(len)
-            .ok_or(Error::Inval("total length overflows"))?;
-    }
-    let npages = (gpa0 & PAGE_MASK)
-        .checked_add(length)
-        .ok_or(Error::Inval("total length overflows"))?
-        .div_ceil(PAGE_SIZE);
-    Ok((length, npages))
-}
 
 /// Where the IOVA of a new mapping comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -470,6 +265,29 @@ pub(crate) fn next_generation() -> u64 {
     NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Moves `shared`, a generation that several writers move (the VM's
+/// lookup generation: every endpoint's requests, each under its own
+/// locks), to a new value, after the caller's table changes.
+///
+/// A read-modify-write with AcqRel, not a Release store. A reader that
+/// loads a value with Acquire synchronises with the write it read and,
+/// through the release sequence that read-modify-writes continue, with
+/// every write before it. With plain stores it would synchronise with the
+/// last writer only: it could load the current value and still see an
+/// earlier writer's removed page in the table, and cache it under a value
+/// that never changes again (the loom model in `domain/loom_tests.rs`
+/// finds this).
+///
+/// A swap rather than `fetch_max`: the new value comes from
+/// [`next_generation`] before the write, so two writers may write theirs
+/// in the other order; `fetch_max` would then leave the larger in place
+/// and the second removal would not change the value at all. Every value
+/// is written once, so any write makes every cached tag stale.
+#[inline]
+pub(crate) fn bump_shared_generation(shared: &AtomicU64) {
+    shared.swap(next_generation(), Ordering::AcqRel);
+}
+
 /// The translation state of one attached endpoint.
 pub struct Domain {
     table: IoPageTable,
@@ -492,6 +310,9 @@ struct DomainInner {
     /// the table, whose leaves are exactly the mapped pages (see
     /// [`DomainInner::span_victims`]). Keyed per domain: guests pick IOVAs.
     mappings: HashMap<u64, Mapping, PageKeyHash>,
+    /// The record map's size, for shrinking it as mappings go (see
+    /// [`shrink_when_sparse`]).
+    room: usize,
     /// Free IOVA pages for host-chosen MAPs; `None` until the first one.
     /// FIXED maps check their range in the table instead, so a domain
     /// whose driver only maps FIXED (the Linux driver) never keeps it.
@@ -500,6 +321,9 @@ struct DomainInner {
     /// recomputed from the table at drop, because the table's writer is
     /// public and tests write it directly, past the budget.
     charged: u64,
+    /// Record probes (see [`DomainInner::record`]).
+    #[cfg(test)]
+    probes: std::cell::Cell<u64>,
 }
 
 impl DomainInner {
@@ -517,16 +341,46 @@ impl DomainInner {
         })
     }
 
+    /// The mapping whose first page is `page`, if any. Under `cfg(test)`
+    /// the probes are counted, so that tests can bound the work a request
+    /// does without timing it.
+    #[inline]
+    fn record(&self, page: u64) -> Option<&Mapping> {
+        #[cfg(test)]
+        self.probes.set(self.probes.get() + 1);
+        self.mappings.get(&page)
+    }
+
+    /// RANGE when a mapping crosses an end of the page span `[first,
+    /// last]`: one that holds `first` without starting there, or one that
+    /// holds `last + 1` without starting there (then it holds `last` too:
+    /// a mapping's pages are contiguous). At most two table descents and
+    /// two record probes, however many mappings the domain holds.
+    fn check_span_ends(&self, writer: &TableWriter<'_>, first: u64, last: u64) -> Result<()> {
+        let crossed = |page: u64| writer.is_mapped_page(page) && self.record(page).is_none();
+        if crossed(first) {
+            return Err(Error::Range {
+                iova: first << PAGE_SHIFT,
+            });
+        }
+        if last.checked_add(1).is_some_and(crossed) {
+            return Err(Error::Range {
+                iova: last << PAGE_SHIFT,
+            });
+        }
+        Ok(())
+    }
+
     /// Pushes the first page of every mapping inside the page span
     /// `[first, last]` onto `victims` and returns how many; RANGE when a
     /// mapping crosses either end of the span.
     ///
-    /// Every page of a mapping has a leaf and nothing else does, so a scan
-    /// of the span's leaves from `first` meets each mapping inside it at
-    /// its first page (one record lookup), then skips the rest of it. A
-    /// leaf that starts no mapping can only be met first thing: a mapping
-    /// that began before the span. Costs the mappings found plus the table
-    /// nodes the scan passes through.
+    /// The ends are checked first ([`DomainInner::check_span_ends`]), so a
+    /// refused span costs the same whatever it holds. Then every page of a
+    /// mapping has a leaf and nothing else does, so a scan of the span's
+    /// leaves from `first` meets each mapping inside it at its first page
+    /// (one record lookup) and skips the rest of it: the mappings removed
+    /// plus the table nodes the scan passes through.
     fn span_victims(
         &self,
         writer: &TableWriter<'_>,
@@ -534,48 +388,44 @@ impl DomainInner {
         last: u64,
         victims: &mut impl Extend<u64>,
     ) -> Result<usize> {
-        let end = (last + 1) << PAGE_SHIFT;
+        self.check_span_ends(writer, first, last)?;
+        Ok(self.collect_span(writer, first, last, victims))
+    }
+
+    /// The scan of [`DomainInner::span_victims`], for a span whose ends
+    /// were checked.
+    fn collect_span(
+        &self,
+        writer: &TableWriter<'_>,
+        first: u64,
+        last: u64,
+        victims: &mut impl Extend<u64>,
+    ) -> usize {
+        let end = page_end(last);
         let mut at = first << PAGE_SHIFT;
         let mut found = 0;
         while let Some(iova) = writer.next_mapped(at, end) {
             let page = iova >> PAGE_SHIFT;
-            let Some(m) = self.mappings.get(&page) else {
-                return Err(self.crossing(page));
+            let Some(m) = self.record(page) else {
+                // The ends were checked: every leaf met is a first page.
+                debug_assert!(false, "leaf at page {page:#x} starts no mapping");
+                break;
             };
             let m_last = page + m.npages() - 1;
-            if m_last > last {
-                return Err(Error::Range {
-                    iova: m.iova,
-                    len: m.length,
-                });
-            }
+            debug_assert!(m_last <= last, "mapping at {page:#x} crosses the span");
             victims.extend([page]);
             found += 1;
-            at = (m_last + 1) << PAGE_SHIFT;
+            at = page_end(m_last);
         }
-        Ok(found)
+        found
     }
+}
 
-    /// RANGE for the mapping holding `page`, which is not its first page.
-    /// A search of every record: only a request that fails pays it.
-    #[cold]
-    fn crossing(&self, page: u64) -> Error {
-        let holder = self
-            .mappings
-            .values()
-            .find(|m| (m.first_page()..m.first_page() + m.npages()).contains(&page));
-        debug_assert!(holder.is_some(), "leaf at page {page:#x} without a mapping");
-        match holder {
-            Some(m) => Error::Range {
-                iova: m.iova,
-                len: m.length,
-            },
-            None => Error::Range {
-                iova: page << PAGE_SHIFT,
-                len: PAGE_SIZE,
-            },
-        }
-    }
+/// The address just past page `page`, saturated at `u64::MAX` for the last
+/// page of the 64-bit space (its end, 2^64, is not a `u64`; no table
+/// reaches that far).
+fn page_end(page: u64) -> u64 {
+    (page << PAGE_SHIFT).saturating_add(PAGE_SIZE)
 }
 
 impl Domain {
@@ -596,8 +446,11 @@ impl Domain {
             table: IoPageTable::new(iova_bits),
             inner: CachePadded::new(Mutex::new(DomainInner {
                 mappings: HashMap::default(),
+                room: 0,
                 alloc: None,
                 charged: 0,
+                #[cfg(test)]
+                probes: std::cell::Cell::new(0),
             })),
             generation: AtomicU64::new(next_generation()),
             budget,
@@ -750,6 +603,7 @@ impl Domain {
             segs,
         };
         inner.mappings.insert(first_page, mapping);
+        note_room(&inner.mappings, &mut inner.room);
         Ok((iova, length))
     }
 
@@ -764,7 +618,7 @@ impl Domain {
     ) -> Result<Removed> {
         let mut inner = self.inner.lock();
         let page = iova >> PAGE_SHIFT;
-        if !inner.mappings.contains_key(&page) {
+        if inner.record(page).is_none() {
             return Err(Error::NoEnt { iova });
         }
         Ok(self.remove_locked(&mut inner, self.table.lock(), &[page], ram, pins, notify))
@@ -781,19 +635,20 @@ impl Domain {
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
     ) -> Result<Removed> {
-        let end = iova
-            .checked_add(length)
-            .ok_or(Error::Inval("UNMAP range wraps"))?;
+        // The last byte, not the end: a range may end at 2^64.
+        let last_byte = length
+            .checked_sub(1)
+            .and_then(|n| iova.checked_add(n))
+            .ok_or(Error::Inval("UNMAP range empty or wrapping"))?;
         let first = iova >> PAGE_SHIFT;
-        let last = (end - 1) >> PAGE_SHIFT; // inclusive
+        let last = last_byte >> PAGE_SHIFT; // inclusive
         let mut inner = self.inner.lock();
         // The usual UNMAP names exactly one mapping: one that starts on the
         // range's first page and ends on its last. Mappings are disjoint,
         // so no other one can then lie in the range or cross its ends: one
         // lookup decides what the scan below would.
         if inner
-            .mappings
-            .get(&first)
+            .record(first)
             .is_some_and(|m| first + m.npages() - 1 == last)
         {
             let writer = self.table.lock();
@@ -816,9 +671,12 @@ impl Domain {
     /// mappings of every span removed, under one hold of the domain lock
     /// and with one generation bump.
     ///
-    /// Each span costs a table descent per mapping in it (one record
-    /// lookup each) plus the empty table entries its scan passes over, so
-    /// the list is independent of the mappings outside its spans.
+    /// Refusals are decided before any span is scanned: first the ends of
+    /// every span (RANGE), then whether each span holds a leaf at all
+    /// (NOENT; with the ends checked, a leaf is a mapping inside), so a
+    /// refused list costs a few table descents per span however many
+    /// mappings its spans hold. Only a list that will succeed is scanned,
+    /// a table descent per mapping removed (one record lookup each).
     pub fn unmap_spans(
         &self,
         spans: &[(u64, u64)],
@@ -831,17 +689,24 @@ impl Domain {
             "spans must be sorted and disjoint"
         );
         let mut inner = self.inner.lock();
-        let mut victims = Vec::new();
-        let mut empty = None;
         let writer = self.table.lock();
+        // RANGE anywhere in the list wins over an empty span.
         for &(first, last) in spans {
-            if inner.span_victims(&writer, first, last, &mut victims)? == 0 && empty.is_none() {
-                empty = Some(first << PAGE_SHIFT);
+            inner.check_span_ends(&writer, first, last)?;
+        }
+        for &(first, last) in spans {
+            if writer
+                .next_mapped(first << PAGE_SHIFT, page_end(last))
+                .is_none()
+            {
+                return Err(Error::NoEnt {
+                    iova: first << PAGE_SHIFT,
+                });
             }
         }
-        // RANGE anywhere in the list wins over an empty span.
-        if let Some(iova) = empty {
-            return Err(Error::NoEnt { iova });
+        let mut victims = Vec::new();
+        for &(first, last) in spans {
+            inner.collect_span(&writer, first, last, &mut victims);
         }
         Ok(self.remove_locked(&mut inner, writer, &victims, ram, pins, notify))
     }
@@ -909,6 +774,8 @@ impl Domain {
             released += record_bytes(m.segs.len());
             removed.push(m);
         }
+        // The records' memory goes back with them (not only their budget).
+        shrink_when_sparse(&mut inner.mappings, &mut inner.room);
         released += (nodes_before - self.table.node_count()) as u64 * NODE_BYTES;
         debug_assert!(
             released <= inner.charged,
@@ -924,8 +791,9 @@ impl Domain {
             // pins are released below).
             self.generation.store(next_generation(), Ordering::Release);
             if let Some(shared) = &self.shared_generation {
-                // Release, after the table was cleared: as above.
-                shared.store(next_generation(), Ordering::Release);
+                // After the table was cleared: as above, but other domains
+                // write it too (see the function).
+                bump_shared_generation(shared);
             }
         }
         drop(writer);
@@ -1047,56 +915,6 @@ pub fn emit_gpa_range(
     Ok(())
 }
 
-/// The (gfn, hva) list the pin table takes for a mapping: its distinct
-/// frames, ascending. Every page was checked to be in RAM when the mapping
-/// was made; a page whose region went away since gets hva 0, which the pin
-/// table only uses for mlock. Inline (no allocation) up to 16 pages.
-fn page_list(runs: Runs<'_>, ram: &RamLayout) -> PageList {
-    let mut pages = PageList::new();
-    // One segment is one run of distinct pages: no ordering or overlap to
-    // look for (the usual one-page MAP).
-    if runs.segs.len() == 1 {
-        if let Some(run) = runs.clone().next() {
-            let first = run.gpa >> PAGE_SHIFT;
-            push_frames(&mut pages, ram, first, first + (run.len >> PAGE_SHIFT));
-        }
-        return pages;
-    }
-    // Room for every page up front (bounded: overlapping segments may
-    // name far more pages than are distinct).
-    let named: u64 = runs.clone().map(|r| r.len >> PAGE_SHIFT).sum();
-    pages.reserve(named.min(1 << 12) as usize);
-    for_each_distinct_span(runs, |first, end| push_frames(&mut pages, ram, first, end));
-    pages
-}
-
-/// Appends `(gfn, hva)` for the frames `[first, end)` to `pages`.
-fn push_frames(pages: &mut PageList, ram: &RamLayout, first: u64, end: u64) {
-    let mut gfn = first;
-    while gfn < end {
-        let gpa = gfn << PAGE_SHIFT;
-        // One RAM lookup per host-contiguous stretch, not per page.
-        let (hva, bytes) = ram
-            .host_run(gpa, (end - gfn) << PAGE_SHIFT)
-            .filter(|&(_, bytes)| bytes >= PAGE_SIZE)
-            .unwrap_or((0, PAGE_SIZE));
-        let n = bytes >> PAGE_SHIFT;
-        pages.reserve(n as usize);
-        for i in 0..n {
-            let hva = if hva == 0 {
-                0
-            } else {
-                hva + (i << PAGE_SHIFT) as usize
-            };
-            pages.push((gfn + i, hva));
-        }
-        gfn += n;
-    }
-}
-
-/// A mapping's pinned pages, see [`page_list`].
-type PageList = SmallVec<[(u64, usize); 16]>;
-
 /// What an UNMAP (or DETACH, or RAM removal) took away.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Removed {
@@ -1105,3 +923,11 @@ pub struct Removed {
     /// IOVA bytes they occupied (whole pages).
     pub bytes: u64,
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests;
+
+// LOOM_MAX_PREEMPTIONS=2 RUSTFLAGS="--cfg loom --cfg crossbeam_loom" \
+//     cargo test -p pvdma --features loom --release --lib loom_tests
+#[cfg(all(test, loom))]
+mod loom_tests;

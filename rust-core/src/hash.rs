@@ -66,6 +66,42 @@ impl Hasher for PageHasher {
     }
 }
 
+/// Capacity a page-keyed map keeps however few entries it holds: a map
+/// that goes between empty and a few entries (one page mapped and
+/// unmapped per I/O) must not allocate and free on every request.
+const KEEP_CAPACITY: usize = 64;
+
+/// Gives back the memory of removed entries once `map` holds fewer than a
+/// quarter of what it has room for, shrinking it to twice its entries.
+///
+/// `room` is the caller's record of the map's size: `map.capacity()` as
+/// it was after the last insertion (see [`note_room`]). Not the capacity
+/// now: removals leave tombstones that `capacity()` stops counting while
+/// their memory stays allocated, so a map emptied by removals can report
+/// a capacity close to its length.
+///
+/// A map only grows when full (to about twice its entries), so between a
+/// growth and a shrink at least half of its entries come or go: the
+/// rehashing costs O(1) per insertion or removal, amortised, and the
+/// allocation stays within about 4x the entries (or [`KEEP_CAPACITY`]).
+/// Call after removals.
+#[inline]
+pub(crate) fn shrink_when_sparse<V>(
+    map: &mut std::collections::HashMap<u64, V, PageKeyHash>,
+    room: &mut usize,
+) {
+    if *room > 4 * KEEP_CAPACITY && map.len() * 4 < *room {
+        map.shrink_to((map.len() * 2).max(KEEP_CAPACITY));
+        *room = map.capacity();
+    }
+}
+
+/// Records the size of `map` after insertions, for [`shrink_when_sparse`].
+#[inline]
+pub(crate) fn note_room<V>(map: &std::collections::HashMap<u64, V, PageKeyHash>, room: &mut usize) {
+    *room = (*room).max(map.capacity());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

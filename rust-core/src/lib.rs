@@ -21,6 +21,7 @@
 //! - `pin`: the per-VM pin table (refcounts, limit, optional mlock).
 //! - `iova_alloc`: the IOVA allocator used when the host picks the IOVA.
 //! - `domain`: a translation domain: table + mapping records + allocator.
+//! - `mapping`: a domain's mapping records, their page runs and pins.
 //! - `iotlb`: a per-handle software IOTLB in front of the table.
 //! - `iova_space`: a domain's IOVA space as vm-memory's `GuestMemory`.
 //! - `vq`: split virtqueues whose rings and buffers are IOVAs.
@@ -38,6 +39,7 @@ mod hash;
 mod iotlb;
 mod iova_alloc;
 mod iova_space;
+mod mapping;
 mod pin;
 mod ram;
 mod sync;

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::hash::PageKeyHash;
+use crate::hash::{note_room, shrink_when_sparse, PageKeyHash};
 use crate::sync::{AtomicU64, Ordering};
 use crate::types::{PAGE_SHIFT, PAGE_SIZE};
 
@@ -108,6 +108,9 @@ const BLOCK_SHIFT: u32 = 9;
 struct Frames {
     /// Guest frame -> references; only frames with a count > 0 are present.
     counts: HashMap<u64, u32, PageKeyHash>,
+    /// The size of `counts`, for shrinking it as frames are unpinned (see
+    /// [`shrink_when_sparse`]).
+    room: usize,
     /// Block (`gfn >> BLOCK_SHIFT`) -> frames of it in `counts`; only
     /// blocks with a count > 0 are present.
     blocks: BTreeMap<u64, u32>,
@@ -235,6 +238,10 @@ impl PinTable {
         // map itself is published by the mutex.
         self.pinned_pages
             .store(pinned_pages + added, Ordering::Relaxed);
+        if added > 0 {
+            let frames = &mut *map;
+            note_room(&frames.counts, &mut frames.room);
+        }
         Ok(())
     }
 
@@ -292,6 +299,9 @@ impl PinTable {
         let pinned_pages = self.pinned_pages.load(Ordering::Relaxed);
         self.pinned_pages
             .store(pinned_pages.saturating_sub(unpinned), Ordering::Relaxed);
+        // Unpinned frames give their memory back.
+        let frames = &mut *map;
+        shrink_when_sparse(&mut frames.counts, &mut frames.room);
         drop(map);
         // Checked after the table is consistent again, so a test observing
         // the panic still sees a sane table.
@@ -375,6 +385,34 @@ mod tests {
         (first..first + n)
             .map(|g| (g, HVA + (g as usize) * PAGE_SIZE as usize))
             .collect()
+    }
+
+    /// Unpinned frames give their memory back: the frame map shrinks
+    /// with them instead of keeping its largest size (the pin limit's
+    /// worth) for the VM's life.
+    #[test]
+    fn unpinning_shrinks_the_frame_map() {
+        let t = PinTable::new(u64::MAX, PinMode::None);
+        let batches: Vec<_> = (0..100).map(|b| frames(b * 1000, 1000)).collect();
+        for pages in &batches {
+            t.pin(pages).unwrap();
+        }
+        let full = t.pages.lock().counts.capacity();
+        assert!(full >= 100_000);
+        for pages in &batches[..90] {
+            t.unpin(pages);
+        }
+        let tenth = t.pages.lock().counts.capacity();
+        assert!(
+            tenth <= full / 4,
+            "{tenth} of {full} kept for 10,000 frames"
+        );
+        for pages in &batches[90..] {
+            t.unpin(pages);
+        }
+        let left = t.pages.lock().counts.capacity();
+        assert!(left <= 256, "{left} kept for no frame");
+        assert_eq!(t.pinned_pages(), 0);
     }
 
     #[test]

@@ -329,9 +329,9 @@ impl IoPageTable {
 
     /// Translates `iova`. Lock-free and wait-free.
     ///
-    /// `guard` must be pinned on the default collector
-    /// ([`crossbeam_epoch::pin`]), which is where freed nodes go; the result
-    /// holds no reference into the table, but the walk needs the guard.
+    /// `guard` ([`epoch::pin`]) keeps the nodes the walk passes through
+    /// from being freed; its type is pvdma's own, so it cannot be a guard
+    /// of another collector. The result holds no reference into the table.
     ///
     /// Returns None when `iova >= 2^iova_bits` or nothing is mapped there.
     ///
@@ -339,9 +339,8 @@ impl IoPageTable {
     /// a sizeable part of it.
     #[inline(always)]
     pub fn lookup(&self, iova: u64, guard: &Guard) -> Option<Leaf> {
-        debug_assert!(guard
-            .collector()
-            .is_none_or(|c| c == epoch::default_collector()));
+        // Not read: holding it while the walk runs is what it is for.
+        let _ = guard;
         // iova_bits <= 57, so the shift is in range.
         if iova >> self.iova_bits != 0 {
             return None;
@@ -395,8 +394,11 @@ impl IoPageTable {
     fn clip(&self, iova: u64, len: u64) -> Option<(u64, u64)> {
         let limit = 1u64 << self.iova_bits;
         let start = iova & !PAGE_MASK;
-        let end = iova.checked_add(len)?.checked_add(PAGE_MASK)? & !PAGE_MASK;
-        let end = end.min(limit);
+        // Clipped to the table before rounding up (`limit` <= 2^57), so a
+        // range ending at or within a page of 2^64 cannot overflow; one
+        // that would wrap is taken to end at 2^64.
+        let end = iova.saturating_add(len).min(limit);
+        let end = (end + PAGE_MASK) & !PAGE_MASK;
         (start < end).then_some((start, end))
     }
 }
@@ -559,6 +561,31 @@ impl TableWriter<'_> {
             lo = hi;
         }
         Some(needed)
+    }
+
+    /// Whether a leaf covers IOVA page number `page` (a page inside a 2 MiB
+    /// leaf counts): one descent, no epoch pin.
+    pub fn is_mapped_page(&self, page: u64) -> bool {
+        if page >> (self.table.iova_bits - PAGE_SHIFT) != 0 {
+            return false;
+        }
+        let iova = page << PAGE_SHIFT;
+        let mut node: &Node = &self.table.root;
+        let mut level = self.table.levels - 1;
+        loop {
+            // Relaxed: only writers store entries, and we hold the mutex.
+            let entry = node.slot(iova, level).load(Ordering::Relaxed);
+            if entry & PRESENT == 0 || level == 0 {
+                return entry & PRESENT != 0;
+            }
+            if entry & LEAF != 0 {
+                return true;
+            }
+            // SAFETY: a pointer entry (PRESENT set, LEAF clear) of a linked
+            // node; we hold the mutex, and only writers free nodes.
+            node = unsafe { child(entry) };
+            level -= 1;
+        }
     }
 
     /// The first page address at or above `from` and below `end` that a
@@ -1082,6 +1109,29 @@ mod tests {
         assert_eq!(w.next_mapped(9 * GIB, 9 * GIB), None);
         assert_eq!(w.next_mapped(9 * GIB + 1, 9 * GIB), None);
         assert_eq!(w.next_mapped(9 * GIB + HUGE_SIZE, u64::MAX), None);
+    }
+
+    /// Ranges that end at 2^64, or within a page of it, reach the top of
+    /// the table: nothing overflows while rounding them to pages.
+    #[test]
+    fn ranges_ending_near_2_pow_64_reach_the_table() {
+        let t = IoPageTable::new(48);
+        let top = (1u64 << 48) - PAGE_SIZE;
+        map(&t, 0x5000, 0x9000, PAGE_SIZE, Perm::RW);
+        map(&t, top, 0xa000, PAGE_SIZE, Perm::RW);
+        let w = t.lock();
+        for end in [u64::MAX, u64::MAX - 1, u64::MAX - PAGE_MASK + 1] {
+            assert_eq!(w.next_mapped(0, end), Some(0x5000), "end {end:#x}");
+            assert_eq!(w.next_mapped(0x6000, end), Some(top), "end {end:#x}");
+            assert_eq!(w.next_mapped(u64::MAX - PAGE_SIZE, end), None);
+        }
+        assert!(w.is_mapped_page(top >> PAGE_SHIFT));
+        assert!(!w.is_mapped_page(u64::MAX >> PAGE_SHIFT));
+        drop(w);
+        // [top, 2^64): its length is 2^64 - top.
+        unmap(&t, top, top.wrapping_neg());
+        assert_eq!(look(&t, top), None);
+        assert_eq!(look(&t, 0x5000).map(|l| l.gpa), Some(0x9000));
     }
 
     #[test]

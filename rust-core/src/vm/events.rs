@@ -151,11 +151,11 @@ impl Vm {
 
     /// Invalidates every cached [`Vm::lookup`] of this VM, on every thread.
     pub(super) fn bump_lookup_generation(&self) {
-        // Release: pairs with the Acquire load in `Vm::lookup`; everything
-        // this thread changed before (table, endpoint routes) is seen by a
-        // lookup that loads the new value, and such a lookup misses.
-        self.lookup_generation
-            .store(domain::next_generation(), Ordering::Release);
+        // Pairs with the Acquire load in `Vm::lookup`; everything this
+        // thread changed before (table, endpoint routes) is seen by a
+        // lookup that loads the new value or a later one, and such a
+        // lookup misses. A read-modify-write: every endpoint writes it.
+        domain::bump_shared_generation(&self.lookup_generation);
     }
 
     pub(super) fn count_removed(&self, removed: Removed) {

@@ -280,7 +280,7 @@ impl Vm {
         if access.is_some() {
             self.stats.translations.count();
         }
-        // Acquire: pairs with the Release stores of
+        // Acquire: pairs with the AcqRel swaps of
         // `bump_lookup_generation` and `Domain::remove_locked` (see
         // `crate::iotlb` for the argument, which is the same with this
         // VM-wide generation). Read before the cache is probed, and
