@@ -131,7 +131,10 @@ guest_debian_apt() {
     local suite=$1 root="$GUEST_CACHE/apt-$1" now t codename
     private_apt "$root" \
         "deb [signed-by=$GUEST_KEYRING] $PVDMA_APT_MIRROR $suite main"
-    GK_APT=("${PRIVATE_APT[@]}")
+    # apt's binary cache of the lists: every apt-cache call would parse
+    # the suite's whole index again where a configuration turns it off
+    # (a Docker image's docker-clean does).
+    GK_APT=("${PRIVATE_APT[@]}" -o Dir::Cache::pkgcache=pkgcache.bin)
     now=$(date +%s)
     t=0
     [ -f "$root/updated" ] && t=$(stat -c %Y "$root/updated")
@@ -526,6 +529,12 @@ guest_build_module() {
              (cd "$src" && printf '%s\n' "$files" | xargs sha256sum)
              cat "$GUEST_ABI_H"; } | sha256sum | cut -c1-16)
     mdir="$GUEST_CACHE/kmod-${ko%.ko}-$key"
+    # In a build root everything the build sees is in the key: a failure
+    # is kept (kmod-*.failed, kbuild's output) and not tried again.
+    if [ -f "$mdir.failed" ]; then
+        echo "$ko did not build against $GK_KBUILD ($(grep -c 'error:' "$mdir.failed") errors; kbuild's output: $mdir.failed)" >&2
+        return 1
+    fi
     if [ ! -f "$mdir/$ko" ]; then
         log "building $ko against $GK_KBUILD${GK_BUILDROOT:+ in $GK_BUILDROOT}"
         rm -rf "$mdir.tmp" && mkdir -p "$mdir.tmp"
@@ -541,7 +550,12 @@ guest_build_module() {
                       PVDMA_ABI_INC="$mdir.tmp/src" W=1 modules 2>&1) || true
         fi
         printf '%s\n' "$out" | grep -v 'Skipping BTF generation' | grep . >&2 || true
-        [ -f "$mdir.tmp/src/$ko" ] || { echo "$ko did not build against $GK_KBUILD" >&2; return 1; }
+        if [ ! -f "$mdir.tmp/src/$ko" ]; then
+            [ -z "${GK_BUILDROOT:-}" ] || printf '%s\n' "$out" >"$mdir.failed"
+            rm -rf "$mdir.tmp"
+            echo "$ko did not build against $GK_KBUILD" >&2
+            return 1
+        fi
         cp "$mdir.tmp/src/$ko" "$mdir.tmp/$ko"
         rm -rf "$mdir.tmp/src" "$mdir"
         mv "$mdir.tmp" "$mdir"
