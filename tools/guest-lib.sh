@@ -447,16 +447,21 @@ guest_buildroot() {
     fi
     key=$(printf '%s\n%s\n' "$GK_SUITE" "$vers" | sha256sum | cut -c1-16)
     dir="$GUEST_CACHE/buildroot-$GK_SUITE-$key"
-    GK_BUILDROOT=$dir
-    [ -f "$dir/.done" ] && return 0
+    GK_BUILDROOT=
+    [ -f "$dir/.done" ] && { GK_BUILDROOT=$dir; return 0; }
     ensure_apt debootstrap debian-archive-keyring util-linux
     mkdir -p "$GUEST_CACHE"
     (
         flock 9
         [ -f "$dir/.done" ] && exit 0
         log "building the Debian $GK_SUITE build root $dir ($pkgs)"
-        rm -rf "$dir.tmp"
-        if ! debootstrap --variant=minbase --force-check-gpg \
+        # A half-made root is removed whatever ends the build; debootstrap
+        # runs in a mount namespace of its own, so the /proc and /sys it
+        # mounts in the root cannot outlive it.
+        trap 'rm -rf --one-file-system "$dir.tmp"' EXIT
+        rm -rf --one-file-system "$dir.tmp"
+        if ! unshare --mount --propagation private -- \
+                debootstrap --variant=minbase --force-check-gpg \
                 --keyring="$GUEST_KEYRING" --include="${pkgs// /,}" \
                 "$GK_SUITE" "$dir.tmp" "$PVDMA_APT_MIRROR" >"$dir.log" 2>&1; then
             tail -n 20 "$dir.log" >&2
@@ -481,7 +486,8 @@ guest_buildroot() {
         mv "$dir.tmp" "$dir"
         touch "$dir/.done"
         log "build root ready: $(du -sh "$dir" | cut -f1)"
-    ) 9>"$dir.lock"
+    ) 9>"$dir.lock" || return 1
+    GK_BUILDROOT=$dir
 }
 
 # guest_buildroot_run DIR CMD...: runs CMD in GK_BUILDROOT as root, in a
@@ -530,7 +536,8 @@ guest_build_module() {
              cat "$GUEST_ABI_H"; } | sha256sum | cut -c1-16)
     mdir="$GUEST_CACHE/kmod-${ko%.ko}-$key"
     # In a build root everything the build sees is in the key: a failure
-    # is kept (kmod-*.failed, kbuild's output) and not tried again.
+    # of the compiler's is kept (kmod-*.failed, kbuild's output) and not
+    # tried again.
     if [ -f "$mdir.failed" ]; then
         echo "$ko did not build against $GK_KBUILD ($(grep -c 'error:' "$mdir.failed") errors; kbuild's output: $mdir.failed)" >&2
         return 1
@@ -551,7 +558,9 @@ guest_build_module() {
         fi
         printf '%s\n' "$out" | grep -v 'Skipping BTF generation' | grep . >&2 || true
         if [ ! -f "$mdir.tmp/src/$ko" ]; then
-            [ -z "${GK_BUILDROOT:-}" ] || printf '%s\n' "$out" >"$mdir.failed"
+            if [ -n "${GK_BUILDROOT:-}" ] && grep -q 'error:' <<<"$out"; then
+                printf '%s\n' "$out" >"$mdir.failed"
+            fi
             rm -rf "$mdir.tmp"
             echo "$ko did not build against $GK_KBUILD" >&2
             return 1
