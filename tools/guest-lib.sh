@@ -440,6 +440,7 @@ guest_buildroot() {
               sed 's/([^)]*)//g; s/|[^,]*//g; s/,/ /g')"
     # shellcheck disable=SC2086  # split the list
     pkgs=$(printf '%s\n' $pkgs | LC_ALL=C sort -u | tr '\n' ' ')
+    pkgs=${pkgs% }
     vers=$(for p in $pkgs; do echo "$p $(apt_version "$p")"; done)
     if grep -q ' $' <<<"$vers"; then
         echo "Debian $GK_SUITE offers no$(sed -n 's/ $//p' <<<"$vers" | tr '\n' ' ' | sed 's/^/ /')" >&2
