@@ -2,13 +2,17 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
 # Prepares the pvdma I/O guest for one kernel: the Debian cloud kernel
-# (6.1 or 6.12, pinned in guest-lib.sh), its virtio/NVMe modules, the
+# (6.1, 6.12 or 7.2, chosen in guest-lib.sh), its virtio/NVMe modules, the
 # guest IOMMU driver guest/linux/pvdma_iommu.ko when guest/linux exists
 # (built against the same kernel's headers), guest/io/pvdma-io (static)
 # and an initramfs with guest/io/init. Everything is cached under
 # $PVDMA_CACHE/guest (docs/guest-io.md).
 #
-# Usage: tools/guest-io-prepare.sh 6.1|6.12
+# Usage: tools/guest-io-prepare.sh 6.1|6.12|7.2
+# Env:   PVDMA_IOMMU_OPTIONAL  kernels the driver is not ported to yet
+#                              (default "7.2"): for them a pvdma_iommu.ko
+#                              that does not build gives PVDMA_IOMMU=no
+#                              instead of an error
 # Prints KEY=VALUE lines on stdout (logs go to stderr):
 #   KERNEL=6.1  RELEASE=6.1.0-50-cloud-amd64  VMLINUZ=...  INITRD=...
 #   PVDMA_IOMMU=yes|no  VIRTIO_IOMMU=yes|no (a virtio-iommu driver exists)
@@ -17,23 +21,35 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/guest-lib.sh"
 
-[ $# -eq 1 ] || { echo "usage: $0 6.1|6.12" >&2; exit 2; }
+[ $# -eq 1 ] || { echo "usage: $0 6.1|6.12|7.2" >&2; exit 2; }
 guest_kernel_select "$1"
 IO_SRC="$PVDMA_ROOT/guest/io"
 # The guest IOMMU driver's sources (pvdma-iommu.c, Kbuild taking
 # PVDMA_ABI_INC, Makefile); PVDMA_GUEST_LINUX points elsewhere.
 LINUX_SRC=${PVDMA_GUEST_LINUX:-$PVDMA_ROOT/guest/linux}
+IOMMU_OPTIONAL=${PVDMA_IOMMU_OPTIONAL-7.2}
 
 guest_tools
 guest_kernel
 guest_busybox
 
-# The guest IOMMU driver, once guest/linux has one.
+# The guest IOMMU driver, once guest/linux has one. On a kernel of
+# IOMMU_OPTIONAL a build failure leaves it out (PVDMA_IOMMU=no); only
+# the driver's own build may fail so: the headers and a build of
+# guest/kmod (pvdma_hc.ko) must work on every kernel.
 iommu_ko=
 if [ -f "$LINUX_SRC/Kbuild" ]; then
     guest_headers
     # The test build: test_skip_map and test_ro_map exist only in it.
-    iommu_ko=$(guest_build_module "$LINUX_SRC" pvdma_iommu.ko PVDMA_TEST=1)
+    if [[ " $IOMMU_OPTIONAL " == *" $GK_NAME "* ]]; then
+        guest_build_module "$PVDMA_ROOT/guest/kmod" pvdma_hc.ko >/dev/null
+        iommu_ko=$(guest_build_module "$LINUX_SRC" pvdma_iommu.ko PVDMA_TEST=1) || {
+            iommu_ko=
+            log "pvdma_iommu.ko does not build against $GK_RELEASE (the driver is not ported to $GK_NAME yet): PVDMA_IOMMU=no"
+        }
+    else
+        iommu_ko=$(guest_build_module "$LINUX_SRC" pvdma_iommu.ko PVDMA_TEST=1)
+    fi
 fi
 
 # pvdma-io, keyed by its source and gcc.

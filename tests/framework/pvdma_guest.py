@@ -16,7 +16,7 @@ As a library (for the tests and benchmarks):
 
 As a script:
 
-    tests/framework/pvdma_guest.py [--qemu BIN] [--kernel 6.1|6.12] [--variant V]
+    tests/framework/pvdma_guest.py [--qemu BIN] [--kernel 6.1|6.12|7.2] [--variant V]
         [--strict] [--mode test|bench|demo] [--bench SPEC ...]
         [--modparams a=1,b=2] [--timeout S] [--append ARG ...] [--quiet]
         [--summary-file FILE] [--json FILE]
@@ -57,7 +57,7 @@ BIOS = os.environ.get("PVDMA_GUEST_BIOS", "qboot.rom")
 @dataclasses.dataclass
 class GuestImage:
     """What guest-io-prepare.sh built for one kernel."""
-    kernel: str            # "6.1" or "6.12"
+    kernel: str            # "6.1", "6.12" or "7.2"
     release: str           # uname -r
     vmlinuz: str
     initrd: str
@@ -705,7 +705,7 @@ def summary(r):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--qemu", help="QEMU binary (default: qemu-build.sh's)")
-    ap.add_argument("--kernel", default="6.1", choices=("6.1", "6.12"))
+    ap.add_argument("--kernel", default="6.1", choices=("6.1", "6.12", "7.2"))
     ap.add_argument("--variant", default="none", choices=VARIANTS)
     ap.add_argument("--strict", action="store_true",
                     help="iommu.strict=1 (unmap invalidates at once)")

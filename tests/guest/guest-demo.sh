@@ -25,6 +25,7 @@ set -euo pipefail
 # docs/guest-demo.md). busybox: GUEST_BUSYBOX_VER/_SHA256 (guest-lib.sh).
 guest_kernel_select 6.1
 GK_IMAGE_PKG=${GUEST_KERNEL_PKG:-$GK_IMAGE_PKG}
+GK_IMAGE_DEBS=$GK_IMAGE_PKG   # 6.1's image is one package
 GK_VER=${GUEST_KERNEL_VER:-$GK_VER}
 GK_IMAGE_SHA256=${GUEST_KERNEL_SHA256-$GK_IMAGE_SHA256}
 GK_ABI=${GUEST_HEADERS_ABI:-$GK_ABI}
