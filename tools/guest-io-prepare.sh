@@ -27,7 +27,7 @@ IO_SRC="$PVDMA_ROOT/guest/io"
 # The guest IOMMU driver's sources (pvdma-iommu.c, Kbuild taking
 # PVDMA_ABI_INC, Makefile); PVDMA_GUEST_LINUX points elsewhere.
 LINUX_SRC=${PVDMA_GUEST_LINUX:-$PVDMA_ROOT/guest/linux}
-IOMMU_OPTIONAL=${PVDMA_IOMMU_OPTIONAL-7.2}
+IOMMU_OPTIONAL=${PVDMA_IOMMU_OPTIONAL-}
 
 guest_tools
 guest_kernel

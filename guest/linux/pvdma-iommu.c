@@ -42,8 +42,9 @@
 #include "pvdma_abi.h"
 
 /*
- * The two IOMMU driver APIs this module supports; Kbuild chooses one from
- * the kernel's version (PVDMA_CORE_612 is 0 for 6.1.y, 1 for 6.12+).
+ * The IOMMU driver APIs this module supports; Kbuild chooses from the
+ * kernel's version (PVDMA_CORE_612 is 0 for 6.1.y, 1 for 6.12.y and 7.2+;
+ * PVDMA_CORE_72 is 1 for 7.2+).
  * 6.1: domain_alloc(type) for every type, detach_dev, iommu_setup_dma_ops()
  *      from probe_finalize, iotlb_sync_map returns void (so MAP is issued
  *      synchronously from map_pages), no IOMMU_CAP_DEFERRED_FLUSH.
@@ -51,8 +52,10 @@
  *      sets up the DMA ops, iotlb_sync_map returns int and a failure is
  *      unwound by the core (so one map_sg can be one MAP), lazy mode needs
  *      IOMMU_CAP_DEFERRED_FLUSH.
+ * 7.2: as 6.12, but attach_dev is also given the domain being left, and
+ *      page sizes are only the domains' (iommu_ops has no pgsize_bitmap).
  */
-#ifndef PVDMA_CORE_612
+#if !defined(PVDMA_CORE_612) || !defined(PVDMA_CORE_72)
 #error "build pvdma-iommu through its Kbuild file"
 #endif
 
@@ -877,6 +880,19 @@ out:
 	return ret;
 }
 
+#if PVDMA_CORE_72
+/* 7.2 names the domain being left too; the endpoint knows its own. */
+static int pvdma_attach_dev_from(struct iommu_domain *domain,
+				 struct device *dev, struct iommu_domain *old)
+{
+	return pvdma_attach_dev(domain, dev);
+}
+
+#define pvdma_attach_op pvdma_attach_dev_from
+#else
+#define pvdma_attach_op pvdma_attach_dev
+#endif
+
 static const struct iommu_domain_ops pvdma_domain_ops;
 
 static struct pvdma_domain *pvdma_alloc_domain(void)
@@ -1038,7 +1054,7 @@ static struct iommu_domain *pvdma_domain_alloc_paging(struct device *dev)
 }
 
 static const struct iommu_domain_ops pvdma_static_domain_ops = {
-	.attach_dev = pvdma_attach_dev,
+	.attach_dev = pvdma_attach_op,
 };
 
 static struct iommu_domain pvdma_identity_domain = {
@@ -1093,7 +1109,7 @@ static void pvdma_probe_finalize(struct device *dev)
 #endif
 
 static const struct iommu_domain_ops pvdma_domain_ops = {
-	.attach_dev		= pvdma_attach_dev,
+	.attach_dev		= pvdma_attach_op,
 #if !PVDMA_CORE_612
 	.detach_dev		= pvdma_detach_dev,
 #else
@@ -1121,7 +1137,9 @@ static struct iommu_ops pvdma_iommu_ops = {
 	.release_device		= pvdma_release_device,
 	.device_group		= pci_device_group,
 	.get_resv_regions	= pvdma_get_resv_regions,
+#if !PVDMA_CORE_72
 	.pgsize_bitmap		= SZ_4K,
+#endif
 	.owner			= THIS_MODULE,
 	.default_domain_ops	= &pvdma_domain_ops,
 };
@@ -1416,7 +1434,8 @@ static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		dev_err(dev, "only one pvdma function is supported\n");
 		return -EBUSY;
 	}
-	if (iommu_present(&pci_bus_type)) {
+	/* Another IOMMU driver has probed the PCI bus, this function too. */
+	if (device_iommu_mapped(dev)) {
 		dev_err(dev, "another IOMMU drives the PCI bus; not registering\n");
 		return -EBUSY;
 	}

@@ -20,8 +20,8 @@
 #                 pciehp, then refused DMAs on the NVMe disk)
 #
 # Usage: tests/guest/guest-io-test.sh [QEMU_BINARY]
-# Env:   GUEST_IO_KERNELS   kernels (default "6.1 6.12"; 7.2 is Debian
-#                           testing's, docs/guest-io.md)
+# Env:   GUEST_IO_KERNELS   kernels (default "6.1 6.12 7.2"; 7.2 is
+#                           Debian testing's, docs/guest-io.md)
 #        GUEST_IO_VARIANTS  variants (default: the list above that applies;
 #                           on a kernel the driver is not ported to yet,
 #                           where prepare says PVDMA_IOMMU=no, the first two)
@@ -32,7 +32,7 @@ set -euo pipefail
 
 . "$(dirname "$0")/../framework/lib.sh"
 
-KERNELS=${GUEST_IO_KERNELS:-6.1 6.12}
+KERNELS=${GUEST_IO_KERNELS:-6.1 6.12 7.2}
 TIMEOUT=${GUEST_IO_TIMEOUT:-90}
 NO_DRIVER_VARIANTS="none pvdma-bypass"
 if [ -n "${GUEST_IO_VARIANTS:-}" ]; then

@@ -116,7 +116,7 @@ def counts(snap):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--qemu", required=True)
-    ap.add_argument("--kernel", default="6.12", choices=("6.1", "6.12"))
+    ap.add_argument("--kernel", default="6.12", choices=("6.1", "6.12", "7.2"))
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--timeout", type=float, default=150)
     ap.add_argument("--strict", action="store_true")

@@ -18,7 +18,7 @@
 #           detached (.shutdown)
 #
 # Usage: tests/guest/guest-switch-test.sh [QEMU_BINARY]
-# Env:   GUEST_IO_KERNELS   kernels (default "6.1 6.12")
+# Env:   GUEST_IO_KERNELS   kernels (default "6.1 6.12 7.2")
 #        GUEST_IO_TIMEOUT   hard limit per boot, seconds (default 150)
 #        PVDMA_GUEST_LINUX  the guest driver's sources (default guest/linux)
 # Exit status 0 only when every check passed.
@@ -27,7 +27,7 @@ set -euo pipefail
 . "$(dirname "$0")/../framework/lib.sh"
 . "$PVDMA_ROOT/tools/guest-lib.sh"
 
-KERNELS=${GUEST_IO_KERNELS:-6.1 6.12}
+KERNELS=${GUEST_IO_KERNELS:-6.1 6.12 7.2}
 TIMEOUT=${GUEST_IO_TIMEOUT:-150}
 LINUX_SRC=${PVDMA_GUEST_LINUX:-$PVDMA_ROOT/guest/linux}
 

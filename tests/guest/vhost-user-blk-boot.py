@@ -71,7 +71,7 @@ def main():
     ap.add_argument("--backend", required=True)
     ap.add_argument("--mode", default="sg", choices=("sg", "window"))
     ap.add_argument("--qemu")
-    ap.add_argument("--kernel", default="6.1", choices=("6.1", "6.12"))
+    ap.add_argument("--kernel", default="6.1", choices=("6.1", "6.12", "7.2"))
     ap.add_argument("--strict", action="store_true")
     ap.add_argument("--refuse", action="store_true")
     ap.add_argument("--kill", action="store_true")
