@@ -1188,6 +1188,45 @@ MODULE_PARM_DESC(test_ro_map,
 #define PVDMA_TEST_IOVA		0x10000000UL
 
 /*
+ * The test hooks' common start: the function named bb:dd.f (a reference
+ * the caller puts) and a new paging domain for it.
+ */
+static struct iommu_domain *pvdma_test_domain(const char *val,
+					      struct pci_dev **pdevp)
+{
+	unsigned int bus, slot, fn;
+	struct iommu_domain *domain;
+	struct pci_dev *pdev;
+
+	if (sscanf(val, "%x:%x.%x", &bus, &slot, &fn) != 3 || bus > 0xff ||
+	    slot > 0x1f || fn > 7)
+		return ERR_PTR(-EINVAL);
+	pdev = pci_get_domain_bus_and_slot(0, bus, PCI_DEVFN(slot, fn));
+	if (!pdev)
+		return ERR_PTR(-ENODEV);
+#if PVDMA_CORE_612
+	domain = iommu_paging_domain_alloc(&pdev->dev);
+#else
+	domain = iommu_domain_alloc(&pci_bus_type) ?: ERR_PTR(-ENOMEM);
+#endif
+	if (IS_ERR(domain))
+		pci_dev_put(pdev);
+	else
+		*pdevp = pdev;
+	return domain;
+}
+
+static int pvdma_test_map(struct iommu_domain *domain, unsigned long iova,
+			  phys_addr_t pa, size_t size, int prot)
+{
+#if PVDMA_CORE_612
+	return iommu_map(domain, iova, pa, size, prot, GFP_KERNEL);
+#else
+	return iommu_map(domain, iova, pa, size, prot);
+#endif
+}
+
+/*
  * test_partial_unmap=bb:dd.f (a function without a driver, alone in its
  * group): the function goes into a new paging domain, as with VFIO, which
  * maps 16 KiB with one iommu_map() at PVDMA_TEST_IOVA and unmaps its
@@ -1197,7 +1236,6 @@ MODULE_PARM_DESC(test_ro_map,
 static int param_set_test_partial_unmap(const char *val,
 					const struct kernel_param *kp)
 {
-	unsigned int bus, slot, fn;
 	struct iommu_domain *domain;
 	phys_addr_t pa, got[4];
 	struct pci_dev *pdev;
@@ -1205,20 +1243,9 @@ static int param_set_test_partial_unmap(const char *val,
 	size_t unmapped;
 	int i, ret;
 
-	if (sscanf(val, "%x:%x.%x", &bus, &slot, &fn) != 3 || bus > 0xff ||
-	    slot > 0x1f || fn > 7)
-		return -EINVAL;
-	pdev = pci_get_domain_bus_and_slot(0, bus, PCI_DEVFN(slot, fn));
-	if (!pdev)
-		return -ENODEV;
-#if PVDMA_CORE_612
-	domain = iommu_paging_domain_alloc(&pdev->dev);
-#else
-	domain = iommu_domain_alloc(&pci_bus_type) ?: ERR_PTR(-ENOMEM);
-#endif
-	ret = PTR_ERR_OR_ZERO(domain);
-	if (ret)
-		goto out_put;
+	domain = pvdma_test_domain(val, &pdev);
+	if (IS_ERR(domain))
+		return PTR_ERR(domain);
 	pages = alloc_pages(GFP_KERNEL | __GFP_ZERO, 2);
 	ret = -ENOMEM;
 	if (!pages)
@@ -1227,13 +1254,8 @@ static int param_set_test_partial_unmap(const char *val,
 	ret = iommu_attach_device(domain, &pdev->dev);
 	if (ret)
 		goto out_pages;
-#if PVDMA_CORE_612
-	ret = iommu_map(domain, PVDMA_TEST_IOVA, pa, SZ_16K,
-			IOMMU_READ | IOMMU_WRITE, GFP_KERNEL);
-#else
-	ret = iommu_map(domain, PVDMA_TEST_IOVA, pa, SZ_16K,
-			IOMMU_READ | IOMMU_WRITE);
-#endif
+	ret = pvdma_test_map(domain, PVDMA_TEST_IOVA, pa, SZ_16K,
+			     IOMMU_READ | IOMMU_WRITE);
 	if (ret)
 		goto out_detach;
 	unmapped = iommu_unmap(domain, PVDMA_TEST_IOVA + SZ_4K, SZ_4K);
@@ -1254,7 +1276,6 @@ out_pages:
 	__free_pages(pages, 2);
 out_domain:
 	iommu_domain_free(domain);
-out_put:
 	pci_dev_put(pdev);
 	return ret;
 }
@@ -1281,32 +1302,15 @@ MODULE_PARM_DESC(test_partial_unmap,
 static int param_set_test_failed_replay(const char *val,
 					const struct kernel_param *kp)
 {
-	unsigned int bus, slot, fn;
 	struct iommu_domain *domain;
 	struct pci_dev *pdev;
 	int ret;
 
-	if (sscanf(val, "%x:%x.%x", &bus, &slot, &fn) != 3 || bus > 0xff ||
-	    slot > 0x1f || fn > 7)
-		return -EINVAL;
-	pdev = pci_get_domain_bus_and_slot(0, bus, PCI_DEVFN(slot, fn));
-	if (!pdev)
-		return -ENODEV;
-#if PVDMA_CORE_612
-	domain = iommu_paging_domain_alloc(&pdev->dev);
-#else
-	domain = iommu_domain_alloc(&pci_bus_type) ?: ERR_PTR(-ENOMEM);
-#endif
-	ret = PTR_ERR_OR_ZERO(domain);
-	if (ret)
-		goto out_put;
-#if PVDMA_CORE_612
-	ret = iommu_map(domain, PVDMA_TEST_REPLAY_IOVA, SZ_1M,
-			PVDMA_TEST_REPLAY_SIZE, IOMMU_READ, GFP_KERNEL);
-#else
-	ret = iommu_map(domain, PVDMA_TEST_REPLAY_IOVA, SZ_1M,
-			PVDMA_TEST_REPLAY_SIZE, IOMMU_READ);
-#endif
+	domain = pvdma_test_domain(val, &pdev);
+	if (IS_ERR(domain))
+		return PTR_ERR(domain);
+	ret = pvdma_test_map(domain, PVDMA_TEST_REPLAY_IOVA, SZ_1M,
+			     PVDMA_TEST_REPLAY_SIZE, IOMMU_READ);
 	if (ret)
 		goto out_domain;
 	ret = iommu_attach_device(domain, &pdev->dev);
@@ -1319,7 +1323,6 @@ static int param_set_test_failed_replay(const char *val,
 	iommu_unmap(domain, PVDMA_TEST_REPLAY_IOVA, PVDMA_TEST_REPLAY_SIZE);
 out_domain:
 	iommu_domain_free(domain);
-out_put:
 	pci_dev_put(pdev);
 	return ret;
 }
