@@ -8,7 +8,7 @@
 # smoke tests, run.sh's DMA demo, QEMU's own qtest for the device,
 # pvdma-test, the unit test of the KVM exit handler, test-pvdma-kvm, a
 # libvirt domain with pvdma (a private session libvirtd; installs libvirt),
-# checkpatch --strict on the guest kernel code, and Debian 6.1 and 6.12
+# checkpatch --strict on the guest kernel code, and Debian 6.1, 6.12 and 7.2
 # guests doing disk and network I/O with pvdma as their IOMMU
 # (guest-io-test.sh: lazy, strict, a refused DMA, the root-port topology
 # with hotplug, and two controls), domain switches under DMA and the
@@ -87,9 +87,9 @@ if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x tools/qemu-build.sh ]; then
     tests/guest/guest-demo.sh "$qemu"
     step "guest driver: checkpatch --strict (kernel 6.12's checkpatch.pl)"
     tools/check-guest-driver.sh
-    step "QEMU: 6.1 and 6.12 guests do disk and network I/O through pvdma_iommu.ko"
+    step "QEMU: 6.1, 6.12 and 7.2 guests do disk and network I/O through pvdma_iommu.ko"
     tests/guest/guest-io-test.sh "$qemu"
-    step "QEMU: domain switches under DMA and shutdown in 6.1 and 6.12 guests"
+    step "QEMU: domain switches under DMA and shutdown in 6.1, 6.12 and 7.2 guests"
     tests/guest/guest-switch-test.sh "$qemu"
     step "QEMU: vhost-user-blk through pvdma (pvdma-vhost-user-blk, both access modes)"
     tests/guest/vhost-user-blk-test.sh "$qemu"
