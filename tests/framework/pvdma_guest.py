@@ -456,6 +456,20 @@ def check_shutdown(final, poweroff):
     return problems
 
 
+def stall_dump(vm):
+    """The local APICs and registers of every vCPU (HMP over QMP), as text
+    for the log; never raises (QEMU may be going away)."""
+    out = ["== host: a guest RCU stall; the vCPUs' interrupt state"]
+    for cmd in ("info lapic 0", "info lapic 1", "info registers -a"):
+        try:
+            text = vm.qmp().execute("human-monitor-command",
+                                    **{"command-line": cmd})
+        except (OSError, ValueError, QemuError) as e:
+            text = f"({e})"
+        out.append(f"-- {cmd}\n{text}")
+    return "\n".join(out)
+
+
 def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                 modparams="", timeout=90, extra_append=(), echo=True,
                 disk_cache="writeback", disk_mib=64, query=True,
@@ -538,6 +552,7 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     hotplug_problems = ["the guest never paused at unplug"] if hotplug else []
     open_marks = {}          # name -> (monotonic, cpu)
     last_mark = None
+    stall_dumped = False
     try:
         vm = ConsoleMachine(qemu, args, timeout)
         say("$ " + " ".join(vm.argv[3:]), flush=True)
@@ -546,6 +561,13 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
             say(line, flush=True)
             if on_line is not None:
                 on_line(vm, line)
+            if "rcu: INFO: rcu_preempt detected stalls" in line and \
+                    not stall_dumped:
+                # A rare TCG hang under host load (one vCPU never takes a
+                # LAPIC timer interrupt again): record the vCPUs' interrupt
+                # state the first time, for whoever meets it next.
+                stall_dumped = True
+                say(stall_dump(vm), flush=True)
             if line.startswith("RESULT "):
                 # pvdma-io prints MARK end:<name> right before its RESULT:
                 # attach that phase's QEMU CPU time, and per I/O / frame.
