@@ -43,12 +43,14 @@
 #define PVDMA_REG_DOORBELL_HI       0x02c
 #define PVDMA_REG_FAULTS            0x030 /* RO 64 */
 #define PVDMA_REG_LAST_STATUS       0x038 /* RO 32 */
+#define PVDMA_REG_QUEUES            0x03c /* RO 32; 0 without FEATURE_QUEUE */
 
 /* FEATURES bits. */
 #define PVDMA_FEATURE_HYPERCALL     (1ull << 0)
 #define PVDMA_FEATURE_HOST_IOVA     (1ull << 1)
 #define PVDMA_FEATURE_BYPASS        (1ull << 2)
 #define PVDMA_FEATURE_UNMAP_LIST    (1ull << 3) /* op 6 is available */
+#define PVDMA_FEATURE_QUEUE         (1ull << 4) /* ops 7, 8 and QUEUES */
 
 /* Request operations. */
 #define PVDMA_OP_QUERY              1
@@ -57,6 +59,8 @@
 #define PVDMA_OP_MAP                4
 #define PVDMA_OP_UNMAP              5
 #define PVDMA_OP_UNMAP_LIST         6 /* with PVDMA_FEATURE_UNMAP_LIST */
+#define PVDMA_OP_QUEUE              7 /* with PVDMA_FEATURE_QUEUE */
+#define PVDMA_OP_SYNC               8 /* with PVDMA_FEATURE_QUEUE */
 
 /* Request flags. */
 #define PVDMA_FLAG_READ             (1u << 0) /* the device may read */
@@ -123,7 +127,42 @@ struct pvdma_req {
 #define PVDMA_SEG_SIZE              16u
 #define PVDMA_RANGE_SIZE            16u
 
+/*
+ * Queued requests (FEATURES.QUEUE). A queue is a control block and a ring
+ * of entries, both in guest RAM; counters are free-running and entry i
+ * lives in slot i % (ring length / PVDMA_QUEUE_ENTRY_SIZE).
+ */
+#define PVDMA_QUEUE_CTRL_SIZE       64u
+#define PVDMA_QUEUE_CTRL_ALIGN      64u
+#define PVDMA_QUEUE_ENTRY_SIZE      32u
+#define PVDMA_QUEUE_RING_MIN        4096u     /* bytes, power of two */
+#define PVDMA_QUEUE_RING_MAX        (1u << 20) /* bytes, power of two */
+
+/* The control block: the guest writes head, the host the rest. */
+struct pvdma_queue_ctrl {
+    uint32_t head;       /* entries published (guest) */
+    uint32_t tail;       /* entries taken, applied or failed (host) */
+    uint32_t failed;     /* entries failed since set-up (host) */
+    uint32_t last_error; /* status of the latest failed entry (host) */
+    uint32_t stopped;    /* 1 once the host stopped the queue (host) */
+    uint32_t reserved[11];
+};
+
+/* One queued MAP (always FIXED) or UNMAP. */
+struct pvdma_queue_entry {
+    uint16_t op;        /* PVDMA_OP_MAP or PVDMA_OP_UNMAP */
+    uint16_t flags;     /* MAP: READ and/or WRITE (FIXED optional); UNMAP: 0 */
+    uint32_t requester;
+    uint64_t iova;
+    uint64_t gpa;       /* MAP: first byte; UNMAP: 0 */
+    uint64_t length;    /* MAP: bytes > 0; UNMAP: as UNMAP's length */
+};
+
 #if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+_Static_assert(sizeof(struct pvdma_queue_ctrl) == PVDMA_QUEUE_CTRL_SIZE,
+               "pvdma_queue_ctrl size");
+_Static_assert(sizeof(struct pvdma_queue_entry) == PVDMA_QUEUE_ENTRY_SIZE,
+               "pvdma_queue_entry size");
 _Static_assert(sizeof(struct pvdma_seg) == PVDMA_SEG_SIZE, "pvdma_seg size");
 _Static_assert(sizeof(struct pvdma_range) == PVDMA_RANGE_SIZE,
                "pvdma_range size");
