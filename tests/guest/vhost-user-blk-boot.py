@@ -60,7 +60,7 @@ def check_stats(st, refuse):
     # (the iotlb_prefetch patches): about one miss per request, where a
     # miss per page (4 per 4 KiB read, 35 per 128 KiB) was the rule.
     misses, requests = st.get("iotlb_misses", 0), st.get("requests", 0)
-    if misses > 1.1 * requests + 16:
+    if misses > 1.25 * requests + 16:
         problems.append(f"{misses} IOTLB misses for {requests} requests: "
                         "more than one a request")
     if st.get("iotlb_updates", 0) <= misses:

@@ -54,7 +54,7 @@ OBJECT_DECLARE_SIMPLE_TYPE(PvdmaState, PVDMA)
 
 /* @series-begin pvdma-prefetch */
 /* Mapped ranges remembered per endpoint for a device IOTLB's next miss */
-#define PVDMA_PREFETCH_RANGES 64
+#define PVDMA_PREFETCH_RANGES 256
 
 /* @series-end pvdma-prefetch */
 typedef struct PvdmaEndpoint {
