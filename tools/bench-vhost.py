@@ -16,6 +16,8 @@ Configurations:
 
   vub-noiommu       pvdma-vhost-user-blk (sg), no IOMMU in the machine
   vub-sg            pvdma-vhost-user-blk, --access-mode sg, behind pvdma
+  vub-sg-sync       the same with the guest driver's queued=0 (every map
+                    and unmap a synchronous request)
   vub-window        pvdma-vhost-user-blk, --access-mode window, behind pvdma
   virtio-blk        QEMU's virtio-blk-pci behind pvdma
 
@@ -44,12 +46,14 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "framework"))
 import pvdma_guest as pg  # noqa: E402
 from pvdma_vhost import Backend  # noqa: E402
 
-# label -> (pvdma_guest variant, backend access mode or None: built-in)
+# label -> (pvdma_guest variant, backend access mode or None: built-in,
+#           pvdma_iommu.ko parameters: -sync turns queued requests off)
 CONFIGS = {
-    "vub-noiommu": ("none", "sg"),
-    "vub-sg": ("pvdma", "sg"),
-    "vub-window": ("pvdma", "window"),
-    "virtio-blk": ("pvdma", None),
+    "vub-noiommu": ("none", "sg", ""),
+    "vub-sg": ("pvdma", "sg", ""),
+    "vub-sg-sync": ("pvdma", "sg", "queued=0"),
+    "vub-window": ("pvdma", "window", ""),
+    "virtio-blk": ("pvdma", None, ""),
 }
 # name -> (pvdmaio.bench spec with {s}, rate field, unit)
 WORKLOADS = {
@@ -61,7 +65,7 @@ COUNTERS = ("iotlb_misses", "iotlb_updates", "iotlb_invalidations",
 
 
 def one_boot(qemu, image, backend_bin, label, secs, timeout):
-    variant, mode = CONFIGS[label]
+    variant, mode, modparams = CONFIGS[label]
     specs = [WORKLOADS[w][0].format(s=f"{secs:g}") for w in WORKLOADS]
     tmp = tempfile.TemporaryDirectory(prefix="pvdma-bench-vub-")
     backend = None
@@ -82,7 +86,7 @@ def one_boot(qemu, image, backend_bin, label, secs, timeout):
             on_line = None
         t0 = time.monotonic()
         r = pg.run_variant(qemu, image, variant, mode="bench", bench=specs,
-                           timeout=timeout, echo=False,
+                           modparams=modparams, timeout=timeout, echo=False,
                            vhost_user_blk=backend.sock if backend else None,
                            extra_append=["pvdmaio.disks=blk", "pvdmaio.net=0"],
                            on_line=on_line)

@@ -10,9 +10,10 @@
 #     loads pvdma_iommu.ko as its IOMMU, and does disk and network I/O
 #     with every byte checked; the host prints query-pvdma while the
 #     mappings are live and at the end (tests/framework/pvdma_guest.py, mode demo).
-#  2. The throughput of the same guest through pvdma beside the same run
-#     with no IOMMU, and QEMU's CPU time and pvdma requests per I/O
-#     (tools/bench-e2e.sh, one round; the full comparison with
+#  2. The throughput of the same guest through pvdma with queued requests
+#     (the guest driver's default), with synchronous ones (queued=0), and
+#     with no IOMMU, in one run, and QEMU's CPU time and pvdma requests
+#     per I/O (tools/bench-e2e.sh, one round; the full comparison with
 #     intel-iommu and virtio-iommu is BENCHMARKS.md's "End-to-end I/O").
 #  3. The same guest's disk served by pvdma-vhost-user-blk, a separate
 #     process that reaches the guest's rings and buffers only through the
@@ -24,7 +25,7 @@
 #     qtest and QMP with no guest kernel (tools/pvdma-demo.py).
 #
 # Every QEMU runs under a hard timeout and is killed on every exit path.
-# Env: RUN_KERNEL (6.1 or 6.12, default 6.1), RUN_BENCH_SECS (default 3).
+# Env: RUN_KERNEL (6.1, 6.12 or 7.2, default 6.1), RUN_BENCH_SECS (default 3).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$PVDMA_ROOT"
@@ -44,9 +45,9 @@ log "1/4: a Debian $kernel guest with pvdma_iommu.ko does disk and network I/O t
 python3 tests/framework/pvdma_guest.py --qemu "$qemu" --kernel "$kernel" \
     --variant pvdma --mode demo --timeout 150
 
-log "2/4: throughput through pvdma beside the same guest without an IOMMU"
+log "2/4: throughput through pvdma, queued and synchronous, beside the same guest without an IOMMU"
 tools/bench-e2e.sh --qemu "$qemu" --kernels "$kernel" \
-    --variants none pvdma --rounds 1 --secs "$secs"
+    --variants none pvdma-sync pvdma --rounds 1 --secs "$secs"
 
 log "3/4: the guest's disk on pvdma-vhost-user-blk, through pvdma's translations"
 cargo build --quiet --release -p pvdma-vhost-user-blk

@@ -13,8 +13,9 @@ pvdma_iommu.ko and runs pvdma-io disk-verify (O_DIRECT, every byte
 checked) on the vhost-user disk; query-pvdma at the end must show it
 attached and FAULTS 0. Then the backend, which exits when QEMU closes the
 socket, must have printed counters with IOTLB misses, updates and
-invalidations, and no refused access (no refused update either: every
-translation QEMU sent was usable).
+invalidations, at most about one miss per request with more updates than
+misses (QEMU's prefetch), and no refused access (no refused update
+either: every translation QEMU sent was usable).
 
 --refuse: the guest then makes one read whose MAP its driver skips
 (pvdma-io disk-refused): the backend's miss is refused by QEMU (FAULTS
@@ -55,6 +56,16 @@ def check_stats(st, refuse):
         problems.append(f"{st['iotlb_refused']} IOTLB messages refused")
     if st.get("bad_chains") or st.get("ring_errors"):
         problems.append("bad chains or ring errors")
+    # QEMU's miss answer brings what the guest mapped since the last miss
+    # (the iotlb_prefetch patches): about one miss per request, where a
+    # miss per page (4 per 4 KiB read, 35 per 128 KiB) was the rule.
+    misses, requests = st.get("iotlb_misses", 0), st.get("requests", 0)
+    if misses > 1.25 * requests + 16:
+        problems.append(f"{misses} IOTLB misses for {requests} requests: "
+                        "more than one a request")
+    if st.get("iotlb_updates", 0) <= misses:
+        problems.append("no IOTLB update beyond the misses' own: "
+                        "nothing was prefetched")
     if refuse:
         if not st.get("refused_accesses") or not st.get("io_errors"):
             problems.append("the refused read was not counted as a refused "

@@ -52,6 +52,11 @@ OBJECT_DECLARE_SIMPLE_TYPE(PvdmaState, PVDMA)
 /* Requester ID of an endpoint that has none (yet): not registered. */
 #define PVDMA_RID_NONE UINT32_MAX
 
+/* @series-begin pvdma-prefetch */
+/* Mapped ranges remembered per endpoint for a device IOTLB's next miss */
+#define PVDMA_PREFETCH_RANGES 256
+
+/* @series-end pvdma-prefetch */
 typedef struct PvdmaEndpoint {
     struct PvdmaState *s;
     PCIBus *bus;
@@ -72,6 +77,19 @@ typedef struct PvdmaEndpoint {
     bool map_pending;
     int map_error;
 /* @series-end vfio-quota */
+/* @series-begin pvdma-prefetch */
+    /*
+     * The IOVA ranges mapped since the last device IOTLB miss, a ring of
+     * which the oldest are overwritten: what pvdma_iotlb_prefetch() offers
+     * vhost. Kept only while a device IOTLB (vhost) listens; under the BQL.
+     */
+    struct {
+        uint64_t iova;
+        uint64_t len;
+    } recent[PVDMA_PREFETCH_RANGES];
+    unsigned recent_first;
+    unsigned recent_count;
+/* @series-end pvdma-prefetch */
     MemoryRegion root;
     MemoryRegion bypass_mr;
     MemoryRegion msi_mr;

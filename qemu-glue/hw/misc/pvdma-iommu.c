@@ -640,6 +640,40 @@ static void pvdma_map_failed(IOMMUMemoryRegion *iommu_mr, IOMMUNotifier *n,
 }
 
 /* @series-end vfio-quota */
+/* @series-begin pvdma-prefetch */
+/*
+ * vhost listens for removals only (DEVIOTLB_UNMAP with ATS, else UNMAP)
+ * and fetches translations by misses; vfio listens for MAP events too.
+ */
+static bool pvdma_has_device_iotlb(PvdmaEndpoint *ep)
+{
+    return (ep->notifier_flags & (IOMMU_NOTIFIER_UNMAP |
+                                  IOMMU_NOTIFIER_DEVIOTLB_UNMAP)) &&
+           !(ep->notifier_flags & IOMMU_NOTIFIER_MAP);
+}
+
+/*
+ * Remembers a mapped range for the device IOTLB's next miss (see
+ * pvdma_iotlb_prefetch()).
+ */
+static void pvdma_remember_map(PvdmaEndpoint *ep, uint64_t iova, uint64_t len)
+{
+    unsigned slot;
+
+    len += iova & (PVDMA_PAGE_SIZE - 1);
+    iova &= ~(uint64_t)(PVDMA_PAGE_SIZE - 1);
+    if (ep->recent_count == PVDMA_PREFETCH_RANGES) {
+        /* Full: the oldest range goes */
+        ep->recent_first = (ep->recent_first + 1) % PVDMA_PREFETCH_RANGES;
+        ep->recent_count--;
+    }
+    slot = (ep->recent_first + ep->recent_count) % PVDMA_PREFETCH_RANGES;
+    ep->recent[slot].iova = iova;
+    ep->recent[slot].len = len;
+    ep->recent_count++;
+}
+
+/* @series-end pvdma-prefetch */
 /*
  * The library's notification: after a MAP is in the table, before an
  * UNMAP (DETACH, reset, ...) returns. It runs under the BQL, as every
@@ -674,6 +708,11 @@ static int pvdma_notify_event(void *opaque, const struct pvdma_map_event *ev)
         ep->map_pending = true;
         ep->map_error = 0;
 /* @series-end vfio-quota */
+/* @series-begin pvdma-prefetch */
+        if (pvdma_has_device_iotlb(ep)) {
+            pvdma_remember_map(ep, ev->iova, ev->len);
+        }
+/* @series-end pvdma-prefetch */
         pvdma_for_each_piece(iommu_mr, NULL, IOMMU_NOTIFIER_MAP, ev->iova,
                              ev->gpa, ev->len, ev->perms & IOMMU_RW,
                              pvdma_notify_all);
@@ -697,6 +736,92 @@ static int pvdma_notify_event(void *opaque, const struct pvdma_map_event *ev)
     }
     return 0;
 }
+
+/* @series-begin pvdma-prefetch */
+/*
+ * Device IOTLB prefetch. vhost asks for one translation per miss; the
+ * ranges the guest mapped since the endpoint's last miss are what its
+ * backend is about to use, so the miss brings them along. They are looked
+ * up again here: only what is mapped now is offered.
+ */
+/*
+ * Stores the pieces of [iova, iova + len) that translate now, naturally
+ * aligned, skipping the page of @skip; returns how many were stored, at
+ * most @max. *@done is set to the bytes of the range dealt with.
+ */
+static int pvdma_prefetch_range(PvdmaEndpoint *ep, uint64_t iova,
+                                uint64_t len, uint64_t skip,
+                                IOMMUTLBEntry *entries, int max,
+                                uint64_t *done)
+{
+    uint64_t end = iova + len;
+    uint64_t addr = iova;
+    int n = 0;
+
+    while (addr < end && n < max) {
+        struct pvdma_lookup l;
+        uint64_t run, size;
+
+        if (pvdma_vm_lookup(ep->s->vm, ep->rid, addr, 0, &l) != PVDMA_OK ||
+            (l.flags & PVDMA_LOOKUP_BYPASS) ||
+            addr >> PVDMA_PAGE_SHIFT == skip >> PVDMA_PAGE_SHIFT) {
+            addr += PVDMA_PAGE_SIZE;
+            continue;
+        }
+        run = MIN(QEMU_ALIGN_UP(l.run, PVDMA_PAGE_SIZE), end - addr);
+        /* The largest aligned piece at addr that the run holds */
+        size = 1ULL << ctz64(addr | l.gpa | (1ULL << 62));
+        while (size > run) {
+            size >>= 1;
+        }
+        size = MAX(size, PVDMA_PAGE_SIZE);
+        /* Not across the page of the miss: vhost has it */
+        if (addr < skip && addr + size > skip) {
+            size = PVDMA_PAGE_SIZE;
+        }
+        entries[n++] = (IOMMUTLBEntry) {
+            .target_as = &address_space_memory,
+            .iova = addr,
+            .translated_addr = l.gpa,
+            .addr_mask = size - 1,
+            .perm = l.perms & IOMMU_RW,
+        };
+        addr += size;
+    }
+    *done = MIN(addr, end) - iova;
+    return n;
+}
+
+static int pvdma_iotlb_prefetch(IOMMUMemoryRegion *iommu_mr, hwaddr addr,
+                                IOMMUTLBEntry *entries, int max)
+{
+    PvdmaEndpoint *ep = container_of(iommu_mr, PvdmaEndpoint, iommu_mr);
+    int n = 0;
+
+    if (ep->rid == PVDMA_RID_NONE) {
+        ep->recent_count = 0;
+        return 0;
+    }
+    while (ep->recent_count && n < max) {
+        unsigned first = ep->recent_first;
+        uint64_t done;
+
+        n += pvdma_prefetch_range(ep, ep->recent[first].iova,
+                                  ep->recent[first].len, addr,
+                                  entries + n, max - n, &done);
+        if (done < ep->recent[first].len) {
+            /* @entries is full: the rest waits for the next miss */
+            ep->recent[first].iova += done;
+            ep->recent[first].len -= done;
+            break;
+        }
+        ep->recent_first = (first + 1) % PVDMA_PREFETCH_RANGES;
+        ep->recent_count--;
+    }
+    trace_pvdma_iotlb_prefetch(ep->rid, addr, n, ep->recent_count);
+    return n;
+}
+/* @series-end pvdma-prefetch */
 
 /* Tell a new notifier about every translation the endpoint has. */
 static void pvdma_replay(IOMMUMemoryRegion *iommu_mr, IOMMUNotifier *n)
@@ -749,6 +874,11 @@ static int pvdma_notify_flag_changed(IOMMUMemoryRegion *iommu_mr,
     trace_pvdma_notify_flag_changed(
         memory_region_name(MEMORY_REGION(iommu_mr)), old, new);
     ep->notifier_flags = new;
+/* @series-begin pvdma-prefetch */
+    if (!pvdma_has_device_iotlb(ep)) {
+        ep->recent_count = 0;
+    }
+/* @series-end pvdma-prefetch */
     return 0;
 }
 /* @series-end notify */
@@ -811,6 +941,9 @@ static void pvdma_iommu_memory_region_class_init(ObjectClass *klass,
 /* @series-begin notify */
     imrc->replay = pvdma_replay;
     imrc->notify_flag_changed = pvdma_notify_flag_changed;
+/* @series-begin pvdma-prefetch */
+    imrc->iotlb_prefetch = pvdma_iotlb_prefetch;
+/* @series-end pvdma-prefetch */
 /* @series-end notify */
 /* @series-begin vfio-quota */
     imrc->map_failed = pvdma_map_failed;
