@@ -4,7 +4,7 @@
 IOMMU, behind pvdma in each access mode, and QEMU's built-in virtio-blk
 behind pvdma, in one run.
 
-With one QEMU binary, boots the Debian 6.1 I/O guest (guest/io,
+With one QEMU binary, boots the Debian I/O guest (6.1 unless --kernel) (guest/io,
 tests/framework/pvdma_guest.py, mode=bench, virtio-blk disk only) once per
 configuration per round, interleaved (round 1: each configuration once,
 round 2: again, ...), and runs back to back:
@@ -20,6 +20,8 @@ Configurations:
                     and unmap a synchronous request)
   vub-window        pvdma-vhost-user-blk, --access-mode window, behind pvdma
   virtio-blk        QEMU's virtio-blk-pci behind pvdma
+  vub-sg-base       vub-sg with --baseline-qemu (a before/after of a QEMU
+                    change in one run)
 
 (behind pvdma: -device pvdma, the guest's pvdma_iommu.ko, lazy). Per
 workload it records the rate the guest measured, QEMU's CPU time per I/O
@@ -55,6 +57,9 @@ CONFIGS = {
     "vub-window": ("pvdma", "window", ""),
     "virtio-blk": ("pvdma", None, ""),
 }
+# vub-sg booted with --baseline-qemu: a before/after of a QEMU change in
+# one run (added to the configs when that option is given).
+BASE_CONFIGS = {"vub-sg-base": ("pvdma", "sg", "")}
 # name -> (pvdmaio.bench spec with {s}, rate field, unit)
 WORKLOADS = {
     "seq128k": ("blk:seq:128k:1:{s}", "mbps", "MB/s"),
@@ -65,7 +70,7 @@ COUNTERS = ("iotlb_misses", "iotlb_updates", "iotlb_invalidations",
 
 
 def one_boot(qemu, image, backend_bin, label, secs, timeout):
-    variant, mode, modparams = CONFIGS[label]
+    variant, mode, modparams = {**CONFIGS, **BASE_CONFIGS}[label]
     specs = [WORKLOADS[w][0].format(s=f"{secs:g}") for w in WORKLOADS]
     tmp = tempfile.TemporaryDirectory(prefix="pvdma-bench-vub-")
     backend = None
@@ -175,6 +180,9 @@ def main():
     ap.add_argument("--secs", type=float, default=5)
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS),
                     choices=list(CONFIGS))
+    ap.add_argument("--baseline-qemu",
+                    help="also boot vub-sg with this QEMU (vub-sg-base)")
+    ap.add_argument("--kernel", default="6.1", choices=("6.1", "6.12", "7.2"))
     ap.add_argument("--timeout", type=float, default=180)
     ap.add_argument("--json")
     ap.add_argument("--markdown")
@@ -187,12 +195,16 @@ def main():
                         "pvdma-vhost-user-blk"], cwd=ROOT, check=True)
         backend = os.path.join(ROOT, "target", "release",
                                "pvdma-vhost-user-blk")
-    image = pg.prepare("6.1")
+    image = pg.prepare(a.kernel)
+    configs = list(a.configs)
+    if a.baseline_qemu:
+        configs.append("vub-sg-base")
     boots = []
     try:
         for rnd in range(a.rounds):
-            for label in a.configs:
-                b = one_boot(qemu, image, backend, label, a.secs, a.timeout)
+            for label in configs:
+                binary = a.baseline_qemu if label in BASE_CONFIGS else qemu
+                b = one_boot(binary, image, backend, label, a.secs, a.timeout)
                 b["round"] = rnd + 1
                 boots.append(b)
                 verdict = "ok" if b.get("passed") else f"FAIL {b.get('failure')}"
@@ -200,9 +212,9 @@ def main():
                       + json.dumps(b["workloads"]), flush=True)
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted ({e or 'SIGINT'})")
-    md = table(boots, a.configs)
+    md = table(boots, configs)
     head = (f"vhost-user-blk benchmark: {a.rounds} rounds x {a.secs:g} s per "
-            f"workload, kernel 6.1, TCG, {platform.node()}, "
+            f"workload, kernel {a.kernel}, TCG, {platform.node()}, "
             f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(head)
     print(md)
