@@ -406,7 +406,7 @@ impl Vm {
     /// False on a thread that is inside a drain, or with no queue active.
     #[cold]
     #[inline(never)]
-    pub(super) fn drain_for_miss(&self) -> bool {
+    pub(crate) fn drain_for_miss(&self) -> bool {
         if self.queues.active() == 0 || DRAINING.with(Cell::get) {
             return false;
         }
@@ -425,9 +425,16 @@ impl Vm {
         true
     }
 
+    /// Whether any request queue is set up and not stopped (a refusal
+    /// may then be lifted by a drain).
+    #[inline]
+    pub(crate) fn queues_active(&self) -> bool {
+        self.queues.active() != 0
+    }
+
     /// Whether a refusal of this reason may be lifted by a queued entry.
     #[inline(always)]
-    pub(super) fn drainable(reason: FaultReason) -> bool {
+    pub(crate) fn drainable(reason: FaultReason) -> bool {
         matches!(reason, FaultReason::Unmapped | FaultReason::Permission)
     }
 
