@@ -250,7 +250,10 @@ pub fn queue(data: &[u8]) {
     bound.entries.store(n, Ordering::SeqCst);
     // Rewrites armed for the next MAP notification: (slot, bytes) and an
     // optional head value.
-    let armed: Arc<Mutex<Option<(u32, [u8; 32], Option<u32>)>>> = Arc::default();
+    /// A rewrite armed for the next MAP notification: the slot, its new
+    /// bytes, and a new head (or none).
+    type Rewrite = Option<(u32, [u8; 32], Option<u32>)>;
+    let armed: Arc<Mutex<Rewrite>> = Arc::default();
     {
         let (armed, mem) = (armed.clone(), mem.clone());
         vm.set_notifier(Some(Arc::new(move |_ev: &crate::vm::MapEvent| {
@@ -272,14 +275,14 @@ pub fn queue(data: &[u8]) {
             return raw;
         }
         let rid = RIDS[usize::from(next()) % 3];
-        let iova = u64::from(next() % 48) * PAGE_SIZE | u64::from(next() % 4) * 0x400;
+        let iova = (u64::from(next() % 48) * PAGE_SIZE) | (u64::from(next() % 4) * 0x400);
         if next() % 2 == 0 {
             QueueEntry {
                 op: Op::Map as u16,
                 flags: u16::from(next() % 8),
                 requester: rid,
                 iova,
-                gpa: u64::from(next() % 36) * PAGE_SIZE | (iova & 0xfff),
+                gpa: (u64::from(next() % 36) * PAGE_SIZE) | (iova & 0xfff),
                 length: u64::from(next()) * 64 + u64::from(next() % 2) * PAGE_SIZE,
             }
             .encode()
