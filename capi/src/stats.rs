@@ -27,6 +27,15 @@ pub struct pvdma_stats {
     pub translations: u64,
     /// Refused device accesses since reset.
     pub faults: u64,
+    /// Drains of one queue that took at least one entry.
+    pub queue_drains: u64,
+    /// Queued entries taken (applied or failed).
+    pub queue_entries: u64,
+    /// Queued entries that failed.
+    pub queue_failed: u64,
+    /// Rule-2 drains: a device access about to be refused while queued
+    /// entries were pending.
+    pub miss_drains: u64,
 }
 
 /// Fills `*out` with the counters.
@@ -53,6 +62,10 @@ pub unsafe extern "C" fn pvdma_vm_stats(
             mem_limit: vm.config().mem_limit,
             translations: s.translations,
             faults: s.faults,
+            queue_drains: s.queue_drains,
+            queue_entries: s.queue_entries,
+            queue_failed: s.queue_failed,
+            miss_drains: s.miss_drains,
         };
         // SAFETY: non-null (checked) and valid for writing.
         unsafe { out.write(v) };
@@ -90,6 +103,12 @@ pub struct pvdma_request_counts {
     /// Requests by any other path (`pvdma_vm_submit`, an unknown
     /// transport). Migration import re-creates mappings without counting.
     pub other_transport: u64,
+    /// QUEUE requests (op 7, with the QUEUE extension on; without it
+    /// counted in `other`). Appended: the fields before keep their
+    /// offsets.
+    pub queue: u64,
+    /// SYNC requests (op 8, as `queue`).
+    pub sync: u64,
 }
 
 /// Fills `*out` with the request counts. They start at 0 when the VM is
@@ -118,6 +137,8 @@ pub unsafe extern "C" fn pvdma_vm_request_counts(
             doorbell: s.transports[pvdma::Transport::Doorbell as usize],
             hypercall: s.transports[pvdma::Transport::Hypercall as usize],
             other_transport: s.transports[pvdma::Transport::Other as usize],
+            queue: total(pvdma::abi::Op::Queue.index()),
+            sync: total(pvdma::abi::Op::Sync.index()),
         };
         // SAFETY: non-null (checked) and valid for writing.
         unsafe { out.write(v) };
