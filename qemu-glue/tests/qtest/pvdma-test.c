@@ -197,6 +197,21 @@ static PvdmaTest *pvdma_start(const char *args)
     return t;
 }
 
+/* @series-begin queue-test */
+/*
+ * Started from the binary in environment variable @var when it is set
+ * (else QTEST_QEMU_BINARY's): an older QEMU as a migration source.
+ */
+static PvdmaTest *pvdma_start_ext(const char *var, const char *args)
+{
+    PvdmaTest *t = g_new0(PvdmaTest, 1);
+
+    pvdma_attach_devices(t, qtest_init_ext(var, args, NULL, true));
+    pvdma_enable(t);
+    return t;
+}
+
+/* @series-end queue-test */
 static void pvdma_stop(PvdmaTest *t)
 {
     g_free(t->pvdma);
@@ -1767,11 +1782,23 @@ static void wait_migration_completed(QTestState *qts)
     }
 }
 
+/* @series-begin queue-test */
+/*
+ * With QTEST_QEMU_BINARY_SRC set to an older QEMU (one without queued
+ * requests, say), the source is that QEMU: its stream must load here.
+ */
+/* @series-end queue-test */
 static void test_migration(void)
 {
     g_autofree char *dir = g_dir_make_tmp("pvdma-test-XXXXXX", NULL);
     g_autofree char *uri = g_strdup_printf("unix:%s/migration", dir);
+/* @series-until queue-test */
     PvdmaTest *src = pvdma_start(DEVICE_ARGS(""));
+/* @series-end queue-test */
+/* @series-begin queue-test */
+    PvdmaTest *src = pvdma_start_ext("QTEST_QEMU_BINARY_SRC",
+                                     DEVICE_ARGS(""));
+/* @series-end queue-test */
     PvdmaTest *dst = g_new0(PvdmaTest, 1);
     uint64_t before, result;
     QDict *info;
@@ -2465,6 +2492,90 @@ static void test_queue_off(void)
     pvdma_stop(t);
 }
 
+/*
+ * Migration carries each queue: where it is, the host's tail, failed and
+ * last_error, whether it is stopped, and what the next SYNC reports. What
+ * was published and not applied is applied on the destination.
+ */
+static void test_queue_migration(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("pvdma-test-XXXXXX", NULL);
+    g_autofree char *uri = g_strdup_printf("unix:%s/migration", dir);
+    PvdmaTest *src = pvdma_start(DEVICE_ARGS(""));
+    PvdmaTest *dst = g_new0(PvdmaTest, 1);
+    uint64_t result = 0, before;
+    PvdmaQueue q, q5;
+    PvdmaCtrl c;
+    QDict *info;
+
+    attach(src, EDU_RID);
+    queue_setup(src, &q, 0, 40);
+    queue_setup(src, &q5, 5, 0);
+    /*
+     * Applied before: a MAP, and an UNMAP that fails NOENT; and queue 5,
+     * broken, stops
+     */
+    queue_map(src, &q, FLAG_READ, SRC_IOVA, SRC_GPA, PAGE);
+    queue_unmap(src, &q, DST_IOVA + 4 * PAGE, 0);
+    qtest_writel(src->qts, q5.ctrl, q5.entries + 1);
+    g_assert_cmphex(query(src, EDU_RID), ==, QUERY_ATTACHED);
+    ctrl_read(src, q.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 42);
+    ctrl_read(src, q5.ctrl, &c);
+    g_assert_cmpuint(c.stopped, ==, 1);
+    /* Published, not applied */
+    queue_map(src, &q, FLAG_WRITE, DST_IOVA, DST_GPA, PAGE);
+    fill(src, SRC_GPA, 0x2e, PAGE);
+    qtest_memset(src->qts, DST_GPA, 0xcc, PAGE);
+
+    pvdma_attach_devices(dst, qtest_initf(DEVICE_ARGS("") " -incoming %s",
+                                          uri));
+    qtest_qmp_assert_success(src->qts, "{ 'execute': 'migrate',"
+                             "  'arguments': { 'uri': %s } }", uri);
+    wait_migration_completed(src->qts);
+    wait_migration_completed(dst->qts);
+    dst->bar = bar_of(dst->pvdma);
+    qpci_config_writel(dst->edu, PCI_BASE_ADDRESS_0, src->edu_bar.addr);
+    qpci_device_enable(dst->edu);
+    dst->edu_bar = bar_of(dst->edu);
+
+    info = queue_info(dst->qts, 0);
+    g_assert_true(qdict_get_bool(info, "set-up"));
+    g_assert_cmphex(qdict_get_int(info, "ctrl-gpa"), ==, q.ctrl);
+    g_assert_cmphex(qdict_get_int(info, "ring-gpa"), ==, q.ring);
+    g_assert_cmpuint(qdict_get_int(info, "entries"), ==, q.entries);
+    g_assert_cmpuint(qdict_get_int(info, "tail"), ==, 42);
+    g_assert_cmpuint(qdict_get_int(info, "failed"), ==, 1);
+    g_assert_cmpuint(qdict_get_int(info, "last-error"), ==, S_NOENT);
+    g_assert_false(qdict_get_bool(info, "stopped"));
+    qobject_unref(info);
+    info = queue_info(dst->qts, 5);
+    g_assert_true(qdict_get_bool(info, "set-up"));
+    g_assert_true(qdict_get_bool(info, "stopped"));
+    qobject_unref(info);
+
+    /* The published MAP reaches the destination's DMA (rule 2) */
+    before = faults(dst);
+    edu_dma(dst, false, SRC_IOVA, 0, PAGE);
+    edu_dma(dst, true, DST_IOVA, 0, PAGE);
+    assert_filled(dst, DST_GPA, 0x2e, PAGE);
+    g_assert_cmpuint(faults(dst), ==, before);
+    ctrl_read(dst, q.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 43);
+
+    /* Queue 5 still stops SYNC; torn down, SYNC reports the NOENT */
+    g_assert_cmpuint(sync_queues(dst, &result), ==, S_STATE);
+    g_assert_cmpuint(queue_teardown(dst, 5), ==, S_OK);
+    queue_unmap(dst, &q, DST_IOVA + 5 * PAGE, 0);
+    g_assert_cmpuint(sync_queues(dst, &result), ==, S_NOENT);
+    g_assert_cmpuint(result, ==, 1);
+    g_assert_cmpuint(sync_queues(dst, &result), ==, S_OK);
+
+    pvdma_stop(dst);
+    pvdma_stop(src);
+    g_rmdir(dir);
+}
+
 /* @series-end queue-test */
 int main(int argc, char **argv)
 {
@@ -2513,6 +2624,7 @@ int main(int argc, char **argv)
     qtest_add_func("/pvdma/queue/broken", test_queue_broken);
     qtest_add_func("/pvdma/queue/reset", test_queue_reset);
     qtest_add_func("/pvdma/queue/off", test_queue_off);
+    qtest_add_func("/pvdma/queue/migration", test_queue_migration);
 /* @series-end queue-test */
 
     return g_test_run();
