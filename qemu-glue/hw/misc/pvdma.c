@@ -315,6 +315,7 @@ static void pvdma_queue_setup(PvdmaState *s)
         .drained = pvdma_drained,
     };
 
+    /* Only a VM that does not exist makes this fail */
     pvdma_vm_set_drain_hooks(s->vm, &hooks);
 }
 
