@@ -105,4 +105,15 @@ if ok:
     for f in sorted(u):
         if f != "ok_map_unmap":
             print(f"| {f} | {fmt(u[f])} | {u[f] / ok:.2f}x |")
+
+# Queued requests: per one-page MAP + UNMAP pair taken from a queue,
+# against the same pairs as synchronous requests (same run, same domain).
+q = {f: ns for (g, _, f), ns in results.items() if g == "queue_drain"}
+sub, exe = q.get("pvdma_submit"), q.get("pvdma_execute")
+if sub and exe:
+    print()
+    print("| queued MAP+UNMAP pair | ns/pair | / pvdma_submit | / pvdma_execute |")
+    print("|---|---:|---:|---:|")
+    for f in sorted(q):
+        print(f"| {f} | {fmt(q[f])} | {q[f] / sub:.2f}x | {q[f] / exe:.2f}x |")
 PY

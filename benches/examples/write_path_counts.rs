@@ -8,17 +8,20 @@
 //! target/release/examples/write_path_counts            # allocations
 //! valgrind --tool=callgrind --collect-atstart=no \
 //!     --toggle-collect='write_path_counts::timed_loop' \
-//!     target/release/examples/write_path_counts submit  # Ir / 10000 pairs
+//!     target/release/examples/write_path_counts submit  # Ir / 10240 pairs
 //! ```
 //!
 //! The cases are those of the `map_unmap` bench (same population, hole
-//! and requests).
+//! and requests), plus `queued`: the same one-page pairs taken from a
+//! request queue, 256 pairs per SYNC (the `queue_drain` bench's
+//! `pvdma_queued`), counted per pair.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use pvdma::{Status, PAGE_SHIFT, PAGE_SIZE};
+use pvdma::testing::{map_entry, queue_setup_req, sync_req, unmap_entry, GuestQueue};
+use pvdma::{Perm, Status, PAGE_SHIFT, PAGE_SIZE};
 use pvdma_benches::*;
 
 struct Counting;
@@ -55,7 +58,9 @@ const PAGES: u64 = 1 << 16;
 const HOLE: u64 = PAGES / 2;
 const HOLE_PAGES: u64 = 64;
 const COLD_IOVA: u64 = IOVA_BASE + (PAGES << PAGE_SHIFT) + (64 << 20);
-const PAIRS: u64 = 10_000;
+const PAIRS: u64 = 10_240;
+/// Pairs per SYNC in the `queued` case.
+const BATCH: u64 = 256;
 
 /// One MAP + UNMAP pair.
 type Pair<'a> = Box<dyn Fn() + 'a>;
@@ -103,19 +108,47 @@ fn main() {
         let unmapped = guest.vm.execute(black_box(&one_unmap)).status;
         assert!(mapped == Status::Ok && unmapped == Status::Ok);
     };
-    let cases: [(&str, Pair<'_>); 4] = [
-        ("submit", Box::new(blocks(sm, su))),
-        ("execute", Box::new(execute)),
-        ("submit_cold_leaf", Box::new(blocks(cm, cu))),
-        ("submit_64seg", Box::new(blocks(mm, mu))),
+    // The queue: every slot pair holds the same MAP and UNMAP of the
+    // hole's first page, so a batch only moves head (the guest's work is
+    // not counted), then one SYNC drains it.
+    let (ctrl, ring, ring_len) = (BLOCK_AREA + 0x4_0000, BLOCK_AREA + 0x8_0000, 0x1_0000);
+    let setup = guest.write_block(
+        BLOCK_AREA + 0x2_0000,
+        &queue_setup_req(EP, 0, ctrl, ring, ring_len),
+    );
+    assert_eq!(guest.vm.submit(setup), Status::Ok);
+    let q = std::cell::RefCell::new(GuestQueue::new(&guest.mem, ctrl, ring, ring_len));
+    let gpa = segs_of(HOLE, 1)[0].0;
+    for slot in 0..q.borrow().entries {
+        let e = if slot % 2 == 0 {
+            map_entry(EP, Perm::RW, hole_iova, gpa, PAGE_SIZE)
+        } else {
+            unmap_entry(EP, hole_iova, PAGE_SIZE)
+        };
+        q.borrow().write(&guest.mem, slot, &e);
+    }
+    let sync = guest.write_block(BLOCK_AREA + 0x2_1000, &sync_req(EP));
+    let queued = || {
+        let mut q = q.borrow_mut();
+        q.head = q.head.wrapping_add(2 * BATCH as u32);
+        q.publish(&guest.mem);
+        assert!(guest.vm.submit(black_box(sync)) == Status::Ok);
+    };
+    let cases: [(&str, Pair<'_>, u64); 5] = [
+        ("submit", Box::new(blocks(sm, su)), 1),
+        ("execute", Box::new(execute), 1),
+        ("submit_cold_leaf", Box::new(blocks(cm, cu)), 1),
+        ("submit_64seg", Box::new(blocks(mm, mu)), 1),
+        ("queued", Box::new(queued), BATCH),
     ];
-    for (name, pair) in &cases {
+    for (name, pair, per) in &cases {
         if only.as_deref().is_some_and(|o| o != *name) {
             continue;
         }
         timed_loop(100, pair);
         let before = ALLOCS.load(Relaxed);
-        timed_loop(PAIRS, pair);
+        // `per` pairs per call: PAIRS pairs in all.
+        timed_loop(PAIRS / per, pair);
         let allocs = ALLOCS.load(Relaxed) - before;
         println!(
             "{name:>18}: {:.2} allocations per MAP+UNMAP pair",

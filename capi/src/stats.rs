@@ -103,6 +103,12 @@ pub struct pvdma_request_counts {
     /// Requests by any other path (`pvdma_vm_submit`, an unknown
     /// transport). Migration import re-creates mappings without counting.
     pub other_transport: u64,
+    /// QUEUE requests (op 7, with the QUEUE extension on; without it
+    /// counted in `other`). Appended: the fields before keep their
+    /// offsets.
+    pub queue: u64,
+    /// SYNC requests (op 8, as `queue`).
+    pub sync: u64,
 }
 
 /// Fills `*out` with the request counts. They start at 0 when the VM is
@@ -131,6 +137,8 @@ pub unsafe extern "C" fn pvdma_vm_request_counts(
             doorbell: s.transports[pvdma::Transport::Doorbell as usize],
             hypercall: s.transports[pvdma::Transport::Hypercall as usize],
             other_transport: s.transports[pvdma::Transport::Other as usize],
+            queue: total(pvdma::abi::Op::Queue.index()),
+            sync: total(pvdma::abi::Op::Sync.index()),
         };
         // SAFETY: non-null (checked) and valid for writing.
         unsafe { out.write(v) };

@@ -533,6 +533,16 @@ typedef struct pvdma_request_counts {
      * transport). Migration import re-creates mappings without counting.
      */
     uint64_t other_transport;
+    /**
+     * QUEUE requests (op 7, with the QUEUE extension on; without it
+     * counted in `other`). Appended: the fields before keep their
+     * offsets.
+     */
+    uint64_t queue;
+    /**
+     * SYNC requests (op 8, as `queue`).
+     */
+    uint64_t sync;
 } pvdma_request_counts;
 
 /**

@@ -353,6 +353,12 @@ impl<'g> IovaSpace<'g> {
         self.last_fault.take()
     }
 
+    /// Whether an access was refused since the last [`take_fault`](Self::take_fault).
+    pub fn has_fault(&self) -> bool {
+        let f = self.last_fault.get();
+        f.is_some()
+    }
+
     fn fault(&self, f: TranslateFault) -> TranslateFault {
         self.last_fault.set(Some(f));
         f

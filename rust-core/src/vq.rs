@@ -241,7 +241,12 @@ impl<'vm> VirtQueue<'vm> {
     /// Runs `f` with the queue and the endpoint's IOVA space (rings served
     /// from the cache). The way Rust device models use virtio-queue's own
     /// API: `q.pop_descriptor_chain(space)`, `chain.reader(space)`,
-    /// `q.add_used(space, ..)`. A refused access is recorded as a fault.
+    /// `q.add_used(space, ..)`. A refused access is recorded as a fault;
+    /// one refused for want of a mapping or permission also drains the
+    /// VM's request queues, so that the caller's retry sees what the guest
+    /// had queued (the queued-request rule 2 for closures that cannot be
+    /// run twice; [`VirtQueue::pop`] and [`VirtQueue::push`] retry
+    /// themselves).
     pub fn with_queue<R>(&mut self, f: impl FnOnce(&mut Queue, &IovaSpace<'_>) -> R) -> Result<R> {
         let guard = epoch::pin();
         let (dom, ram) = self
@@ -266,6 +271,11 @@ impl<'vm> VirtQueue<'vm> {
         if let Some(fault) = space.take_fault() {
             self.vm
                 .record_fault(self.rid, fault.iova, Access::Read, fault.reason);
+            // Rule 2 of ABI 3.2 cannot run the caller's closure again: the
+            // drain makes the caller's retry find what was queued.
+            if Vm::drainable(fault.reason) {
+                self.vm.drain_for_miss();
+            }
         }
         Ok(r)
     }
@@ -317,43 +327,103 @@ impl<'vm> VirtQueue<'vm> {
     /// an indirect head without `VIRTIO_RING_F_INDIRECT_DESC`. When an array
     /// is too small nothing is lost: [`Error::TooSmall`] says how many
     /// entries each side needs and the chain stays on the ring.
+    ///
+    /// Rule 2 of the queued requests (ABI 3.2): a buffer or ring access
+    /// refused for want of a mapping or permission puts the chain back,
+    /// drains the VM's request queues and pops it once more; only a second
+    /// refusal is recorded as a fault.
     pub fn pop(
         &mut self,
         readable: &mut [Fragment],
         writable: &mut [Fragment],
     ) -> Result<Option<ChainInfo>> {
+        let deferred = std::cell::Cell::new(false);
+        let r = self.pop_once(readable, writable, &deferred);
+        if !deferred.get() {
+            return r;
+        }
+        self.vm.drain_for_miss();
+        self.pop_once(readable, writable, &std::cell::Cell::new(true))
+    }
+
+    /// One attempt of [`VirtQueue::pop`]. With `deferred` false, a
+    /// refusal that a drain may lift is not recorded: `deferred` is set
+    /// and the chain put back for the retry.
+    fn pop_once(
+        &mut self,
+        readable: &mut [Fragment],
+        writable: &mut [Fragment],
+        deferred: &std::cell::Cell<bool>,
+    ) -> Result<Option<ChainInfo>> {
         let indirect_ok = self.features & VIRTIO_RING_F_INDIRECT_DESC != 0;
         let rid = self.rid;
         let vm = self.vm;
+        let may_defer = !deferred.get();
+        let popped = std::cell::Cell::new(false);
         self.with_queue(|queue, space| {
             let refused = |space: &IovaSpace<'_>, access| {
                 let f = space.take_fault().unwrap_or(TranslateFault {
                     iova: 0,
                     reason: FaultReason::Unmapped,
                 });
-                vm.record_fault(rid, f.iova, access, f.reason);
+                if may_defer && Vm::drainable(f.reason) && vm.queues_active() {
+                    deferred.set(true);
+                } else {
+                    vm.record_fault(rid, f.iova, access, f.reason);
+                }
                 Error::Fault(f)
             };
+            let r = Self::pop_chain(
+                queue,
+                space,
+                indirect_ok,
+                readable,
+                writable,
+                &refused,
+                &popped,
+            );
+            if may_defer && deferred.get() && popped.get() {
+                queue.go_to_previous_position();
+            }
+            r
+        })?
+    }
+
+    /// The chain walk of [`VirtQueue::pop_once`].
+    fn pop_chain(
+        queue: &mut Queue,
+        space: &IovaSpace<'_>,
+        indirect_ok: bool,
+        readable: &mut [Fragment],
+        writable: &mut [Fragment],
+        refused: &dyn Fn(&IovaSpace<'_>, Access) -> Error,
+        popped: &std::cell::Cell<bool>,
+    ) -> Result<Option<ChainInfo>> {
+        {
             let mut iter = match queue.iter(space) {
                 Ok(iter) => iter,
-                Err(virtio_queue::Error::GuestMemory(_)) => return Err(refused(space, Access::Read)),
+                Err(virtio_queue::Error::GuestMemory(_)) => {
+                    return Err(refused(space, Access::Read))
+                }
                 Err(e) => return Err(Error::Driver(e)),
             };
             let Some(chain) = iter.next() else {
                 // Empty, or the avail ring entry could not be read.
-                if let Some(f) = space.take_fault() {
-                    vm.record_fault(rid, f.iova, Access::Read, f.reason);
-                    return Err(Error::Fault(f));
+                if space.has_fault() {
+                    return Err(refused(space, Access::Read));
                 }
                 return Ok(None);
             };
+            popped.set(true);
             let head = chain.head_index();
             let bad = |reason| Error::BadChain { head, reason };
             if !indirect_ok {
                 let at = queue.desc_table() + u64::from(head) * 16;
                 match space.read_obj::<Descriptor>(GuestAddress(at)) {
                     Ok(d) if d.flags() & VRING_DESC_F_INDIRECT != 0 => {
-                        return Err(bad("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC"))
+                        return Err(bad(
+                            "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC",
+                        ))
                     }
                     Ok(_) => {}
                     Err(_) => return Err(refused(space, Access::Read)),
@@ -373,12 +443,18 @@ impl<'vm> VirtQueue<'vm> {
                     seen_writable = true;
                     (&mut wsink, Perm::WRITE, &mut info.writable_bytes)
                 } else if seen_writable {
-                    return Err(bad("device-readable descriptor after a device-writable one"));
+                    return Err(bad(
+                        "device-readable descriptor after a device-writable one",
+                    ));
                 } else {
                     (&mut rsink, Perm::READ, &mut info.readable_bytes)
                 };
                 let len = u64::from(desc.len());
-                let access = if need == Perm::WRITE { Access::Write } else { Access::Read };
+                let access = if need == Perm::WRITE {
+                    Access::Write
+                } else {
+                    Access::Read
+                };
                 if space.translate(desc.addr().0, len, need, sink).is_err() {
                     return Err(refused(space, access));
                 }
@@ -387,7 +463,7 @@ impl<'vm> VirtQueue<'vm> {
             if count == 0 || last_has_next {
                 // virtio-queue's walk ends silently on any error: tell a
                 // refused descriptor read from a malformed chain.
-                if space.take_fault().is_some() {
+                if space.has_fault() {
                     return Err(refused(space, Access::Read));
                 }
                 return Err(bad(
@@ -409,11 +485,28 @@ impl<'vm> VirtQueue<'vm> {
                 });
             }
             Ok(Some(info))
-        })?
+        }
     }
 
     /// Returns chain `head` to the driver with `len` bytes written.
+    ///
+    /// A used-ring write refused for want of a mapping or permission
+    /// drains the VM's request queues and is tried once more (rule 2 of
+    /// ABI 3.2; the entry and idx are simply written again).
     pub fn push(&mut self, head: u16, len: u32) -> Result<()> {
+        let deferred = std::cell::Cell::new(false);
+        let r = self.push_once(head, len, &deferred);
+        if !deferred.get() {
+            return r;
+        }
+        self.vm.drain_for_miss();
+        self.push_once(head, len, &std::cell::Cell::new(true))
+    }
+
+    /// One attempt of [`VirtQueue::push`], deferring as
+    /// [`VirtQueue::pop_once`] does.
+    fn push_once(&mut self, head: u16, len: u32, deferred: &std::cell::Cell<bool>) -> Result<()> {
+        let may_defer = !deferred.get();
         let (vm, rid) = (self.vm, self.rid);
         self.with_queue(|queue, space| match queue.add_used(space, head, len) {
             Ok(()) => Ok(()),
@@ -424,7 +517,11 @@ impl<'vm> VirtQueue<'vm> {
                     iova: queue.used_ring(),
                     reason: FaultReason::Overflow,
                 });
-                vm.record_fault(rid, f.iova, Access::Write, f.reason);
+                if may_defer && Vm::drainable(f.reason) && vm.queues_active() {
+                    deferred.set(true);
+                } else {
+                    vm.record_fault(rid, f.iova, Access::Write, f.reason);
+                }
                 Err(Error::Fault(f))
             }
             Err(e) => Err(Error::Driver(e)),
@@ -434,6 +531,10 @@ impl<'vm> VirtQueue<'vm> {
     /// Whether the driver wants an interrupt for the entries pushed since
     /// the last call (`used_event` with EVENT_IDX, else always).
     pub fn needs_notification(&mut self) -> Result<bool> {
+        self.again(|vq| vq.needs_notification_once())
+    }
+
+    fn needs_notification_once(&mut self) -> Result<bool> {
         self.with_queue(|queue, space| {
             queue
                 .needs_notification(space)
@@ -447,6 +548,10 @@ impl<'vm> VirtQueue<'vm> {
     /// Asks the driver for notifications again; true when chains arrived
     /// meanwhile (process them before sleeping).
     pub fn enable_notification(&mut self) -> Result<bool> {
+        self.again(|vq| vq.enable_notification_once())
+    }
+
+    fn enable_notification_once(&mut self) -> Result<bool> {
         self.with_queue(|queue, space| {
             queue
                 .enable_notification(space)
@@ -459,6 +564,10 @@ impl<'vm> VirtQueue<'vm> {
 
     /// Asks the driver not to notify.
     pub fn disable_notification(&mut self) -> Result<()> {
+        self.again(|vq| vq.disable_notification_once())
+    }
+
+    fn disable_notification_once(&mut self) -> Result<()> {
         self.with_queue(|queue, space| {
             queue
                 .disable_notification(space)
@@ -467,6 +576,16 @@ impl<'vm> VirtQueue<'vm> {
                     None => Error::Driver(e),
                 })
         })?
+    }
+
+    /// Runs `op`, and once more after draining the VM's request queues
+    /// when it was refused for want of a mapping or permission (rule 2 of
+    /// ABI 3.2). For operations that record no fault themselves.
+    fn again<R>(&mut self, op: impl Fn(&mut Self) -> Result<R>) -> Result<R> {
+        match op(self) {
+            Err(Error::Fault(f)) if Vm::drainable(f.reason) && self.vm.drain_for_miss() => op(self),
+            r => r,
+        }
     }
 
     /// The next avail index the device will read (for migration/debug).

@@ -11,6 +11,16 @@
 //! page, the neighbours of every mapping and some random windows exactly as
 //! the model does, and its pin refcounts, mapping records and statistics
 //! must equal the model's.
+//!
+//! Queued requests (ABI 3.2) are in the same sequences: MAP (FIXED, one
+//! segment) and UNMAP steps may be written into a request queue instead of
+//! submitted, and the model applies them exactly where the rules say the
+//! host does: before every request (rule 1), when a translation it
+//! predicts refused for want of a mapping or permission is made (rule 2),
+//! at SYNC (whose status and result it predicts), and never at reset
+//! (which drops them). While entries are pending only what the rules fix
+//! is checked (records, pins, statistics); the translations are checked
+//! once the queue is empty.
 
 mod common;
 
@@ -21,10 +31,12 @@ use common::*;
 use proptest::prelude::*;
 use pvdma::abi::Op;
 use pvdma::epoch;
+use pvdma::testing::{map_entry, queue_setup_req, sync_req, unmap_entry, GuestQueue};
 use pvdma::FaultReason;
 use pvdma::Iotlb;
 use pvdma::Request;
 use pvdma::{Access, Fragment, Perm, Status, Vm, VmConfig, PAGE_SIZE};
+use vm_memory::Bytes;
 
 /// A requester ID with no function behind it.
 const NOBODY: u32 = 0x0020;
@@ -120,6 +132,12 @@ enum Step {
     Migrate,
     RemoveHigh,
     AddHigh,
+    /// The MAP or UNMAP step, as an entry of the request queue.
+    Queued(Box<Step>),
+    /// SYNC.
+    Sync(usize),
+    /// One device access of `ep` at IOVA page `n` (rule 2 when refused).
+    Access(usize, u64, bool),
 }
 
 fn ep_index() -> impl Strategy<Value = usize> {
@@ -219,13 +237,47 @@ fn step(big: bool) -> impl Strategy<Value = Step> {
     ]
 }
 
+/// A step, or a queued MAP/UNMAP, SYNC, a device access.
+fn queued_step(big: bool) -> impl Strategy<Value = Step> {
+    let qmap = (
+        ep_index(),
+        prop_oneof![10 => 1..4u16, 1 => Just(0u16)],
+        iova_pick(),
+        prop::bool::weighted(0.95),
+        prop_oneof![Just(0u64), 1..4096u64],
+        seg_spec(big),
+        prop_oneof![12 => Just(None), 1 => malform().prop_map(Some)],
+    )
+        .prop_map(|(ep, perms, iova, same, off, seg, malform)| {
+            Step::Queued(Box::new(Step::Map {
+                ep,
+                perms,
+                fixed: Some((iova, same)),
+                off,
+                segs: vec![seg],
+                malform,
+            }))
+        });
+    prop_oneof![
+        12 => step(big),
+        8 => qmap,
+        5 => (ep_index(), unmap_spec())
+            .prop_map(|(e, u)| Step::Queued(Box::new(Step::Unmap(e, u)))),
+        2 => ep_index().prop_map(Step::Sync),
+        4 => (0..2usize, 0..48u64, any::<bool>()).prop_map(|(e, p, w)| Step::Access(e, p, w)),
+    ]
+}
+
 /// A configuration and a sequence. Small IOVA spaces (21 bits: 512 pages)
 /// with large mappings make NOSPC and the top-of-space checks reachable.
 fn scenario() -> impl Strategy<Value = (u32, Vec<Step>)> {
     let steps = |big| {
         (
             prop::bool::weighted(0.8),
-            prop::collection::vec(step(big), 1..60),
+            prop_oneof![
+                2 => prop::collection::vec(step(big), 1..60),
+                1 => prop::collection::vec(queued_step(big), 1..60),
+            ],
         )
             .prop_map(|(attach_first, mut steps)| {
                 // Most sequences start attached: MAP and UNMAP then do more
@@ -272,6 +324,15 @@ struct Model {
     /// Mappings by first IOVA page.
     maps: [BTreeMap<u64, ModelMapping>; 2],
     high: bool,
+    /// The request queue is set up (its two pages pinned).
+    queue_up: bool,
+    /// Entries published and not yet applied, in queue order.
+    pending: Vec<pvdma::QueueEntry>,
+    /// Failed entries since the last SYNC, and the first one's status.
+    window: (u64, Option<Status>),
+    /// The control block's failed and last_error.
+    failed: u32,
+    last_error: u32,
 }
 
 impl Model {
@@ -294,6 +355,10 @@ impl Model {
     /// each distinct guest page it covers.
     fn pins(&self) -> Vec<(u64, u32)> {
         let mut pins = BTreeMap::new();
+        if self.queue_up {
+            pins.insert(QCTRL / PAGE_SIZE, 1u32);
+            pins.insert(QRING / PAGE_SIZE, 1u32);
+        }
         for m in self.maps.iter().flat_map(|m| m.values()) {
             let distinct: BTreeSet<u64> = m.gpa_pages.iter().copied().collect();
             for g in distinct {
@@ -418,7 +483,17 @@ struct Run {
     /// every translation is also made through a `CachedTranslator` using
     /// it, and must agree with the model like the uncached one.
     tlbs: RefCell<[Iotlb; 2]>,
+    /// The guest's side of the request queue (once set up).
+    gq: Option<GuestQueue>,
+    /// Which rule applied the entries last (for messages).
+    last_drain: &'static str,
 }
+
+/// The request queue's control block and ring (4 KiB: 128 entries), away
+/// from the pages the mappings use.
+const QCTRL: u64 = 0x70_0000;
+const QRING: u64 = 0x70_1000;
+const QRING_LEN: u64 = 0x1000;
 
 fn fresh_vm(g: &Guest, bits: u32, high: bool) -> Vm {
     let vm = Vm::new(VmConfig {
@@ -452,7 +527,14 @@ impl Run {
                 attached: [false; 2],
                 maps: [BTreeMap::new(), BTreeMap::new()],
                 high: true,
+                queue_up: false,
+                pending: Vec::new(),
+                window: (0, None),
+                failed: 0,
+                last_error: 0,
             },
+            gq: None,
+            last_drain: "",
             tlbs: RefCell::default(),
         }
     }
@@ -468,7 +550,10 @@ impl Run {
     fn submit(&self, req: &Request) -> Out {
         let out = self.g.submit(req);
         if out.status != Status::Ok {
-            assert_eq!(out.result, 0xdead_beef, "result written on failure");
+            // SYNC writes result (the failed entries) with any status.
+            if req.op != Op::Sync as u16 {
+                assert_eq!(out.result, 0xdead_beef, "result written on failure");
+            }
             assert_eq!(
                 (out.iova, out.length),
                 (req.iova, req.length),
@@ -494,7 +579,33 @@ impl Run {
     }
 
     fn step(&mut self, s: &Step) {
+        let submits = !matches!(
+            s,
+            Step::Queued(_)
+                | Step::Access(..)
+                | Step::Reset
+                | Step::Migrate
+                | Step::RemoveHigh
+                | Step::AddHigh
+        );
+        // Rule 1: the request applies every published entry first (the
+        // model now; the VM when the request arrives).
+        let drained = submits && !self.m.pending.is_empty();
+        if submits {
+            self.apply_pending("rule 1");
+        }
         match *s {
+            Step::Queued(ref inner) => self.queue(inner),
+            Step::Sync(ep) => {
+                let out = self.submit(&sync_req(RIDS[ep]));
+                if self.attached(ep).is_none() {
+                    return Self::expect_status(&out, &[Status::NoDev], "SYNC");
+                }
+                let (count, first) = std::mem::take(&mut self.m.window);
+                assert_eq!(out.status, first.unwrap_or(Status::Ok), "SYNC status");
+                assert_eq!(out.result, count, "SYNC result");
+            }
+            Step::Access(ep, page, write) => self.access(ep, page, write),
             Step::Attach(ep) => {
                 let out = self.submit(&req(Op::Attach, RIDS[ep]));
                 match self.attached(ep) {
@@ -568,10 +679,18 @@ impl Run {
                     Status::Inval
                 };
                 assert_eq!(status, want, "{b:?}");
-                assert_eq!(self.g.footprint(), before);
+                if !drained {
+                    // (Else it applied the queue: check() compares that.)
+                    assert_eq!(self.g.footprint(), before);
+                }
             }
             Step::Reset => {
                 self.g.vm.reset();
+                // Reset tears the queue down: what is pending is dropped.
+                self.m.pending.clear();
+                self.m.queue_up = false;
+                self.m.window = (0, None);
+                self.gq = None;
                 self.m.attached = [false; 2];
                 self.m.maps = [BTreeMap::new(), BTreeMap::new()];
                 let s = self.g.vm.stats();
@@ -642,48 +761,14 @@ impl Run {
             None => (0x5a5a_5000, perms),
         };
         let out = self.submit(&map_req(RIDS[ep], flags, iova_in, &segs));
-
-        // Every rule the request breaks, in docs/abi.md's check order.
-        let mut allowed = Vec::new();
-        let Some(attached) = self.attached(ep) else {
-            return Self::expect_status(&out, &[Status::NoDev], "MAP");
-        };
-        if !attached {
-            allowed.push(Status::State);
-        }
-        if perms & 3 == 0 {
-            allowed.push(Status::Perm);
-        }
-        let rules = segment_rules(&segs);
-        if let Err(s) = rules {
-            allowed.push(s);
-        }
-        if segs.iter().any(|&(gpa, len)| !self.m.in_ram(gpa, len)) {
-            allowed.push(Status::Fault);
-        }
-        let (length, gpa_pages) = match rules {
-            Ok(r) => r,
-            Err(_) => (0, vec![0]),
+        let what = format!("MAP ep{ep} flags {flags:#x} iova {iova_in:#x} segs {segs:x?}");
+        let (length, gpa_pages) = match self.map_predict(ep, perms, fixed.is_some(), iova_in, &segs)
+        {
+            Err(allowed) => return Self::expect_status(&out, &allowed, &what),
+            Ok(p) => p,
         };
         let npages = gpa_pages.len() as u64;
         let first_off = segs[0].0 % PAGE_SIZE;
-        if fixed.is_some() {
-            let first = iova_in / PAGE_SIZE;
-            let fits = first
-                .checked_add(npages)
-                .is_some_and(|e| e <= self.m.iova_pages());
-            if iova_in % PAGE_SIZE != first_off || !fits {
-                allowed.push(Status::Inval);
-            } else if attached && self.m.used(ep, first, npages) {
-                allowed.push(Status::Exist);
-            }
-        } else if attached && !self.m.free_run_exists(ep, npages) {
-            allowed.push(Status::NoSpc);
-        }
-        let what = format!("MAP ep{ep} flags {flags:#x} iova {iova_in:#x} segs {segs:x?}");
-        if !allowed.is_empty() {
-            return Self::expect_status(&out, &allowed, &what);
-        }
         Self::expect_status(&out, &[Status::Ok], &what);
         assert_eq!(out.result, 0, "{what}");
         assert_eq!(out.length, length, "{what}: length out");
@@ -718,6 +803,59 @@ impl Run {
                 gpa_pages,
             },
         );
+    }
+
+    /// What a MAP of `segs` must do: `Ok((length, guest page of each IOVA
+    /// page))`, or every status it may fail with, in docs/abi.md's order.
+    fn map_predict(
+        &self,
+        ep: usize,
+        perms: u16,
+        fixed: bool,
+        iova_in: u64,
+        segs: &[(u64, u64)],
+    ) -> Result<(u64, Vec<u64>), Vec<Status>> {
+        // Every rule the request breaks, in docs/abi.md's check order.
+        let mut allowed = Vec::new();
+        let Some(attached) = self.attached(ep) else {
+            return Err(vec![Status::NoDev]);
+        };
+        if !attached {
+            allowed.push(Status::State);
+        }
+        if perms & 3 == 0 {
+            allowed.push(Status::Perm);
+        }
+        let rules = segment_rules(segs);
+        if let Err(s) = rules {
+            allowed.push(s);
+        }
+        if segs.iter().any(|&(gpa, len)| !self.m.in_ram(gpa, len)) {
+            allowed.push(Status::Fault);
+        }
+        let (length, gpa_pages) = match rules {
+            Ok(r) => r,
+            Err(_) => (0, vec![0]),
+        };
+        let npages = gpa_pages.len() as u64;
+        let first_off = segs[0].0 % PAGE_SIZE;
+        if fixed {
+            let first = iova_in / PAGE_SIZE;
+            let fits = first
+                .checked_add(npages)
+                .is_some_and(|e| e <= self.m.iova_pages());
+            if iova_in % PAGE_SIZE != first_off || !fits {
+                allowed.push(Status::Inval);
+            } else if attached && self.m.used(ep, first, npages) {
+                allowed.push(Status::Exist);
+            }
+        } else if attached && !self.m.free_run_exists(ep, npages) {
+            allowed.push(Status::NoSpc);
+        }
+        if !allowed.is_empty() {
+            return Err(allowed);
+        }
+        Ok((length, gpa_pages))
     }
 
     /// The UNMAP `(iova, length)` a spec names.
@@ -838,58 +976,22 @@ impl Run {
     }
 
     fn unmap(&mut self, ep: usize, u: UnmapSpec) {
-        let bits = self.m.bits;
         let (iova, length) = self.range_of(ep, u);
         let mut r = req(Op::Unmap, RIDS[ep]);
         r.iova = iova;
         r.length = length;
         let out = self.submit(&r);
         let what = format!("UNMAP ep{ep} iova {iova:#x} length {length:#x}");
-        let Some(attached) = self.attached(ep) else {
-            return Self::expect_status(&out, &[Status::NoDev], &what);
-        };
-        if !attached {
-            return Self::expect_status(&out, &[Status::State], &what);
-        }
-        let limit = 1u64 << bits;
-        let victims: Vec<u64> = if length == 0 {
-            if iova >= limit {
-                return Self::expect_status(&out, &[Status::Inval], &what);
+        let victims = match self.unmap_predict(ep, iova, length) {
+            // "NOENT if no mapping is in range": a crossing mapping is
+            // partly in range, so either reading is the spec's.
+            Err(allowed) if allowed == [Status::Range, Status::NoEnt] => {
+                let ok = allowed.contains(&out.status);
+                assert!(ok, "{what}: {:?}", out.status);
+                return;
             }
-            let page = iova / PAGE_SIZE;
-            if !self.m.maps[ep].contains_key(&page) {
-                return Self::expect_status(&out, &[Status::NoEnt], &what);
-            }
-            vec![page]
-        } else {
-            if iova.checked_add(length).is_none_or(|e| e > limit) {
-                return Self::expect_status(&out, &[Status::Inval], &what);
-            }
-            let (first, last) = (iova / PAGE_SIZE, (iova + length - 1) / PAGE_SIZE);
-            let overlapping: Vec<&ModelMapping> = self.m.maps[ep]
-                .values()
-                .filter(|m| m.first_page() <= last && first <= m.last_page())
-                .collect();
-            let crossing = overlapping
-                .iter()
-                .any(|m| m.first_page() < first || m.last_page() > last);
-            let inside: Vec<u64> = overlapping
-                .iter()
-                .filter(|m| m.first_page() >= first && m.last_page() <= last)
-                .map(|m| m.first_page())
-                .collect();
-            match (crossing, inside.is_empty()) {
-                (true, false) => return Self::expect_status(&out, &[Status::Range], &what),
-                // "NOENT if no mapping is in range": a crossing mapping is
-                // partly in range, so either reading is the spec's.
-                (true, true) => {
-                    let ok = [Status::Range, Status::NoEnt].contains(&out.status);
-                    assert!(ok, "{what}: {:?}", out.status);
-                    return;
-                }
-                (false, true) => return Self::expect_status(&out, &[Status::NoEnt], &what),
-                (false, false) => inside,
-            }
+            Err(allowed) => return Self::expect_status(&out, &allowed, &what),
+            Ok(v) => v,
         };
         Self::expect_status(&out, &[Status::Ok], &what);
         let mut freed = 0;
@@ -899,8 +1001,201 @@ impl Run {
         assert_eq!(out.result, freed, "{what}: result is the IOVA space freed");
     }
 
+    /// What an UNMAP must do: `Ok(first pages of the mappings removed)`
+    /// or the statuses it may fail with (RANGE and NOENT both when a
+    /// mapping crosses the range and none is inside).
+    fn unmap_predict(&self, ep: usize, iova: u64, length: u64) -> Result<Vec<u64>, Vec<Status>> {
+        let Some(attached) = self.attached(ep) else {
+            return Err(vec![Status::NoDev]);
+        };
+        if !attached {
+            return Err(vec![Status::State]);
+        }
+        let limit = 1u64 << self.m.bits;
+        if length == 0 {
+            if iova >= limit {
+                return Err(vec![Status::Inval]);
+            }
+            let page = iova / PAGE_SIZE;
+            if !self.m.maps[ep].contains_key(&page) {
+                return Err(vec![Status::NoEnt]);
+            }
+            return Ok(vec![page]);
+        }
+        if iova.checked_add(length).is_none_or(|e| e > limit) {
+            return Err(vec![Status::Inval]);
+        }
+        let (first, last) = (iova / PAGE_SIZE, (iova + length - 1) / PAGE_SIZE);
+        let overlapping: Vec<&ModelMapping> = self.m.maps[ep]
+            .values()
+            .filter(|m| m.first_page() <= last && first <= m.last_page())
+            .collect();
+        let crossing = overlapping
+            .iter()
+            .any(|m| m.first_page() < first || m.last_page() > last);
+        let inside: Vec<u64> = overlapping
+            .iter()
+            .filter(|m| m.first_page() >= first && m.last_page() <= last)
+            .map(|m| m.first_page())
+            .collect();
+        match (crossing, inside.is_empty()) {
+            (true, false) => Err(vec![Status::Range]),
+            (true, true) => Err(vec![Status::Range, Status::NoEnt]),
+            (false, true) => Err(vec![Status::NoEnt]),
+            (false, false) => Ok(inside),
+        }
+    }
+
+    /// Writes the MAP or UNMAP step `s` into the request queue (setting the
+    /// queue up first if it is not): nothing happens until a rule applies
+    /// it.
+    fn queue(&mut self, s: &Step) {
+        if !self.m.queue_up {
+            // A request: rule 1 applies nothing (nothing is pending).
+            assert!(self.m.pending.is_empty());
+            self.g
+                .mem
+                .write_slice(&[0u8; 64], vm_memory::GuestAddress(QCTRL))
+                .unwrap();
+            let out = self.submit(&queue_setup_req(EP, 0, QCTRL, QRING, QRING_LEN));
+            Self::expect_status(&out, &[Status::Ok], "QUEUE set-up");
+            self.m.queue_up = true;
+            self.m.failed = 0;
+            self.m.last_error = 0;
+            self.gq = Some(GuestQueue::new(&self.g.mem, QCTRL, QRING, QRING_LEN));
+        }
+        let entry = match *s {
+            Step::Map {
+                ep,
+                perms,
+                fixed: Some((p, same)),
+                off,
+                ref segs,
+                malform,
+            } => {
+                let seg = build_segs(off, segs, malform)[0];
+                let o = if same {
+                    seg.0 % PAGE_SIZE
+                } else {
+                    (seg.0 + 8) % PAGE_SIZE
+                };
+                let iova = iova_of(self.m.bits, p) | o;
+                let mut e = map_entry(
+                    RIDS[ep],
+                    Perm::from_bits_truncate(perms as u8),
+                    iova,
+                    seg.0,
+                    seg.1,
+                );
+                e.flags = perms;
+                e
+            }
+            Step::Unmap(ep, u) => {
+                let (iova, length) = self.range_of(ep, u);
+                unmap_entry(RIDS[ep], iova, length)
+            }
+            _ => unreachable!("only MAP and UNMAP are queued"),
+        };
+        let gq = self.gq.as_mut().expect("set up above");
+        if gq.head.wrapping_sub(gq.ctrl_words(&self.g.mem)[1]) >= gq.entries {
+            // Full: a driver issues SYNC (a request: rule 1 drains).
+            self.step(&Step::Sync(0));
+        }
+        let gq = self.gq.as_mut().expect("set up above");
+        gq.push(&self.g.mem, &entry);
+        self.m.pending.push(entry);
+    }
+
+    /// Applies every pending entry in the model, in queue order, as the
+    /// host must have at this point (`why`), and checks the control block.
+    fn apply_pending(&mut self, why: &'static str) {
+        if self.m.pending.is_empty() {
+            return;
+        }
+        for e in std::mem::take(&mut self.m.pending) {
+            let status = self.apply_entry(&e);
+            if status != Status::Ok {
+                self.m.window.0 += 1;
+                self.m.window.1.get_or_insert(status);
+                self.m.failed += 1;
+                self.m.last_error = status as u32;
+            }
+        }
+        self.last_drain = why;
+    }
+
+    /// One queued entry, in the model: the MAP (FIXED, one segment) or
+    /// UNMAP request it stands for.
+    fn apply_entry(&mut self, e: &pvdma::QueueEntry) -> Status {
+        let ep = RIDS
+            .iter()
+            .position(|&r| r == e.requester)
+            .expect("a model RID");
+        if e.op == 4 {
+            if e.flags & !7 != 0 {
+                return Status::Inval;
+            }
+            let segs = vec![(e.gpa, e.length)];
+            match self.map_predict(ep, e.flags, true, e.iova, &segs) {
+                Err(allowed) => allowed[0],
+                Ok((length, gpa_pages)) => {
+                    self.m.maps[ep].insert(
+                        e.iova / PAGE_SIZE,
+                        ModelMapping {
+                            iova: e.iova,
+                            length,
+                            perms: (e.flags & 3) as u8,
+                            segs,
+                            gpa_pages,
+                        },
+                    );
+                    Status::Ok
+                }
+            }
+        } else {
+            match self.unmap_predict(ep, e.iova, e.length) {
+                // The host checks RANGE before NOENT (as UNMAP_LIST).
+                Err(allowed) => allowed[0],
+                Ok(victims) => {
+                    for p in victims {
+                        self.m.maps[ep].remove(&p);
+                    }
+                    Status::Ok
+                }
+            }
+        }
+    }
+
+    /// A device access of one byte at IOVA page `page` of `ep`: when the
+    /// model says it would be refused for want of a mapping or permission
+    /// and entries are pending, rule 2 applies them first.
+    fn access(&mut self, ep: usize, page: u64, write: bool) {
+        if !self.m.attached[ep] || page >= self.m.iova_pages() {
+            return;
+        }
+        let a = if write { Access::Write } else { Access::Read };
+        let iova = page * PAGE_SIZE + 0x10;
+        let mut want = self.expected(&self.m.pages(ep), iova, 1, a);
+        if let Err((_, FaultReason::Unmapped | FaultReason::Permission)) = want {
+            self.apply_pending("rule 2");
+            want = self.expected(&self.m.pages(ep), iova, 1, a);
+        }
+        let vm = &self.g.vm;
+        self.compare(vm, ep, iova, 1, a, want);
+    }
+
     /// Everything observable must agree with the model.
     fn check(&self, vm: &Vm) {
+        if let (true, Some(gq)) = (self.m.queue_up, &self.gq) {
+            let tail = gq.head.wrapping_sub(self.m.pending.len() as u32);
+            let want = [gq.head, tail, self.m.failed, self.m.last_error, 0];
+            assert_eq!(
+                gq.ctrl_words(&self.g.mem),
+                want,
+                "control block (head, tail, failed, last_error, stopped), last applied by {}",
+                self.last_drain
+            );
+        }
         let s = vm.stats();
         assert_eq!(s.mappings, self.m.mapping_count(), "stats().mappings");
         let pins = self.m.pins();
@@ -917,7 +1212,12 @@ impl Run {
                 .map(|m| (m.iova, m.length, m.perms, m.segs.clone()))
                 .collect();
             assert_eq!(got, want, "mapping records of ep{ep}");
-            self.check_translations(vm, ep);
+            // With entries pending, a refused translation would apply
+            // them (rule 2): the translations are checked once the queue
+            // is empty, and by the Access steps meanwhile.
+            if self.m.pending.is_empty() {
+                self.check_translations(vm, ep);
+            }
         }
         // An unknown requester translates nothing.
         let mut frag = [Fragment {

@@ -637,9 +637,10 @@ fn hooks_see_every_drain_with_its_cause() {
 
 /// A guest rewriting its ring and head while the host drains (here from
 /// the MAP notifier, which runs inside the drain): the drain takes what
-/// head said when it read it, each entry as it copied it, and the next
-/// drain sees the broken queue. Nothing loops or panics; a translation
-/// from inside the drain does not drain again.
+/// head said when it read it, each entry as it copied it (the host copies
+/// 32 entries at a time, each once, before parsing any of them), and the
+/// next drain sees the broken queue. Nothing loops or panics; a
+/// translation from inside the drain does not drain again.
 #[test]
 fn rewrites_during_a_drain_get_a_consistent_outcome() {
     let (g, mut q) = setup();
@@ -651,9 +652,10 @@ fn rewrites_during_a_drain_get_a_consistent_outcome() {
         let mut done = s2.lock().unwrap();
         if !*done && ev.iova == 0x4000 {
             *done = true;
-            // Entry 1 (not yet copied) becomes an UNMAP of 0x4000, and
-            // head jumps far ahead.
+            // Entry 1 (already copied with the first 32) and entry 35 (not
+            // yet copied) become UNMAPs of 0x4000; head jumps far ahead.
             q2.write(&g.mem, 1, &unmap_entry(EP, 0x4000, 0));
+            q2.write(&g.mem, 35, &unmap_entry(EP, 0x4000, 0));
             g.mem.write_obj(1000u32, GuestAddress(CTRL)).unwrap();
             // Re-entrant translation: refused, no nested drain.
             let mut out = frag();
@@ -664,17 +666,22 @@ fn rewrites_during_a_drain_get_a_consistent_outcome() {
         }
         true
     })));
+    let iova = |i: u64| 0x10_0000 + i * 0x1000;
     q.push(&g.mem, &map_entry(EP, Perm::RW, 0x4000, DATA, 0x1000));
-    q.push(&g.mem, &map_entry(EP, Perm::RW, 0x8000, DATA, 0x1000));
-    q.push(&g.mem, &map_entry(EP, Perm::RW, 0xc000, DATA, 0x1000));
+    for i in 1..40 {
+        q.push(&g.mem, &map_entry(EP, Perm::RW, iova(i), DATA, 0x1000));
+    }
     let s = g.submit(&sync_req(EP));
-    // The first drain (rule 1) read head 3: it applied the MAP, then the
-    // rewritten entry 1 (UNMAP 0x4000), then entry 2. SYNC's drain saw
-    // head 1000: stopped.
+    // The first drain (rule 1) read head 40 and took all 40: entry 1 as
+    // first copied (its MAP), entry 35 as rewritten (UNMAP 0x4000). SYNC's
+    // own drain then saw head 1000: stopped.
     assert!(*scribbled.lock().unwrap());
     assert_eq!(s.status, Status::State);
-    assert!(!mapped(&g, 0x4000) && !mapped(&g, 0x8000) && mapped(&g, 0xc000));
-    assert_eq!(q.ctrl_words(&g.mem)[1], 3);
+    assert!(!mapped(&g, 0x4000), "entry 35 applied as rewritten");
+    assert!(mapped(&g, iova(1)), "entry 1 applied as first copied");
+    assert!(!mapped(&g, iova(35)));
+    assert_eq!(g.vm.mappings(EP).len(), 38);
+    assert_eq!(q.ctrl_words(&g.mem)[1], 40);
     assert_eq!(g.vm.stats().faults, 1);
     g.vm.set_notifier(None);
 }

@@ -426,3 +426,88 @@ fn requests_racing_endpoint_removal_leave_nothing_behind() {
         seen.len()
     );
 }
+
+/// Queued requests (ABI 3.2), rule 2 under races: a guest thread queues
+/// MAPs (and UNMAPs of older ones) and announces each after publishing
+/// it; device threads translate each announced IOVA, through
+/// `Vm::translate` and `Vm::lookup`, while another thread keeps issuing
+/// requests (rule-1 drains racing the miss drains). A translation that
+/// starts after the publish is never refused: no fault, ever.
+#[test]
+fn translations_after_a_publish_are_never_refused() {
+    use pvdma::testing::{map_entry, queue_setup_req, sync_req, unmap_entry, GuestQueue};
+    use std::sync::atomic::AtomicU64;
+    const ENTRIES: u64 = 6000;
+    const KEEP: u64 = 16;
+    const CTRL: u64 = 0x60_0000;
+    const RING: u64 = 0x60_1000;
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    let out = g.submit(&queue_setup_req(EP, 0, CTRL, RING, 0x1000));
+    assert_eq!(out.status, Status::Ok);
+    let iova = |k: u64| 0x100_0000 + k * PAGE_SIZE;
+    let gpa = |k: u64| 0x10_0000 + (k % 64) * PAGE_SIZE;
+    // Entries announced: k < published has been published.
+    let published = AtomicU64::new(0);
+    // Entries k < unmapping may have their UNMAP published: a refusal of
+    // those is the guest's business (it raced its own UNMAP).
+    let unmapping = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    thread::scope(|s| {
+        s.spawn(|| {
+            let mut q = GuestQueue::new(&g.mem, CTRL, RING, 0x1000);
+            for k in 0..ENTRIES {
+                // Two entries per step; wait for room as a driver does.
+                while q.head.wrapping_sub(q.ctrl_words(&g.mem)[1]) + 2 > q.entries {
+                    let out = g.submit_at(block(0), &sync_req(EP));
+                    assert_eq!(out.status, Status::Ok);
+                }
+                q.push(&g.mem, &map_entry(EP, Perm::RW, iova(k), gpa(k), PAGE_SIZE));
+                if k >= KEEP {
+                    unmapping.store(k - KEEP + 1, Ordering::SeqCst);
+                    q.push(&g.mem, &unmap_entry(EP, iova(k - KEEP), 0));
+                }
+                // After the publish (head stored above).
+                published.store(k + 1, Ordering::SeqCst);
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        for t in 0..2u64 {
+            let (g, published, done, unmapping) = (&g, &published, &done, &unmapping);
+            s.spawn(move || {
+                let mut out = frags();
+                let mut n = 0u64;
+                while !done.load(Ordering::SeqCst) && n < READER_CAP {
+                    n += 1;
+                    let k = published.load(Ordering::SeqCst);
+                    if k == 0 {
+                        continue;
+                    }
+                    let k = k - 1;
+                    let r = if t == 0 {
+                        g.vm.translate(EP, iova(k), 8, Access::Write, &mut out)
+                            .map(|_| out[0].gpa)
+                    } else {
+                        g.vm.lookup(EP, iova(k), Some(Access::Read)).map(|l| l.gpa)
+                    };
+                    if r.is_err() && unmapping.load(Ordering::SeqCst) > k {
+                        continue;
+                    }
+                    assert_eq!(r, Ok(gpa(k)), "entry {k}");
+                }
+            });
+        }
+        s.spawn(|| {
+            let mut n = 0u64;
+            while !done.load(Ordering::SeqCst) && n < READER_CAP {
+                n += 1;
+                assert_eq!(
+                    g.submit_at(block(1), &req(Op::Query, EP)).status,
+                    Status::Ok
+                );
+            }
+        });
+    });
+    assert_eq!(g.submit(&sync_req(EP)).status, Status::Ok);
+    assert_eq!(g.vm.mappings(EP).len() as u64, KEEP);
+}

@@ -715,3 +715,48 @@ fn fuzz_entry_point_on_random_inputs() {
         pvdma::testing::fuzz::virtqueue(&data);
     }
 }
+
+/// Rule 2 of queued requests (ABI 3.2) in the virtqueue path: a buffer or
+/// ring page whose MAP is still queued is applied by the refused access,
+/// which then succeeds; a refusal no drain lifts is recorded once and the
+/// chain consumed as before.
+#[test]
+fn queued_maps_are_applied_before_a_ring_or_buffer_access_is_refused() {
+    use pvdma::testing::{map_entry, queue_setup_req, GuestQueue};
+    let g = Guest::new();
+    let mut q = g.queue(0);
+    let (ctrl, ring) = (0xe0000, 0xe1000);
+    assert_eq!(
+        g.vm.execute(&queue_setup_req(RID, 0, ctrl, ring, 0x1000))
+            .status,
+        Status::Ok
+    );
+    let mut gq = GuestQueue::new(&g.mem, ctrl, ring, 0x1000);
+    gq.push(
+        &g.mem,
+        &map_entry(RID, Perm::READ, 0x40000, 0x20000, PAGE_SIZE),
+    );
+    g.desc(DESC, 0, 0x40000, 16, 0, 0);
+    g.publish(AVAIL, &[0]);
+    let (mut r, mut w) = ([Z; 4], [Z; 4]);
+    let info = q.pop(&mut r, &mut w).unwrap().unwrap();
+    assert_eq!((info.head, r[0].gpa), (0, 0x20000));
+    assert_eq!(g.vm.stats().faults, 0);
+    // The used ring moves to a page whose MAP is queued.
+    g.unmap(USED);
+    gq.push(&g.mem, &map_entry(RID, Perm::RW, USED, 0x6000, PAGE_SIZE));
+    q.push(info.head, 16).unwrap();
+    assert_eq!(g.used_idx(), 1);
+    let s = g.vm.stats();
+    assert_eq!((s.faults, s.miss_drains, s.queue_entries), (0, 2, 2));
+    // Nothing queued for this one: one fault, chain consumed.
+    g.desc(DESC, 1, 0x50000, 16, 0, 0);
+    g.write(AVAIL + 4 + 2, &1u16.to_le_bytes());
+    g.write(AVAIL + 2, &2u16.to_le_bytes());
+    match q.pop(&mut r, &mut w) {
+        Err(VqError::Fault(f)) => assert_eq!(f.reason, FaultReason::Unmapped),
+        other => panic!("expected a fault, got {other:?}"),
+    }
+    assert_eq!(g.vm.stats().faults, 1);
+    assert_eq!(q.pop(&mut r, &mut w).unwrap(), None, "consumed");
+}

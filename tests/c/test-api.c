@@ -1276,7 +1276,7 @@ static void test_request_counts(void)
     CHECK_RES(pvdma_vm_request_counts(vm, NULL), PVDMA_ERR_NULL_ARGUMENT);
     CHECK_RES(pvdma_vm_request_counts(vm, &rc), PVDMA_OK);
     CHECK_U64(rc.query + rc.attach + rc.detach + rc.map + rc.unmap +
-              rc.unmap_list + rc.other, 0);
+              rc.unmap_list + rc.other + rc.queue + rc.sync, 0);
     CHECK_U64(rc.doorbell + rc.hypercall + rc.other_transport, 0);
 
     CHECK_ST(op_simple(vm, PVDMA_OP_QUERY, RID_A, NULL), PVDMA_S_OK);
@@ -1298,6 +1298,15 @@ static void test_request_counts(void)
     CHECK_U64(rc.doorbell, 1);
     CHECK_U64(rc.hypercall, 2);
     CHECK_U64(rc.other_transport, 2);   /* pvdma_vm_submit, transport 99 */
+    CHECK_U64(rc.queue + rc.sync, 0);
+    /* Ops 7 and 8 have totals of their own (appended fields). */
+    CHECK_U64(offsetof(pvdma_request_counts, queue), 10 * 8);
+    CHECK_ST(op_simple(vm, PVDMA_OP_SYNC, RID_A, NULL), PVDMA_S_OK);
+    CHECK_ST(op_simple(vm, PVDMA_OP_QUEUE, RID_A, NULL), PVDMA_S_STATE);
+    CHECK_RES(pvdma_vm_request_counts(vm, &rc), PVDMA_OK);
+    CHECK_U64(rc.queue, 1);
+    CHECK_U64(rc.sync, 1);
+    CHECK_U64(rc.other, 1);
     /* Reset keeps them. */
     pvdma_vm_reset(vm);
     CHECK_RES(pvdma_vm_request_counts(vm, &rc), PVDMA_OK);

@@ -162,9 +162,308 @@ pub fn virtqueue(data: &[u8]) {
     drop(vm);
 }
 
+/// Deterministic fuzzing entry point of the request queues (ABI 3.2),
+/// wired to cargo-fuzz by `fuzz/`: the fuzzer owns a queue's ring and
+/// control block. It writes arbitrary or well-formed entries into any
+/// slot, moves `head` anywhere (also far ahead, breaking the queue), has
+/// the host drain by every path (a request, a device access, SYNC,
+/// tear-down, reset, migration), and can rewrite the ring and head while
+/// a drain runs (from the MAP notifier, which runs inside it). Panics only
+/// when an invariant breaks:
+/// - no drain of one queue takes more than N entries;
+/// - pins are exactly what the mappings and the set-up queue imply, and
+///   every mapping lies in RAM and translates;
+/// - a stopped queue makes SYNC answer STATE, and nothing is taken from
+///   it any more;
+/// - after reset nothing is mapped or pinned and no queue is set up.
+pub fn queue(data: &[u8]) {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use vm_memory::GuestMemoryMmap;
+
+    use crate::abi::Op;
+    use crate::types::{Access, Perm, PAGE_SIZE};
+    use crate::vm::{DrainHooks, DrainReport, QueueEntry, VmConfig, QUEUE_ENTRY_SIZE};
+
+    const RAM: u64 = 32 * PAGE_SIZE;
+    const RIDS: [u32; 3] = [8, 16, 0x300];
+    const BLOCK: u64 = 31 * PAGE_SIZE;
+    const RING: u64 = 4 * PAGE_SIZE;
+
+    struct Bound {
+        entries: AtomicU32,
+        broken: AtomicBool,
+    }
+    impl DrainHooks for Bound {
+        fn drained(&self, r: &DrainReport) {
+            if r.applied > self.entries.load(Ordering::SeqCst) {
+                self.broken.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    let mut bytes = data.iter().copied();
+    let mut next = move || bytes.next().unwrap_or(0);
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]) else {
+        return;
+    };
+    let mem = Arc::new(mem);
+    let Ok(base) = vm_memory::GuestMemoryBackend::get_host_address(&*mem, GuestAddress(0)) else {
+        return;
+    };
+    let new_vm = || -> Option<Vm> {
+        let vm = Vm::new(VmConfig::default()).ok()?;
+        // SAFETY: `mem` owns the mapping and outlives every VM made here
+        // (each is dropped before this function returns, `mem` after).
+        unsafe { vm.add_ram_region(0, RAM, base as usize) }.ok()?;
+        for rid in &RIDS[..2] {
+            vm.add_endpoint(*rid, None).ok()?;
+        }
+        Some(vm)
+    };
+    let Some(mut vm) = new_vm() else {
+        return;
+    };
+    let bound = Arc::new(Bound {
+        entries: AtomicU32::new(0),
+        broken: AtomicBool::new(false),
+    });
+    vm.set_drain_hooks(Some(bound.clone()));
+    let submit = |vm: &Vm, r: &crate::vm::Request| -> crate::Status {
+        let _ = mem.write_slice(&crate::vm::encode_request(r), GuestAddress(BLOCK));
+        vm.submit(BLOCK)
+    };
+    for rid in &RIDS[..2] {
+        if next() % 4 != 0 {
+            vm.attach(*rid);
+        }
+    }
+    // The queue: control block in page 0, ring of 1, 2 or 4 pages.
+    let ctrl = u64::from(next() % 64) * 64;
+    let ring_len = PAGE_SIZE << (next() % 3);
+    let n = (ring_len / QUEUE_ENTRY_SIZE) as u32;
+    let _ = mem.write_obj(u32::from(next()) << 24, GuestAddress(ctrl));
+    let setup = super::queue_setup_req(RIDS[0], 0, ctrl, RING, ring_len);
+    let mut up = submit(&vm, &setup) == crate::Status::Ok;
+    bound.entries.store(n, Ordering::SeqCst);
+    // Rewrites armed for the next MAP notification: (slot, bytes) and an
+    // optional head value.
+    /// A rewrite armed for the next MAP notification: the slot, its new
+    /// bytes, and a new head (or none).
+    type Rewrite = Option<(u32, [u8; 32], Option<u32>)>;
+    let armed: Arc<Mutex<Rewrite>> = Arc::default();
+    {
+        let (armed, mem) = (armed.clone(), mem.clone());
+        vm.set_notifier(Some(Arc::new(move |_ev: &crate::vm::MapEvent| {
+            if let Some((slot, raw, head)) = armed.lock().ok().and_then(|mut a| a.take()) {
+                let at = RING + u64::from(slot % n) * QUEUE_ENTRY_SIZE;
+                let _ = mem.write_slice(&raw, GuestAddress(at));
+                if let Some(h) = head {
+                    let _ = mem.write_obj(h, GuestAddress(ctrl));
+                }
+            }
+            true
+        })));
+    }
+    let head = |mem: &GuestMemoryMmap<()>| mem.read_obj::<u32>(GuestAddress(ctrl)).unwrap_or(0);
+    let entry = |next: &mut dyn FnMut() -> u8| -> [u8; 32] {
+        if next() % 4 == 0 {
+            let mut raw = [0u8; 32];
+            raw.iter_mut().for_each(|b| *b = next());
+            return raw;
+        }
+        let rid = RIDS[usize::from(next()) % 3];
+        let iova = (u64::from(next() % 48) * PAGE_SIZE) | (u64::from(next() % 4) * 0x400);
+        if next() % 2 == 0 {
+            QueueEntry {
+                op: Op::Map as u16,
+                flags: u16::from(next() % 8),
+                requester: rid,
+                iova,
+                gpa: (u64::from(next() % 36) * PAGE_SIZE) | (iova & 0xfff),
+                length: u64::from(next()) * 64 + u64::from(next() % 2) * PAGE_SIZE,
+            }
+            .encode()
+        } else {
+            QueueEntry {
+                op: Op::Unmap as u16,
+                flags: 0,
+                requester: rid,
+                iova,
+                gpa: 0,
+                length: u64::from(next() % 4) * PAGE_SIZE,
+            }
+            .encode()
+        }
+    };
+    for _ in 0..(next() % 48 + 1) {
+        match next() % 12 {
+            0..=3 => {
+                // Publish one well-formed or raw entry at head.
+                let h = head(&mem);
+                let raw = entry(&mut next);
+                let at = RING + u64::from(h % n) * QUEUE_ENTRY_SIZE;
+                let _ = mem.write_slice(&raw, GuestAddress(at));
+                let _ = mem.write_obj(h.wrapping_add(1), GuestAddress(ctrl));
+            }
+            4 => {
+                // Head jumps anywhere.
+                let d = u32::from(next()) << (next() % 32);
+                let _ = mem.write_obj(head(&mem).wrapping_add(d), GuestAddress(ctrl));
+            }
+            5 => {
+                // A rewrite during the next drain that maps something.
+                let slot = u32::from(next());
+                let raw = entry(&mut next);
+                let h = (next() % 2 == 0).then(|| head(&mem).wrapping_add(u32::from(next())));
+                if let Ok(mut a) = armed.lock() {
+                    *a = Some((slot, raw, h));
+                }
+            }
+            6 => {
+                let _ = submit(&vm, &super::req(Op::Query, RIDS[0]));
+            }
+            7 => {
+                let mut out = [Fragment {
+                    hva: 0,
+                    gpa: 0,
+                    len: 0,
+                }; 4];
+                let rid = RIDS[usize::from(next()) % 2];
+                let iova = u64::from(next() % 48) * PAGE_SIZE;
+                let _ = vm.translate(rid, iova, 16, Access::Read, &mut out);
+                let _ = vm.lookup(rid, iova, Some(Access::Write));
+            }
+            8 => {
+                let st = submit(&vm, &super::sync_req(RIDS[0]));
+                let stopped = vm.queues().first().is_some_and(|q| q.stopped);
+                // (STATE is also an entry's status: only one direction.)
+                assert!(
+                    !stopped || st == crate::Status::State,
+                    "SYNC {st} on a stopped queue"
+                );
+            }
+            9 => {
+                let _ = submit(&vm, &super::queue_teardown_req(RIDS[0], 0));
+                up = submit(&vm, &setup) == crate::Status::Ok;
+            }
+            10 => {
+                vm.reset();
+                let s = vm.stats();
+                assert_eq!((s.mappings, s.pinned_pages), (0, 0), "after reset");
+                assert!(vm.queues().iter().all(|q| !q.set_up), "queue after reset");
+                vm.attach(RIDS[0]);
+                up = submit(&vm, &setup) == crate::Status::Ok;
+            }
+            _ => {
+                let blob = vm.export_state();
+                let Some(dst) = new_vm() else {
+                    return;
+                };
+                dst.import_state(&blob).expect("a fresh export imports");
+                // Everything but what counts this VM's own drains, and the
+                // head last read (the destination has read none yet).
+                let carried = |q: &crate::vm::QueueInfo| crate::vm::QueueInfo {
+                    head: 0,
+                    applied: 0,
+                    drains: 0,
+                    ..*q
+                };
+                let want: Vec<_> = vm.queues().iter().map(carried).collect();
+                let got: Vec<_> = dst.queues().iter().map(carried).collect();
+                assert_eq!(got, want, "queues after migration");
+                dst.set_drain_hooks(Some(bound.clone()));
+                let (armed, mem) = (armed.clone(), mem.clone());
+                dst.set_notifier(Some(Arc::new(move |_ev: &crate::vm::MapEvent| {
+                    if let Some((slot, raw, head)) = armed.lock().ok().and_then(|mut a| a.take()) {
+                        let at = RING + u64::from(slot % n) * QUEUE_ENTRY_SIZE;
+                        let _ = mem.write_slice(&raw, GuestAddress(at));
+                        if let Some(h) = head {
+                            let _ = mem.write_obj(h, GuestAddress(ctrl));
+                        }
+                    }
+                    true
+                })));
+                vm = dst;
+            }
+        }
+        assert!(
+            !bound.broken.load(Ordering::SeqCst),
+            "a drain took more than N entries"
+        );
+        // Pins: one reference per distinct page per mapping, plus the
+        // queue's control block page and ring pages.
+        let mut pins: BTreeMap<u64, u32> = BTreeMap::new();
+        let q = vm.queues();
+        if q.first().is_some_and(|q| q.set_up) {
+            assert!(up, "a queue set up that the harness did not set up");
+            pins.insert(ctrl / PAGE_SIZE, 1);
+            for p in 0..ring_len / PAGE_SIZE {
+                pins.insert(RING / PAGE_SIZE + p, 1);
+            }
+        }
+        for rid in &RIDS[..2] {
+            for m in vm.mappings(*rid) {
+                let mut pages = BTreeSet::new();
+                for &(gpa, len) in &m.segs {
+                    assert!(
+                        gpa.checked_add(len).is_some_and(|e| e <= RAM),
+                        "{m:?} outside RAM"
+                    );
+                    pages.extend(gpa / PAGE_SIZE..=(gpa + len - 1) / PAGE_SIZE);
+                }
+                for p in pages {
+                    *pins.entry(p).or_default() += 1;
+                }
+                let mut out = [Fragment {
+                    hva: 0,
+                    gpa: 0,
+                    len: 0,
+                }; 4];
+                let a = if m.perms.contains(Perm::READ) {
+                    Access::Read
+                } else {
+                    Access::Write
+                };
+                assert!(
+                    vm.translate(*rid, m.iova, m.length, a, &mut out).is_ok(),
+                    "{m:?}"
+                );
+            }
+        }
+        assert_eq!(
+            vm.pins().snapshot(),
+            pins.into_iter().collect::<Vec<_>>(),
+            "pins"
+        );
+    }
+    vm.set_notifier(None);
+    drop(vm);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_fuzz_entry_survives_simple_inputs() {
+        queue(&[]);
+        queue(&[0xff; 512]);
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..300 {
+            let data: Vec<u8> = (0..400)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            queue(&data);
+        }
+    }
 
     #[test]
     fn fuzz_entry_survives_simple_inputs() {

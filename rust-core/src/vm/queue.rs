@@ -406,7 +406,7 @@ impl Vm {
     /// False on a thread that is inside a drain, or with no queue active.
     #[cold]
     #[inline(never)]
-    pub(super) fn drain_for_miss(&self) -> bool {
+    pub(crate) fn drain_for_miss(&self) -> bool {
         if self.queues.active() == 0 || DRAINING.with(Cell::get) {
             return false;
         }
@@ -425,9 +425,16 @@ impl Vm {
         true
     }
 
+    /// Whether any request queue is set up and not stopped (a refusal
+    /// may then be lifted by a drain).
+    #[inline]
+    pub(crate) fn queues_active(&self) -> bool {
+        self.queues.active() != 0
+    }
+
     /// Whether a refusal of this reason may be lifted by a queued entry.
     #[inline(always)]
-    pub(super) fn drainable(reason: FaultReason) -> bool {
+    pub(crate) fn drainable(reason: FaultReason) -> bool {
         matches!(reason, FaultReason::Unmapped | FaultReason::Permission)
     }
 
@@ -506,25 +513,41 @@ impl Vm {
             return d;
         }
         let mask = q.entries - 1;
-        let mut raw = [0u8; QUEUE_ENTRY_SIZE as usize];
+        // Entries are copied a chunk at a time (one read of guest RAM per
+        // chunk, not per entry), each exactly once, before any is parsed.
+        const CHUNK: u32 = 32;
+        let mut raw = [0u8; (CHUNK as usize) * QUEUE_ENTRY_SIZE as usize];
         let mut window = SyncWindow::default();
-        for _ in 0..pending {
-            let at = q.ring + u64::from(q.tail & mask) * QUEUE_ENTRY_SIZE;
-            if ram.read(at, &mut raw).is_err() {
+        let mut left = pending;
+        'drain: while left > 0 {
+            let slot = q.tail & mask;
+            // Not past the end of the ring: the next chunk starts at slot 0.
+            let k = left.min(CHUNK).min(q.entries - slot);
+            let bytes = &mut raw[..(k as usize) * QUEUE_ENTRY_SIZE as usize];
+            if ram
+                .read(q.ring + u64::from(slot) * QUEUE_ENTRY_SIZE, bytes)
+                .is_err()
+            {
                 d.stopped = true;
-                break;
+                break 'drain;
             }
-            let entry = QueueEntry::parse(&raw);
-            let status = self.apply_entry(&entry);
-            q.tail = q.tail.wrapping_add(1);
-            d.applied += 1;
-            if status != Status::Ok {
-                d.failed += 1;
-                q.failed = q.failed.wrapping_add(1);
-                q.last_error = status as u32;
-                window.count += 1;
-                window.first.get_or_insert(status);
+            for one in bytes.chunks_exact(QUEUE_ENTRY_SIZE as usize) {
+                let Ok(one) = <&[u8; QUEUE_ENTRY_SIZE as usize]>::try_from(one) else {
+                    break 'drain;
+                };
+                let entry = QueueEntry::parse(one);
+                let status = self.apply_entry(&entry);
+                q.tail = q.tail.wrapping_add(1);
+                d.applied += 1;
+                if status != Status::Ok {
+                    d.failed += 1;
+                    q.failed = q.failed.wrapping_add(1);
+                    q.last_error = status as u32;
+                    window.count += 1;
+                    window.first.get_or_insert(status);
+                }
             }
+            left -= k;
         }
         q.applied += u64::from(d.applied);
         if d.applied > 0 {
