@@ -91,6 +91,10 @@ static PvdmaInfo *pvdma_query_one(PvdmaState *s)
     info->requests->map = counts.map;
     info->requests->unmap = counts.unmap;
     info->requests->unmap_list = counts.unmap_list;
+/* @series-begin queue */
+    info->requests->queue = counts.queue;
+    info->requests->sync = counts.sync;
+/* @series-end queue */
     info->requests->other = counts.other;
     info->transports = g_new0(PvdmaTransportCounts, 1);
     info->transports->doorbell = counts.doorbell;
@@ -206,6 +210,7 @@ void hmp_info_pvdma(Monitor *mon, const QDict *qdict)
         monitor_printf(mon, "  mem-limit %" PRIu64 "%s, mapping memory %"
                        PRIu64 " bytes\n", d->mem_limit,
                        d->mem_limit ? "" : " (unlimited)", d->mem_used);
+/* @series-until queue */
         monitor_printf(mon, "  requests: query %" PRIu64 ", attach %" PRIu64
                        ", detach %" PRIu64 ", map %" PRIu64 ", unmap %"
                        PRIu64 ", unmap-list %" PRIu64 ", other %" PRIu64
@@ -213,6 +218,18 @@ void hmp_info_pvdma(Monitor *mon, const QDict *qdict)
                        d->requests->detach, d->requests->map,
                        d->requests->unmap, d->requests->unmap_list,
                        d->requests->other);
+/* @series-end queue */
+/* @series-begin queue */
+        monitor_printf(mon, "  requests: query %" PRIu64 ", attach %" PRIu64
+                       ", detach %" PRIu64 ", map %" PRIu64 ", unmap %"
+                       PRIu64 ", unmap-list %" PRIu64 ", queue %" PRIu64
+                       ", sync %" PRIu64 ", other %" PRIu64 "\n",
+                       d->requests->query, d->requests->attach,
+                       d->requests->detach, d->requests->map,
+                       d->requests->unmap, d->requests->unmap_list,
+                       d->requests->queue, d->requests->sync,
+                       d->requests->other);
+/* @series-end queue */
         monitor_printf(mon, "  transports: doorbell %" PRIu64
                        ", hypercall %" PRIu64 "\n",
                        d->transports->doorbell, d->transports->hypercall);

@@ -1606,7 +1606,13 @@ static void test_qmp_counters(void)
 
     hmp = qtest_hmp(t->qts, "info pvdma");
     g_assert_nonnull(strstr(hmp, "requests: query 1, attach 1, detach 1, "
+/* @series-until queue */
                             "map 2, unmap 1, unmap-list 1, other 2"));
+/* @series-end queue */
+/* @series-begin queue */
+                            "map 2, unmap 1, unmap-list 1, queue 0, "
+                            "sync 0, other 2"));
+/* @series-end queue */
     g_assert_nonnull(strstr(hmp, "transports: doorbell 9, hypercall 0"));
 
     /* Reset does not clear them */
@@ -2390,6 +2396,15 @@ static void test_queue_sync_failed(void)
     ctrl_read(t, q.ctrl, &c);
     g_assert_cmpuint(c.failed, ==, 7);
     g_assert_cmpuint(c.last_error, ==, S_INVAL);
+
+    /* QUEUE and SYNC have counts of their own */
+    info = pvdma_info(t->qts);
+    g_assert_cmpint(count_of(info, "requests", "queue"), ==, 1);
+    g_assert_cmpint(count_of(info, "requests", "sync"), ==, 3);
+    g_assert_cmpint(count_of(info, "requests", "other"), ==, 0);
+    g_assert_cmpint(counts_sum(info, "requests"), ==,
+                    counts_sum(info, "transports"));
+    qobject_unref(info);
     pvdma_stop(t);
 }
 
@@ -2488,6 +2503,10 @@ static void test_queue_off(void)
     g_assert_cmpuint(sync_queues(t, &result), ==, S_INVAL);
     info = pvdma_info(t->qts);
     g_assert_cmpuint(qlist_size(qdict_get_qlist(info, "queues")), ==, 0);
+    /* Unknown ops here: counted as such */
+    g_assert_cmpint(count_of(info, "requests", "queue"), ==, 0);
+    g_assert_cmpint(count_of(info, "requests", "sync"), ==, 0);
+    g_assert_cmpint(count_of(info, "requests", "other"), ==, 2);
     qobject_unref(info);
     pvdma_stop(t);
 }
