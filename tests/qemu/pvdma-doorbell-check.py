@@ -6,8 +6,10 @@ Plays a guest driver with no guest: programs the BARs of pvdma and edu
 through PCI config space, submits QUERY/ATTACH/MAP/UNMAP request blocks
 through the DOORBELL and lets edu DMA through the translation, checking
 that unmapped DMA is refused (FAULTS) and mapped DMA lands where the
-mapping says. The QEMU tests proper are tests/qtest/pvdma-test.c; this is
-the quick check tests/qemu/qemu-pvdma-smoke.sh runs on the built binary.
+mapping says. A second QEMU, traced, checks a queued MAP (ABI section
+3.2) through the trace events and query-pvdma's queue fields. The QEMU
+tests proper are tests/qtest/pvdma-test.c; this is the quick check
+tests/qemu/qemu-pvdma-smoke.sh runs on the built binary.
 
 usage: pvdma-doorbell-check.py QEMU_BINARY
 """
@@ -23,11 +25,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
 from pvdma_qemu import (FLAG_FIXED as FIXED, FLAG_READ as READ,
                         FLAG_WRITE as WRITE, OP_ATTACH as ATTACH,
                         OP_DETACH as DETACH, OP_MAP as MAP,
-                        OP_QUERY as QUERY, OP_UNMAP as UNMAP, PVDMA_DEVICE,
+                        OP_QUERY as QUERY, OP_QUEUE as QUEUE,
+                        OP_UNMAP as UNMAP, PVDMA_DEVICE,
                         PVDMA_VENDOR, REG_DOORBELL, REG_DOORBELL_HI,
                         REG_FAULTS, REG_FEATURES, REG_IOVA_BITS, REG_MAGIC,
-                        REG_MAX_SEGS, REG_PAGE_SIZES, REG_VERSION,
-                        QTestMachine, encode_request, exit_on_error)
+                        REG_MAX_SEGS, REG_PAGE_SIZES, REG_QUEUES,
+                        REG_VERSION,
+                        QTestMachine, encode_request, exit_on_error,
+                        queue_summary)
 from pvdma_qemu import request as submit
 
 PVDMA_BAR = 0xc0000000
@@ -95,6 +100,58 @@ def wait_migration(qt):
     return "timeout"
 
 
+def check_queue(qemu):
+    """A queued MAP reaches edu's DMA with no request in between (a miss
+    drain), a broken queue stops; both show in the trace events and in
+    query-pvdma."""
+    ctrl, ring = 0x400000, 0x401000
+    qt = start(qemu, ["-device", "pvdma", "-device", "edu",
+                      "-trace", "pvdma_queue_*"])
+    try:
+        pv, edu = setup(qt)
+        st, *_ = request(qt, ATTACH, edu)
+        check(st == 0, f"queue: ATTACH edu ({st})")
+        qt.mem_write(ctrl, bytes(64))
+        st, *_ = request(qt, QUEUE, edu, iova=0,
+                         segs=((ctrl, 64), (ring, 4096)))
+        check(st == 0, f"queue: QUEUE set-up of queue 0 ({st})")
+        pattern = bytes(range(256)) * 16
+        qt.mem_write(SRC_GPA, pattern)
+        qt.mem_write(DST_GPA, bytes(4096))
+        qt.mem_write(ring, struct.pack("<HHIQQQ", MAP, READ, edu, IOVA_SRC,
+                                       SRC_GPA, 4096) +
+                     struct.pack("<HHIQQQ", MAP, WRITE, edu, IOVA_DST,
+                                 DST_GPA, 4096))
+        qt.writel(ctrl, 2)                              # head = 2
+        before = faults(qt)
+        edu_dma(qt, IOVA_SRC, 0x40000, 4096, to_pci=False)
+        edu_dma(qt, 0x40000, IOVA_DST, 4096, to_pci=True)
+        got = qt.mem_read(DST_GPA, 4096)
+        check(got == pattern and faults(qt) == before,
+              "queue: edu DMA through the queued MAPs, no request between")
+        q = queue_summary(qt.qmp.execute("query-pvdma")[0])
+        check(q["count"] == 8 and len(q["queues"]) == 1, f"queue: {q}")
+        q0 = q["queues"][0]
+        check(q0["tail"] == 2 and q0["head"] == 2 and q0["applied"] == 2 and
+              q0["ctrl-gpa"] == ctrl and q0["ring-gpa"] == ring and
+              q0["entries"] == 128 and not q0["stopped"] and
+              q["miss-drains"] == 1 and q["queue-entries"] == 2,
+              f"queue: query-pvdma shows the drain ({q0})")
+        qt.writel(ctrl, 2 + 129)                        # head - tail > N
+        st, *_ = request(qt, QUERY, edu)
+        q0 = queue_summary(qt.qmp.execute("query-pvdma")[0])["queues"][0]
+        check(st == 0 and q0["stopped"], f"queue: broken queue stops ({q0})")
+    finally:
+        out = qt.close()
+    drains = [ln for ln in out.splitlines() if "pvdma_queue_drain" in ln]
+    broken = [ln for ln in out.splitlines() if "pvdma_queue_broken" in ln]
+    check(any("queue 0 (miss): 2 entries applied, 0 failed, head 2 tail 2"
+              in ln for ln in drains), f"queue: trace of the miss drain "
+          f"({drains})")
+    check(any("queue 0 stopped: head 131 tail 2" in ln for ln in broken),
+          f"queue: trace of the broken queue ({broken})")
+
+
 def main():
     qemu = sys.argv[1]
     devices = ["-device", "pvdma", "-device", "edu",
@@ -109,8 +166,9 @@ def main():
 
         check(qt.readl(PVDMA_BAR + REG_MAGIC) == 0x414d4450, "MAGIC")
         check(qt.readl(PVDMA_BAR + REG_VERSION) == 1, "VERSION")
-        # HOST_IOVA | BYPASS | UNMAP_LIST
-        check(qt.readq(PVDMA_BAR + REG_FEATURES) == 14, "FEATURES")
+        # HOST_IOVA | BYPASS | UNMAP_LIST | QUEUE, and 8 queues
+        check(qt.readq(PVDMA_BAR + REG_FEATURES) == 30, "FEATURES")
+        check(qt.readl(PVDMA_BAR + REG_QUEUES) == 8, "QUEUES")
         check(qt.readl(PVDMA_BAR + REG_IOVA_BITS) == 48, "IOVA_BITS")
         check(qt.readl(PVDMA_BAR + REG_MAX_SEGS) >= 252, "MAX_SEGS")
         check(qt.readq(PVDMA_BAR + REG_PAGE_SIZES) & 0x1000, "PAGE_SIZES")
@@ -217,6 +275,7 @@ def main():
     if out.strip():
         print(out, file=sys.stderr)
     tmp.cleanup()
+    check_queue(qemu)
     print("PASS", file=sys.stderr)
 
 
