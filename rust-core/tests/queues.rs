@@ -717,3 +717,71 @@ fn no_drain_under_a_request_lock() {
     assert!(g.vm.mappings(EP2).iter().any(|m| m.iova == 0x8000));
     g.vm.set_notifier(None);
 }
+
+/// The UNMAP events of one drain are merged: queued one-page UNMAPs that
+/// follow on in IOVA space reach the listener as one event (a vhost
+/// backend pays per invalidation message), sent before the drain returns,
+/// and a removal merged so far is sent before a MAP event of the same
+/// drain, which may reuse its IOVA. Synchronous UNMAPs stay one event each.
+#[test]
+fn a_drains_unmap_events_are_merged_and_sent_before_it_returns() {
+    let (g, mut q) = setup();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    g.vm.set_notifier(Some(Arc::new(move |ev: &MapEvent| {
+        log.lock().unwrap().push((ev.kind, ev.iova, ev.len));
+        true
+    })));
+    let page = |i: u64| 0x20_0000 + i * 0x1000;
+    for i in 0..32 {
+        q.push(
+            &g.mem,
+            &map_entry(EP, Perm::RW, page(i), DATA + i * 0x1000, 0x1000),
+        );
+    }
+    assert_eq!(g.submit(&sync_req(EP)).status, Status::Ok);
+    events.lock().unwrap().clear();
+    // 32 UNMAPs in address order, then a remap of page 3, then two more
+    // UNMAPs of another endpoint-local run.
+    for i in 0..32 {
+        q.push(&g.mem, &unmap_entry(EP, page(i), 0));
+    }
+    q.push(&g.mem, &map_entry(EP, Perm::RW, page(3), DATA, 0x1000));
+    q.push(&g.mem, &unmap_entry(EP, page(3), 0));
+    let s = g.submit(&sync_req(EP));
+    assert_eq!((s.status, s.result), (Status::Ok, 0));
+    use pvdma::MapEventKind::{Map, Unmap};
+    assert_eq!(
+        *events.lock().unwrap(),
+        vec![
+            (Unmap, page(0), 32 * 0x1000),
+            (Map, page(3), 0x1000),
+            (Unmap, page(3), 0x1000),
+        ],
+        "one event for the 32 pages, flushed before the MAP; the last \
+         one sent before SYNC returned"
+    );
+    assert!(g.vm.mappings(EP).is_empty());
+    // Synchronous UNMAPs: one event per request, as before.
+    events.lock().unwrap().clear();
+    for i in 0..2 {
+        let flags = (pvdma::abi::PVDMA_FLAG_READ | pvdma::abi::PVDMA_FLAG_FIXED) as u16;
+        assert_eq!(
+            g.map(EP, flags, page(i), &[(DATA, 0x1000)]).status,
+            Status::Ok
+        );
+    }
+    for i in 0..2 {
+        assert_eq!(g.unmap(EP, page(i), 0).status, Status::Ok);
+    }
+    assert_eq!(
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.0 == Unmap)
+            .count(),
+        2
+    );
+    g.vm.set_notifier(None);
+}

@@ -339,6 +339,9 @@ impl Vm {
         } else {
             return Response::status(Status::Inval);
         };
+        // Removals merged in this drain reach the listeners before this
+        // mapping does (it may reuse their IOVAs).
+        self.unmap_batch_flush(guard);
         let mut embedder = self.notifier_for(ep.rid, MapEventKind::Map, perms, guard);
         let mut refused = false;
         let mut notify = |run: &PageRun| {

@@ -137,16 +137,88 @@ impl Vm {
     }
 
     pub(super) fn unmap_notifier<'g>(
-        &self,
+        &'g self,
         rid: u32,
         guard: &'g Guard,
     ) -> impl FnMut(&PageRun) + 'g {
         // Unmap events carry no meaningful permissions, and cannot be
         // refused.
         let mut n = self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE, guard);
-        move |run: &PageRun| {
-            n(run);
+        move |run: &PageRun| match self.batch_unmap(rid, run) {
+            Batched::No => {
+                n(run);
+            }
+            Batched::Absorbed => {}
+            Batched::Flush(prev_rid, prev) => {
+                self.notifier_for(prev_rid, MapEventKind::Unmap, Perm::NONE, guard)(&prev);
+            }
         }
+    }
+
+    /// Starts merging this thread's UNMAP events of this VM (a drain of
+    /// queued entries): until [`Vm::unmap_batch_end`], consecutive runs of
+    /// one requester that follow on in IOVA space become one event. An
+    /// UNMAP event's guest-physical address means nothing, and the
+    /// listeners (vhost's device IOTLB, vfio) pay per event: a flush of
+    /// a 128 KiB read's 32 one-page mappings becomes one invalidation
+    /// instead of 32 messages to a vhost-user backend.
+    pub(super) fn unmap_batch_begin(&self) {
+        UNMAP_BATCH.with(|b| {
+            *b.borrow_mut() = Some(UnmapBatch {
+                vm: self as *const Vm as usize,
+                pending: None,
+            })
+        });
+    }
+
+    /// Sends the merged UNMAP event still held, and stops merging. Called
+    /// before the drain that began the batch returns, so every removal
+    /// is notified before the drain completes, as an UNMAP request's are.
+    pub(super) fn unmap_batch_end(&self, guard: &Guard) {
+        if let Some((rid, run)) =
+            UNMAP_BATCH.with(|b| b.borrow_mut().take().and_then(|b| b.pending))
+        {
+            self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE, guard)(&run);
+        }
+    }
+
+    /// Sends the merged UNMAP event held, if any, and keeps merging: before
+    /// a MAP event, which a listener must not get ahead of the removal of
+    /// what was mapped there before.
+    pub(super) fn unmap_batch_flush(&self, guard: &Guard) {
+        let held = UNMAP_BATCH.with(|b| {
+            b.borrow_mut()
+                .as_mut()
+                .filter(|b| b.vm == self as *const Vm as usize)
+                .and_then(|b| b.pending.take())
+        });
+        if let Some((rid, run)) = held {
+            self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE, guard)(&run);
+        }
+    }
+
+    /// What to do with an UNMAP run: send it (no batch on this thread for
+    /// this VM), nothing (merged into the one held), or send the one held
+    /// and hold this one.
+    fn batch_unmap(&self, rid: u32, run: &PageRun) -> Batched {
+        UNMAP_BATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            let Some(b) = b.as_mut().filter(|b| b.vm == self as *const Vm as usize) else {
+                return Batched::No;
+            };
+            match &mut b.pending {
+                Some((held_rid, held))
+                    if *held_rid == rid && held.iova.checked_add(held.len) == Some(run.iova) =>
+                {
+                    held.len += run.len;
+                    Batched::Absorbed
+                }
+                pending => match pending.replace((rid, *run)) {
+                    Some((prev_rid, prev)) => Batched::Flush(prev_rid, prev),
+                    None => Batched::Absorbed,
+                },
+            }
+        })
     }
 
     /// Invalidates every cached [`Vm::lookup`] of this VM, on every thread.
@@ -201,4 +273,24 @@ impl Vm {
         // Relaxed: a statistic.
         self.stats.faults.store(n, Ordering::Relaxed);
     }
+}
+
+/// UNMAP events being merged on this thread ([`Vm::unmap_batch_begin`]).
+struct UnmapBatch {
+    /// The VM whose events are merged (its address, only compared).
+    vm: usize,
+    /// The merged run not sent yet, and its requester.
+    pending: Option<(u32, PageRun)>,
+}
+
+thread_local! {
+    static UNMAP_BATCH: std::cell::RefCell<Option<UnmapBatch>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// See [`Vm::batch_unmap`].
+enum Batched {
+    No,
+    Absorbed,
+    Flush(u32, PageRun),
 }

@@ -519,6 +519,9 @@ impl Vm {
         let mut raw = [0u8; (CHUNK as usize) * QUEUE_ENTRY_SIZE as usize];
         let mut window = SyncWindow::default();
         let mut left = pending;
+        // The UNMAP events of this batch, merged (see `unmap_batch_begin`);
+        // all sent before the drain returns.
+        self.unmap_batch_begin();
         'drain: while left > 0 {
             let slot = q.tail & mask;
             // Not past the end of the ring: the next chunk starts at slot 0.
@@ -549,6 +552,7 @@ impl Vm {
             }
             left -= k;
         }
+        self.unmap_batch_end(guard);
         q.applied += u64::from(d.applied);
         if d.applied > 0 {
             q.drains += 1;
