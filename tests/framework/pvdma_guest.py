@@ -303,6 +303,64 @@ def check_requests(snapshot, strict):
     return problems
 
 
+def _field(d, name, default=None):
+    """d[name], with QMP's dashes or Python's underscores."""
+    for k in (name, name.replace("_", "-"), name.replace("-", "_")):
+        if k in d:
+            return d[k]
+    return default
+
+
+def queue_summary(snapshot):
+    """Per pvdma device: (queues set up, stopped, entries applied, entries
+    failed, MAP requests, SYNC requests, requests over both transports),
+    from a query-pvdma reply."""
+    out = []
+    for dev in snapshot or []:
+        qs = [q for q in _field(dev, "queues", []) or []
+              if _field(q, "set-up", True)]
+        req = dev.get("requests", {})
+        tr = dev.get("transports", {})
+        out.append((len(qs), sum(bool(_field(q, "stopped")) for q in qs),
+                    sum(_field(q, "applied", 0) for q in qs),
+                    sum(_field(q, "failed", 0) for q in qs),
+                    req.get("map", 0), _field(req, "sync", 0),
+                    sum(v for v in tr.values() if isinstance(v, int))))
+    return out
+
+
+def check_queued(snapshot):
+    """Problems in the final query-pvdma of a run of the driver's queued
+    mode (queued=1): the host offers FEATURES.QUEUE (bit 4), queues are set
+    up, none stopped, entries were applied and none failed, SYNCs were
+    made, and the synchronous MAPs (replays, a skipped test MAP's
+    neighbours) are far fewer than the queued entries."""
+    if not snapshot:
+        return ["query-pvdma shows no pvdma device"]
+    problems = []
+    for dev, (nq, stopped, applied, failed, maps, syncs, _) in \
+            zip(snapshot, queue_summary(snapshot)):
+        name = dev.get("id", dev["path"])
+        if not dev.get("features", 0) & 16:
+            problems.append(f"{name}: FEATURES {dev.get('features')} "
+                            f"offers no QUEUE (bit 4)")
+            continue
+        if nq == 0:
+            problems.append(f"{name}: no request queue set up")
+        if stopped:
+            problems.append(f"{name}: {stopped} queues stopped")
+        if failed:
+            problems.append(f"{name}: {failed} queued entries failed")
+        if applied == 0:
+            problems.append(f"{name}: no queued entry applied")
+        if not syncs:
+            problems.append(f"{name}: no SYNC requests")
+        if maps * 10 > applied:
+            problems.append(f"{name}: {maps} synchronous MAPs for "
+                            f"{applied} queued entries")
+    return problems
+
+
 def check_refused(snapshot, rid):
     """Problems in the final query-pvdma of a refusal run: FAULTS must have
     risen, and every recorded fault must be the refused device's."""
@@ -475,7 +533,8 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                 disk_cache="writeback", disk_mib=64, query=True,
                 refuse=False, detached=(), vhost_user_blk=None,
                 on_line=None, topology="flat", hotplug=False, extra_args=(),
-                on_pause=None, clean_tag=None, after_poweroff=False):
+                on_pause=None, clean_tag=None, after_poweroff=False,
+                expect_queued=False):
     """Boots the I/O guest once; returns a RunResult (never raises for a
     guest failure; QEMU is gone when it returns).
 
@@ -522,6 +581,9 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     exiting (-action shutdown=pause); the framework then takes
     .snapshots["poweroff"] and quits QEMU. The guest's power-off runs the
     drivers' shutdown hooks, so this is what a kexec'd kernel would find.
+    expect_queued (variant pvdma, the driver's queued=1): the final
+    snapshot must show the request queues used (check_queued) instead of
+    the synchronous request counts (check_requests).
     """
     say = print if echo else (lambda *a, **k: None)
     if hotplug and (topology != "rootports" or mode != "test"):
@@ -678,7 +740,15 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
         problems = check_pvdma(res.snapshots.get(clean), tested,
                                attached=variant == "pvdma")
         if not problems and variant == "pvdma":
-            problems = check_requests(res.snapshots.get("final"), strict)
+            final = res.snapshots.get("final")
+            if expect_queued:
+                problems = check_queued(final)
+                for nq, st, ap, fl, mp, sy, tr in queue_summary(final):
+                    say(f"== queues: {nq} set up, {st} stopped, {ap} "
+                        f"entries applied, {fl} failed; requests: {mp} MAP,"
+                        f" {sy} SYNC, {tr} in all", flush=True)
+            else:
+                problems = check_requests(final, strict)
         if not problems and detached:
             problems = check_pvdma(res.snapshots.get(clean), detached,
                                    attached=False)
@@ -760,6 +830,10 @@ def main():
                     "virtio-blk function under I/O and plug it in again, "
                     "through ACPI hotplug (QEMU's q35 default) or the "
                     "guest's pciehp")
+    ap.add_argument("--expect-queued", action="store_true",
+                    help="variant pvdma: the driver's queued mode must "
+                    "have been used (FEATURES.QUEUE, queues set up, "
+                    "entries applied, none failed)")
     ap.add_argument("--summary-file",
                     help="append the one-line summary to this file")
     ap.add_argument("--json", help="write the whole result (RunResult) "
@@ -772,7 +846,8 @@ def main():
         r = run_variant(qemu, image, a.variant, a.strict, a.mode, a.bench,
                         a.modparams, a.timeout, a.append, echo=not a.quiet,
                         refuse=a.refuse, detached=a.expect_detached,
-                        topology=a.topology, hotplug=a.hotplug)
+                        topology=a.topology, hotplug=a.hotplug,
+                        expect_queued=a.expect_queued)
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted ({e or 'SIGINT'})")
     for name, p in r.phases.items():
