@@ -191,7 +191,7 @@ struct pvdma_domain {
 	struct list_head all;		/* in pvdma_domains */
 	unsigned int nr_passthrough;	/* endpoints with QUERY's PASSTHROUGH */
 	bool queued;			/* entries queued since the last check */
-	unsigned long seen_epoch;	/* pvdma_fail_epoch at that check */
+	unsigned long seen_epoch;	/* pvdma_fail_epoch before the first */
 	unsigned int nr_pending;	/* lazy: UNMAPs not yet sent */
 	struct pvdma_range pending[PVDMA_BLOCK_SEGS];
 };
@@ -404,6 +404,24 @@ static bool pvdma_q_push(u16 op, u16 flags, u32 rid, u64 iova, u64 gpa,
 	/* The entry's stores before head's. */
 	smp_store_release(&q->ctrl->head, q->head);
 	spin_unlock(&q->lock);
+	return true;
+}
+
+/*
+ * pvdma_q_push() of an entry of @dom's. The failure epoch is read before
+ * the entry is published: a failure of it can only be reported after.
+ */
+static bool pvdma_q_push_dom(struct pvdma_domain *dom, u16 op, u16 flags,
+			     u32 rid, u64 iova, u64 gpa, u64 len)
+{
+	unsigned long epoch = atomic_long_read(&pvdma_fail_epoch);
+
+	if (!pvdma_q_push(op, flags, rid, iova, gpa, len))
+		return false;
+	if (!dom->queued) {
+		dom->queued = true;
+		dom->seen_epoch = epoch;
+	}
 	return true;
 }
 
@@ -663,11 +681,9 @@ static int pvdma_q_map_all(struct pvdma_domain *dom, struct pvdma_mapping *m)
 			dev_warn(ep->dev, "test_ro_map: sending this MAP read-only\n");
 			flags = (flags & ~PVDMA_FLAG_WRITE) | PVDMA_FLAG_READ;
 		}
-		if (pvdma_q_push(PVDMA_OP_MAP, flags | PVDMA_FLAG_FIXED, ep->rid,
-				 iova, m->paddr, len)) {
-			dom->queued = true;
+		if (pvdma_q_push_dom(dom, PVDMA_OP_MAP, flags | PVDMA_FLAG_FIXED,
+				     ep->rid, iova, m->paddr, len))
 			continue;
-		}
 		r = pvdma_req_begin(PVDMA_OP_MAP, flags | PVDMA_FLAG_FIXED,
 				    ep->rid);
 		r->iova = iova;
@@ -868,10 +884,9 @@ static void pvdma_q_unmap_all(struct pvdma_domain *dom, u64 iova, u64 len)
 	list_for_each_entry(ep, &dom->endpoints, link) {
 		if (!ep->attached)
 			continue;
-		if (pvdma_q_push(PVDMA_OP_UNMAP, 0, ep->rid, iova, 0, len)) {
-			dom->queued = true;
+		if (pvdma_q_push_dom(dom, PVDMA_OP_UNMAP, 0, ep->rid, iova, 0,
+				     len))
 			continue;
-		}
 		st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid, iova, len, NULL);
 		if (st == PVDMA_S_OK || st == PVDMA_S_NOENT)
 			continue;
@@ -1250,9 +1265,9 @@ static void pvdma_rebuild(struct pvdma_domain *dom)
 
 /*
  * The domain's entries have all been applied (a SYNC, or the queues'
- * tear-down): if any entry failed since the domain last looked (@epoch
- * moved) and it queued some, its endpoints are rebuilt, so that none keeps
- * an IOVA mapped that the shadow freed, or lacks one the shadow holds.
+ * tear-down): if any entry failed anywhere since its first one (@epoch
+ * moved), its endpoints are rebuilt, so that none keeps an IOVA mapped
+ * that the shadow freed, or lacks one the shadow holds.
  */
 static void pvdma_dom_check(struct pvdma_domain *dom, unsigned long epoch)
 {
@@ -1260,7 +1275,6 @@ static void pvdma_dom_check(struct pvdma_domain *dom, unsigned long epoch)
 	    !READ_ONCE(pvdma_down))
 		pvdma_rebuild(dom);
 	dom->queued = false;
-	dom->seen_epoch = epoch;
 }
 
 /*
@@ -1304,11 +1318,11 @@ static void pvdma_q_work_fn(struct work_struct *work)
 	list_for_each_entry(dom, &pvdma_domains, all) {
 		spin_lock_irqsave(&dom->lock, irqflags);
 		epoch = atomic_long_read(&pvdma_fail_epoch);
+		/* Its requests apply what it queued since (rule 1). */
 		if (dom->queued && dom->seen_epoch != epoch) {
 			if (!READ_ONCE(pvdma_down))
 				pvdma_rebuild(dom);
 			dom->queued = false;
-			dom->seen_epoch = epoch;
 		}
 		spin_unlock_irqrestore(&dom->lock, irqflags);
 	}
@@ -1402,7 +1416,6 @@ static struct pvdma_domain *pvdma_alloc_domain(void)
 		pvdma->iova_bits >= 64 ? U64_MAX :
 		(1ULL << pvdma->iova_bits) - 1;
 	dom->domain.geometry.force_aperture = true;
-	dom->seen_epoch = atomic_long_read(&pvdma_fail_epoch);
 	mutex_lock(&pvdma_domains_lock);
 	list_add_tail(&dom->all, &pvdma_domains);
 	mutex_unlock(&pvdma_domains_lock);
@@ -1832,6 +1845,68 @@ static const struct kernel_param_ops test_failed_replay_ops = {
 module_param_cb(test_failed_replay, &test_failed_replay_ops, NULL, 0200);
 MODULE_PARM_DESC(test_failed_replay,
 		 "testing only: bb:dd.f (no driver) to attach to a new domain whose 512 MiB the host's pin-limit refuses");
+
+/*
+ * test_queued_fail=bb:dd.f (queued mode; a function without a driver, alone
+ * in its group; a pin-limit below 512 MiB): the function goes into a new
+ * paging domain, which maps 512 MiB of guest RAM from 1 MiB with one
+ * iommu_map(): a queued MAP, which the host refuses (QUOTA) when it
+ * applies it. iommu_flush_iotlb_all() SYNCs: the SYNC reports the failed
+ * entry, the domain is rebuilt, and the replay, refused again, reports the
+ * MAP with the device and IOVA and marks the mapping. The write succeeds
+ * when that mark is found; the function is detached and the domain freed
+ * (6.12 attaches its default domain again, 6.1 leaves it blocked).
+ */
+static int param_set_test_queued_fail(const char *val,
+				      const struct kernel_param *kp)
+{
+	struct pvdma_domain *dom;
+	struct iommu_domain *domain;
+	struct interval_tree_node *it;
+	unsigned long irqflags;
+	struct pci_dev *pdev;
+	bool refused = false;
+	int ret;
+
+	if (!READ_ONCE(pvdma_q_on))
+		return -EOPNOTSUPP;
+	domain = pvdma_test_domain(val, &pdev);
+	if (IS_ERR(domain))
+		return PTR_ERR(domain);
+	dom = to_pvdma_domain(domain);
+	ret = iommu_attach_device(domain, &pdev->dev);
+	if (ret)
+		goto out_domain;
+	ret = pvdma_test_map(domain, PVDMA_TEST_REPLAY_IOVA, SZ_1M,
+			     PVDMA_TEST_REPLAY_SIZE, IOMMU_READ);
+	if (!ret) {
+		iommu_flush_iotlb_all(domain);
+		spin_lock_irqsave(&dom->lock, irqflags);
+		it = interval_tree_iter_first(&dom->mappings,
+					      PVDMA_TEST_REPLAY_IOVA,
+					      PVDMA_TEST_REPLAY_IOVA);
+		refused = it && container_of(it, struct pvdma_mapping,
+					     it)->sync_unmap;
+		spin_unlock_irqrestore(&dom->lock, irqflags);
+		iommu_unmap(domain, PVDMA_TEST_REPLAY_IOVA,
+			    PVDMA_TEST_REPLAY_SIZE);
+	}
+	pci_info(pdev, "test_queued_fail: queued MAP of 512 MiB: %d, refused in the rebuild: %s\n",
+		 ret, refused ? "yes" : "no");
+	ret = refused ? 0 : -EIO;
+	iommu_detach_device(domain, &pdev->dev);
+out_domain:
+	iommu_domain_free(domain);
+	pci_dev_put(pdev);
+	return ret;
+}
+
+static const struct kernel_param_ops test_queued_fail_ops = {
+	.set = param_set_test_queued_fail,
+};
+module_param_cb(test_queued_fail, &test_queued_fail_ops, NULL, 0200);
+MODULE_PARM_DESC(test_queued_fail,
+		 "testing only: bb:dd.f (no driver) to put in a new domain whose queued MAP of 512 MiB the host's pin-limit refuses");
 #endif
 
 static void pvdma_free_blocks(void)

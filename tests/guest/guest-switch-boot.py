@@ -25,6 +25,13 @@ time. Checks:
     fail without a DETACH. Then edu must be attached (blocked or back in
     its default domain: never bypassing), its reads of guest RAM and of
     the domain's IOVAs refused and counted in FAULTS;
+  * failed queued MAP (when the host offers FEATURES.QUEUE): the driver's
+    test hook (test_queued_fail) puts edu in a new domain that maps 512
+    MiB with one queued MAP, which the pin-limit refuses; the guest
+    checks that the SYNC after it logged the failure with status QUOTA
+    and the rebuild logged the refused MAP with edu's name and the IOVA,
+    the host that a queue counted the failed entry; without QUEUE the
+    guest must have skipped it;
   * partial unmap: the driver's test hook (test_partial_unmap) puts edu
     in a new paging domain that maps 16 KiB at TEST_IOVA with one
     iommu_map() and unmaps its second page; the hook checks the size the
@@ -165,6 +172,7 @@ def main():
             modparams="exclude=00:01.0",
             extra_append=[f"pvdmaio.switch={EDU}:{a.rounds}",
                           f"pvdmaio.failed_replay={EDU}",
+                          f"pvdmaio.queued_fail={EDU}",
                           f"pvdmaio.partial_unmap={EDU}"],
             extra_args=["-device", f"edu,id=edu0,addr=0x{EDU_ADDR[:2]}",
                         "-global", "pvdma.pin-limit=256M",
@@ -236,6 +244,21 @@ def main():
             if d_fr != d_end:
                 problems.append(f"the failed switch sent {d_fr - d_end} "
                                 "DETACH: the endpoint left translation")
+    qf = r.snapshots.get("queued-fail")
+    if not qf:
+        problems.append("no query-pvdma at queued-fail")
+    elif qf[0].get("features", 0) & 16:
+        nq, _, applied, failed = pg.queue_summary(qf)[0][:4]
+        print(f"== queued fail: {nq} queues, {applied} entries applied, "
+              f"{failed} failed")
+        if not any(f"QUEUED-FAIL {EDU}" in line for line in r.console):
+            problems.append("the host offers QUEUE, but the guest did not "
+                            "run test_queued_fail")
+        if failed < 1:
+            problems.append("test_queued_fail: no queued entry failed")
+    elif not any("QUEUED-FAIL skipped" in line for line in r.console):
+        problems.append("no QUEUE offered, but test_queued_fail was not "
+                        "skipped")
     pu = r.snapshots.get("partial-unmap")
     if not pu:
         problems.append("no query-pvdma at partial-unmap")
