@@ -21,7 +21,8 @@
 //! One file per topic: [`vm`] (handle, configuration, reset), [`ram`],
 //! [`endpoint`], [`request`] (the guest's requests), [`translate`] (device
 //! DMA and IOMMU lookups), [`notify`] (MAP/UNMAP events), [`fault`] (the
-//! fault log), [`stats`] (statistics and listings), [`migration`],
+//! fault log), [`stats`] (statistics and listings), [`queue`] (request
+//! queues), [`migration`],
 //! [`virtqueue`].
 
 #![allow(non_camel_case_types)]
@@ -35,6 +36,7 @@ pub mod endpoint;
 pub mod fault;
 pub mod migration;
 pub mod notify;
+pub mod queue;
 pub mod ram;
 pub mod request;
 pub mod result;

@@ -27,6 +27,15 @@ pub struct pvdma_stats {
     pub translations: u64,
     /// Refused device accesses since reset.
     pub faults: u64,
+    /// Drains of one queue that took at least one entry.
+    pub queue_drains: u64,
+    /// Queued entries taken (applied or failed).
+    pub queue_entries: u64,
+    /// Queued entries that failed.
+    pub queue_failed: u64,
+    /// Rule-2 drains: a device access about to be refused while queued
+    /// entries were pending.
+    pub miss_drains: u64,
 }
 
 /// Fills `*out` with the counters.
@@ -53,6 +62,10 @@ pub unsafe extern "C" fn pvdma_vm_stats(
             mem_limit: vm.config().mem_limit,
             translations: s.translations,
             faults: s.faults,
+            queue_drains: s.queue_drains,
+            queue_entries: s.queue_entries,
+            queue_failed: s.queue_failed,
+            miss_drains: s.miss_drains,
         };
         // SAFETY: non-null (checked) and valid for writing.
         unsafe { out.write(v) };

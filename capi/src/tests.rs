@@ -2,7 +2,9 @@
 //! Unit tests of the C API through its exports.
 
 use crate::prelude::*;
-use crate::{endpoint::*, fault::*, migration::*, notify::*, ram::*, request::*, stats::*};
+use crate::{
+    endpoint::*, fault::*, migration::*, notify::*, queue::*, ram::*, request::*, stats::*,
+};
 use std::ffi::CStr;
 
 fn default_config() -> pvdma_config {
@@ -186,8 +188,9 @@ fn vm_handle_null_outputs_and_bad_config() {
                 pvdma::abi::PVDMA_FEATURE_HOST_IOVA
                     | pvdma::abi::PVDMA_FEATURE_BYPASS
                     | pvdma::abi::PVDMA_FEATURE_UNMAP_LIST
-            )
+            ) | pvdma::abi::PVDMA_FEATURE_QUEUE as u64
         );
+        assert_eq!(pvdma_vm_queue_count(vm), 8);
         assert_eq!(pvdma_vm_page_sizes(vm), (1 << 12) | (1 << 21));
         pvdma_vm_free(vm);
     }
@@ -210,6 +213,10 @@ fn vm_handle_null_outputs_and_bad_config() {
         },
         pvdma_config {
             fault_log_len: 0,
+            ..default_config()
+        },
+        pvdma_config {
+            queues: 65,
             ..default_config()
         },
     ] {
@@ -329,4 +336,97 @@ fn config_roundtrips() {
     assert_eq!(c.to_vm_config(), Some(VmConfig::default()));
     assert_eq!(c.iova_bits, 48);
     assert!(c.bypass && c.host_iova);
+}
+
+/// The queue exports: NULL handling, the listing's bounds, the hooks
+/// reaching C function pointers, the stats appended, reset.
+#[test]
+fn queues_through_the_boundary() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static DRAINED: AtomicU32 = AtomicU32::new(0);
+    static CAUSE: AtomicU32 = AtomicU32::new(99);
+    unsafe extern "C" fn drained(
+        opaque: *mut c_void,
+        queue: u32,
+        cause: u32,
+        applied: u32,
+        _failed: u32,
+        _head: u32,
+        tail: u32,
+    ) {
+        assert_eq!(opaque as usize, 0x77);
+        assert_eq!((queue, applied, tail), (2, 1, 1));
+        CAUSE.store(cause, Ordering::SeqCst);
+        DRAINED.fetch_add(1, Ordering::SeqCst);
+    }
+    let vm = new_vm();
+    let mem = pvdma::testing::GuestMem::new(&[(0, 1 << 20)]);
+    // SAFETY: `vm` is live; other pointers NULL or valid; `mem` outlives
+    // the VM's use of it (freed after pvdma_vm_free).
+    unsafe {
+        assert_eq!(pvdma_vm_queue_count(ptr::null()), 0);
+        assert_eq!(pvdma_vm_queues(ptr::null(), ptr::null_mut(), 4), 0);
+        assert_eq!(pvdma_vm_queue_count(vm), 8);
+        assert_eq!(pvdma_vm_queues(vm, ptr::null_mut(), 4), 8);
+        assert_eq!(
+            pvdma_vm_set_drain_hooks(ptr::null_mut(), ptr::null()),
+            PVDMA_ERR_NULL_ARGUMENT
+        );
+        let hooks = pvdma_drain_hooks {
+            opaque: 0x77 as *mut c_void,
+            miss_begin: None,
+            miss_end: None,
+            drained: Some(drained),
+        };
+        assert_eq!(pvdma_vm_set_drain_hooks(vm, &hooks), PVDMA_OK);
+        assert_eq!(
+            pvdma_vm_add_ram(vm, 0, 1 << 20, mem.hva(0) as *mut c_void),
+            PVDMA_OK
+        );
+        assert_eq!(pvdma_vm_add_endpoint(vm, 0x10, ptr::null()), PVDMA_OK);
+        let v = &*vm.cast::<Vm>();
+        let submit = |r: &pvdma::Request| {
+            use vm_memory::{Bytes, GuestAddress};
+            mem.write_slice(&pvdma::encode_request(r), GuestAddress(0x8000))
+                .unwrap();
+            v.submit(0x8000)
+        };
+        assert_eq!(
+            submit(&pvdma::testing::req(pvdma::abi::Op::Attach, 0x10)),
+            Status::Ok
+        );
+        let setup = pvdma::testing::queue_setup_req(0x10, 2, 0x1000, 0x2000, 0x1000);
+        assert_eq!(submit(&setup), Status::Ok);
+        let mut q = pvdma::testing::GuestQueue::new(&mem, 0x1000, 0x2000, 0x1000);
+        let e = pvdma::testing::map_entry(0x10, pvdma::Perm::RW, 0x5000, 0x4000, 0x1000);
+        q.push(&mem, &e);
+        let mut l = std::mem::zeroed::<pvdma_lookup>();
+        assert_eq!(pvdma_vm_lookup(vm, 0x10, 0x5000, 1, &mut l), PVDMA_OK);
+        assert_eq!(DRAINED.load(Ordering::SeqCst), 1);
+        assert_eq!(CAUSE.load(Ordering::SeqCst), PVDMA_DRAIN_MISS);
+        let mut info = [pvdma_queue_info::default(); 8];
+        assert_eq!(pvdma_vm_queues(vm, info.as_mut_ptr(), 8), 8);
+        assert!(info[2].set_up && !info[0].set_up);
+        assert_eq!(
+            (info[2].index, info[2].entries, info[2].head, info[2].tail),
+            (2, 128, 1, 1)
+        );
+        assert_eq!((info[2].applied, info[2].drains), (1, 1));
+        let mut st = std::mem::zeroed::<pvdma_stats>();
+        assert_eq!(pvdma_vm_stats(vm, &mut st), PVDMA_OK);
+        assert_eq!(
+            (
+                st.queue_drains,
+                st.queue_entries,
+                st.queue_failed,
+                st.miss_drains
+            ),
+            (1, 1, 0, 1)
+        );
+        assert_eq!(pvdma_vm_set_drain_hooks(vm, ptr::null()), PVDMA_OK);
+        pvdma_vm_reset(vm);
+        assert_eq!(pvdma_vm_queues(vm, info.as_mut_ptr(), 8), 8);
+        assert!(!info[2].set_up);
+        pvdma_vm_free(vm);
+    }
 }

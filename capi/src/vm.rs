@@ -44,6 +44,12 @@ pub struct pvdma_config {
     pub unmap_list: bool,
     /// Fault records kept, 1..=65536.
     pub fault_log_len: u32,
+    /// Request queues offered (the QUEUES register, ABI section 3.2),
+    /// 0..=`PVDMA_MAX_QUEUES`; 0 turns the QUEUE extension off (FEATURES
+    /// bit 4 clear, ops 7 and 8 unknown). It sits in what was padding at
+    /// the end, so the struct's size is as before, and a caller that
+    /// zeroes the struct gets the extension off.
+    pub queues: u32,
 }
 
 impl pvdma_config {
@@ -63,6 +69,7 @@ impl pvdma_config {
             host_iova: self.host_iova,
             unmap_list: self.unmap_list,
             fault_log_len: usize::try_from(self.fault_log_len).ok()?,
+            queues: self.queues,
         })
     }
 
@@ -80,13 +87,15 @@ impl pvdma_config {
             host_iova: c.host_iova,
             unmap_list: c.unmap_list,
             fault_log_len: u32::try_from(c.fault_log_len).unwrap_or(u32::MAX),
+            queues: c.queues,
         }
     }
 }
 
 /// Fills `*out` with the default configuration (48 IOVA bits, 512
 /// segments, no pin or memory limit, no mlock, bypass, host IOVA and
-/// UNMAP_LIST on, 64 fault records). Does nothing when `out` is NULL.
+/// UNMAP_LIST on, 64 fault records, 8 request queues). Does nothing when
+/// `out` is NULL.
 ///
 /// # Safety
 /// `out` is NULL or valid for writing a `pvdma_config`.
@@ -149,7 +158,7 @@ pub unsafe extern "C" fn pvdma_vm_free(vm: *mut pvdma_vm) {
 }
 
 /// The FEATURES register bits the configuration implies: HOST_IOVA,
-/// BYPASS and UNMAP_LIST (`PVDMA_FEATURE_*`). The transport adds HYPERCALL itself. 0 for
+/// BYPASS, UNMAP_LIST and QUEUE (`PVDMA_FEATURE_*`). The transport adds HYPERCALL itself. 0 for
 /// NULL.
 ///
 /// # Safety

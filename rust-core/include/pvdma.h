@@ -25,6 +25,36 @@
 #define PVDMA_EVENT_UNMAP 2
 
 /**
+ * Most queues a VM may offer (`pvdma_config.queues`).
+ */
+#define PVDMA_MAX_QUEUES 64
+
+/**
+ * `drained`'s cause: rule 1, a request arrived.
+ */
+#define PVDMA_DRAIN_REQUEST 0
+
+/**
+ * `drained`'s cause: rule 2, a device access was about to be refused.
+ */
+#define PVDMA_DRAIN_MISS 1
+
+/**
+ * `drained`'s cause: the SYNC op.
+ */
+#define PVDMA_DRAIN_SYNC 2
+
+/**
+ * `drained`'s cause: tear-down (QUEUE with nr_segs 0).
+ */
+#define PVDMA_DRAIN_TEARDOWN 3
+
+/**
+ * `drained`'s cause: the drain found the queue broken and stopped it.
+ */
+#define PVDMA_DRAIN_STOPPED 4
+
+/**
  * `pvdma_vm_submit_via` transport: anything but the guest transports
  * (what `pvdma_vm_submit` counts its requests as).
  */
@@ -299,6 +329,102 @@ typedef struct pvdma_map_event {
 typedef int (*pvdma_notify_fn)(void *opaque, const struct pvdma_map_event *ev);
 
 /**
+ * One queue as the host sees it. All but `index` are 0 when the queue is
+ * not set up.
+ */
+typedef struct pvdma_queue_info {
+    /**
+     * Queue index, 0..QUEUES.
+     */
+    uint32_t index;
+    /**
+     * The guest set it up.
+     */
+    bool set_up;
+    /**
+     * The host stopped it (the guest broke it, or its memory went away);
+     * SYNC answers STATE until it is torn down.
+     */
+    bool stopped;
+    /**
+     * Entries in the ring (N).
+     */
+    uint32_t entries;
+    /**
+     * Guest-physical address of the control block.
+     */
+    uint64_t ctrl_gpa;
+    /**
+     * Guest-physical address of the ring.
+     */
+    uint64_t ring_gpa;
+    /**
+     * `head` as the host last read it.
+     */
+    uint32_t head;
+    /**
+     * The host's `tail`: entries taken.
+     */
+    uint32_t tail;
+    /**
+     * Entries failed since set-up.
+     */
+    uint32_t failed;
+    /**
+     * Status of the latest failed entry (`PVDMA_S_*`, 0: none).
+     */
+    uint32_t last_error;
+    /**
+     * Entries taken since set-up, failed ones included.
+     */
+    uint64_t applied;
+    /**
+     * Drains that took at least one entry since set-up.
+     */
+    uint64_t drains;
+} pvdma_queue_info;
+
+/**
+ * Hooks around drains. Every pointer may be NULL.
+ *
+ * - `miss_begin`/`miss_end` wrap every rule-2 drain (a device access
+ *   about to be refused while some queue has entries pending); called
+ *   before any pvdma lock is taken, on the translating thread. QEMU takes
+ *   its big lock there when the thread does not hold it, since the
+ *   drain's MAP/UNMAP notifications need it. `miss_end` gets what
+ *   `miss_begin` returned.
+ * - `drained` is called once per queue per drain that took at least one
+ *   entry or stopped the queue (`cause`: `PVDMA_DRAIN_*`; `applied` and
+ *   `failed` count this drain's entries; `head` as read, `tail` after).
+ *   It runs with no queue lock held but possibly under the caller's (a
+ *   request's) context: it must not call back into pvdma requests.
+ */
+typedef struct pvdma_drain_hooks {
+    /**
+     * Handed back to every hook.
+     */
+    void *opaque;
+    /**
+     * Before a rule-2 drain; its value goes to `miss_end`.
+     */
+    uint64_t (*miss_begin)(void *opaque);
+    /**
+     * After a rule-2 drain.
+     */
+    void (*miss_end)(void *opaque, uint64_t token);
+    /**
+     * After a drain of one queue that took entries or stopped it.
+     */
+    void (*drained)(void *opaque,
+                    uint32_t queue,
+                    uint32_t cause,
+                    uint32_t applied,
+                    uint32_t failed,
+                    uint32_t head,
+                    uint32_t tail);
+} pvdma_drain_hooks;
+
+/**
  * The counters.
  */
 typedef struct pvdma_stats {
@@ -338,6 +464,23 @@ typedef struct pvdma_stats {
      * Refused device accesses since reset.
      */
     uint64_t faults;
+    /**
+     * Drains of one queue that took at least one entry.
+     */
+    uint64_t queue_drains;
+    /**
+     * Queued entries taken (applied or failed).
+     */
+    uint64_t queue_entries;
+    /**
+     * Queued entries that failed.
+     */
+    uint64_t queue_failed;
+    /**
+     * Rule-2 drains: a device access about to be refused while queued
+     * entries were pending.
+     */
+    uint64_t miss_drains;
 } pvdma_stats;
 
 /**
@@ -605,6 +748,14 @@ typedef struct pvdma_config {
      * Fault records kept, 1..=65536.
      */
     uint32_t fault_log_len;
+    /**
+     * Request queues offered (the QUEUES register, ABI section 3.2),
+     * 0..=`PVDMA_MAX_QUEUES`; 0 turns the QUEUE extension off (FEATURES
+     * bit 4 clear, ops 7 and 8 unknown). It sits in what was padding at
+     * the end, so the struct's size is as before, and a caller that
+     * zeroes the struct gets the extension off.
+     */
+    uint32_t queues;
 } pvdma_config;
 
 #ifdef __cplusplus
@@ -722,6 +873,38 @@ pvdma_result pvdma_vm_state_load(struct pvdma_vm *vm, const uint8_t *buf, size_t
  * be called from any thread with `opaque` for as long as it is set.
  */
 void pvdma_vm_set_notifier(struct pvdma_vm *vm, pvdma_notify_fn notify, void *opaque);
+
+/**
+ * The QUEUES register: the number of queues offered, 0 when the QUEUE
+ * extension is off. 0 for NULL.
+ *
+ * # Safety
+ * `vm` is NULL or a live handle.
+ */
+uint32_t pvdma_vm_queue_count(const struct pvdma_vm *vm);
+
+/**
+ * Fills `out[0..min(n, QUEUES)]` with the queues in index order and
+ * returns QUEUES (so a caller may ask with `n` 0 first). 0 for NULL `vm`,
+ * and nothing written when `out` is NULL.
+ *
+ * # Safety
+ * `vm` is NULL or a live handle; `out` is NULL or valid for writing `n`
+ * entries.
+ */
+size_t pvdma_vm_queues(const struct pvdma_vm *vm, struct pvdma_queue_info *out, size_t n);
+
+/**
+ * Sets the drain hooks (copied; NULL `hooks` clears them). A drain
+ * already running may still call the previous hooks, so keep their
+ * `opaque` valid until such calls have returned.
+ *
+ * # Safety
+ * `vm` is NULL or a live handle; `hooks` is NULL or points to a
+ * `pvdma_drain_hooks` whose functions may be called from any thread with
+ * its `opaque` for as long as they are set.
+ */
+pvdma_result pvdma_vm_set_drain_hooks(struct pvdma_vm *vm, const struct pvdma_drain_hooks *hooks);
 
 /**
  * Adds a guest RAM region: guest-physical `[gpa, gpa + size)` is host
@@ -992,7 +1175,8 @@ pvdma_vq_result pvdma_vq_set_notify(struct pvdma_vq *vq, bool enable, bool *pend
 /**
  * Fills `*out` with the default configuration (48 IOVA bits, 512
  * segments, no pin or memory limit, no mlock, bypass, host IOVA and
- * UNMAP_LIST on, 64 fault records). Does nothing when `out` is NULL.
+ * UNMAP_LIST on, 64 fault records, 8 request queues). Does nothing when
+ * `out` is NULL.
  *
  * # Safety
  * `out` is NULL or valid for writing a `pvdma_config`.
@@ -1022,7 +1206,7 @@ void pvdma_vm_free(struct pvdma_vm *vm);
 
 /**
  * The FEATURES register bits the configuration implies: HOST_IOVA,
- * BYPASS and UNMAP_LIST (`PVDMA_FEATURE_*`). The transport adds HYPERCALL itself. 0 for
+ * BYPASS, UNMAP_LIST and QUEUE (`PVDMA_FEATURE_*`). The transport adds HYPERCALL itself. 0 for
  * NULL.
  *
  * # Safety

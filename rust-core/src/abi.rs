@@ -53,6 +53,11 @@ pub enum Op {
     /// Remove the mappings inside a list of IOVA ranges (the UNMAP_LIST
     /// extension, FEATURES bit 3).
     UnmapList = PVDMA_OP_UNMAP_LIST as u16,
+    /// Set up or tear down a request queue (the QUEUE extension, FEATURES
+    /// bit 4).
+    Queue = PVDMA_OP_QUEUE as u16,
+    /// Apply every queued entry and report failures (FEATURES bit 4).
+    Sync = PVDMA_OP_SYNC as u16,
 }
 
 impl Op {
@@ -65,17 +70,19 @@ impl Op {
             PVDMA_OP_MAP => Op::Map,
             PVDMA_OP_UNMAP => Op::Unmap,
             PVDMA_OP_UNMAP_LIST => Op::UnmapList,
+            PVDMA_OP_QUEUE => Op::Queue,
+            PVDMA_OP_SYNC => Op::Sync,
             _ => return None,
         })
     }
 
     /// Whether the op reads the slots behind the header (MAP's segments,
-    /// UNMAP_LIST's ranges).
+    /// UNMAP_LIST's ranges, QUEUE's control block and ring).
     pub fn has_slots(self) -> bool {
-        matches!(self, Op::Map | Op::UnmapList)
+        matches!(self, Op::Map | Op::UnmapList | Op::Queue)
     }
 
-    /// Index for per-op statistics: 1..=6, 0 is reserved for unknown ops.
+    /// Index for per-op statistics: 1..=8, 0 is reserved for unknown ops.
     pub fn index(self) -> usize {
         self as usize
     }
@@ -231,7 +238,9 @@ mod tests {
         assert_eq!(Status::from_raw(12), None);
         assert_eq!(Op::from_raw(0), None);
         assert_eq!(Op::from_raw(6), Some(Op::UnmapList));
-        assert_eq!(Op::from_raw(7), None);
+        assert_eq!(Op::from_raw(7), Some(Op::Queue));
+        assert_eq!(Op::from_raw(8), Some(Op::Sync));
+        assert_eq!(Op::from_raw(9), None);
         assert_eq!(Op::UnmapList.index(), 6);
         assert_eq!(Op::from_raw(4), Some(Op::Map));
     }

@@ -72,6 +72,10 @@ pub use vm::{
     StatsSnapshot, Translator, Transport, Vm, VmConfig, VmState, DEFAULT_FAULT_LOG_LEN,
     DEFAULT_IOVA_BITS, DEFAULT_MAX_SEGS, MAX_MAX_SEGS, STATE_VERSION, STATS_OPS,
 };
+pub use vm::{
+    DrainCause, DrainHooks, DrainReport, QueueEntry, QueueInfo, QueueSaved, DEFAULT_QUEUES,
+    MAX_QUEUES, QUEUE_CTRL_SIZE, QUEUE_ENTRY_SIZE, QUEUE_RING_MAX, QUEUE_RING_MIN,
+};
 pub use vq::{
     CacheStats, ChainInfo, Error as VqError, QueueConfig, VirtQueue, MAX_CHAIN_FRAGMENTS,
     MAX_QUEUE_SIZE, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,

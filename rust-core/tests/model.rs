@@ -178,7 +178,7 @@ fn unmap_spec() -> impl Strategy<Value = UnmapSpec> {
 
 fn bad_header() -> impl Strategy<Value = BadHeader> {
     prop_oneof![
-        prop_oneof![Just(0u16), Just(7u16), Just(0xffffu16)].prop_map(BadHeader::Op),
+        prop_oneof![Just(0u16), Just(9u16), Just(0xffffu16)].prop_map(BadHeader::Op),
         (3..16u32).prop_map(|b| BadHeader::Flags(1 << b)),
         (0..3usize).prop_map(BadHeader::Reserved),
         Just(BadHeader::Misaligned),

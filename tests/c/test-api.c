@@ -215,7 +215,8 @@ static uint32_t submit_at(pvdma_vm *vm, uint64_t block, const struct req *r,
             CHECK_U64(back.iova, h.iova);
             CHECK_U64(back.length, h.length);
         }
-        if (status != PVDMA_S_OK) {
+        if (status != PVDMA_S_OK && r->op != PVDMA_OP_SYNC) {
+            /* SYNC writes result (failed entries) with any status. */
             CHECK_U64(back.result, h.result);
         }
         if (r->segs) {
@@ -411,29 +412,38 @@ static void test_config(void)
     CHECK_U64(c.pin_mode, PVDMA_PIN_NONE);
     CHECK(c.bypass && c.host_iova && c.unmap_list);
     CHECK_U64(c.fault_log_len, 64);
-    /* unmap_list took padding: the layout is what it was without it. */
+    CHECK_U64(c.queues, 8);
+    /* unmap_list and queues took padding: the layout is what it was. */
     CHECK_U64(sizeof(pvdma_config), 40);
     CHECK_U64(offsetof(pvdma_config, fault_log_len), 32);
-    CHECK_U64(sizeof(pvdma_stats), (6 * 13 + 7) * 8);
+    CHECK_U64(offsetof(pvdma_config, queues), 36);
+    /* The queue counters are appended. */
+    CHECK_U64(sizeof(pvdma_stats), (6 * 13 + 7 + 4) * 8);
+    CHECK_U64(offsetof(pvdma_stats, queue_drains), (6 * 13 + 7) * 8);
 
     pvdma_vm *vm = NULL;
     CHECK_RES(pvdma_vm_new(&c, &vm), PVDMA_OK);
     CHECK_U64(pvdma_vm_features(vm), PVDMA_FEATURE_HOST_IOVA | PVDMA_FEATURE_BYPASS |
-                                     PVDMA_FEATURE_UNMAP_LIST);
+                                     PVDMA_FEATURE_UNMAP_LIST | PVDMA_FEATURE_QUEUE);
+    CHECK_U64(pvdma_vm_queue_count(vm), 8);
     CHECK_U64(pvdma_vm_page_sizes(vm), (1ull << 12) | (1ull << 21));
     pvdma_vm_free(vm);
 
     c.bypass = false;
     c.host_iova = false;
     c.unmap_list = false;
+    c.queues = 0;
     CHECK_RES(pvdma_vm_new(&c, &vm), PVDMA_OK);
     CHECK_U64(pvdma_vm_features(vm), 0);
+    CHECK_U64(pvdma_vm_queue_count(vm), 0);
+    CHECK_U64(pvdma_vm_queues(vm, NULL, 0), 0);
     pvdma_vm_free(vm);
+    CHECK_U64(pvdma_vm_queue_count(NULL), 0);
 
     /* Out-of-range values; *out untouched. */
     pvdma_vm *sentinel = (pvdma_vm *)&c;
-    struct { const char *what; pvdma_config cfg; } bad[6];
-    for (int i = 0; i < 6; i++) {
+    struct { const char *what; pvdma_config cfg; } bad[7];
+    for (int i = 0; i < 7; i++) {
         bad[i].cfg = default_config();
     }
     bad[0].what = "iova_bits 20"; bad[0].cfg.iova_bits = 20;
@@ -442,7 +452,8 @@ static void test_config(void)
     bad[3].what = "max_segs 65537"; bad[3].cfg.max_segs = 65537;
     bad[4].what = "pin_mode 2"; bad[4].cfg.pin_mode = 2;
     bad[5].what = "fault_log_len 0"; bad[5].cfg.fault_log_len = 0;
-    for (int i = 0; i < 6; i++) {
+    bad[6].what = "queues 65"; bad[6].cfg.queues = PVDMA_MAX_QUEUES + 1;
+    for (int i = 0; i < 7; i++) {
         vm = sentinel;
         pvdma_result r = pvdma_vm_new(&bad[i].cfg, &vm);
         if (r != PVDMA_ERR_INVALID_ARGUMENT || vm != sentinel) {
@@ -1314,7 +1325,7 @@ static void test_stats(void)
     CHECK_ST(map(vm, RID_A, FIXED, 0x1000, &s, 1, NULL), PVDMA_S_PERM);
     CHECK_ST(map(vm, RID_A, RW, 0, &s, 1, &iova), PVDMA_S_OK);
     CHECK_ST(unmap(vm, RID_A, 0x12345000, 0, NULL), PVDMA_S_NOENT);
-    CHECK_ST(op_simple(vm, 7, RID_A, NULL), PVDMA_S_INVAL);
+    CHECK_ST(op_simple(vm, 9, RID_A, NULL), PVDMA_S_INVAL);
     CHECK_ST(pvdma_vm_submit(vm, NOT_RAM), PVDMA_S_FAULT);
 
     pvdma_iovec iov[2];
@@ -1343,6 +1354,157 @@ static void test_stats(void)
     CHECK_U64(st.pinned_pages, 2);
     CHECK_U64(st.translations, 4);
     CHECK_U64(st.faults, 1);
+    pvdma_vm_free(vm);
+}
+
+/* ---- queued requests (ABI 3.2) ------------------------------------------- */
+
+#define QCTRL 0x1e0000ull
+#define QRING 0x1e1000ull
+#define QRING_LEN 0x1000u
+
+struct hook_log {
+    atomic_int begins, ends, drained;
+    uint32_t last_queue, last_cause, last_applied, last_failed, last_head, last_tail;
+    uint64_t last_token;
+};
+
+static uint64_t hook_miss_begin(void *opaque)
+{
+    struct hook_log *h = opaque;
+    atomic_fetch_add(&h->begins, 1);
+    return 0x1234;
+}
+
+static void hook_miss_end(void *opaque, uint64_t token)
+{
+    struct hook_log *h = opaque;
+    h->last_token = token;
+    atomic_fetch_add(&h->ends, 1);
+}
+
+static void hook_drained(void *opaque, uint32_t queue, uint32_t cause,
+                         uint32_t applied, uint32_t failed, uint32_t head,
+                         uint32_t tail)
+{
+    struct hook_log *h = opaque;
+    h->last_queue = queue;
+    h->last_cause = cause;
+    h->last_applied = applied;
+    h->last_failed = failed;
+    h->last_head = head;
+    h->last_tail = tail;
+    atomic_fetch_add(&h->drained, 1);
+}
+
+/* The guest's side: writes entry `i` into the ring and publishes head. */
+static void queue_push(uint32_t i, uint16_t op, uint16_t flags, uint32_t rid,
+                       uint64_t iova, uint64_t gpa, uint64_t length)
+{
+    struct pvdma_queue_entry e;
+    memset(&e, 0, sizeof(e));
+    e.op = op;
+    e.flags = flags;
+    e.requester = rid;
+    e.iova = iova;
+    e.gpa = gpa;
+    e.length = length;
+    memcpy((uint8_t *)gpa_ptr(QRING) + (i % (QRING_LEN / sizeof(e))) * sizeof(e),
+           &e, sizeof(e));
+    struct pvdma_queue_ctrl *c = gpa_ptr(QCTRL);
+    __atomic_store_n(&c->head, i + 1, __ATOMIC_RELEASE);
+}
+
+static void test_queues(void)
+{
+    pvdma_vm *vm = new_vm();
+    CHECK_U64(sizeof(struct pvdma_queue_ctrl), 64);
+    CHECK_U64(sizeof(struct pvdma_queue_entry), 32);
+    struct hook_log log;
+    memset(&log, 0, sizeof(log));
+    struct pvdma_drain_hooks hooks = {
+        .opaque = &log, .miss_begin = hook_miss_begin,
+        .miss_end = hook_miss_end, .drained = hook_drained,
+    };
+    CHECK_RES(pvdma_vm_set_drain_hooks(vm, &hooks), PVDMA_OK);
+    CHECK_RES(pvdma_vm_set_drain_hooks(NULL, &hooks), PVDMA_ERR_NULL_ARGUMENT);
+    CHECK_ST(op_simple(vm, PVDMA_OP_ATTACH, RID_A, NULL), PVDMA_S_OK);
+
+    memset(gpa_ptr(QCTRL), 0, 64);
+    struct pvdma_seg segs[2] = { { QCTRL, 64 }, { QRING, QRING_LEN } };
+    struct req setup = { .op = PVDMA_OP_QUEUE, .rid = RID_A, .iova = 0,
+                         .segs = segs, .nr_segs = 2 };
+    CHECK_ST(submit(vm, &setup, NULL), PVDMA_S_OK);
+    CHECK_ST(submit(vm, &setup, NULL), PVDMA_S_STATE);
+    setup.iova = 8;
+    CHECK_ST(submit(vm, &setup, NULL), PVDMA_S_INVAL);
+
+    struct pvdma_queue_info info[8];
+    memset(info, 0xff, sizeof(info));
+    CHECK_U64(pvdma_vm_queues(vm, info, 2), 8);
+    CHECK(info[0].set_up && !info[0].stopped);
+    CHECK_U64(info[0].entries, QRING_LEN / 32);
+    CHECK_U64(info[0].ctrl_gpa, QCTRL);
+    CHECK_U64(info[0].ring_gpa, QRING);
+    CHECK(!info[1].set_up);
+    CHECK_U64(info[1].index, 1);
+    CHECK_U64(info[2].index, UINT32_MAX); /* only n entries written */
+
+    /* Rule 2: a lookup of a queued MAP drains and succeeds. */
+    queue_push(0, PVDMA_OP_MAP, RW, RID_A, 0x40000, 0x10000, PAGE);
+    pvdma_lookup l;
+    CHECK_RES(pvdma_vm_lookup(vm, RID_A, 0x40000, PVDMA_ACCESS_WRITE, &l), PVDMA_OK);
+    CHECK_U64(l.gpa, 0x10000);
+    CHECK_U64(atomic_load(&log.begins), 1);
+    CHECK_U64(atomic_load(&log.ends), 1);
+    CHECK_U64(log.last_token, 0x1234);
+    CHECK_U64(log.last_cause, PVDMA_DRAIN_MISS);
+    CHECK_U64(log.last_applied, 1);
+    CHECK_U64(log.last_tail, 1);
+
+    /* Rule 1: a request applies the queue first; a failed entry shows in
+     * the next SYNC (status EXIST, result 1: written with any status). */
+    queue_push(1, PVDMA_OP_MAP, RW, RID_A, 0x40000, 0x10000, PAGE);
+    CHECK_ST(op_simple(vm, PVDMA_OP_QUERY, RID_A, NULL), PVDMA_S_OK);
+    CHECK_U64(log.last_cause, PVDMA_DRAIN_REQUEST);
+    CHECK_U64(log.last_failed, 1);
+    struct pvdma_req *blk = gpa_ptr(REQ_GPA);
+    memset(blk, 0, sizeof(*blk));
+    blk->op = PVDMA_OP_SYNC;
+    blk->requester = RID_A;
+    CHECK_ST(pvdma_vm_submit(vm, REQ_GPA), PVDMA_S_EXIST);
+    CHECK_U64(blk->result, 1);
+    uint64_t result = 99;
+    CHECK_ST(op_simple(vm, PVDMA_OP_SYNC, RID_A, &result), PVDMA_S_OK);
+    CHECK_U64(result, 0);
+    struct pvdma_queue_ctrl *c = gpa_ptr(QCTRL);
+    CHECK_U64(c->tail, 2);
+    CHECK_U64(c->failed, 1);
+    CHECK_U64(c->last_error, PVDMA_S_EXIST);
+
+    pvdma_stats st;
+    CHECK_RES(pvdma_vm_stats(vm, &st), PVDMA_OK);
+    CHECK_U64(st.queue_entries, 2);
+    CHECK_U64(st.queue_failed, 1);
+    CHECK_U64(st.queue_drains, 2);
+    CHECK_U64(st.miss_drains, 1);
+    CHECK_U64(st.faults, 0);
+
+    /* Broken: head - tail > N. SYNC answers STATE; the hook says STOPPED. */
+    c->head = 2 + QRING_LEN / 32 + 1;
+    CHECK_ST(op_simple(vm, PVDMA_OP_SYNC, RID_A, NULL), PVDMA_S_STATE);
+    CHECK_U64(c->stopped, 1);
+    CHECK_U64(log.last_cause, PVDMA_DRAIN_STOPPED);
+    CHECK_U64(pvdma_vm_queues(vm, info, 1), 8);
+    CHECK(info[0].stopped);
+
+    /* Reset tears the queue down and releases its pins. */
+    pvdma_vm_reset(vm);
+    CHECK_U64(pvdma_vm_queues(vm, info, 1), 8);
+    CHECK(!info[0].set_up);
+    CHECK_RES(pvdma_vm_stats(vm, &st), PVDMA_OK);
+    CHECK_U64(st.pinned_pages, 0);
+    CHECK_RES(pvdma_vm_set_drain_hooks(vm, NULL), PVDMA_OK);
     pvdma_vm_free(vm);
 }
 
@@ -1803,6 +1965,7 @@ int main(void)
     run_test("a notifier refusing a MAP: QUOTA, nothing left", test_notifier_refuses_map);
     run_test("RAM removal tears down mappings", test_remove_ram);
     run_test("statistics", test_stats);
+    run_test("queued requests", test_queues);
     run_test("UNMAP_LIST", test_unmap_list);
     run_test("request counts by op and transport", test_request_counts);
     run_test("migration state save and load", test_state);

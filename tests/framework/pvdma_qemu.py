@@ -12,6 +12,8 @@ guest-demo-boot.py and pvdma_guest.py:
     --kill-after`, its serial console read line by line against a
     deadline, QMP on a socket, and QEMU's CPU time (all its threads);
   * `compact_json`: query-pvdma's reply, one line per endpoint and fault;
+  * `queue_summary`: the request queues of one device in query-pvdma's
+    reply, the ones set up, with the device's queue totals;
   * the pvdma guest ABI v1 (docs/abi.md): register offsets, ops, flags,
     status names, request-block encoding/decoding and a doorbell submit.
 
@@ -34,8 +36,10 @@ PVDMA_VENDOR, PVDMA_DEVICE = 0x1B36, 0x0015
 REG_MAGIC, REG_VERSION, REG_FEATURES = 0x00, 0x04, 0x08
 REG_IOVA_BITS, REG_MAX_SEGS, REG_PAGE_SIZES = 0x10, 0x14, 0x18
 REG_DOORBELL, REG_DOORBELL_HI = 0x28, 0x2C
-REG_FAULTS, REG_LAST_STATUS = 0x30, 0x38
+REG_FAULTS, REG_LAST_STATUS, REG_QUEUES = 0x30, 0x38, 0x3C
 OP_QUERY, OP_ATTACH, OP_DETACH, OP_MAP, OP_UNMAP = 1, 2, 3, 4, 5
+OP_UNMAP_LIST, OP_QUEUE, OP_SYNC = 6, 7, 8
+FEATURE_QUEUE = 1 << 4
 FLAG_READ, FLAG_WRITE, FLAG_FIXED = 1, 2, 4
 STATUS = {0: "OK", 1: "INVAL", 2: "NODEV", 3: "FAULT", 4: "NOSPC",
           5: "EXIST", 6: "NOENT", 7: "RANGE", 8: "TOOBIG", 9: "QUOTA",
@@ -283,6 +287,28 @@ def compact_json(devices):
         out.append("  }" + ("," if i < len(devices) - 1 else ""))
     out.append("]")
     return "\n".join(out)
+
+
+# query-pvdma's per-queue fields and the device's queue totals (QAPI names)
+QUEUE_FIELDS = ("index", "set-up", "ctrl-gpa", "ring-gpa", "entries", "head",
+                "tail", "failed", "last-error", "stopped", "applied",
+                "drains")
+QUEUE_TOTALS = ("queue-drains", "queue-entries", "queue-failed",
+                "miss-drains")
+
+
+def queue_summary(device):
+    """The request queues of one device of query-pvdma's reply:
+    {"queues": [the entries whose set-up is true, as QMP gave them],
+     "count": QUEUES (entries listed, set up or not), and each of
+     QUEUE_TOTALS}. A QEMU whose pvdma has no queues (older series) has
+    no "queues" key: count 0, no queues, totals 0."""
+    queues = device.get("queues", [])
+    out = {"queues": [q for q in queues if q.get("set-up")],
+           "count": len(queues)}
+    for key in QUEUE_TOTALS:
+        out[key] = device.get(key, 0)
+    return out
 
 
 class ConsoleMachine:

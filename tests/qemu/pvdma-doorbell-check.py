@@ -26,7 +26,8 @@ from pvdma_qemu import (FLAG_FIXED as FIXED, FLAG_READ as READ,
                         OP_QUERY as QUERY, OP_UNMAP as UNMAP, PVDMA_DEVICE,
                         PVDMA_VENDOR, REG_DOORBELL, REG_DOORBELL_HI,
                         REG_FAULTS, REG_FEATURES, REG_IOVA_BITS, REG_MAGIC,
-                        REG_MAX_SEGS, REG_PAGE_SIZES, REG_VERSION,
+                        REG_MAX_SEGS, REG_PAGE_SIZES, REG_QUEUES,
+                        REG_VERSION,
                         QTestMachine, encode_request, exit_on_error)
 from pvdma_qemu import request as submit
 
@@ -109,8 +110,9 @@ def main():
 
         check(qt.readl(PVDMA_BAR + REG_MAGIC) == 0x414d4450, "MAGIC")
         check(qt.readl(PVDMA_BAR + REG_VERSION) == 1, "VERSION")
-        # HOST_IOVA | BYPASS | UNMAP_LIST
-        check(qt.readq(PVDMA_BAR + REG_FEATURES) == 14, "FEATURES")
+        # HOST_IOVA | BYPASS | UNMAP_LIST | QUEUE, and 8 queues
+        check(qt.readq(PVDMA_BAR + REG_FEATURES) == 30, "FEATURES")
+        check(qt.readl(PVDMA_BAR + REG_QUEUES) == 8, "QUEUES")
         check(qt.readl(PVDMA_BAR + REG_IOVA_BITS) == 48, "IOVA_BITS")
         check(qt.readl(PVDMA_BAR + REG_MAX_SEGS) >= 252, "MAX_SEGS")
         check(qt.readq(PVDMA_BAR + REG_PAGE_SIZES) & 0x1000, "PAGE_SIZES")

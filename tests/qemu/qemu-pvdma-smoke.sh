@@ -116,6 +116,8 @@ accel=qtest refuses hypercall=on "hypercall=on needs the TCG accelerator"
 refuses iova-bits=20 "iova-bits must be 21..57"
 refuses iova-bits=58 "iova-bits must be 21..57"
 refuses pin-mode=foo "pin-mode must be"
+refuses queues=65 "queues must be 0..64, not 65"
+refuses queues=-1 "queues"
 
 # --- 3. doorbell and DMA through the translation ------------------------------
 /usr/bin/python3 "$here/pvdma-doorbell-check.py" "$qemu"

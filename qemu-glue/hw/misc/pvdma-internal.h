@@ -121,6 +121,9 @@ struct PvdmaState {
     bool bypass;
     bool unmap_list;
     OnOffAuto hypercall;
+/* @series-begin queue */
+    uint32_t queues;
+/* @series-end queue */
 /* @series-begin hypercall */
 
     /* The hypercall transport is live (FEATURES.HYPERCALL) */

@@ -317,6 +317,15 @@ static const PCIIOMMUOps pvdma_iommu_ops = {
 };
 
 /* Translation: runs under RCU, without the BQL, for every device access */
+/* @series-begin queue */
+/*
+ * An access the library would refuse for want of a mapping or permission
+ * first applies the guest's request queues and is looked up again, inside
+ * pvdma_vm_lookup(): only a second refusal comes back here as one. That
+ * drain may notify (and take the BQL for it, see pvdma.c); a lookup that
+ * finds its mapping never touches the queues.
+ */
+/* @series-end queue */
 
 static void pvdma_report_fault(PvdmaEndpoint *ep, uint32_t rid,
                                hwaddr iova, uint32_t access)

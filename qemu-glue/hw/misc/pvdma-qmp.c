@@ -7,6 +7,10 @@
  * What each pvdma function is doing: configuration, pins and mapping
  * memory, endpoints, refused accesses, and request counts by op and by
  * transport.
+/* @series-begin queue */
+ * And its request queues: where they are, how far the guest and the
+ * device have got in each, and what failed.
+/* @series-end queue */
 /* @series-begin dma-bench */
  * And what one DMA costs: x-pvdma-dma-bench times a PCI function's DMA
  * reads, behind pvdma or any other IOMMU or none.
@@ -58,6 +62,10 @@ static PvdmaInfo *pvdma_query_one(PvdmaState *s)
     g_autofree struct pvdma_fault *faults = NULL;
     PvdmaEndpointInfoList **ep_tail = &info->endpoints;
     PvdmaFaultInfoList **fault_tail = &info->last_faults;
+/* @series-begin queue */
+    g_autofree struct pvdma_queue_info *queues = NULL;
+    PvdmaQueueInfoList **queue_tail = &info->queues;
+/* @series-end queue */
 
     pvdma_vm_stats(s->vm, &stats);
     pvdma_vm_request_counts(s->vm, &counts);
@@ -115,6 +123,33 @@ static PvdmaInfo *pvdma_query_one(PvdmaState *s)
         f->seq = faults[i].seq;
         QAPI_LIST_APPEND(fault_tail, f);
     }
+/* @series-begin queue */
+
+    info->queue_drains = stats.queue_drains;
+    info->queue_entries = stats.queue_entries;
+    info->queue_failed = stats.queue_failed;
+    info->miss_drains = stats.miss_drains;
+    n = pvdma_vm_queues(s->vm, NULL, 0);
+    queues = g_new0(struct pvdma_queue_info, n);
+    n = MIN(n, pvdma_vm_queues(s->vm, queues, n));
+    for (i = 0; i < n; i++) {
+        PvdmaQueueInfo *q = g_new0(PvdmaQueueInfo, 1);
+
+        q->index = queues[i].index;
+        q->set_up = queues[i].set_up;
+        q->ctrl_gpa = queues[i].ctrl_gpa;
+        q->ring_gpa = queues[i].ring_gpa;
+        q->entries = queues[i].entries;
+        q->head = queues[i].head;
+        q->tail = queues[i].tail;
+        q->failed = queues[i].failed;
+        q->last_error = queues[i].last_error;
+        q->stopped = queues[i].stopped;
+        q->applied = queues[i].applied;
+        q->drains = queues[i].drains;
+        QAPI_LIST_APPEND(queue_tail, q);
+    }
+/* @series-end queue */
     return info;
 }
 
@@ -151,6 +186,10 @@ void hmp_info_pvdma(Monitor *mon, const QDict *qdict)
         PvdmaInfo *d = l->value;
         PvdmaEndpointInfoList *e;
         PvdmaFaultInfoList *f;
+/* @series-begin queue */
+        PvdmaQueueInfoList *q;
+        unsigned nq = 0;
+/* @series-end queue */
 
         monitor_printf(mon, "pvdma %s%s%s%s\n", d->path,
                        d->id ? " (id " : "", d->id ? d->id : "",
@@ -177,6 +216,29 @@ void hmp_info_pvdma(Monitor *mon, const QDict *qdict)
         monitor_printf(mon, "  transports: doorbell %" PRIu64
                        ", hypercall %" PRIu64 "\n",
                        d->transports->doorbell, d->transports->hypercall);
+/* @series-begin queue */
+        for (q = d->queues; q; q = q->next) {
+            nq++;
+        }
+        monitor_printf(mon, "  queues %u: drains %" PRIu64 ", entries %"
+                       PRIu64 ", failed %" PRIu64 ", miss drains %" PRIu64
+                       "\n", nq, d->queue_drains, d->queue_entries,
+                       d->queue_failed, d->miss_drains);
+        for (q = d->queues; q; q = q->next) {
+            PvdmaQueueInfo *v = q->value;
+
+            if (!v->set_up) {
+                continue;
+            }
+            monitor_printf(mon, "  queue %u: ctrl 0x%" PRIx64 ", ring 0x%"
+                           PRIx64 " (%u entries), head %u, tail %u, failed %u"
+                           " (last error %u), applied %" PRIu64 ", drains %"
+                           PRIu64 "%s\n", v->index, v->ctrl_gpa,
+                           v->ring_gpa, v->entries, v->head, v->tail,
+                           v->failed, v->last_error, v->applied, v->drains,
+                           v->stopped ? ", STOPPED" : "");
+        }
+/* @series-end queue */
         for (e = d->endpoints; e; e = e->next) {
             monitor_printf(mon, "  endpoint %s: %s%s, %" PRIu64
                            " mappings, %" PRIu64 " bytes mapped\n",

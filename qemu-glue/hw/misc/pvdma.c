@@ -22,6 +22,9 @@
  */
 
 #include "qemu/osdep.h"
+/* @series-begin queue */
+#include "qemu/main-loop.h"
+/* @series-end queue */
 #include "qemu/error-report.h"
 #include "qemu/log.h"
 #include "qemu/units.h"
@@ -73,7 +76,14 @@ static uint64_t pvdma_reg_qword(PvdmaState *s, hwaddr off)
     case PVDMA_REG_FAULTS:
         return pvdma_vm_fault_count(s->vm);
     case PVDMA_REG_LAST_STATUS:
+/* @series-until queue */
         return s->last_status;
+/* @series-end queue */
+/* @series-begin queue */
+        /* QUEUES is the upper half: 0 when the feature is off */
+        return s->last_status |
+               ((uint64_t)pvdma_vm_queue_count(s->vm) << 32);
+/* @series-end queue */
     default:
         /* DOORBELL is write-only; everything else is undefined */
         return 0;
@@ -237,6 +247,79 @@ static void pvdma_ram_del(MemoryListener *listener,
     trace_pvdma_ram_del(gpa, size, torn_down, pvdma_strerror(r));
 }
 
+/* @series-begin queue */
+/*
+ * Queued requests (FEATURES.QUEUE). The library applies a queue's entries
+ * itself: before every request, at SYNC and tear-down (all under the BQL,
+ * in the doorbell or hypercall path), and when a translation would be
+ * refused (rule 2), which may run in any thread that does DMA. Applying
+ * an entry sends IOMMU notifications (vhost, vfio), and those need the
+ * BQL, so a miss drain takes it when its thread does not hold it. The
+ * library calls these hooks before it takes any lock of its own, and only
+ * when some queue has entries published.
+ */
+static uint64_t pvdma_miss_begin(void *opaque)
+{
+    if (bql_locked()) {
+        return 0;
+    }
+    bql_lock();
+    return 1;
+}
+
+static void pvdma_miss_end(void *opaque, uint64_t token)
+{
+    if (token) {
+        bql_unlock();
+    }
+}
+
+static const char *pvdma_drain_cause_name(uint32_t cause)
+{
+    switch (cause) {
+    case PVDMA_DRAIN_REQUEST:
+        return "request";
+    case PVDMA_DRAIN_MISS:
+        return "miss";
+    case PVDMA_DRAIN_SYNC:
+        return "sync";
+    case PVDMA_DRAIN_TEARDOWN:
+        return "teardown";
+    default:
+        return "?";
+    }
+}
+
+static void pvdma_drained(void *opaque, uint32_t queue, uint32_t cause,
+                          uint32_t applied, uint32_t failed, uint32_t head,
+                          uint32_t tail)
+{
+    if (cause == PVDMA_DRAIN_STOPPED) {
+        /* head - tail > N: the guest overwrote entries not yet taken */
+        qemu_log_mask(LOG_GUEST_ERROR,
+                      "pvdma: queue %u stopped: head %u is more than a ring "
+                      "ahead of tail %u\n", queue, head, tail);
+        trace_pvdma_queue_broken(queue, head, tail);
+        return;
+    }
+    trace_pvdma_queue_drain(queue, pvdma_drain_cause_name(cause), applied,
+                            failed, head, tail);
+}
+
+static void pvdma_queue_setup(PvdmaState *s)
+{
+    const struct pvdma_drain_hooks hooks = {
+        .opaque = s,
+        .miss_begin = pvdma_miss_begin,
+        .miss_end = pvdma_miss_end,
+        .drained = pvdma_drained,
+    };
+
+    /* Only a VM that does not exist makes this fail */
+    pvdma_vm_set_drain_hooks(s->vm, &hooks);
+}
+
+/* @series-end queue */
 /* Device life cycle */
 
 static bool pvdma_check_properties(PvdmaState *s, uint32_t *pin_mode,
@@ -276,6 +359,15 @@ static bool pvdma_check_properties(PvdmaState *s, uint32_t *pin_mode,
         return false;
     }
 /* @series-end hypercall */
+/* @series-begin queue */
+    if (s->queues > PVDMA_MAX_QUEUES) {
+        error_setg(errp, "pvdma: queues must be 0..%u, not %u",
+                   PVDMA_MAX_QUEUES, s->queues);
+        error_append_hint(errp, "0 turns queued requests (FEATURES.QUEUE) "
+                          "off.\n");
+        return false;
+    }
+/* @series-end queue */
     return true;
 }
 
@@ -303,6 +395,9 @@ static void pvdma_realize(PCIDevice *pdev, Error **errp)
     cfg.pin_mode = pin_mode;
     cfg.bypass = s->bypass;
     cfg.unmap_list = s->unmap_list;
+/* @series-begin queue */
+    cfg.queues = s->queues;
+/* @series-end queue */
     r = pvdma_vm_new(&cfg, &s->vm);
     if (r != PVDMA_OK) {
         error_setg(errp, "pvdma: cannot create the remapping state: %s",
@@ -345,6 +440,9 @@ static void pvdma_realize(PCIDevice *pdev, Error **errp)
 /* @series-begin hypercall */
     pvdma_hypercall_register(s);
 /* @series-end hypercall */
+/* @series-begin queue */
+    pvdma_queue_setup(s);
+/* @series-end queue */
 }
 
 static void pvdma_exit(PCIDevice *pdev)
@@ -362,6 +460,9 @@ static void pvdma_exit(PCIDevice *pdev)
 /* @series-begin iommu */
     device_listener_unregister(&s->dev_listener);
 /* @series-end iommu */
+/* @series-begin queue */
+    pvdma_vm_set_drain_hooks(s->vm, NULL);
+/* @series-end queue */
     pvdma_vm_set_notifier(s->vm, NULL, NULL);
     pvdma_vm_free(s->vm);
     s->vm = NULL;
@@ -376,7 +477,15 @@ static void pvdma_reset(DeviceState *dev)
     PvdmaState *s = PVDMA(dev);
 
     trace_pvdma_reset();
+/* @series-until queue */
     /* Detaches every endpoint: mappings removed, pins released */
+/* @series-end queue */
+/* @series-begin queue */
+    /*
+     * Tears every queue down without applying what is published in it,
+     * then detaches every endpoint: mappings removed, pins released
+     */
+/* @series-end queue */
     pvdma_vm_reset(s->vm);
     s->last_status = 0;
     s->doorbell_lo = 0;
@@ -539,7 +648,12 @@ static bool pvdma_post_load(void *opaque, int version_id, Error **errp)
     if (r != PVDMA_OK) {
         error_setg(errp, "pvdma: the remapping state was refused: %s "
                    "(different iova-bits, max-segs, pin-limit, mem-limit, "
+/* @series-until queue */
                    "bypass or guest RAM layout than the source?)",
+/* @series-end queue */
+/* @series-begin queue */
+                   "bypass, queues or guest RAM layout than the source?)",
+/* @series-end queue */
                    pvdma_strerror(r));
         goto out;
     }
@@ -590,6 +704,9 @@ static const Property pvdma_properties[] = {
     DEFINE_PROP_UINT32("max-segs", PvdmaState, max_segs, 512),
     DEFINE_PROP_BOOL("bypass", PvdmaState, bypass, true),
     DEFINE_PROP_BOOL("unmap-list", PvdmaState, unmap_list, true),
+/* @series-begin queue */
+    DEFINE_PROP_UINT32("queues", PvdmaState, queues, 8),
+/* @series-end queue */
     DEFINE_PROP_ON_OFF_AUTO("hypercall", PvdmaState, hypercall,
                             ON_OFF_AUTO_AUTO),
 };
@@ -634,6 +751,13 @@ static void pvdma_class_init(ObjectClass *klass, const void *data)
         "Whether the UNMAP_LIST extension is offered (FEATURES bit 3): "
         "one request unmaps a list of IOVA ranges. Off hides it, and "
         "op 6 is then an unknown op (INVAL)");
+/* @series-begin queue */
+    object_class_property_set_description(klass, "queues",
+        "Request queues offered to the guest, 0..64 (QUEUES register): "
+        "MAP and UNMAP entries in guest memory that the device applies "
+        "without an exit. 0 turns queued requests off (FEATURES bit 4 "
+        "clear, ops 7 and 8 unknown ops)");
+/* @series-end queue */
 /* @series-until hypercall */
     object_class_property_set_description(klass, "hypercall",
         "The hypercall transport: not supported yet, so 'auto' means "

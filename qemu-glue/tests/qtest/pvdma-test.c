@@ -47,6 +47,9 @@
 #define PVDMA_REG_DOORBELL_HI   0x02c
 #define PVDMA_REG_FAULTS        0x030
 #define PVDMA_REG_LAST_STATUS   0x038
+/* @series-begin queue */
+#define PVDMA_REG_QUEUES        0x03c
+/* @series-end queue */
 
 #define PVDMA_MAGIC             0x414d4450 /* "PDMA" */
 #define PVDMA_MIN_MAX_SEGS      252
@@ -55,6 +58,9 @@
 #define PVDMA_F_HOST_IOVA       (1ULL << 1)
 #define PVDMA_F_BYPASS          (1ULL << 2)
 #define PVDMA_F_UNMAP_LIST      (1ULL << 3)
+/* @series-begin queue */
+#define PVDMA_F_QUEUE           (1ULL << 4)
+/* @series-end queue */
 
 enum {
     OP_QUERY = 1,
@@ -63,6 +69,10 @@ enum {
     OP_MAP = 4,
     OP_UNMAP = 5,
     OP_UNMAP_LIST = 6,
+/* @series-begin queue */
+    OP_QUEUE = 7,
+    OP_SYNC = 8,
+/* @series-end queue */
 };
 
 #define FLAG_READ               (1 << 0)
@@ -187,6 +197,21 @@ static PvdmaTest *pvdma_start(const char *args)
     return t;
 }
 
+/* @series-begin queue-test */
+/*
+ * Started from the binary in environment variable @var when it is set
+ * (else QTEST_QEMU_BINARY's): an older QEMU as a migration source.
+ */
+static PvdmaTest *pvdma_start_ext(const char *var, const char *args)
+{
+    PvdmaTest *t = g_new0(PvdmaTest, 1);
+
+    pvdma_attach_devices(t, qtest_init_ext(var, args, NULL, true));
+    pvdma_enable(t);
+    return t;
+}
+
+/* @series-end queue-test */
 static void pvdma_stop(PvdmaTest *t)
 {
     g_free(t->pvdma);
@@ -296,7 +321,16 @@ static uint32_t submit_at(PvdmaTest *t, uint64_t gpa, PvdmaReq *req,
     g_assert_cmpuint(out.reserved[0], ==, in.reserved[0]);
     g_assert_cmpuint(out.reserved[1], ==, in.reserved[1]);
     g_assert_cmpuint(out.reserved[2], ==, in.reserved[2]);
+/* @series-until queue-test */
     if (last != S_OK) {
+/* @series-end queue-test */
+/* @series-begin queue-test */
+    /*
+     * SYNC is the exception: a failed entry makes its status, and result
+     * counts the failed entries.
+     */
+    if (last != S_OK && in.op != OP_SYNC) {
+/* @series-end queue-test */
         /* On failure only status is written back. */
         g_assert_cmphex(out.iova, ==, in.iova);
         g_assert_cmphex(out.length, ==, in.length);
@@ -536,7 +570,12 @@ static void test_registers(void)
 {
     PvdmaTest *t = pvdma_start(DEVICE_ARGS(""));
     static const uint64_t undefined[] = {
+/* @series-until queue */
         0x024, 0x03c, 0x040, 0x080, 0x100, 0x800, 0xff8, 0xffc,
+/* @series-end queue */
+/* @series-begin queue */
+        0x024, 0x040, 0x080, 0x100, 0x800, 0xff8, 0xffc,
+/* @series-end queue */
     };
     uint64_t features, page_sizes;
     uint32_t iova_bits;
@@ -546,15 +585,30 @@ static void test_registers(void)
     g_assert_cmpuint(reg_readl(t, PVDMA_REG_VERSION), ==, 1);
 
     /*
+/* @series-until queue */
      * Defaults: host-chosen IOVAs, bypass and UNMAP_LIST; qtest has no
      * hypercalls.
+/* @series-end queue */
+/* @series-begin queue */
+     * Defaults: host-chosen IOVAs, bypass, UNMAP_LIST and 8 queues; qtest
+     * has no hypercalls.
+/* @series-end queue */
      */
     features = reg_readq(t, PVDMA_REG_FEATURES);
     g_assert_cmphex(features & PVDMA_F_HOST_IOVA, ==, PVDMA_F_HOST_IOVA);
     g_assert_cmphex(features & PVDMA_F_BYPASS, ==, PVDMA_F_BYPASS);
     g_assert_cmphex(features & PVDMA_F_UNMAP_LIST, ==, PVDMA_F_UNMAP_LIST);
     g_assert_cmphex(features & PVDMA_F_HYPERCALL, ==, 0);
+/* @series-until queue */
     g_assert_cmphex(features & ~0xfULL, ==, 0);
+/* @series-end queue */
+/* @series-begin queue */
+    g_assert_cmphex(features & PVDMA_F_QUEUE, ==, PVDMA_F_QUEUE);
+    g_assert_cmphex(features & ~0x1fULL, ==, 0);
+    g_assert_cmpuint(reg_readl(t, PVDMA_REG_QUEUES), ==, 8);
+    /* QUEUES is the upper half of the LAST_STATUS qword */
+    g_assert_cmphex(reg_readq(t, PVDMA_REG_LAST_STATUS), ==, 8ULL << 32);
+/* @series-end queue */
 
     iova_bits = reg_readl(t, PVDMA_REG_IOVA_BITS);
     g_assert_cmpuint(iova_bits, >=, 28);    /* edu must fit in it */
@@ -587,6 +641,9 @@ static void test_registers(void)
     qpci_io_writeq(t->pvdma, t->bar, PVDMA_REG_PAGE_SIZES, 0);
     qpci_io_writeq(t->pvdma, t->bar, PVDMA_REG_FAULTS, 99);
     qpci_io_writel(t->pvdma, t->bar, PVDMA_REG_LAST_STATUS, 5);
+/* @series-begin queue */
+    qpci_io_writel(t->pvdma, t->bar, PVDMA_REG_QUEUES, 3);
+/* @series-end queue */
     g_assert_cmphex(reg_readl(t, PVDMA_REG_MAGIC), ==, PVDMA_MAGIC);
     g_assert_cmpuint(reg_readl(t, PVDMA_REG_VERSION), ==, 1);
     g_assert_cmphex(reg_readq(t, PVDMA_REG_FEATURES), ==, features);
@@ -595,6 +652,9 @@ static void test_registers(void)
     g_assert_cmphex(reg_readq(t, PVDMA_REG_PAGE_SIZES), ==, page_sizes);
     g_assert_cmpuint(faults(t), ==, 0);
     g_assert_cmpuint(reg_readl(t, PVDMA_REG_LAST_STATUS), ==, S_OK);
+/* @series-begin queue */
+    g_assert_cmpuint(reg_readl(t, PVDMA_REG_QUEUES), ==, 8);
+/* @series-end queue */
     pvdma_stop(t);
 }
 
@@ -620,8 +680,26 @@ static void test_registers_configured(void)
 
     t = pvdma_start(DEVICE_ARGS(",unmap-list=off"));
     g_assert_cmphex(reg_readq(t, PVDMA_REG_FEATURES), ==,
+/* @series-until queue */
                     PVDMA_F_BYPASS | PVDMA_F_HOST_IOVA);
+/* @series-end queue */
+/* @series-begin queue */
+                    PVDMA_F_BYPASS | PVDMA_F_HOST_IOVA | PVDMA_F_QUEUE);
+/* @series-end queue */
     pvdma_stop(t);
+/* @series-begin queue */
+
+    t = pvdma_start(DEVICE_ARGS(",queues=64"));
+    g_assert_cmpuint(reg_readl(t, PVDMA_REG_QUEUES), ==, 64);
+    g_assert_cmphex(reg_readq(t, PVDMA_REG_FEATURES) & PVDMA_F_QUEUE, ==,
+                    PVDMA_F_QUEUE);
+    pvdma_stop(t);
+
+    t = pvdma_start(DEVICE_ARGS(",queues=0"));
+    g_assert_cmpuint(reg_readl(t, PVDMA_REG_QUEUES), ==, 0);
+    g_assert_cmphex(reg_readq(t, PVDMA_REG_FEATURES) & PVDMA_F_QUEUE, ==, 0);
+    pvdma_stop(t);
+/* @series-end queue */
 }
 
 /* The requests */
@@ -1704,11 +1782,23 @@ static void wait_migration_completed(QTestState *qts)
     }
 }
 
+/* @series-begin queue-test */
+/*
+ * With QTEST_QEMU_BINARY_SRC set to an older QEMU (one without queued
+ * requests, say), the source is that QEMU: its stream must load here.
+ */
+/* @series-end queue-test */
 static void test_migration(void)
 {
     g_autofree char *dir = g_dir_make_tmp("pvdma-test-XXXXXX", NULL);
     g_autofree char *uri = g_strdup_printf("unix:%s/migration", dir);
+/* @series-until queue-test */
     PvdmaTest *src = pvdma_start(DEVICE_ARGS(""));
+/* @series-end queue-test */
+/* @series-begin queue-test */
+    PvdmaTest *src = pvdma_start_ext("QTEST_QEMU_BINARY_SRC",
+                                     DEVICE_ARGS(""));
+/* @series-end queue-test */
     PvdmaTest *dst = g_new0(PvdmaTest, 1);
     uint64_t before, result;
     QDict *info;
@@ -1880,6 +1970,613 @@ static void test_dma_bench(void)
 }
 /* @series-end dma-bench-test */
 
+/* @series-begin queue-test */
+
+/*
+ * Queued requests (FEATURES.QUEUE): a control block and a ring of 32-byte
+ * MAP/UNMAP entries in guest memory, set up with QUEUE (op 7) and applied
+ * by the device before any request, at SYNC (op 8), and before it refuses
+ * a DMA access.
+ */
+#define Q_CTRL_GPA              0x200000ULL   /* control blocks, 4 KiB apart */
+#define Q_RING_GPA              0x300000ULL   /* rings, 64 KiB apart */
+#define Q_RING_LEN              0x1000ULL     /* 128 entries */
+#define Q_ENTRY_SIZE            32
+
+typedef struct PvdmaQueue {
+    uint32_t index;
+    uint64_t ctrl;
+    uint64_t ring;
+    uint32_t entries;
+    uint32_t head;          /* the next entry the test publishes */
+} PvdmaQueue;
+
+typedef struct PvdmaCtrl {
+    uint32_t head;
+    uint32_t tail;
+    uint32_t failed;
+    uint32_t last_error;
+    uint32_t stopped;
+} PvdmaCtrl;
+
+static uint32_t queue_request(PvdmaTest *t, uint32_t rid, uint32_t index,
+                              const PvdmaSeg *segs, uint32_t nsegs)
+{
+    PvdmaReq req = {
+        .op = OP_QUEUE, .requester = rid, .nr_segs = nsegs, .iova = index,
+    };
+
+    return submit(t, &req, segs, nsegs);
+}
+
+static uint32_t queue_setup_at(PvdmaTest *t, uint32_t index, uint64_t ctrl,
+                               uint64_t ctrl_len, uint64_t ring,
+                               uint64_t ring_len)
+{
+    PvdmaSeg segs[2] = { { ctrl, ctrl_len }, { ring, ring_len } };
+
+    return queue_request(t, EDU_RID, index, segs, 2);
+}
+
+static uint32_t queue_teardown(PvdmaTest *t, uint32_t index)
+{
+    return queue_request(t, EDU_RID, index, NULL, 0);
+}
+
+static void ctrl_read(PvdmaTest *t, uint64_t ctrl, PvdmaCtrl *c)
+{
+    uint8_t buf[20];
+
+    qtest_memread(t->qts, ctrl, buf, sizeof(buf));
+    c->head = ldl_le_p(buf);
+    c->tail = ldl_le_p(buf + 4);
+    c->failed = ldl_le_p(buf + 8);
+    c->last_error = ldl_le_p(buf + 12);
+    c->stopped = ldl_le_p(buf + 16);
+}
+
+/*
+ * Sets queue @index up with the default layout, its head at @head (which
+ * the device takes as its tail), and checks what the device wrote.
+ */
+static void queue_setup(PvdmaTest *t, PvdmaQueue *q, uint32_t index,
+                        uint32_t head)
+{
+    PvdmaCtrl c;
+
+    q->index = index;
+    q->ctrl = Q_CTRL_GPA + index * PAGE;
+    q->ring = Q_RING_GPA + index * 0x10000;
+    q->entries = Q_RING_LEN / Q_ENTRY_SIZE;
+    q->head = head;
+    /* Junk where the device writes, to see that it does */
+    qtest_memset(t->qts, q->ctrl, 0x5a, 64);
+    qtest_memset(t->qts, q->ctrl + 20, 0, 44);
+    qtest_writel(t->qts, q->ctrl, head);
+    g_assert_cmpuint(queue_setup_at(t, index, q->ctrl, 64, q->ring,
+                                    Q_RING_LEN), ==, S_OK);
+    ctrl_read(t, q->ctrl, &c);
+    g_assert_cmpuint(c.head, ==, head);
+    g_assert_cmpuint(c.tail, ==, head);
+    g_assert_cmpuint(c.failed, ==, 0);
+    g_assert_cmpuint(c.last_error, ==, 0);
+    g_assert_cmpuint(c.stopped, ==, 0);
+}
+
+/* Writes an entry into the next slot, and publishes it when @publish. */
+static void queue_entry(PvdmaTest *t, PvdmaQueue *q, uint16_t op,
+                        uint16_t flags, uint32_t rid, uint64_t iova,
+                        uint64_t gpa, uint64_t len, bool publish)
+{
+    uint8_t e[Q_ENTRY_SIZE];
+
+    stw_le_p(e, op);
+    stw_le_p(e + 2, flags);
+    stl_le_p(e + 4, rid);
+    stq_le_p(e + 8, iova);
+    stq_le_p(e + 16, gpa);
+    stq_le_p(e + 24, len);
+    qtest_memwrite(t->qts, q->ring + (q->head % q->entries) * Q_ENTRY_SIZE,
+                   e, sizeof(e));
+    q->head++;
+    if (publish) {
+        qtest_writel(t->qts, q->ctrl, q->head);
+    }
+}
+
+static void queue_map(PvdmaTest *t, PvdmaQueue *q, uint16_t flags,
+                      uint64_t iova, uint64_t gpa, uint64_t len)
+{
+    queue_entry(t, q, OP_MAP, flags, EDU_RID, iova, gpa, len, true);
+}
+
+static void queue_unmap(PvdmaTest *t, PvdmaQueue *q, uint64_t iova,
+                        uint64_t len)
+{
+    queue_entry(t, q, OP_UNMAP, 0, EDU_RID, iova, 0, len, true);
+}
+
+static uint32_t sync_queues(PvdmaTest *t, uint64_t *result)
+{
+    PvdmaReq req = { .op = OP_SYNC, .requester = EDU_RID };
+    uint32_t status = submit(t, &req, NULL, 0);
+
+    *result = req.result;
+    return status;
+}
+
+/* query-pvdma's entry for queue @index (a new reference) */
+static QDict *queue_info(QTestState *qts, uint32_t index)
+{
+    QDict *info = pvdma_info(qts);
+    QList *queues = qdict_get_qlist(info, "queues");
+    QListEntry *e;
+    QDict *q = NULL;
+
+    QLIST_FOREACH_ENTRY(queues, e) {
+        QDict *d = qobject_to(QDict, qlist_entry_obj(e));
+
+        if (qdict_get_int(d, "index") == index) {
+            q = d;
+            qobject_ref(q);
+        }
+    }
+    qobject_unref(info);
+    g_assert_nonnull(q);
+    return q;
+}
+
+static int64_t info_int(QTestState *qts, const char *key)
+{
+    QDict *info = pvdma_info(qts);
+    int64_t v = qdict_get_int(info, key);
+
+    qobject_unref(info);
+    return v;
+}
+
+/* Set-up and tear-down, and the status codes of QUEUE */
+static void test_queue_setup(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS(""));
+    uint64_t ctrl = Q_CTRL_GPA, ring = Q_RING_GPA;
+    PvdmaSeg seg = { ctrl, 64 }, segs3[3];
+    g_autofree char *hmp = NULL;
+    PvdmaReq req;
+    PvdmaQueue q;
+    QDict *info;
+    QList *list;
+
+    g_assert_cmpuint(reg_readl(t, PVDMA_REG_QUEUES), ==, 8);
+
+    /* Sizes, alignment and overlap: INVAL */
+    g_assert_cmpuint(queue_setup_at(t, 0, ctrl, 32, ring, Q_RING_LEN), ==,
+                     S_INVAL);
+    g_assert_cmpuint(queue_setup_at(t, 0, ctrl, 128, ring, Q_RING_LEN), ==,
+                     S_INVAL);
+    g_assert_cmpuint(queue_setup_at(t, 0, ctrl + 32, 64, ring, Q_RING_LEN),
+                     ==, S_INVAL);
+    g_assert_cmpuint(queue_setup_at(t, 0, ctrl, 64, ring, 0x800), ==,
+                     S_INVAL);
+    g_assert_cmpuint(queue_setup_at(t, 0, ctrl, 64, ring, 0x3000), ==,
+                     S_INVAL);
+    g_assert_cmpuint(queue_setup_at(t, 0, ctrl, 64, ring, 2 * MiB), ==,
+                     S_INVAL);
+    g_assert_cmpuint(queue_setup_at(t, 0, ctrl, 64, ring + 0x800,
+                                    Q_RING_LEN), ==, S_INVAL);
+    g_assert_cmpuint(queue_setup_at(t, 0, ring + 0x40, 64, ring,
+                                    Q_RING_LEN), ==, S_INVAL);
+    /* Not RAM: FAULT */
+    g_assert_cmpuint(queue_setup_at(t, 0, NOT_RAM_GPA, 64, ring,
+                                    Q_RING_LEN), ==, S_FAULT);
+    g_assert_cmpuint(queue_setup_at(t, 0, ctrl, 64, NOT_RAM_GPA,
+                                    Q_RING_LEN), ==, S_FAULT);
+    /* An index past QUEUES, or a segment count other than 0 and 2 */
+    g_assert_cmpuint(queue_setup_at(t, 8, ctrl, 64, ring, Q_RING_LEN), ==,
+                     S_INVAL);
+    g_assert_cmpuint(queue_setup_at(t, UINT32_MAX, ctrl, 64, ring,
+                                    Q_RING_LEN), ==, S_INVAL);
+    segs3[0] = (PvdmaSeg) { ctrl, 64 };
+    segs3[1] = (PvdmaSeg) { ring, Q_RING_LEN };
+    segs3[2] = (PvdmaSeg) { ring + Q_RING_LEN, Q_RING_LEN };
+    req = (PvdmaReq) {
+        .op = OP_QUEUE, .requester = EDU_RID, .nr_segs = 2,
+        .iova = 1ULL << 32,
+    };
+    g_assert_cmpuint(submit(t, &req, segs3, 2), ==, S_INVAL);
+    g_assert_cmpuint(queue_request(t, EDU_RID, 0, &seg, 1), ==, S_INVAL);
+    g_assert_cmpuint(queue_request(t, EDU_RID, 0, segs3, 3), ==, S_INVAL);
+    /* The requester must be an endpoint */
+    req = (PvdmaReq) { .op = OP_QUEUE, .requester = EMPTY_RID };
+    g_assert_cmpuint(submit(t, &req, NULL, 0), ==, S_NODEV);
+    /* Tear-down of a queue that is not set up */
+    g_assert_cmpuint(queue_teardown(t, 0), ==, S_STATE);
+    g_assert_cmpuint(queue_teardown(t, 8), ==, S_INVAL);
+
+    info = queue_info(t->qts, 0);
+    g_assert_false(qdict_get_bool(info, "set-up"));
+    qobject_unref(info);
+
+    /* Set up with head 5: nothing published before is ever applied */
+    queue_setup(t, &q, 0, 5);
+    g_assert_cmpuint(queue_setup_at(t, 0, Q_CTRL_GPA + 7 * PAGE, 64,
+                                    Q_RING_GPA + 7 * 0x10000, Q_RING_LEN),
+                     ==, S_STATE);
+    info = queue_info(t->qts, 0);
+    g_assert_true(qdict_get_bool(info, "set-up"));
+    g_assert_cmphex(qdict_get_int(info, "ctrl-gpa"), ==, q.ctrl);
+    g_assert_cmphex(qdict_get_int(info, "ring-gpa"), ==, q.ring);
+    g_assert_cmpuint(qdict_get_int(info, "entries"), ==, 128);
+    g_assert_cmpuint(qdict_get_int(info, "head"), ==, 5);
+    g_assert_cmpuint(qdict_get_int(info, "tail"), ==, 5);
+    g_assert_cmpuint(qdict_get_int(info, "failed"), ==, 0);
+    g_assert_cmpuint(qdict_get_int(info, "last-error"), ==, 0);
+    g_assert_false(qdict_get_bool(info, "stopped"));
+    g_assert_cmpuint(qdict_get_int(info, "applied"), ==, 0);
+    qobject_unref(info);
+    info = pvdma_info(t->qts);
+    list = qdict_get_qlist(info, "queues");
+    g_assert_cmpuint(qlist_size(list), ==, 8);
+    qobject_unref(info);
+    hmp = qtest_hmp(t->qts, "info pvdma");
+    g_test_message("info pvdma says: %s", hmp);
+    g_assert_nonnull(strstr(hmp, "queues 8: drains "));
+    g_assert_nonnull(strstr(hmp, "queue 0: ctrl 0x200000, ring 0x300000 "
+                            "(128 entries), head 5, tail 5, failed 0"));
+    g_assert_null(strstr(hmp, "queue 1:"));
+
+    /* Tear-down, after which the index can be set up again */
+    g_assert_cmpuint(queue_teardown(t, 0), ==, S_OK);
+    g_assert_cmpuint(queue_teardown(t, 0), ==, S_STATE);
+    info = queue_info(t->qts, 0);
+    g_assert_false(qdict_get_bool(info, "set-up"));
+    qobject_unref(info);
+    queue_setup(t, &q, 0, 0);
+    queue_setup(t, &q, 7, UINT32_MAX);
+    pvdma_stop(t);
+}
+
+/*
+ * Rule 1: a request applies what is published first, so a queued MAP and
+ * a synchronous request after it take effect in that order.
+ */
+static void test_queue_rule1(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS(""));
+    uint64_t result = 0, before;
+    PvdmaCtrl c;
+    PvdmaQueue q;
+
+    attach(t, EDU_RID);
+    queue_setup(t, &q, 0, 0);
+    queue_map(t, &q, FLAG_WRITE, DST_IOVA, DST_GPA, PAGE);
+    /* The synchronous UNMAP finds the mapping the queue holds */
+    g_assert_cmpuint(unmap(t, EDU_RID, DST_IOVA, 0, &result), ==, S_OK);
+    g_assert_cmpuint(result, ==, PAGE);
+    ctrl_read(t, q.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 1);
+    g_assert_cmpuint(c.failed, ==, 0);
+
+    /* So it is gone: the DMA is refused */
+    qtest_memset(t->qts, DST_GPA, 0xcc, PAGE);
+    before = faults(t);
+    edu_dma(t, true, DST_IOVA, 0, PAGE);
+    g_assert_cmpuint(faults(t), >, before);
+    assert_bytes(t, DST_GPA, 0xcc, PAGE);
+
+    /* A queued MAP, then a synchronous MAP of the same IOVA: EXIST */
+    queue_map(t, &q, FLAG_WRITE, DST_IOVA, DST_GPA, PAGE);
+    result = DST_IOVA;
+    g_assert_cmpuint(map_range(t, EDU_RID, FLAG_WRITE | FLAG_FIXED, &result,
+                               DST_GPA + PAGE, PAGE), ==, S_EXIST);
+    /* Any request drains, even one that turns out malformed */
+    queue_unmap(t, &q, DST_IOVA, 0);
+    g_assert_cmpuint(do_op(t, 99, EDU_RID, NULL), ==, S_INVAL);
+    ctrl_read(t, q.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 3);
+    assert_mappings(t, 0, 0);
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_OK);
+    g_assert_cmpuint(result, ==, 0);
+    pvdma_stop(t);
+}
+
+/*
+ * Rule 2: a DMA that would be refused first applies what is published, so
+ * a queued MAP reaches the device with no request in between. A queued
+ * UNMAP takes effect at the latest at SYNC.
+ */
+static void test_queue_rule2(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS(""));
+    uint64_t result = 0, before, requests;
+    PvdmaCtrl c;
+    PvdmaQueue q, q2;
+    QDict *info;
+
+    attach(t, EDU_RID);
+    queue_setup(t, &q, 0, 0);
+    queue_setup(t, &q2, 3, 100);
+    fill(t, SRC_GPA, 0x61, PAGE);
+    qtest_memset(t->qts, DST_GPA, 0xcc, PAGE);
+    qtest_memset(t->qts, SRC_IOVA, 0xaa, PAGE);
+    before = faults(t);
+    info = pvdma_info(t->qts);
+    requests = qdict_get_int(qdict_get_qdict(info, "transports"),
+                             "doorbell");
+    qobject_unref(info);
+
+    queue_map(t, &q, FLAG_READ, SRC_IOVA, SRC_GPA, PAGE);
+    queue_map(t, &q2, FLAG_WRITE, DST_IOVA, DST_GPA, PAGE);
+    /* No request: the reads and the writes find their queued mappings */
+    edu_dma(t, false, SRC_IOVA, 0, PAGE);
+    edu_dma(t, true, DST_IOVA, 0, PAGE);
+    assert_filled(t, DST_GPA, 0x61, PAGE);
+    g_assert_cmpuint(faults(t), ==, before);
+    info = pvdma_info(t->qts);
+    g_assert_cmpint(qdict_get_int(qdict_get_qdict(info, "transports"),
+                                  "doorbell"), ==, requests);
+    g_assert_cmpint(qdict_get_int(info, "miss-drains"), >=, 1);
+    g_assert_cmpint(qdict_get_int(info, "queue-entries"), ==, 2);
+    g_assert_cmpint(qdict_get_int(info, "mappings"), ==, 2);
+    qobject_unref(info);
+    ctrl_read(t, q.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 1);
+    ctrl_read(t, q2.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 101);
+
+    /* A queued UNMAP, then SYNC: the DMA is refused and counted */
+    queue_unmap(t, &q2, DST_IOVA, PAGE);
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_OK);
+    g_assert_cmpuint(result, ==, 0);
+    ctrl_read(t, q2.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 102);
+    qtest_memset(t->qts, DST_GPA, 0xcc, PAGE);
+    edu_dma(t, true, DST_IOVA, 0, PAGE);
+    g_assert_cmpuint(faults(t), >, before);
+    assert_bytes(t, DST_GPA, 0xcc, PAGE);
+
+    /* A DMA refused with nothing queued is refused as before */
+    before = faults(t);
+    edu_dma(t, true, DST_IOVA + PAGE, 0, 64);
+    g_assert_cmpuint(faults(t), >, before);
+    pvdma_stop(t);
+}
+
+/* SYNC reports the entries that failed since the previous SYNC */
+static void test_queue_sync_failed(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS(""));
+    uint64_t result = 0;
+    PvdmaCtrl c;
+    PvdmaQueue q;
+    QDict *info;
+
+    attach(t, EDU_RID);
+    queue_setup(t, &q, 1, 0);
+    /* OK, then PERM, EXIST, NOENT, INVAL (UNMAP with a gpa), NODEV */
+    queue_map(t, &q, FLAG_WRITE, DST_IOVA, DST_GPA, PAGE);
+    queue_map(t, &q, 0, DST_IOVA + PAGE, DST_GPA, PAGE);
+    queue_map(t, &q, FLAG_READ, DST_IOVA, DST_GPA + PAGE, PAGE);
+    queue_unmap(t, &q, DST_IOVA + 4 * PAGE, 0);
+    queue_entry(t, &q, OP_UNMAP, 0, EDU_RID, DST_IOVA, DST_GPA, 0, false);
+    queue_entry(t, &q, OP_MAP, FLAG_READ, EMPTY_RID, DST_IOVA, DST_GPA,
+                PAGE, true);
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_PERM);
+    g_assert_cmpuint(result, ==, 5);
+    ctrl_read(t, q.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 6);
+    g_assert_cmpuint(c.failed, ==, 5);
+    g_assert_cmpuint(c.last_error, ==, S_NODEV);
+    g_assert_cmpuint(c.stopped, ==, 0);
+    /* The failed entries changed nothing; the good one is there */
+    assert_mappings(t, 1, PAGE);
+    info = queue_info(t->qts, 1);
+    g_assert_cmpuint(qdict_get_int(info, "failed"), ==, 5);
+    g_assert_cmpuint(qdict_get_int(info, "last-error"), ==, S_NODEV);
+    g_assert_cmpuint(qdict_get_int(info, "applied"), ==, 6);
+    qobject_unref(info);
+    g_assert_cmpint(info_int(t->qts, "queue-failed"), ==, 5);
+
+    /* A new window: nothing failed since */
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_OK);
+    g_assert_cmpuint(result, ==, 0);
+
+    /* Failures applied by another request are reported at the next SYNC */
+    queue_unmap(t, &q, DST_IOVA + 8 * PAGE, PAGE);
+    g_assert_cmphex(query(t, EDU_RID), ==, QUERY_ATTACHED);
+    queue_entry(t, &q, 42, 0, EDU_RID, 0, 0, 0, true);
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_NOENT);
+    g_assert_cmpuint(result, ==, 2);
+    ctrl_read(t, q.ctrl, &c);
+    g_assert_cmpuint(c.failed, ==, 7);
+    g_assert_cmpuint(c.last_error, ==, S_INVAL);
+    pvdma_stop(t);
+}
+
+/*
+ * A broken queue (head more than a ring ahead of tail) stops: nothing more
+ * is applied from it and SYNC answers STATE until it is torn down. The
+ * other queues keep working.
+ */
+static void test_queue_broken(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS(""));
+    uint64_t result = 0;
+    PvdmaCtrl c;
+    PvdmaQueue q, q2;
+    QDict *info;
+
+    attach(t, EDU_RID);
+    queue_setup(t, &q, 0, 10);
+    queue_setup(t, &q2, 2, 0);
+    queue_map(t, &q, FLAG_WRITE, DST_IOVA, DST_GPA, PAGE);
+    /* The guest claims N + 1 entries ahead of the host's tail */
+    qtest_writel(t->qts, q.ctrl, 10 + q.entries + 1);
+    queue_map(t, &q2, FLAG_READ, SRC_IOVA, SRC_GPA, PAGE);
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_STATE);
+    ctrl_read(t, q.ctrl, &c);
+    g_assert_cmpuint(c.stopped, ==, 1);
+    g_assert_cmpuint(c.tail, ==, 10);
+    /* Queue 2's entry was applied all the same, queue 0's not */
+    assert_mappings(t, 1, PAGE);
+    edu_load_from(t, SRC_IOVA, 0x44);
+    info = queue_info(t->qts, 0);
+    g_assert_true(qdict_get_bool(info, "stopped"));
+    qobject_unref(info);
+
+    /* Stopped for good: a sane head now applies nothing */
+    qtest_writel(t->qts, q.ctrl, 11);
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_STATE);
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_STATE);
+    assert_mappings(t, 1, PAGE);
+
+    /* Tear-down applies nothing; set up again, the queue works */
+    g_assert_cmpuint(queue_teardown(t, 0), ==, S_OK);
+    assert_mappings(t, 1, PAGE);
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_OK);
+    queue_setup(t, &q, 0, 11);
+    queue_map(t, &q, FLAG_WRITE, DST_IOVA, DST_GPA, PAGE);
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_OK);
+    g_assert_cmpuint(result, ==, 0);
+    assert_mappings(t, 2, 2 * PAGE);
+    pvdma_stop(t);
+}
+
+/* Device reset tears every queue down, dropping what was not applied */
+static void test_queue_reset(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS(""));
+    uint64_t result = 0;
+    PvdmaCtrl c;
+    PvdmaQueue q;
+    QDict *info;
+
+    attach(t, EDU_RID);
+    queue_setup(t, &q, 4, 0);
+    queue_map(t, &q, FLAG_WRITE, DST_IOVA, DST_GPA, PAGE);
+    qtest_system_reset(t->qts);
+    pvdma_enable(t);
+
+    /* Not applied (the tail stayed), and the queue is gone */
+    ctrl_read(t, q.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 0);
+    info = queue_info(t->qts, 4);
+    g_assert_false(qdict_get_bool(info, "set-up"));
+    qobject_unref(info);
+    g_assert_cmpuint(queue_teardown(t, 4), ==, S_STATE);
+    g_assert_cmpint(info_int(t->qts, "mappings"), ==, 0);
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_OK);
+    ctrl_read(t, q.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 0);
+    /* The index can be set up again */
+    queue_setup(t, &q, 4, 1);
+    pvdma_stop(t);
+}
+
+/* queues=0: no QUEUE feature, and ops 7 and 8 are unknown ops */
+static void test_queue_off(void)
+{
+    PvdmaTest *t = pvdma_start(DEVICE_ARGS(",queues=0"));
+    uint64_t result = 0;
+    QDict *info;
+
+    g_assert_cmphex(reg_readq(t, PVDMA_REG_FEATURES) & PVDMA_F_QUEUE, ==, 0);
+    g_assert_cmpuint(reg_readl(t, PVDMA_REG_QUEUES), ==, 0);
+    attach(t, EDU_RID);
+    g_assert_cmpuint(queue_setup_at(t, 0, Q_CTRL_GPA, 64, Q_RING_GPA,
+                                    Q_RING_LEN), ==, S_INVAL);
+    g_assert_cmpuint(sync_queues(t, &result), ==, S_INVAL);
+    info = pvdma_info(t->qts);
+    g_assert_cmpuint(qlist_size(qdict_get_qlist(info, "queues")), ==, 0);
+    qobject_unref(info);
+    pvdma_stop(t);
+}
+
+/*
+ * Migration carries each queue: where it is, the host's tail, failed and
+ * last_error, whether it is stopped, and what the next SYNC reports. What
+ * was published and not applied is applied on the destination.
+ */
+static void test_queue_migration(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("pvdma-test-XXXXXX", NULL);
+    g_autofree char *uri = g_strdup_printf("unix:%s/migration", dir);
+    PvdmaTest *src = pvdma_start(DEVICE_ARGS(""));
+    PvdmaTest *dst = g_new0(PvdmaTest, 1);
+    uint64_t result = 0, before;
+    PvdmaQueue q, q5;
+    PvdmaCtrl c;
+    QDict *info;
+
+    attach(src, EDU_RID);
+    queue_setup(src, &q, 0, 40);
+    queue_setup(src, &q5, 5, 0);
+    /*
+     * Applied before: a MAP, and an UNMAP that fails NOENT; and queue 5,
+     * broken, stops
+     */
+    queue_map(src, &q, FLAG_READ, SRC_IOVA, SRC_GPA, PAGE);
+    queue_unmap(src, &q, DST_IOVA + 4 * PAGE, 0);
+    qtest_writel(src->qts, q5.ctrl, q5.entries + 1);
+    g_assert_cmphex(query(src, EDU_RID), ==, QUERY_ATTACHED);
+    ctrl_read(src, q.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 42);
+    ctrl_read(src, q5.ctrl, &c);
+    g_assert_cmpuint(c.stopped, ==, 1);
+    /* Published, not applied */
+    queue_map(src, &q, FLAG_WRITE, DST_IOVA, DST_GPA, PAGE);
+    fill(src, SRC_GPA, 0x2e, PAGE);
+    qtest_memset(src->qts, DST_GPA, 0xcc, PAGE);
+
+    pvdma_attach_devices(dst, qtest_initf(DEVICE_ARGS("") " -incoming %s",
+                                          uri));
+    qtest_qmp_assert_success(src->qts, "{ 'execute': 'migrate',"
+                             "  'arguments': { 'uri': %s } }", uri);
+    wait_migration_completed(src->qts);
+    wait_migration_completed(dst->qts);
+    dst->bar = bar_of(dst->pvdma);
+    qpci_config_writel(dst->edu, PCI_BASE_ADDRESS_0, src->edu_bar.addr);
+    qpci_device_enable(dst->edu);
+    dst->edu_bar = bar_of(dst->edu);
+
+    info = queue_info(dst->qts, 0);
+    g_assert_true(qdict_get_bool(info, "set-up"));
+    g_assert_cmphex(qdict_get_int(info, "ctrl-gpa"), ==, q.ctrl);
+    g_assert_cmphex(qdict_get_int(info, "ring-gpa"), ==, q.ring);
+    g_assert_cmpuint(qdict_get_int(info, "entries"), ==, q.entries);
+    g_assert_cmpuint(qdict_get_int(info, "tail"), ==, 42);
+    g_assert_cmpuint(qdict_get_int(info, "failed"), ==, 1);
+    g_assert_cmpuint(qdict_get_int(info, "last-error"), ==, S_NOENT);
+    g_assert_false(qdict_get_bool(info, "stopped"));
+    qobject_unref(info);
+    info = queue_info(dst->qts, 5);
+    g_assert_true(qdict_get_bool(info, "set-up"));
+    g_assert_true(qdict_get_bool(info, "stopped"));
+    qobject_unref(info);
+
+    /* The published MAP reaches the destination's DMA (rule 2) */
+    before = faults(dst);
+    edu_dma(dst, false, SRC_IOVA, 0, PAGE);
+    edu_dma(dst, true, DST_IOVA, 0, PAGE);
+    assert_filled(dst, DST_GPA, 0x2e, PAGE);
+    g_assert_cmpuint(faults(dst), ==, before);
+    ctrl_read(dst, q.ctrl, &c);
+    g_assert_cmpuint(c.tail, ==, 43);
+
+    /* Queue 5 still stops SYNC; torn down, SYNC reports the NOENT */
+    g_assert_cmpuint(sync_queues(dst, &result), ==, S_STATE);
+    g_assert_cmpuint(queue_teardown(dst, 5), ==, S_OK);
+    queue_unmap(dst, &q, DST_IOVA + 5 * PAGE, 0);
+    g_assert_cmpuint(sync_queues(dst, &result), ==, S_NOENT);
+    g_assert_cmpuint(result, ==, 1);
+    g_assert_cmpuint(sync_queues(dst, &result), ==, S_OK);
+
+    pvdma_stop(dst);
+    pvdma_stop(src);
+    g_rmdir(dir);
+}
+
+/* @series-end queue-test */
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -1919,6 +2616,16 @@ int main(int argc, char **argv)
 /* @series-begin dma-bench-test */
     qtest_add_func("/pvdma/dma-bench", test_dma_bench);
 /* @series-end dma-bench-test */
+/* @series-begin queue-test */
+    qtest_add_func("/pvdma/queue/setup", test_queue_setup);
+    qtest_add_func("/pvdma/queue/rule1", test_queue_rule1);
+    qtest_add_func("/pvdma/queue/rule2", test_queue_rule2);
+    qtest_add_func("/pvdma/queue/sync-failed", test_queue_sync_failed);
+    qtest_add_func("/pvdma/queue/broken", test_queue_broken);
+    qtest_add_func("/pvdma/queue/reset", test_queue_reset);
+    qtest_add_func("/pvdma/queue/off", test_queue_off);
+    qtest_add_func("/pvdma/queue/migration", test_queue_migration);
+/* @series-end queue-test */
 
     return g_test_run();
 }

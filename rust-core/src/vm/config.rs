@@ -59,7 +59,13 @@ pub struct VmConfig {
     pub unmap_list: bool,
     /// Fault records kept.
     pub fault_log_len: usize,
+    /// Request queues offered (the QUEUES register), 0..=[`MAX_QUEUES`];
+    /// 0 turns the QUEUE extension (ops 7 and 8, FEATURES bit 4) off.
+    pub queues: u32,
 }
+
+/// Default number of request queues.
+pub const DEFAULT_QUEUES: u32 = 8;
 
 impl Default for VmConfig {
     fn default() -> Self {
@@ -73,6 +79,7 @@ impl Default for VmConfig {
             host_iova: true,
             unmap_list: true,
             fault_log_len: DEFAULT_FAULT_LOG_LEN,
+            queues: DEFAULT_QUEUES,
         }
     }
 }
@@ -99,6 +106,12 @@ impl VmConfig {
                 self.fault_log_len
             )));
         }
+        if self.queues > MAX_QUEUES {
+            return Err(Error::Config(format!(
+                "queues {} outside 0..={MAX_QUEUES}",
+                self.queues
+            )));
+        }
         Ok(())
     }
 
@@ -115,15 +128,20 @@ impl VmConfig {
         if self.unmap_list {
             f |= u64::from(abi::PVDMA_FEATURE_UNMAP_LIST);
         }
+        if self.queues > 0 {
+            f |= abi::PVDMA_FEATURE_QUEUE as u64;
+        }
         f
     }
 
     /// Decodes a request's `op` as this VM offers ops: `None` for an
-    /// unknown op, which UNMAP_LIST is when the extension is off.
+    /// unknown op, which UNMAP_LIST is when the extension is off, and
+    /// QUEUE and SYNC are with no queue offered.
     #[inline]
     pub fn op(&self, raw: u16) -> Option<Op> {
         match Op::from_raw(raw) {
             Some(Op::UnmapList) if !self.unmap_list => None,
+            Some(Op::Queue | Op::Sync) if self.queues == 0 => None,
             op => op,
         }
     }

@@ -76,7 +76,18 @@ impl Vm {
         let guard = epoch::pin();
         let ram = self.ram.load(&guard);
         let mut hdr = [0u8; abi::HEADER_SIZE as usize];
-        if ram.read(block, &mut hdr).is_err() {
+        let readable = ram.read(block, &mut hdr).is_ok();
+        // Rule 1 of the queues: every request, even one that turns out
+        // malformed, first applies what is published in every queue. The
+        // bytes were only copied so far; nothing of them was parsed but
+        // the op, which names the cause for the embedder's trace.
+        let cause = if readable && u16::from_le_bytes([hdr[0], hdr[1]]) == Op::Sync as u16 {
+            DrainCause::Sync
+        } else {
+            DrainCause::Request
+        };
+        self.drain_for_request(cause, ram, &guard);
+        if !readable {
             // Nowhere to write a status to: the transport reports it.
             self.count_request(0, Status::Fault);
             return Status::Fault;
@@ -108,6 +119,10 @@ impl Vm {
         ram: &RamLayout,
     ) -> std::result::Result<(), Status> {
         if !self.cfg.op(req.op).is_some_and(Op::has_slots) || req.nr_segs == 0 {
+            return Ok(());
+        }
+        if self.cfg.op(req.op) == Some(Op::Queue) && req.nr_segs != 2 {
+            // Tear-down reads none; any other count is INVAL, not TOOBIG.
             return Ok(());
         }
         if req.nr_segs > self.cfg.max_segs {
@@ -146,6 +161,10 @@ impl Vm {
             &(resp.status as u32).to_le_bytes(),
         );
         if resp.status != Status::Ok {
+            if self.cfg.op(req.op) == Some(Op::Sync) {
+                // SYNC reports the failed entries with any status.
+                let _ = ram.write(block + wire::RESULT_OFFSET, &resp.result.to_le_bytes());
+            }
             return;
         }
         if self.cfg.op(req.op) == Some(Op::Map) {
@@ -168,6 +187,16 @@ impl Vm {
         // Relaxed: a statistic.
         self.stats.transports[Transport::Other as usize].fetch_add(1, Ordering::Relaxed);
         let op = self.cfg.op(req.op);
+        {
+            // Rule 1, as in `submit_via`.
+            let guard = epoch::pin();
+            let cause = if op == Some(Op::Sync) {
+                DrainCause::Sync
+            } else {
+                DrainCause::Request
+            };
+            self.drain_for_request(cause, self.ram.load(&guard), &guard);
+        }
         let resp = self.execute_inner(op, req, &mut || req.segs.clone());
         self.count_request(op.map_or(0, Op::index), resp.status);
         resp
@@ -208,6 +237,16 @@ impl Vm {
         let Some(ep) = self.endpoint_map(&guard).get(&req.requester).cloned() else {
             return Response::status(Status::NoDev);
         };
+        // The queue ops take queue mutexes, which come before op_lock: the
+        // requester only routes them.
+        match op {
+            Op::Queue => return self.queue_op(req, segs(), &guard),
+            Op::Sync => return self.sync_op(&guard),
+            _ => {}
+        }
+        // Under op_lock no drain may start on this thread (a notifier that
+        // translates): queue mutexes come before op_lock.
+        let _no_drain = NoDrain::enter();
         let _op = ep.op_lock.lock();
         // remove_endpoint unpublishes an endpoint and then detaches it under
         // this lock. A request that found it before it was unpublished and
@@ -265,6 +304,7 @@ impl Vm {
             Op::Map => self.map_locked(&ep, req, segs(), ram, &guard),
             Op::Unmap => self.unmap_locked(&ep, req, ram, &guard),
             Op::UnmapList => self.unmap_list_locked(&ep, req, segs(), ram, &guard),
+            Op::Queue | Op::Sync => Response::status(Status::Internal),
         }
     }
 
@@ -435,11 +475,16 @@ impl Vm {
         removed.mappings as usize
     }
 
-    /// Device reset: detaches every endpoint (mappings removed, pins
+    /// Device reset: tears every queue down without applying what is
+    /// published in it, detaches every endpoint (mappings removed, pins
     /// released) and clears the fault log and counters of faults.
     pub fn reset(&self) {
+        self.reset_queues();
         let guard = epoch::pin();
         for ep in self.endpoint_list(&guard) {
+            // Under op_lock no drain may start on this thread (a notifier that
+            // translates): queue mutexes come before op_lock.
+            let _no_drain = NoDrain::enter();
             let _op = ep.op_lock.lock();
             self.detach_locked(&ep, &guard);
         }

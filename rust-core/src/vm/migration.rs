@@ -8,19 +8,28 @@
 //! n_endpoints x { u32 rid | u32 attached | u32 n_mappings
 //!                 n_mappings x { u64 iova | u64 length | u32 perms | u32 n_segs
 //!                                n_segs x { u64 gpa | u64 len } } }
+//! [version 2 only:]
+//! u32 sync_failed | u32 sync_first (status + 1, 0: none) | u32 n_queues
+//! n_queues x { u32 index | u64 ctrl_gpa | u64 ring_gpa | u32 ring_len
+//!              u32 tail | u32 failed | u32 last_error | u32 stopped }
 //! u64 FNV-1a of everything before
 //! ```
+//! Version 2 adds the request queues (ABI 3.2) and the SYNC window. A
+//! source with no queue set up and nothing failed since the last SYNC
+//! writes version 1, so an older destination still takes it; version 1
+//! streams load with no queue.
 //! Import re-creates each mapping through the same validation as a guest
 //! FIXED MAP, so a damaged or hostile blob cannot create what a guest could
 //! not. It is all or nothing: on any error the VM is left reset.
 
 use crate::domain::Mapping;
 use crate::types::Perm;
-use crate::vm::{Error, Result, Vm};
+use crate::vm::{Error, QueueSaved, Result, SyncWindow, Vm};
+use crate::Status;
 
 const MAGIC: &[u8; 8] = b"PVDMAMIG";
 /// The state format version written by this build.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
 fn fnv1a(data: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -94,6 +103,12 @@ pub struct VmState {
     pub faults: u64,
     /// Every endpoint.
     pub endpoints: Vec<EndpointState>,
+    /// Every set-up queue.
+    pub queues: Vec<QueueSaved>,
+    /// Entries failed since the last SYNC.
+    pub sync_failed: u32,
+    /// The earliest of them (status).
+    pub sync_first: Option<Status>,
 }
 
 impl VmState {
@@ -101,7 +116,9 @@ impl VmState {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        let v2 = !self.queues.is_empty() || self.sync_failed != 0 || self.sync_first.is_some();
+        let version: u32 = if v2 { 2 } else { 1 };
+        b.extend_from_slice(&version.to_le_bytes());
         b.extend_from_slice(&self.iova_bits.to_le_bytes());
         b.extend_from_slice(&self.faults.to_le_bytes());
         b.extend_from_slice(&(self.endpoints.len() as u32).to_le_bytes());
@@ -118,6 +135,22 @@ impl VmState {
                     b.extend_from_slice(&gpa.to_le_bytes());
                     b.extend_from_slice(&len.to_le_bytes());
                 }
+            }
+        }
+        if v2 {
+            b.extend_from_slice(&self.sync_failed.to_le_bytes());
+            let first = self.sync_first.map_or(0, |s| s as u32 + 1);
+            b.extend_from_slice(&first.to_le_bytes());
+            b.extend_from_slice(&(self.queues.len() as u32).to_le_bytes());
+            for q in &self.queues {
+                b.extend_from_slice(&q.index.to_le_bytes());
+                b.extend_from_slice(&q.ctrl.to_le_bytes());
+                b.extend_from_slice(&q.ring.to_le_bytes());
+                b.extend_from_slice(&q.ring_len.to_le_bytes());
+                b.extend_from_slice(&q.tail.to_le_bytes());
+                b.extend_from_slice(&q.failed.to_le_bytes());
+                b.extend_from_slice(&q.last_error.to_le_bytes());
+                b.extend_from_slice(&u32::from(q.stopped).to_le_bytes());
             }
         }
         let sum = fnv1a(&b);
@@ -141,7 +174,7 @@ impl VmState {
             return Err(Error::State("bad magic".into()));
         }
         let version = r.u32()?;
-        if version != STATE_VERSION {
+        if !(1..=STATE_VERSION).contains(&version) {
             return Err(Error::State(format!(
                 "version {version}, this build reads {STATE_VERSION}"
             )));
@@ -184,6 +217,46 @@ impl VmState {
                 mappings,
             });
         }
+        let (mut queues, mut sync_failed, mut sync_first) = (Vec::new(), 0, None);
+        if version >= 2 {
+            sync_failed = r.u32()?;
+            sync_first = match r.u32()? {
+                0 => None,
+                x => Some(
+                    Status::from_raw(x - 1)
+                        .filter(|&s| s != Status::Ok)
+                        .ok_or_else(|| Error::State(format!("sync status {}", x - 1)))?,
+                ),
+            };
+            let n_q = r.count(40)?;
+            for _ in 0..n_q {
+                let index = r.u32()?;
+                let ctrl = r.u64()?;
+                let ring = r.u64()?;
+                let ring_len = r.u32()?;
+                let tail = r.u32()?;
+                let failed = r.u32()?;
+                let last_error = r.u32()?;
+                let stopped = match r.u32()? {
+                    0 => false,
+                    1 => true,
+                    x => return Err(Error::State(format!("queue {index}: stopped={x}"))),
+                };
+                if queues.iter().any(|q: &QueueSaved| q.index == index) {
+                    return Err(Error::State(format!("queue {index} twice")));
+                }
+                queues.push(QueueSaved {
+                    index,
+                    ctrl,
+                    ring,
+                    ring_len,
+                    tail,
+                    failed,
+                    last_error,
+                    stopped,
+                });
+            }
+        }
         if r.pos != body.len() {
             return Err(Error::State(format!(
                 "{} trailing bytes",
@@ -194,6 +267,9 @@ impl VmState {
             iova_bits,
             faults,
             endpoints,
+            queues,
+            sync_failed,
+            sync_first,
         })
     }
 }
@@ -213,10 +289,14 @@ impl Vm {
                 })
             })
             .collect();
+        let (queues, window) = self.export_queues();
         VmState {
             iova_bits: self.config().iova_bits,
             faults: self.fault_count(),
             endpoints,
+            queues,
+            sync_failed: window.count,
+            sync_first: window.first,
         }
         .encode()
     }
@@ -272,6 +352,13 @@ impl Vm {
                 }
             }
         }
+        self.import_queues(
+            &st.queues,
+            SyncWindow {
+                count: st.sync_failed,
+                first: st.sync_first,
+            },
+        )?;
         self.restore_fault_count(st.faults);
         Ok(())
     }
@@ -302,7 +389,32 @@ mod tests {
                     mappings: vec![],
                 },
             ],
+            queues: vec![QueueSaved {
+                index: 3,
+                ctrl: 0x40,
+                ring: 0x1000,
+                ring_len: 0x1000,
+                tail: 7,
+                failed: 2,
+                last_error: 5,
+                stopped: false,
+            }],
+            sync_failed: 1,
+            sync_first: Some(Status::Exist),
         }
+    }
+
+    #[test]
+    fn without_queues_writes_version_1_and_it_loads() {
+        let mut s = sample();
+        s.queues.clear();
+        s.sync_failed = 0;
+        s.sync_first = None;
+        let blob = s.encode();
+        assert_eq!(&blob[8..12], &1u32.to_le_bytes());
+        assert_eq!(VmState::decode(&blob).unwrap(), s);
+        // With a queue: version 2.
+        assert_eq!(&sample().encode()[8..12], &2u32.to_le_bytes());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! epoch-protected. Requests on one endpoint are serialised by that
 //! endpoint's `op_lock` (so the outcome of concurrent requests is that of
 //! some serial order); the pin table has its own lock, taken last. Lock
-//! order: `endpoints_writer` -> `op_lock` -> domain -> table writer -> pins.
+//! order: queue mutexes (`queue`) -> `endpoints_writer` -> `op_lock` ->
+//! domain -> table writer -> pins.
 //!
 //! Here: the [`Vm`] itself (its state, creation, guest RAM, drop). Its
 //! other jobs, one file each, all `impl Vm` blocks over that one state:
@@ -24,6 +25,7 @@
 //! - `lookup_cache`: the thread-local cache of [`Vm::lookup`].
 //! - `handles`: [`Translator`] and [`CachedTranslator`].
 //! - `events`: MAP/UNMAP notifications, the fault log, [`Transport`].
+//! - `queue`: queued requests (ops QUEUE and SYNC, the drains).
 //! - `stats`: request counts and per-thread translation counters.
 //! - `migration`: [`VmState`], export and import.
 
@@ -57,6 +59,7 @@ mod events;
 mod handles;
 mod lookup_cache;
 mod migration;
+mod queue;
 mod stats;
 mod translate;
 mod wire;
@@ -68,6 +71,7 @@ pub use events::*;
 pub use handles::*;
 use lookup_cache::*;
 pub use migration::*;
+pub use queue::*;
 pub use stats::*;
 pub use translate::*;
 pub use wire::*;
@@ -97,6 +101,8 @@ pub struct Vm {
     /// every DETACH or endpoint removal: the key of the thread-local
     /// cache of [`Vm::lookup`], which it lets serve hits without pinning.
     lookup_generation: Arc<AtomicU64>,
+    /// The request queues (ABI 3.2).
+    queues: Queues,
 }
 
 impl Vm {
@@ -120,6 +126,7 @@ impl Vm {
                 faults: AtomicU64::new(0),
             },
             lookup_generation: Arc::new(AtomicU64::new(domain::next_generation())),
+            queues: Queues::new(cfg.queues),
             cfg,
         })
     }
@@ -163,6 +170,9 @@ impl Vm {
         self.ram.remove(gpa, size)?;
         let mut torn = 0;
         for ep in self.endpoint_list(&guard) {
+            // Under op_lock no drain may start on this thread (a notifier that
+            // translates): queue mutexes come before op_lock.
+            let _no_drain = NoDrain::enter();
             let _op = ep.op_lock.lock();
             if let Some(dom) = Self::domain_of(&ep, &guard) {
                 let removed = dom.remove_gpa_range(

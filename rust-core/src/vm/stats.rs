@@ -4,8 +4,8 @@
 
 use super::*;
 
-/// Rows of [`StatsSnapshot::requests`]: unknown ops, then ops 1..=6.
-pub const STATS_OPS: usize = 7;
+/// Rows of [`StatsSnapshot::requests`]: unknown ops, then ops 1..=8.
+pub const STATS_OPS: usize = 9;
 
 /// A snapshot of the counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -25,6 +25,15 @@ pub struct StatsSnapshot {
     pub translations: u64,
     /// Refused device accesses.
     pub faults: u64,
+    /// Drains of one queue that took at least one entry.
+    pub queue_drains: u64,
+    /// Queued entries taken (applied or failed).
+    pub queue_entries: u64,
+    /// Queued entries that failed.
+    pub queue_failed: u64,
+    /// Rule-2 drains: a device access about to be refused while entries
+    /// were pending.
+    pub miss_drains: u64,
 }
 
 /// Each group on cache lines of its own: the request counters are
@@ -297,6 +306,11 @@ impl Vm {
         s.mem_used = self.mem.used();
         s.translations = self.stats.translations.total();
         s.faults = self.fault_count();
+        // Relaxed: statistics.
+        s.queue_drains = self.queues.drains.load(StdOrdering::Relaxed);
+        s.queue_entries = self.queues.entries.load(StdOrdering::Relaxed);
+        s.queue_failed = self.queues.failed.load(StdOrdering::Relaxed);
+        s.miss_drains = self.queues.miss_drains.load(StdOrdering::Relaxed);
         s
     }
 }

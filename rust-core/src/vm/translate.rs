@@ -137,12 +137,46 @@ impl Vm {
         }
     }
 
-    /// The translation proper, for an endpoint already resolved. Always
-    /// inlined into its few callers: out of line, its seven arguments
-    /// and the call cost ~30 instructions per translation.
+    /// The translation proper, for an endpoint already resolved, with
+    /// rule 2 of the queues: a refusal for want of a mapping or permission
+    /// drains the queues and translates once more (a hit never gets here).
+    /// Always inlined into its few callers: out of line, its seven
+    /// arguments and the call cost ~30 instructions per translation.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(super) fn translate_ep(
+        &self,
+        ep: &Endpoint,
+        handle: Option<&Arc<Endpoint>>,
+        mut tlb: Option<&mut Iotlb>,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut [Fragment],
+        guard: &Guard,
+    ) -> std::result::Result<usize, domain::TranslateFault> {
+        let r = self.translate_ep_once(
+            ep,
+            handle,
+            tlb.as_deref_mut(),
+            iova,
+            len,
+            access,
+            out,
+            guard,
+        );
+        match r {
+            Err(f) if Self::drainable(f.reason) && self.drain_for_miss() => {
+                self.translate_ep_once(ep, handle, tlb, iova, len, access, out, guard)
+            }
+            r => r,
+        }
+    }
+
+    /// One attempt of [`Vm::translate_ep`].
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn translate_ep_once(
         &self,
         ep: &Endpoint,
         handle: Option<&Arc<Endpoint>>,
@@ -322,8 +356,29 @@ impl Vm {
         r
     }
 
+    /// One IOVA of an endpoint already resolved, with rule 2 of the
+    /// queues as in [`Vm::translate_ep`] (also for a look, `access` None:
+    /// the embedder looks when it is about to let a device through).
     #[inline(always)]
     pub(super) fn lookup_ep(
+        &self,
+        ep: &Endpoint,
+        handle: Option<&Arc<Endpoint>>,
+        mut tlb: Option<&mut Iotlb>,
+        iova: u64,
+        access: Option<Access>,
+        guard: &Guard,
+    ) -> std::result::Result<Lookup, domain::TranslateFault> {
+        match self.lookup_ep_once(ep, handle, tlb.as_deref_mut(), iova, access, guard) {
+            Err(f) if Self::drainable(f.reason) && self.drain_for_miss() => {
+                self.lookup_ep_once(ep, handle, tlb, iova, access, guard)
+            }
+            r => r,
+        }
+    }
+
+    #[inline(always)]
+    fn lookup_ep_once(
         &self,
         ep: &Endpoint,
         handle: Option<&Arc<Endpoint>>,
