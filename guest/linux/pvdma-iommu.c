@@ -181,6 +181,12 @@ struct pvdma_mapping {
 	 * no error, not through a queue.
 	 */
 	bool sync_unmap;
+	/*
+	 * The queue its MAP entries went into, where its UNMAP entries go
+	 * too: entries of different queues have no order until a SYNC, and
+	 * the UNMAP is often made on another CPU than the MAP.
+	 */
+	u8 queue;
 };
 
 struct pvdma_domain {
@@ -349,14 +355,20 @@ static unsigned long pvdma_sync(u32 rid)
 	return epoch;
 }
 
+/* The queue this CPU writes its MAP entries into. */
+static u8 pvdma_q_mine(void)
+{
+	return pvdma_q_nr ? smp_processor_id() % pvdma_q_nr : 0;
+}
+
 /*
- * Writes one entry into this CPU's queue and publishes it. A full ring is
- * synced (through @rid) and its tail read again. Returns false when the
- * queues are off: the caller sends the request synchronously instead.
- * Interrupts off (a domain's lock is held).
+ * Writes one entry into queue @idx and publishes it. A full ring is synced
+ * (through @rid) and its tail read again. Returns false when the queues
+ * are off: the caller sends the request synchronously instead. Interrupts
+ * off (a domain's lock is held).
  */
-static bool pvdma_q_push(u16 op, u16 flags, u32 rid, u64 iova, u64 gpa,
-			 u64 len)
+static bool pvdma_q_push(u8 idx, u16 op, u16 flags, u32 rid, u64 iova,
+			 u64 gpa, u64 len)
 {
 	struct pvdma_queue_entry *e;
 	struct pvdma_queue *q;
@@ -364,9 +376,9 @@ static bool pvdma_q_push(u16 op, u16 flags, u32 rid, u64 iova, u64 gpa,
 	u32 tail;
 
 	lockdep_assert_irqs_disabled();
-	if (!READ_ONCE(pvdma_q_on))
+	if (!READ_ONCE(pvdma_q_on) || idx >= pvdma_q_nr)
 		return false;
-	q = &pvdma_q[smp_processor_id() % pvdma_q_nr];
+	q = &pvdma_q[idx];
 	spin_lock(&q->lock);
 	while (!q->dead && READ_ONCE(pvdma_q_on) &&
 	       q->head - q->tail >= PVDMA_RING_ENTRIES) {
@@ -411,12 +423,12 @@ static bool pvdma_q_push(u16 op, u16 flags, u32 rid, u64 iova, u64 gpa,
  * pvdma_q_push() of an entry of @dom's. The failure epoch is read before
  * the entry is published: a failure of it can only be reported after.
  */
-static bool pvdma_q_push_dom(struct pvdma_domain *dom, u16 op, u16 flags,
-			     u32 rid, u64 iova, u64 gpa, u64 len)
+static bool pvdma_q_push_dom(struct pvdma_domain *dom, u8 idx, u16 op,
+			     u16 flags, u32 rid, u64 iova, u64 gpa, u64 len)
 {
 	unsigned long epoch = atomic_long_read(&pvdma_fail_epoch);
 
-	if (!pvdma_q_push(op, flags, rid, iova, gpa, len))
+	if (!pvdma_q_push(idx, op, flags, rid, iova, gpa, len))
 		return false;
 	if (!dom->queued) {
 		dom->queued = true;
@@ -668,6 +680,7 @@ static int pvdma_q_map_all(struct pvdma_domain *dom, struct pvdma_mapping *m)
 
 	if (READ_ONCE(pvdma_down))
 		return -ENODEV;		/* shut down: the endpoints bypass */
+	m->queue = pvdma_q_mine();
 	list_for_each_entry(ep, &dom->endpoints, link) {
 		if (!ep->attached)
 			continue;
@@ -681,8 +694,9 @@ static int pvdma_q_map_all(struct pvdma_domain *dom, struct pvdma_mapping *m)
 			dev_warn(ep->dev, "test_ro_map: sending this MAP read-only\n");
 			flags = (flags & ~PVDMA_FLAG_WRITE) | PVDMA_FLAG_READ;
 		}
-		if (pvdma_q_push_dom(dom, PVDMA_OP_MAP, flags | PVDMA_FLAG_FIXED,
-				     ep->rid, iova, m->paddr, len))
+		if (pvdma_q_push_dom(dom, m->queue, PVDMA_OP_MAP,
+				     flags | PVDMA_FLAG_FIXED, ep->rid, iova,
+				     m->paddr, len))
 			continue;
 		r = pvdma_req_begin(PVDMA_OP_MAP, flags | PVDMA_FLAG_FIXED,
 				    ep->rid);
@@ -871,10 +885,11 @@ static void pvdma_unmap_range_all(struct pvdma_domain *dom, u64 iova, u64 len)
 
 /*
  * Queued mode: an UNMAP entry of [iova, iova + len), one whole mapping of
- * the shadow, for every attached endpoint (a synchronous UNMAP once the
- * queues are gone). Domain lock held.
+ * the shadow, for every attached endpoint, into queue @idx, its MAP's (a
+ * synchronous UNMAP once the queues are gone). Domain lock held.
  */
-static void pvdma_q_unmap_all(struct pvdma_domain *dom, u64 iova, u64 len)
+static void pvdma_q_unmap_all(struct pvdma_domain *dom, u8 idx, u64 iova,
+			      u64 len)
 {
 	struct pvdma_endpoint *ep;
 	u32 st;
@@ -884,8 +899,8 @@ static void pvdma_q_unmap_all(struct pvdma_domain *dom, u64 iova, u64 len)
 	list_for_each_entry(ep, &dom->endpoints, link) {
 		if (!ep->attached)
 			continue;
-		if (pvdma_q_push_dom(dom, PVDMA_OP_UNMAP, 0, ep->rid, iova, 0,
-				     len))
+		if (pvdma_q_push_dom(dom, idx, PVDMA_OP_UNMAP, 0, ep->rid, iova,
+				     0, len))
 			continue;
 		st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid, iova, len, NULL);
 		if (st == PVDMA_S_OK || st == PVDMA_S_NOENT)
@@ -989,6 +1004,7 @@ static bool pvdma_cut(struct pvdma_domain *dom, struct pvdma_mapping *m,
 		(*tail)->flags = m->flags;
 		(*tail)->sent = m->sent;
 		(*tail)->sync_unmap = m->sync_unmap;
+		(*tail)->queue = m->queue;
 		interval_tree_insert(&(*tail)->it, &dom->mappings);
 		*tail = NULL;
 		it->last = iova - 1;
@@ -1034,6 +1050,7 @@ again:
 		u64 end = min_t(u64, it->last, last);
 		bool sync_unmap = m->sync_unmap;
 		bool sent = m->sent;
+		u8 idx = m->queue;
 		bool whole;
 
 		next = interval_tree_iter_next(it, iova, last);
@@ -1049,7 +1066,8 @@ again:
 			 * endpoints back to the shadow.
 			 */
 			if (whole && !sync_unmap)
-				pvdma_q_unmap_all(dom, first, end - first + 1);
+				pvdma_q_unmap_all(dom, idx, first,
+						  end - first + 1);
 			else
 				pvdma_unmap_range_all(dom, first,
 						      end - first + 1);
@@ -1900,6 +1918,83 @@ out_domain:
 	pci_dev_put(pdev);
 	return ret;
 }
+
+struct pvdma_test_xq {
+	struct iommu_domain *domain;
+	phys_addr_t pa;
+};
+
+static long pvdma_test_xq_map(void *arg)
+{
+	struct pvdma_test_xq *x = arg;
+
+	return pvdma_test_map(x->domain, PVDMA_TEST_IOVA, x->pa, SZ_4K,
+			      IOMMU_READ);
+}
+
+static long pvdma_test_xq_unmap(void *arg)
+{
+	struct pvdma_test_xq *x = arg;
+
+	return iommu_unmap(x->domain, PVDMA_TEST_IOVA, SZ_4K) == SZ_4K ?
+	       0 : -EIO;
+}
+
+/*
+ * test_cross_queue=bb:dd.f (queued mode with two queues or more and two
+ * CPUs; a function without a driver, alone in its group): in a new paging
+ * domain, one page is mapped from CPU 1 and unmapped from CPU 0, whose
+ * queues differ; the UNMAP must still be applied after the MAP (the SYNC
+ * at the end of iommu_unmap reports no failed entry, the failure epoch
+ * stays). The function is detached and the domain freed.
+ */
+static int param_set_test_cross_queue(const char *val,
+				      const struct kernel_param *kp)
+{
+	struct iommu_domain *domain;
+	struct pvdma_test_xq x;
+	unsigned long epoch;
+	struct pci_dev *pdev;
+	struct page *page;
+	int ret;
+
+	if (!READ_ONCE(pvdma_q_on) || pvdma_q_nr < 2 || !cpu_online(1))
+		return -EOPNOTSUPP;
+	domain = pvdma_test_domain(val, &pdev);
+	if (IS_ERR(domain))
+		return PTR_ERR(domain);
+	page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+	ret = -ENOMEM;
+	if (!page)
+		goto out_domain;
+	ret = iommu_attach_device(domain, &pdev->dev);
+	if (ret)
+		goto out_page;
+	x.domain = domain;
+	x.pa = page_to_phys(page);
+	epoch = atomic_long_read(&pvdma_fail_epoch);
+	ret = work_on_cpu(1, pvdma_test_xq_map, &x);
+	if (!ret)
+		ret = work_on_cpu(0, pvdma_test_xq_unmap, &x);
+	if (!ret && atomic_long_read(&pvdma_fail_epoch) != epoch)
+		ret = -EIO;
+	pci_info(pdev, "test_cross_queue: a page mapped on CPU 1, unmapped on CPU 0: %d\n",
+		 ret);
+	iommu_detach_device(domain, &pdev->dev);
+out_page:
+	__free_page(page);
+out_domain:
+	iommu_domain_free(domain);
+	pci_dev_put(pdev);
+	return ret;
+}
+
+static const struct kernel_param_ops test_cross_queue_ops = {
+	.set = param_set_test_cross_queue,
+};
+module_param_cb(test_cross_queue, &test_cross_queue_ops, NULL, 0200);
+MODULE_PARM_DESC(test_cross_queue,
+		 "testing only: bb:dd.f (no driver) to put in a new domain that maps a page on CPU 1 and unmaps it on CPU 0");
 
 static const struct kernel_param_ops test_queued_fail_ops = {
 	.set = param_set_test_queued_fail,

@@ -5,8 +5,8 @@
 # in Debian's 6.1 and 6.12 guests (docs/guest-driver.md):
 #
 #   build   the module as shipped (no PVDMA_TEST) has no test_skip_map,
-#           test_ro_map, test_partial_unmap, test_failed_replay or
-#           test_queued_fail parameter;
+#           test_ro_map, test_partial_unmap, test_failed_replay,
+#           test_queued_fail or test_cross_queue parameter;
 #           the test build
 #           (PVDMA_TEST=1) has them
 #   switch  tests/guest/guest-switch-boot.py: an edu function moved 300
@@ -15,7 +15,9 @@
 #           whose replay the pin-limit refuses fails and leaves edu
 #           attached, its DMA refused (test_failed_replay); one page
 #           unmapped out of a 16 KiB mapping (test_partial_unmap) goes and
-#           the rest stays; a queued MAP the pin-limit refuses is
+#           the rest stays; a page mapped on one CPU and unmapped on
+#           another is applied in order (test_cross_queue); a queued MAP
+#           the pin-limit refuses is
 #           reported by the SYNC after it and, with device and IOVA, by
 #           the rebuild (test_queued_fail; with FEATURES.QUEUE only);
 #           after the guest's power-off every endpoint is detached
@@ -59,7 +61,7 @@ for k in $KERNELS; do
     t=$(module_params "$test" | tr '\n' ' ')
     log "kernel $k: parameters as shipped: $p; test build: $t"
     for param in test_skip_map test_ro_map test_partial_unmap \
-                 test_failed_replay test_queued_fail; do
+                 test_failed_replay test_queued_fail test_cross_queue; do
         if grep -qx "$param" <<<"${p// /$'\n'}"; then
             echo "kernel $k build: FAIL: the module as shipped has $param" >>"$BOOTS_SUMMARY"
             BOOTS_FAILED=1
