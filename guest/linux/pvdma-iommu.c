@@ -142,6 +142,8 @@ static bool pvdma_q_broken;
  * may hold host state that differs from its shadow, and is rebuilt.
  */
 static atomic_long_t pvdma_fail_epoch;
+/* SYNCs made because a ring was full (for the tests). */
+static atomic_long_t pvdma_full_syncs;
 static DEFINE_SPINLOCK(pvdma_sync_lock);
 /* Every paging domain, for the rebuild work. */
 static LIST_HEAD(pvdma_domains);
@@ -398,6 +400,7 @@ static bool pvdma_q_push(u8 idx, u16 op, u16 flags, u32 rid, u64 iova,
 			break;
 		}
 		spin_unlock(&q->lock);
+		atomic_long_inc(&pvdma_full_syncs);
 		pvdma_sync(rid);
 		spin_lock(&q->lock);
 	}
@@ -1995,6 +1998,67 @@ static const struct kernel_param_ops test_cross_queue_ops = {
 module_param_cb(test_cross_queue, &test_cross_queue_ops, NULL, 0200);
 MODULE_PARM_DESC(test_cross_queue,
 		 "testing only: bb:dd.f (no driver) to put in a new domain that maps a page on CPU 1 and unmaps it on CPU 0");
+
+#define PVDMA_TEST_RING_PAGES	(2 * PVDMA_RING_ENTRIES)
+
+/*
+ * test_ring_full=bb:dd.f (queued mode; a function without a driver, alone
+ * in its group): in a new paging domain, one page is mapped at twice as
+ * many IOVAs as a ring has slots, one iommu_map() each, and all of them
+ * unmapped with one iommu_unmap(): the CPU's ring fills, is synced and
+ * taken up again. The write fails unless a full ring was synced and no
+ * entry failed. The function is detached and the domain freed.
+ */
+static int param_set_test_ring_full(const char *val,
+				    const struct kernel_param *kp)
+{
+	unsigned long epoch, full;
+	struct iommu_domain *domain;
+	struct pci_dev *pdev;
+	struct page *page;
+	size_t unmapped = 0;
+	int i, ret;
+
+	if (!READ_ONCE(pvdma_q_on))
+		return -EOPNOTSUPP;
+	domain = pvdma_test_domain(val, &pdev);
+	if (IS_ERR(domain))
+		return PTR_ERR(domain);
+	page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+	ret = -ENOMEM;
+	if (!page)
+		goto out_domain;
+	ret = iommu_attach_device(domain, &pdev->dev);
+	if (ret)
+		goto out_page;
+	epoch = atomic_long_read(&pvdma_fail_epoch);
+	full = atomic_long_read(&pvdma_full_syncs);
+	for (i = 0; i < PVDMA_TEST_RING_PAGES && !ret; i++)
+		ret = pvdma_test_map(domain, PVDMA_TEST_IOVA + i * SZ_4K,
+				     page_to_phys(page), SZ_4K, IOMMU_READ);
+	unmapped = iommu_unmap(domain, PVDMA_TEST_IOVA,
+			       PVDMA_TEST_RING_PAGES * SZ_4K);
+	full = atomic_long_read(&pvdma_full_syncs) - full;
+	pci_info(pdev, "test_ring_full: %d pages mapped one by one: %d; 0x%zx unmapped; %lu SYNCs of a full ring\n",
+		 i, ret, unmapped, full);
+	if (!ret && (!full || atomic_long_read(&pvdma_fail_epoch) != epoch ||
+		     unmapped != PVDMA_TEST_RING_PAGES * SZ_4K))
+		ret = -EIO;
+	iommu_detach_device(domain, &pdev->dev);
+out_page:
+	__free_page(page);
+out_domain:
+	iommu_domain_free(domain);
+	pci_dev_put(pdev);
+	return ret;
+}
+
+static const struct kernel_param_ops test_ring_full_ops = {
+	.set = param_set_test_ring_full,
+};
+module_param_cb(test_ring_full, &test_ring_full_ops, NULL, 0200);
+MODULE_PARM_DESC(test_ring_full,
+		 "testing only: bb:dd.f (no driver) to put in a new domain that maps a page at twice a ring's entries of IOVAs, then unmaps them");
 
 static const struct kernel_param_ops test_queued_fail_ops = {
 	.set = param_set_test_queued_fail,

@@ -27,7 +27,9 @@ time. Checks:
     the domain's IOVAs refused and counted in FAULTS;
   * queues (when the host offers FEATURES.QUEUE): test_cross_queue maps a
     page for edu on CPU 1 and unmaps it on CPU 0 (different queues); the
-    SYNC after it must report no failed entry. Then the driver's
+    SYNC after it must report no failed entry. test_ring_full maps a
+    page at 4096 IOVAs and unmaps them: a full ring must have been synced
+    and no entry failed. Then the driver's
     test hook test_queued_fail puts edu in a new domain that maps 512
     MiB with one queued MAP, which the pin-limit refuses; the guest
     checks that the SYNC after it logged the failure with status QUOTA

@@ -16,7 +16,9 @@
 #           attached, its DMA refused (test_failed_replay); one page
 #           unmapped out of a 16 KiB mapping (test_partial_unmap) goes and
 #           the rest stays; a page mapped on one CPU and unmapped on
-#           another is applied in order (test_cross_queue); a queued MAP
+#           another is applied in order (test_cross_queue); twice a
+#           ring's entries are queued and unmapped without a failure, a
+#           full ring synced on the way (test_ring_full); a queued MAP
 #           the pin-limit refuses is
 #           reported by the SYNC after it and, with device and IOVA, by
 #           the rebuild (test_queued_fail; with FEATURES.QUEUE only);
@@ -61,7 +63,8 @@ for k in $KERNELS; do
     t=$(module_params "$test" | tr '\n' ' ')
     log "kernel $k: parameters as shipped: $p; test build: $t"
     for param in test_skip_map test_ro_map test_partial_unmap \
-                 test_failed_replay test_queued_fail test_cross_queue; do
+                 test_failed_replay test_queued_fail test_cross_queue \
+                 test_ring_full; do
         if grep -qx "$param" <<<"${p// /$'\n'}"; then
             echo "kernel $k build: FAIL: the module as shipped has $param" >>"$BOOTS_SUMMARY"
             BOOTS_FAILED=1
