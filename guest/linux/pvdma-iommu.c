@@ -2060,6 +2060,46 @@ module_param_cb(test_ring_full, &test_ring_full_ops, NULL, 0200);
 MODULE_PARM_DESC(test_ring_full,
 		 "testing only: bb:dd.f (no driver) to put in a new domain that maps a page at twice a ring's entries of IOVAs, then unmaps them");
 
+/*
+ * test_break_queue=1 (queued mode): this CPU's queue publishes a ring and
+ * one more entries than the host took, which the host must answer by
+ * stopping the queue. The SYNC that follows answers STATE; the driver
+ * gives the queues up. The write succeeds once the work has torn them
+ * down and requests are synchronous.
+ */
+static int param_set_test_break_queue(const char *val,
+				      const struct kernel_param *kp)
+{
+	unsigned long irqflags;
+	struct pvdma_queue *q;
+	u32 rid;
+
+	if (!READ_ONCE(pvdma_q_on) || !pvdma_any_rid(&rid))
+		return -EOPNOTSUPP;
+	local_irq_save(irqflags);
+	q = &pvdma_q[pvdma_q_mine()];
+	spin_lock(&q->lock);
+	if (!q->dead) {
+		q->head = READ_ONCE(q->ctrl->tail) + PVDMA_RING_ENTRIES + 1;
+		smp_store_release(&q->ctrl->head, q->head);
+	}
+	spin_unlock(&q->lock);
+	pvdma_sync(rid);
+	local_irq_restore(irqflags);
+	flush_work(&pvdma_q_work);
+	pr_info("test_break_queue: queues %s, %s\n",
+		READ_ONCE(pvdma_q_broken) ? "given up" : "still trusted",
+		READ_ONCE(pvdma_q_on) ? "still in use" : "torn down");
+	return READ_ONCE(pvdma_q_broken) && !READ_ONCE(pvdma_q_on) ? 0 : -EIO;
+}
+
+static const struct kernel_param_ops test_break_queue_ops = {
+	.set = param_set_test_break_queue,
+};
+module_param_cb(test_break_queue, &test_break_queue_ops, NULL, 0200);
+MODULE_PARM_DESC(test_break_queue,
+		 "testing only: 1 overruns this CPU's queue, which the host stops; the driver goes synchronous");
+
 static const struct kernel_param_ops test_queued_fail_ops = {
 	.set = param_set_test_queued_fail,
 };

@@ -29,7 +29,10 @@ time. Checks:
     page for edu on CPU 1 and unmaps it on CPU 0 (different queues); the
     SYNC after it must report no failed entry. test_ring_full maps a
     page at 4096 IOVAs and unmaps them: a full ring must have been synced
-    and no entry failed. Then the driver's
+    and no entry failed. At the end (after the partial unmap)
+    test_break_queue overruns a queue: the host must stop it, the driver
+    tear every queue down (none set up at the queue-broken pause) and
+    disk I/O go on with synchronous MAPs. Before that the driver's
     test hook test_queued_fail puts edu in a new domain that maps 512
     MiB with one queued MAP, which the pin-limit refuses; the guest
     checks that the SYNC after it logged the failure with status QUOTA
@@ -177,6 +180,7 @@ def main():
             extra_append=[f"pvdmaio.switch={EDU}:{a.rounds}",
                           f"pvdmaio.failed_replay={EDU}",
                           f"pvdmaio.queued_fail={EDU}",
+                          "pvdmaio.break_queue=1",
                           f"pvdmaio.partial_unmap={EDU}"],
             extra_args=["-device", f"edu,id=edu0,addr=0x{EDU_ADDR[:2]}",
                         "-global", "pvdma.pin-limit=256M",
@@ -266,7 +270,28 @@ def main():
     elif not any("QUEUED-FAIL skipped" in line for line in r.console):
         problems.append("no QUEUE offered, but test_queued_fail was not "
                         "skipped")
+    qb = r.snapshots.get("queue-broken")
     pu = r.snapshots.get("partial-unmap")
+    if not qb or not pu:
+        problems.append("no query-pvdma at queue-broken")
+    elif qb[0].get("features", 0) & 16:
+        left = [q["index"] for q in qb[0].get("queues", []) if q["set-up"]]
+        maps = qb[0]["requests"]["map"] - pu[0]["requests"]["map"]
+        print(f"== broken queue: queues still set up {left}; {maps} "
+              "synchronous MAPs since")
+        if not any("PVDMA-IO: BREAK-QUEUE" in line and "skipped" not in line
+                   for line in r.console):
+            problems.append("the host offers QUEUE, but the guest did not "
+                            "run test_break_queue")
+        if left:
+            problems.append(f"after the broken queue, queues {left} are "
+                            "still set up")
+        if maps <= 0:
+            problems.append("no synchronous MAP after the queues were "
+                            "given up")
+    elif not any("BREAK-QUEUE skipped" in line for line in r.console):
+        problems.append("no QUEUE offered, but test_break_queue was not "
+                        "skipped")
     if not pu:
         problems.append("no query-pvdma at partial-unmap")
     else:

@@ -18,7 +18,9 @@
 #           the rest stays; a page mapped on one CPU and unmapped on
 #           another is applied in order (test_cross_queue); twice a
 #           ring's entries are queued and unmapped without a failure, a
-#           full ring synced on the way (test_ring_full); a queued MAP
+#           full ring synced on the way (test_ring_full); an overrun
+#           queue the host stops makes the driver tear the queues down and
+#           go synchronous (test_break_queue); a queued MAP
 #           the pin-limit refuses is
 #           reported by the SYNC after it and, with device and IOVA, by
 #           the rebuild (test_queued_fail; with FEATURES.QUEUE only);
@@ -64,7 +66,7 @@ for k in $KERNELS; do
     log "kernel $k: parameters as shipped: $p; test build: $t"
     for param in test_skip_map test_ro_map test_partial_unmap \
                  test_failed_replay test_queued_fail test_cross_queue \
-                 test_ring_full; do
+                 test_ring_full test_break_queue; do
         if grep -qx "$param" <<<"${p// /$'\n'}"; then
             echo "kernel $k build: FAIL: the module as shipped has $param" >>"$BOOTS_SUMMARY"
             BOOTS_FAILED=1
