@@ -2081,6 +2081,7 @@ static int param_set_test_break_queue(const char *val,
 	spin_lock(&q->lock);
 	if (!q->dead) {
 		q->head = READ_ONCE(q->ctrl->tail) + PVDMA_RING_ENTRIES + 1;
+		/* Published as pvdma_q_push() does; the slots are stale. */
 		smp_store_release(&q->ctrl->head, q->head);
 	}
 	spin_unlock(&q->lock);
