@@ -22,10 +22,20 @@
  * A shadow interval tree per domain answers iova_to_phys, which dma-iommu
  * calls on every unmap. See docs/guest-driver.md for use and limits.
  *
- * Every request is synchronous: it is complete when the doorbell write or
- * the hypercall returns. Requests are built in a per-CPU block with the
+ * Requests are synchronous: one is complete when the doorbell write or
+ * the hypercall returns. They are built in a per-CPU block with the
  * domain's spinlock held and interrupts off, so any context the DMA API
  * allows (including the flush-queue timer) may issue them.
+ *
+ * Queued mode (FEATURES.QUEUE, parameter queued=1, the default): MAP and
+ * whole-mapping UNMAP are written as entries into per-CPU rings in guest
+ * memory that the host applies before any request, before it refuses an
+ * access, and at SYNC (ABI section 3.2); map_pages and unmap_pages then
+ * make no exit. SYNC is issued where an entry must have taken effect:
+ * iotlb_sync (strict), flush_iotlb_all (the lazy flush queue, before the
+ * IOVAs are freed), iotlb_sync_map (or map_pages on 6.1) for a domain
+ * with an assigned host device, and a full ring. Everything else (partial
+ * unmaps, domain switches, replays, DETACH) stays synchronous.
  */
 #define pr_fmt(fmt) "pvdma-iommu: " fmt
 
@@ -37,6 +47,7 @@
 #include <linux/slab.h>
 #include <linux/percpu.h>
 #include <linux/io.h>
+#include <linux/workqueue.h>
 #include <asm/kvm_para.h>
 
 #include "pvdma_abi.h"
@@ -79,6 +90,11 @@ module_param(batch_map, bool, 0444);
 MODULE_PARM_DESC(batch_map,
 		 "6.12+: send the pages of one iommu_map/map_sg as one MAP from iotlb_sync_map (ignored on 6.1, where a deferred MAP could fail unseen)");
 
+static bool queued = true;
+module_param(queued, bool, 0444);
+MODULE_PARM_DESC(queued,
+		 "queue MAP and UNMAP in rings the host applies (when it offers FEATURES.QUEUE); 0: every request synchronous");
+
 struct pvdma_iommu {
 	struct iommu_device iommu;
 	struct pci_dev *pdev;
@@ -93,6 +109,48 @@ struct pvdma_iommu {
 /* One pvdma per guest: the IOMMU core of 6.1 allows one driver per bus. */
 static struct pvdma_iommu *pvdma;
 static DEFINE_PER_CPU(struct pvdma_req *, pvdma_block);
+/*
+ * Queued mode. pvdma_q_nr queues, CPU c writing into queue c % pvdma_q_nr;
+ * their control blocks share one page. Set up at probe, torn down at
+ * .remove and .shutdown, or when the host stops one (a broken queue).
+ */
+#define PVDMA_RING_BYTES	SZ_64K
+#define PVDMA_RING_ENTRIES	(PVDMA_RING_BYTES / PVDMA_QUEUE_ENTRY_SIZE)
+#define PVDMA_MAX_QUEUES	(PAGE_SIZE / PVDMA_QUEUE_CTRL_SIZE)
+
+struct pvdma_queue {
+	spinlock_t lock;		/* everything below and the ring */
+	struct pvdma_queue_ctrl *ctrl;
+	struct pvdma_queue_entry *ring;
+	u32 head;			/* entries published */
+	u32 tail;			/* entries taken, as the host last said */
+	bool dead;			/* torn down: never written again */
+};
+
+static struct pvdma_queue *pvdma_q;
+static unsigned int pvdma_q_nr;
+static struct pvdma_queue_ctrl *pvdma_q_ctrl;
+/* Queues were set up once: SYNC points must look at the epoch below. */
+static bool pvdma_q_used;
+/* The queues take MAP and UNMAP entries (cleared for good when torn down). */
+static bool pvdma_q_on;
+/* The host stopped a queue (or answered nonsense): tear them all down. */
+static bool pvdma_q_broken;
+/*
+ * Bumped (under pvdma_sync_lock) whenever a SYNC reports failed entries or
+ * a queue breaks: a domain that queued entries since it last saw the epoch
+ * may hold host state that differs from its shadow, and is rebuilt.
+ */
+static atomic_long_t pvdma_fail_epoch;
+/* SYNCs made because a ring was full (for the tests). */
+static atomic_long_t pvdma_full_syncs;
+static DEFINE_SPINLOCK(pvdma_sync_lock);
+/* Every paging domain, for the rebuild work. */
+static LIST_HEAD(pvdma_domains);
+static DEFINE_MUTEX(pvdma_domains_lock);
+static void pvdma_q_work_fn(struct work_struct *work);
+static DECLARE_WORK(pvdma_q_work, pvdma_q_work_fn);
+
 /* Serialises domain switches with .shutdown. */
 static DEFINE_MUTEX(pvdma_switch_lock);
 /*
@@ -108,6 +166,7 @@ struct pvdma_endpoint {
 	struct device *dev;
 	u32 rid;		/* requester ID: bus << 8 | devfn */
 	bool attached;		/* ATTACHed on the host */
+	bool passthrough;	/* QUERY: its DMA does not go through the host */
 	struct pvdma_domain *domain;
 	struct list_head link;	/* in domain->endpoints, under domain->lock */
 };
@@ -118,6 +177,18 @@ struct pvdma_mapping {
 	phys_addr_t paddr;
 	u16 flags;			/* PVDMA_FLAG_READ / _WRITE */
 	bool sent;			/* MAP issued to the attached endpoints */
+	/*
+	 * An endpoint may lack it on the host (a MAP skipped by a test hook,
+	 * or refused in a rebuild): UNMAP it synchronously, where NOENT is
+	 * no error, not through a queue.
+	 */
+	bool sync_unmap;
+	/*
+	 * The queue its MAP entries went into, where its UNMAP entries go
+	 * too: entries of different queues have no order until a SYNC, and
+	 * the UNMAP is often made on another CPU than the MAP.
+	 */
+	u8 queue;
 };
 
 struct pvdma_domain {
@@ -125,6 +196,10 @@ struct pvdma_domain {
 	spinlock_t lock;		/* everything below; requests too */
 	struct rb_root_cached mappings;
 	struct list_head endpoints;
+	struct list_head all;		/* in pvdma_domains */
+	unsigned int nr_passthrough;	/* endpoints with QUERY's PASSTHROUGH */
+	bool queued;			/* entries queued since the last check */
+	unsigned long seen_epoch;	/* pvdma_fail_epoch before the first */
 	unsigned int nr_pending;	/* lazy: UNMAPs not yet sent */
 	struct pvdma_range pending[PVDMA_BLOCK_SEGS];
 };
@@ -214,6 +289,7 @@ static const char *pvdma_op_name(u16 op)
 {
 	static const char *const names[] = {
 		"?", "QUERY", "ATTACH", "DETACH", "MAP", "UNMAP", "UNMAP_LIST",
+		"QUEUE", "SYNC",
 	};
 
 	return op < ARRAY_SIZE(names) ? names[op] : "?";
@@ -223,6 +299,221 @@ static void pvdma_report(struct pvdma_endpoint *ep, u16 op, u64 iova, u32 st)
 {
 	dev_err_ratelimited(ep->dev, "%s at iova 0x%llx: status %u (%d)\n",
 			    pvdma_op_name(op), iova, st, pvdma_errno(st));
+}
+
+/* ---- queued requests --------------------------------------------------- */
+
+/*
+ * The queues are no longer trusted (the host stopped one, or its tail makes
+ * no sense): nothing more is written into them, requests go synchronous,
+ * the work tears them down and rebuilds the domains that queued entries
+ * (those in a stopped queue are lost).
+ */
+static void pvdma_q_break(const char *why)
+{
+	if (!READ_ONCE(pvdma_q_broken))
+		dev_err(&pvdma->pdev->dev, "request queues: %s; tearing them down, requests are synchronous from now on\n",
+			why);
+	WRITE_ONCE(pvdma_q_broken, true);
+	WRITE_ONCE(pvdma_q_on, false);
+	atomic_long_inc(&pvdma_fail_epoch);
+	schedule_work(&pvdma_q_work);
+}
+
+/*
+ * SYNC (op 8) through endpoint @rid: every entry published in any queue
+ * has been applied when it returns. Failed entries (the host gives their
+ * number and the status of the first) are logged and bump the failure
+ * epoch, which makes the domains that queued entries rebuild their
+ * endpoints from the shadow. Returns the epoch after this SYNC.
+ */
+static unsigned long pvdma_sync(u32 rid)
+{
+	unsigned long irqflags, epoch;
+	u64 failed = 0;
+	u32 st;
+
+	spin_lock_irqsave(&pvdma_sync_lock, irqflags);
+	st = pvdma_simple(PVDMA_OP_SYNC, rid, 0, 0, &failed);
+	if (st == PVDMA_S_STATE) {
+		dev_err(&pvdma->pdev->dev, "SYNC: status %u (%d): the host stopped a request queue; %llu queued requests failed besides\n",
+			st, pvdma_errno(st), failed);
+		pvdma_q_break("one was stopped by the host");
+	} else if (failed) {
+		dev_err_ratelimited(&pvdma->pdev->dev, "SYNC: %llu queued requests failed, the first with status %u (%d); rebuilding the endpoints that queued them\n",
+				    failed, st, pvdma_errno(st));
+	} else if (st != PVDMA_S_OK) {
+		/* Failures may have gone unreported: trust the queues no more. */
+		dev_err(&pvdma->pdev->dev, "SYNC through requester 0x%04x: status %u (%d)\n",
+			rid, st, pvdma_errno(st));
+		pvdma_q_break("SYNC failed");
+	}
+	if (st != PVDMA_S_OK || failed) {
+		atomic_long_inc(&pvdma_fail_epoch);
+		schedule_work(&pvdma_q_work);
+	}
+	epoch = atomic_long_read(&pvdma_fail_epoch);
+	spin_unlock_irqrestore(&pvdma_sync_lock, irqflags);
+	return epoch;
+}
+
+/* The queue this CPU writes its MAP entries into. */
+static u8 pvdma_q_mine(void)
+{
+	return pvdma_q_nr ? smp_processor_id() % pvdma_q_nr : 0;
+}
+
+/*
+ * Writes one entry into queue @idx and publishes it. A full ring is synced
+ * (through @rid) and its tail read again. Returns false when the queues
+ * are off: the caller sends the request synchronously instead. Interrupts
+ * off (a domain's lock is held).
+ */
+static bool pvdma_q_push(u8 idx, u16 op, u16 flags, u32 rid, u64 iova,
+			 u64 gpa, u64 len)
+{
+	struct pvdma_queue_entry *e;
+	struct pvdma_queue *q;
+	int syncs = 0;
+	u32 tail;
+
+	lockdep_assert_irqs_disabled();
+	if (!READ_ONCE(pvdma_q_on) || idx >= pvdma_q_nr)
+		return false;
+	q = &pvdma_q[idx];
+	spin_lock(&q->lock);
+	while (!q->dead && READ_ONCE(pvdma_q_on) &&
+	       q->head - q->tail >= PVDMA_RING_ENTRIES) {
+		/* Orders the host's reads of the slots before our rewrites. */
+		tail = smp_load_acquire(&q->ctrl->tail);
+		if (q->head - tail > PVDMA_RING_ENTRIES ||
+		    READ_ONCE(q->ctrl->stopped)) {
+			pvdma_q_break("one is stopped, or its tail is not behind its head");
+			break;
+		}
+		q->tail = tail;
+		if (q->head - q->tail < PVDMA_RING_ENTRIES)
+			break;
+		/* Other CPUs may fill it again meanwhile; not forever. */
+		if (syncs++ == 3) {
+			pvdma_q_break("one stays full after three SYNCs");
+			break;
+		}
+		spin_unlock(&q->lock);
+		atomic_long_inc(&pvdma_full_syncs);
+		pvdma_sync(rid);
+		spin_lock(&q->lock);
+	}
+	if (q->dead || !READ_ONCE(pvdma_q_on)) {
+		spin_unlock(&q->lock);
+		return false;
+	}
+	e = &q->ring[q->head % PVDMA_RING_ENTRIES];
+	e->op = op;
+	e->flags = flags;
+	e->requester = rid;
+	e->iova = iova;
+	e->gpa = gpa;
+	e->length = len;
+	q->head++;
+	/* The entry's stores before head's. */
+	smp_store_release(&q->ctrl->head, q->head);
+	spin_unlock(&q->lock);
+	return true;
+}
+
+/*
+ * pvdma_q_push() of an entry of @dom's. The failure epoch is read before
+ * the entry is published: a failure of it can only be reported after.
+ */
+static bool pvdma_q_push_dom(struct pvdma_domain *dom, u8 idx, u16 op,
+			     u16 flags, u32 rid, u64 iova, u64 gpa, u64 len)
+{
+	unsigned long epoch = atomic_long_read(&pvdma_fail_epoch);
+
+	if (!pvdma_q_push(idx, op, flags, rid, iova, gpa, len))
+		return false;
+	if (!dom->queued) {
+		dom->queued = true;
+		dom->seen_epoch = epoch;
+	}
+	return true;
+}
+
+/*
+ * Tears every live queue down through endpoint @rid (the host applies
+ * what they hold first, except in a stopped one). A queue whose tear-down
+ * the host refused keeps its memory: the host may still read it.
+ */
+static void pvdma_q_teardown(u32 rid)
+{
+	unsigned long irqflags;
+	bool all = true;
+	unsigned int i;
+	u32 st;
+
+	WRITE_ONCE(pvdma_q_on, false);
+	for (i = 0; i < pvdma_q_nr; i++) {
+		struct pvdma_queue *q = &pvdma_q[i];
+
+		spin_lock_irqsave(&q->lock, irqflags);
+		if (!q->dead) {
+			q->dead = true;
+			st = pvdma_simple(PVDMA_OP_QUEUE, rid, i, 0, NULL);
+			if (st == PVDMA_S_OK || st == PVDMA_S_STATE) {
+				free_pages((unsigned long)q->ring,
+					   get_order(PVDMA_RING_BYTES));
+				q->ring = NULL;
+			} else {
+				dev_warn(&pvdma->pdev->dev, "tearing request queue %u down: status %u; its memory is kept\n",
+					 i, st);
+			}
+		}
+		all &= !q->ring;
+		spin_unlock_irqrestore(&q->lock, irqflags);
+	}
+	if (all && pvdma_q_ctrl) {
+		free_page((unsigned long)pvdma_q_ctrl);
+		pvdma_q_ctrl = NULL;
+	}
+}
+
+/*
+ * Some PCI function pvdma knows as an endpoint, to route QUEUE through
+ * (QUEUE and SYNC need a requester behind the pvdma function).
+ */
+static bool pvdma_any_rid(u32 *rid)
+{
+	struct pci_dev *pdev = NULL;
+	u64 result;
+
+	for_each_pci_dev(pdev) {
+		if (pdev == pvdma->pdev)
+			continue;
+		if (pvdma_simple(PVDMA_OP_QUERY, pci_dev_id(pdev), 0, 0,
+				 &result) == PVDMA_S_OK) {
+			*rid = pci_dev_id(pdev);
+			pci_dev_put(pdev);
+			return true;
+		}
+	}
+	return false;
+}
+
+/* .remove, .shutdown and a broken queue: the queues go, for good. */
+static void pvdma_q_stop(void)
+{
+	static DEFINE_MUTEX(stop_lock);
+	u32 rid;
+
+	if (!READ_ONCE(pvdma_q_used))
+		return;
+	mutex_lock(&stop_lock);
+	if (pvdma_any_rid(&rid))
+		pvdma_q_teardown(rid);
+	else
+		WRITE_ONCE(pvdma_q_on, false);
+	mutex_unlock(&stop_lock);
 }
 
 /* ---- endpoints and attach ---------------------------------------------- */
@@ -377,6 +668,64 @@ static int pvdma_send_one(struct pvdma_domain *dom, struct pvdma_mapping *m)
 	return pvdma_map_all(dom);
 }
 
+/*
+ * Queued mode: a MAP entry of @m for every attached endpoint (synchronous
+ * MAPs once the queues are gone). An error is a synchronous MAP's: the
+ * endpoints that took the mapping lose it again. Domain lock held.
+ */
+static int pvdma_q_map_all(struct pvdma_domain *dom, struct pvdma_mapping *m)
+{
+	u64 iova = m->it.start, len = m->it.last - m->it.start + 1;
+	struct pvdma_endpoint *ep, *undo;
+	struct pvdma_req *r;
+	u16 flags;
+	u32 st;
+
+	if (READ_ONCE(pvdma_down))
+		return -ENODEV;		/* shut down: the endpoints bypass */
+	m->queue = pvdma_q_mine();
+	list_for_each_entry(ep, &dom->endpoints, link) {
+		if (!ep->attached)
+			continue;
+		if (pvdma_test_skip_map(ep)) {
+			dev_warn(ep->dev, "test_skip_map: not sending this MAP\n");
+			m->sync_unmap = true;
+			continue;
+		}
+		flags = m->flags;
+		if ((flags & PVDMA_FLAG_WRITE) && pvdma_test_ro_map(ep)) {
+			dev_warn(ep->dev, "test_ro_map: sending this MAP read-only\n");
+			flags = (flags & ~PVDMA_FLAG_WRITE) | PVDMA_FLAG_READ;
+		}
+		if (pvdma_q_push_dom(dom, m->queue, PVDMA_OP_MAP,
+				     flags | PVDMA_FLAG_FIXED, ep->rid, iova,
+				     m->paddr, len))
+			continue;
+		r = pvdma_req_begin(PVDMA_OP_MAP, flags | PVDMA_FLAG_FIXED,
+				    ep->rid);
+		r->iova = iova;
+		r->nr_segs = 1;
+		r->segs[0].gpa = m->paddr;
+		r->segs[0].len = len;
+		st = pvdma_req_issue(r);
+		if (st == PVDMA_S_OK)
+			continue;
+		pvdma_report(ep, PVDMA_OP_MAP, iova, st);
+		/* Applies their queued MAP first (rule 1), then removes it. */
+		list_for_each_entry(undo, &dom->endpoints, link) {
+			if (undo == ep)
+				break;
+			if (undo->attached)
+				pvdma_simple(PVDMA_OP_UNMAP, undo->rid, iova, 0,
+					     NULL);
+		}
+		return pvdma_errno(st);
+	}
+	return 0;
+}
+
+static void pvdma_sync_dom(struct pvdma_domain *dom);
+
 static bool pvdma_batching(void)
 {
 	return PVDMA_CORE_612 && batch_map;
@@ -407,12 +756,25 @@ static int pvdma_map_pages(struct iommu_domain *domain, unsigned long iova,
 	spin_lock_irqsave(&dom->lock, irqflags);
 	if (interval_tree_iter_first(&dom->mappings, m->it.start, m->it.last)) {
 		ret = -EEXIST;
+	} else if (READ_ONCE(pvdma_q_on)) {
+		ret = pvdma_q_map_all(dom, m);
+		m->sent = !ret;
 	} else if (!pvdma_batching()) {
 		ret = pvdma_send_one(dom, m);
 		m->sent = !ret;
 	}
 	if (!ret)
 		interval_tree_insert(&m->it, &dom->mappings);
+#if !PVDMA_CORE_612
+	/*
+	 * An assigned host device's DMA never reaches the host's translation:
+	 * its MAP must be applied before the IOVA is handed out. (6.12 and
+	 * later sync once per iommu_map in iotlb_sync_map.) The shadow holds
+	 * the mapping first, should the SYNC rebuild the domain.
+	 */
+	if (!ret && dom->nr_passthrough)
+		pvdma_sync_dom(dom);
+#endif
 	spin_unlock_irqrestore(&dom->lock, irqflags);
 	if (ret) {
 		kfree(m);
@@ -441,9 +803,17 @@ static int pvdma_iotlb_sync_map(struct iommu_domain *domain, unsigned long iova,
 	u16 flags = 0;
 	int ret = 0;
 
-	if (!pvdma_batching() || !size)
+	if (!size)
 		return 0;
 	spin_lock_irqsave(&dom->lock, irqflags);
+	/* An assigned host device needs its MAPs applied now (rule 3). */
+	if (dom->nr_passthrough)
+		pvdma_sync_dom(dom);
+	/* Queued mode sent (queued) every mapping in map_pages. */
+	if (!pvdma_batching() || READ_ONCE(pvdma_q_on)) {
+		spin_unlock_irqrestore(&dom->lock, irqflags);
+		return 0;
+	}
 	for (it = interval_tree_iter_first(&dom->mappings, iova, iova + size - 1);
 	     it; it = interval_tree_iter_next(it, iova, iova + size - 1)) {
 		struct pvdma_mapping *m = container_of(it, struct pvdma_mapping,
@@ -509,6 +879,33 @@ static void pvdma_unmap_range_all(struct pvdma_domain *dom, u64 iova, u64 len)
 			continue;
 		st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid, iova, len, NULL);
 		/* NOENT: nothing was mapped there for this endpoint. */
+		if (st == PVDMA_S_OK || st == PVDMA_S_NOENT)
+			continue;
+		pvdma_report(ep, PVDMA_OP_UNMAP, iova, st);
+		pvdma_resync(dom, ep);
+	}
+}
+
+/*
+ * Queued mode: an UNMAP entry of [iova, iova + len), one whole mapping of
+ * the shadow, for every attached endpoint, into queue @idx, its MAP's (a
+ * synchronous UNMAP once the queues are gone). Domain lock held.
+ */
+static void pvdma_q_unmap_all(struct pvdma_domain *dom, u8 idx, u64 iova,
+			      u64 len)
+{
+	struct pvdma_endpoint *ep;
+	u32 st;
+
+	if (READ_ONCE(pvdma_down))
+		return;			/* DETACH removed everything */
+	list_for_each_entry(ep, &dom->endpoints, link) {
+		if (!ep->attached)
+			continue;
+		if (pvdma_q_push_dom(dom, idx, PVDMA_OP_UNMAP, 0, ep->rid, iova,
+				     0, len))
+			continue;
+		st = pvdma_simple(PVDMA_OP_UNMAP, ep->rid, iova, len, NULL);
 		if (st == PVDMA_S_OK || st == PVDMA_S_NOENT)
 			continue;
 		pvdma_report(ep, PVDMA_OP_UNMAP, iova, st);
@@ -589,7 +986,7 @@ static void pvdma_queue_unmap(struct pvdma_domain *dom, u64 iova, u64 len)
  * Removes [iova, last] from the shadow. A mapping reaching past either end
  * is cut there and keeps the rest (one that reaches past both ends needs
  * @tail for the part after @last): exactly the range asked for goes, and
- * its size is returned. The host's MAP of such a mapping covers the part
+ * true is returned when the whole mapping went. The host's MAP of such a mapping covers the part
  * that stays, so the UNMAP of the range answers RANGE, and the endpoint is
  * brought back to the shadow (pvdma_resync).
  */
@@ -609,6 +1006,8 @@ static bool pvdma_cut(struct pvdma_domain *dom, struct pvdma_mapping *m,
 		(*tail)->paddr = m->paddr + (last + 1 - it->start);
 		(*tail)->flags = m->flags;
 		(*tail)->sent = m->sent;
+		(*tail)->sync_unmap = m->sync_unmap;
+		(*tail)->queue = m->queue;
 		interval_tree_insert(&(*tail)->it, &dom->mappings);
 		*tail = NULL;
 		it->last = iova - 1;
@@ -633,9 +1032,11 @@ static size_t pvdma_unmap_pages(struct iommu_domain *domain, unsigned long iova,
 	u64 sent_first = U64_MAX, sent_last = 0;
 	unsigned long irqflags;
 	bool found = false;
+	bool q;
 
 again:
 	spin_lock_irqsave(&dom->lock, irqflags);
+	q = READ_ONCE(pvdma_q_on);
 	it = interval_tree_iter_first(&dom->mappings, iova, last);
 	if (it && it->start < iova && it->last > last && !tail) {
 		/* Unmapping the middle of a mapping (never dma-iommu's). */
@@ -650,13 +1051,32 @@ again:
 						       it);
 		u64 first = max_t(u64, it->start, iova);
 		u64 end = min_t(u64, it->last, last);
+		bool sync_unmap = m->sync_unmap;
 		bool sent = m->sent;
+		u8 idx = m->queue;
+		bool whole;
 
 		next = interval_tree_iter_next(it, iova, last);
-		if (pvdma_cut(dom, m, iova, last, &tail))
+		whole = pvdma_cut(dom, m, iova, last, &tail);
+		if (whole)
 			kfree(m);
 		found = true;
-		if (sent) {
+		if (sent && q) {
+			/*
+			 * Queued mode: a whole mapping goes as an entry (SYNC
+			 * in iotlb_sync or flush_iotlb_all); a part of one,
+			 * synchronously, which answers RANGE and brings the
+			 * endpoints back to the shadow.
+			 */
+			if (whole && !sync_unmap)
+				pvdma_q_unmap_all(dom, idx, first,
+						  end - first + 1);
+			else
+				pvdma_unmap_range_all(dom, first,
+						      end - first + 1);
+			sent_first = min_t(u64, sent_first, first);
+			sent_last = max_t(u64, sent_last, end);
+		} else if (sent) {
 			sent_first = min_t(u64, sent_first, first);
 			sent_last = max_t(u64, sent_last, end);
 			if (iommu_iotlb_gather_queued(gather))
@@ -694,8 +1114,16 @@ static void pvdma_iotlb_sync(struct iommu_domain *domain,
 	if (gather->start > gather->end)
 		return;
 	spin_lock_irqsave(&dom->lock, irqflags);
-	pvdma_unmap_range_all(dom, gather->start,
-			      gather->end - gather->start + 1);
+	/*
+	 * Queued mode: the range's UNMAPs are queued, SYNC applies them. The
+	 * queues may have gone since (torn down, which applied them): then
+	 * the UNMAP of the range finds nothing, or what was unmapped
+	 * synchronously meanwhile.
+	 */
+	if (!READ_ONCE(pvdma_q_on))
+		pvdma_unmap_range_all(dom, gather->start,
+				      gather->end - gather->start + 1);
+	pvdma_sync_dom(dom);
 	spin_unlock_irqrestore(&dom->lock, irqflags);
 	iommu_iotlb_gather_init(gather);
 }
@@ -707,6 +1135,8 @@ static void pvdma_flush_iotlb_all(struct iommu_domain *domain)
 
 	spin_lock_irqsave(&dom->lock, irqflags);
 	pvdma_flush_pending(dom);
+	/* Queued UNMAPs are applied before dma-iommu frees their IOVAs. */
+	pvdma_sync_dom(dom);
 	spin_unlock_irqrestore(&dom->lock, irqflags);
 }
 
@@ -768,15 +1198,23 @@ static int pvdma_leave_domain(struct pvdma_endpoint *ep, bool block)
 	if (block && ep->attached)
 		ret = pvdma_host_block(ep);
 	list_del_init(&ep->link);
+	old->nr_passthrough -= ep->passthrough;
 	spin_unlock_irqrestore(&old->lock, irqflags);
 	ep->domain = NULL;
 	return ret;
 }
 
-/* The domain's mappings to one endpoint, which is not on its list yet. */
-static int pvdma_replay(struct pvdma_domain *dom, struct pvdma_endpoint *ep)
+/*
+ * The domain's mappings to one endpoint, which is not on its list yet (or
+ * was just emptied). It stops at the first MAP the host refuses, unless
+ * @keep_going: then each refused MAP is reported, its mapping marked for
+ * a synchronous UNMAP, and the first error returned at the end.
+ */
+static int pvdma_replay(struct pvdma_domain *dom, struct pvdma_endpoint *ep,
+			bool keep_going)
 {
 	struct interval_tree_node *it;
+	int ret = 0;
 
 	lockdep_assert_held(&dom->lock);
 	for (it = interval_tree_iter_first(&dom->mappings, 0, U64_MAX); it;
@@ -795,12 +1233,16 @@ static int pvdma_replay(struct pvdma_domain *dom, struct pvdma_endpoint *ep)
 		r->segs[0].gpa = m->paddr;
 		r->segs[0].len = it->last - it->start + 1;
 		st = pvdma_req_issue(r);
-		if (st != PVDMA_S_OK) {
-			pvdma_report(ep, PVDMA_OP_MAP, it->start, st);
+		if (st == PVDMA_S_OK)
+			continue;
+		pvdma_report(ep, PVDMA_OP_MAP, it->start, st);
+		if (!keep_going)
 			return pvdma_errno(st);
-		}
+		m->sync_unmap = true;
+		if (!ret)
+			ret = pvdma_errno(st);
 	}
-	return 0;
+	return ret;
 }
 
 /*
@@ -817,12 +1259,95 @@ static void pvdma_resync(struct pvdma_domain *dom, struct pvdma_endpoint *ep)
 	int ret = pvdma_host_block(ep);
 
 	if (!ret)
-		ret = pvdma_replay(dom, ep);
+		ret = pvdma_replay(dom, ep, false);
 	if (!ret)
 		return;
 	pvdma_host_block(ep);
 	dev_err_ratelimited(ep->dev, "could not restore its mappings (%d): its DMA is refused until its next domain change\n",
 			    ret);
+}
+
+/*
+ * After queued entries failed (or were lost in a stopped queue): every
+ * attached endpoint of the domain is emptied and MAPped again from the
+ * shadow, synchronously. Each MAP the host refuses now is reported with
+ * the device and IOVA, and its range stays unmapped (as the failed entry
+ * left it); the rest works on. Domain lock held.
+ */
+static void pvdma_rebuild(struct pvdma_domain *dom)
+{
+	struct pvdma_endpoint *ep;
+
+	list_for_each_entry(ep, &dom->endpoints, link) {
+		if (ep->attached && !pvdma_host_block(ep))
+			pvdma_replay(dom, ep, true);
+	}
+}
+
+/*
+ * The domain's entries have all been applied (a SYNC, or the queues'
+ * tear-down): if any entry failed anywhere since its first one (@epoch
+ * moved), its endpoints are rebuilt, so that none keeps an IOVA mapped
+ * that the shadow freed, or lacks one the shadow holds.
+ */
+static void pvdma_dom_check(struct pvdma_domain *dom, unsigned long epoch)
+{
+	if (dom->queued && dom->seen_epoch != epoch &&
+	    !READ_ONCE(pvdma_down))
+		pvdma_rebuild(dom);
+	dom->queued = false;
+}
+
+/*
+ * Queued mode: SYNC through one of the domain's endpoints (with none, no
+ * entry can matter to it), then the check above. Nothing when queues were
+ * never set up. Domain lock held.
+ */
+static void pvdma_sync_dom(struct pvdma_domain *dom)
+{
+	struct pvdma_endpoint *ep;
+	unsigned long epoch;
+
+	lockdep_assert_held(&dom->lock);
+	if (!READ_ONCE(pvdma_q_used))
+		return;
+	epoch = atomic_long_read(&pvdma_fail_epoch);
+	if (READ_ONCE(pvdma_q_on) && !READ_ONCE(pvdma_down)) {
+		list_for_each_entry(ep, &dom->endpoints, link) {
+			if (ep->attached) {
+				epoch = pvdma_sync(ep->rid);
+				break;
+			}
+		}
+	}
+	pvdma_dom_check(dom, epoch);
+}
+
+/*
+ * After a SYNC reported failures or a queue broke: the queues torn down if
+ * broken, then every domain that queued entries since the failure epoch
+ * moved is rebuilt, also those that issue no SYNC of their own soon.
+ */
+static void pvdma_q_work_fn(struct work_struct *work)
+{
+	struct pvdma_domain *dom;
+	unsigned long irqflags, epoch;
+
+	if (READ_ONCE(pvdma_q_broken))
+		pvdma_q_stop();
+	mutex_lock(&pvdma_domains_lock);
+	list_for_each_entry(dom, &pvdma_domains, all) {
+		spin_lock_irqsave(&dom->lock, irqflags);
+		epoch = atomic_long_read(&pvdma_fail_epoch);
+		/* Its requests apply what it queued since (rule 1). */
+		if (dom->queued && dom->seen_epoch != epoch) {
+			if (!READ_ONCE(pvdma_down))
+				pvdma_rebuild(dom);
+			dom->queued = false;
+		}
+		spin_unlock_irqrestore(&dom->lock, irqflags);
+	}
+	mutex_unlock(&pvdma_domains_lock);
 }
 
 /*
@@ -867,9 +1392,10 @@ static int pvdma_attach_dev(struct iommu_domain *domain, struct device *dev)
 
 	dom = to_pvdma_domain(domain);
 	spin_lock_irqsave(&dom->lock, irqflags);
-	ret = pvdma_replay(dom, ep);
+	ret = pvdma_replay(dom, ep, false);
 	if (!ret) {
 		list_add_tail(&ep->link, &dom->endpoints);
+		dom->nr_passthrough += ep->passthrough;
 		ep->domain = dom;
 	}
 	spin_unlock_irqrestore(&dom->lock, irqflags);
@@ -911,6 +1437,9 @@ static struct pvdma_domain *pvdma_alloc_domain(void)
 		pvdma->iova_bits >= 64 ? U64_MAX :
 		(1ULL << pvdma->iova_bits) - 1;
 	dom->domain.geometry.force_aperture = true;
+	mutex_lock(&pvdma_domains_lock);
+	list_add_tail(&dom->all, &pvdma_domains);
+	mutex_unlock(&pvdma_domains_lock);
 	return dom;
 }
 
@@ -919,6 +1448,9 @@ static void pvdma_domain_free(struct iommu_domain *domain)
 	struct pvdma_domain *dom = to_pvdma_domain(domain);
 	struct interval_tree_node *it;
 
+	mutex_lock(&pvdma_domains_lock);
+	list_del(&dom->all);
+	mutex_unlock(&pvdma_domains_lock);
 	/* No endpoint is left: nothing to send; drop the shadow. */
 	while ((it = interval_tree_iter_first(&dom->mappings, 0, U64_MAX))) {
 		interval_tree_remove(it, &dom->mappings);
@@ -1014,6 +1546,7 @@ static struct iommu_device *pvdma_probe_device(struct device *dev)
 	ep->rid = rid;
 	/* Attached by an earlier driver instance (kexec): start over. */
 	ep->attached = result & PVDMA_QUERY_ATTACHED;
+	ep->passthrough = result & PVDMA_QUERY_PASSTHROUGH;
 	INIT_LIST_HEAD(&ep->link);
 	dev_iommu_priv_set(dev, ep);
 	dev_dbg(dev, "behind pvdma as requester 0x%04x%s\n", rid,
@@ -1333,6 +1866,247 @@ static const struct kernel_param_ops test_failed_replay_ops = {
 module_param_cb(test_failed_replay, &test_failed_replay_ops, NULL, 0200);
 MODULE_PARM_DESC(test_failed_replay,
 		 "testing only: bb:dd.f (no driver) to attach to a new domain whose 512 MiB the host's pin-limit refuses");
+
+/*
+ * test_queued_fail=bb:dd.f (queued mode; a function without a driver, alone
+ * in its group; a pin-limit below 512 MiB): the function goes into a new
+ * paging domain, which maps 512 MiB of guest RAM from 1 MiB with one
+ * iommu_map(): a queued MAP, which the host refuses (QUOTA) when it
+ * applies it. iommu_flush_iotlb_all() SYNCs: the SYNC reports the failed
+ * entry, the domain is rebuilt, and the replay, refused again, reports the
+ * MAP with the device and IOVA and marks the mapping. The write succeeds
+ * when that mark is found; the function is detached and the domain freed
+ * (6.12 attaches its default domain again, 6.1 leaves it blocked).
+ */
+static int param_set_test_queued_fail(const char *val,
+				      const struct kernel_param *kp)
+{
+	struct pvdma_domain *dom;
+	struct iommu_domain *domain;
+	struct interval_tree_node *it;
+	unsigned long irqflags;
+	struct pci_dev *pdev;
+	bool refused = false;
+	int ret;
+
+	if (!READ_ONCE(pvdma_q_on))
+		return -EOPNOTSUPP;
+	domain = pvdma_test_domain(val, &pdev);
+	if (IS_ERR(domain))
+		return PTR_ERR(domain);
+	dom = to_pvdma_domain(domain);
+	ret = iommu_attach_device(domain, &pdev->dev);
+	if (ret)
+		goto out_domain;
+	ret = pvdma_test_map(domain, PVDMA_TEST_REPLAY_IOVA, SZ_1M,
+			     PVDMA_TEST_REPLAY_SIZE, IOMMU_READ);
+	if (!ret) {
+		iommu_flush_iotlb_all(domain);
+		spin_lock_irqsave(&dom->lock, irqflags);
+		it = interval_tree_iter_first(&dom->mappings,
+					      PVDMA_TEST_REPLAY_IOVA,
+					      PVDMA_TEST_REPLAY_IOVA);
+		refused = it && container_of(it, struct pvdma_mapping,
+					     it)->sync_unmap;
+		spin_unlock_irqrestore(&dom->lock, irqflags);
+		iommu_unmap(domain, PVDMA_TEST_REPLAY_IOVA,
+			    PVDMA_TEST_REPLAY_SIZE);
+	}
+	pci_info(pdev, "test_queued_fail: queued MAP of 512 MiB: %d, refused in the rebuild: %s\n",
+		 ret, refused ? "yes" : "no");
+	ret = refused ? 0 : -EIO;
+	iommu_detach_device(domain, &pdev->dev);
+out_domain:
+	iommu_domain_free(domain);
+	pci_dev_put(pdev);
+	return ret;
+}
+
+struct pvdma_test_xq {
+	struct iommu_domain *domain;
+	phys_addr_t pa;
+};
+
+static long pvdma_test_xq_map(void *arg)
+{
+	struct pvdma_test_xq *x = arg;
+
+	return pvdma_test_map(x->domain, PVDMA_TEST_IOVA, x->pa, SZ_4K,
+			      IOMMU_READ);
+}
+
+static long pvdma_test_xq_unmap(void *arg)
+{
+	struct pvdma_test_xq *x = arg;
+
+	return iommu_unmap(x->domain, PVDMA_TEST_IOVA, SZ_4K) == SZ_4K ?
+	       0 : -EIO;
+}
+
+/*
+ * test_cross_queue=bb:dd.f (queued mode with two queues or more and two
+ * CPUs; a function without a driver, alone in its group): in a new paging
+ * domain, one page is mapped from CPU 1 and unmapped from CPU 0, whose
+ * queues differ; the UNMAP must still be applied after the MAP (the SYNC
+ * at the end of iommu_unmap reports no failed entry, the failure epoch
+ * stays). The function is detached and the domain freed.
+ */
+static int param_set_test_cross_queue(const char *val,
+				      const struct kernel_param *kp)
+{
+	struct iommu_domain *domain;
+	struct pvdma_test_xq x;
+	unsigned long epoch;
+	struct pci_dev *pdev;
+	struct page *page;
+	int ret;
+
+	if (!READ_ONCE(pvdma_q_on) || pvdma_q_nr < 2 || !cpu_online(1))
+		return -EOPNOTSUPP;
+	domain = pvdma_test_domain(val, &pdev);
+	if (IS_ERR(domain))
+		return PTR_ERR(domain);
+	page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+	ret = -ENOMEM;
+	if (!page)
+		goto out_domain;
+	ret = iommu_attach_device(domain, &pdev->dev);
+	if (ret)
+		goto out_page;
+	x.domain = domain;
+	x.pa = page_to_phys(page);
+	epoch = atomic_long_read(&pvdma_fail_epoch);
+	ret = work_on_cpu(1, pvdma_test_xq_map, &x);
+	if (!ret)
+		ret = work_on_cpu(0, pvdma_test_xq_unmap, &x);
+	if (!ret && atomic_long_read(&pvdma_fail_epoch) != epoch)
+		ret = -EIO;
+	pci_info(pdev, "test_cross_queue: a page mapped on CPU 1, unmapped on CPU 0: %d\n",
+		 ret);
+	iommu_detach_device(domain, &pdev->dev);
+out_page:
+	__free_page(page);
+out_domain:
+	iommu_domain_free(domain);
+	pci_dev_put(pdev);
+	return ret;
+}
+
+static const struct kernel_param_ops test_cross_queue_ops = {
+	.set = param_set_test_cross_queue,
+};
+module_param_cb(test_cross_queue, &test_cross_queue_ops, NULL, 0200);
+MODULE_PARM_DESC(test_cross_queue,
+		 "testing only: bb:dd.f (no driver) to put in a new domain that maps a page on CPU 1 and unmaps it on CPU 0");
+
+#define PVDMA_TEST_RING_PAGES	(2 * PVDMA_RING_ENTRIES)
+
+/*
+ * test_ring_full=bb:dd.f (queued mode; a function without a driver, alone
+ * in its group): in a new paging domain, one page is mapped at twice as
+ * many IOVAs as a ring has slots, one iommu_map() each, and all of them
+ * unmapped with one iommu_unmap(): the CPU's ring fills, is synced and
+ * taken up again. The write fails unless a full ring was synced and no
+ * entry failed. The function is detached and the domain freed.
+ */
+static int param_set_test_ring_full(const char *val,
+				    const struct kernel_param *kp)
+{
+	unsigned long epoch, full;
+	struct iommu_domain *domain;
+	struct pci_dev *pdev;
+	struct page *page;
+	size_t unmapped = 0;
+	int i, ret;
+
+	if (!READ_ONCE(pvdma_q_on))
+		return -EOPNOTSUPP;
+	domain = pvdma_test_domain(val, &pdev);
+	if (IS_ERR(domain))
+		return PTR_ERR(domain);
+	page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+	ret = -ENOMEM;
+	if (!page)
+		goto out_domain;
+	ret = iommu_attach_device(domain, &pdev->dev);
+	if (ret)
+		goto out_page;
+	epoch = atomic_long_read(&pvdma_fail_epoch);
+	full = atomic_long_read(&pvdma_full_syncs);
+	for (i = 0; i < PVDMA_TEST_RING_PAGES && !ret; i++)
+		ret = pvdma_test_map(domain, PVDMA_TEST_IOVA + i * SZ_4K,
+				     page_to_phys(page), SZ_4K, IOMMU_READ);
+	unmapped = iommu_unmap(domain, PVDMA_TEST_IOVA,
+			       PVDMA_TEST_RING_PAGES * SZ_4K);
+	full = atomic_long_read(&pvdma_full_syncs) - full;
+	pci_info(pdev, "test_ring_full: %d pages mapped one by one: %d; 0x%zx unmapped; %lu SYNCs of a full ring\n",
+		 i, ret, unmapped, full);
+	if (!ret && (!full || atomic_long_read(&pvdma_fail_epoch) != epoch ||
+		     unmapped != PVDMA_TEST_RING_PAGES * SZ_4K))
+		ret = -EIO;
+	iommu_detach_device(domain, &pdev->dev);
+out_page:
+	__free_page(page);
+out_domain:
+	iommu_domain_free(domain);
+	pci_dev_put(pdev);
+	return ret;
+}
+
+static const struct kernel_param_ops test_ring_full_ops = {
+	.set = param_set_test_ring_full,
+};
+module_param_cb(test_ring_full, &test_ring_full_ops, NULL, 0200);
+MODULE_PARM_DESC(test_ring_full,
+		 "testing only: bb:dd.f (no driver) to put in a new domain that maps a page at twice a ring's entries of IOVAs, then unmaps them");
+
+/*
+ * test_break_queue=1 (queued mode): this CPU's queue publishes a ring and
+ * one more entries than the host took, which the host must answer by
+ * stopping the queue. The SYNC that follows answers STATE; the driver
+ * gives the queues up. The write succeeds once the work has torn them
+ * down and requests are synchronous.
+ */
+static int param_set_test_break_queue(const char *val,
+				      const struct kernel_param *kp)
+{
+	unsigned long irqflags;
+	struct pvdma_queue *q;
+	u32 rid;
+
+	if (!READ_ONCE(pvdma_q_on) || !pvdma_any_rid(&rid))
+		return -EOPNOTSUPP;
+	local_irq_save(irqflags);
+	q = &pvdma_q[pvdma_q_mine()];
+	spin_lock(&q->lock);
+	if (!q->dead) {
+		q->head = READ_ONCE(q->ctrl->tail) + PVDMA_RING_ENTRIES + 1;
+		/* Published as pvdma_q_push() does; the slots are stale. */
+		smp_store_release(&q->ctrl->head, q->head);
+	}
+	spin_unlock(&q->lock);
+	pvdma_sync(rid);
+	local_irq_restore(irqflags);
+	flush_work(&pvdma_q_work);
+	pr_info("test_break_queue: queues %s, %s\n",
+		READ_ONCE(pvdma_q_broken) ? "given up" : "still trusted",
+		READ_ONCE(pvdma_q_on) ? "still in use" : "torn down");
+	return READ_ONCE(pvdma_q_broken) && !READ_ONCE(pvdma_q_on) ? 0 : -EIO;
+}
+
+static const struct kernel_param_ops test_break_queue_ops = {
+	.set = param_set_test_break_queue,
+};
+module_param_cb(test_break_queue, &test_break_queue_ops, NULL, 0200);
+MODULE_PARM_DESC(test_break_queue,
+		 "testing only: 1 overruns this CPU's queue, which the host stops; the driver goes synchronous");
+
+static const struct kernel_param_ops test_queued_fail_ops = {
+	.set = param_set_test_queued_fail,
+};
+module_param_cb(test_queued_fail, &test_queued_fail_ops, NULL, 0200);
+MODULE_PARM_DESC(test_queued_fail,
+		 "testing only: bb:dd.f (no driver) to put in a new domain whose queued MAP of 512 MiB the host's pin-limit refuses");
 #endif
 
 static void pvdma_free_blocks(void)
@@ -1360,6 +2134,110 @@ static int pvdma_alloc_blocks(void)
 		per_cpu(pvdma_block, cpu) = page_address(page);
 	}
 	return 0;
+}
+
+/* QUEUE (op 7) setting queue @idx up, through endpoint @rid. */
+static u32 pvdma_q_setup_one(unsigned int idx, u32 rid)
+{
+	struct pvdma_queue *q = &pvdma_q[idx];
+	unsigned long irqflags;
+	struct pvdma_req *r;
+	u32 st;
+
+	local_irq_save(irqflags);
+	r = pvdma_req_begin(PVDMA_OP_QUEUE, 0, rid);
+	r->iova = idx;
+	r->nr_segs = 2;
+	r->segs[0].gpa = virt_to_phys(q->ctrl);
+	r->segs[0].len = PVDMA_QUEUE_CTRL_SIZE;
+	r->segs[1].gpa = virt_to_phys(q->ring);
+	r->segs[1].len = PVDMA_RING_BYTES;
+	st = pvdma_req_issue(r);
+	local_irq_restore(irqflags);
+	return st;
+}
+
+/*
+ * Queued mode, when the host offers it and queued=1: min(CPUs, QUEUES)
+ * queues of PVDMA_RING_ENTRIES entries. On any failure the driver stays
+ * synchronous. Before iommu_device_register: no endpoint maps yet.
+ */
+static void pvdma_q_setup(struct pvdma_iommu *p)
+{
+	struct device *dev = &p->pdev->dev;
+	unsigned int i, nr;
+	u32 rid, st = 0;
+
+	if (!queued || !(p->features & PVDMA_FEATURE_QUEUE))
+		return;
+	nr = readl(p->regs + PVDMA_REG_QUEUES);
+	nr = min3(nr, nr_cpu_ids, (unsigned int)PVDMA_MAX_QUEUES);
+	if (!nr) {
+		dev_warn(dev, "FEATURES.QUEUE but QUEUES is 0: requests are synchronous\n");
+		return;
+	}
+	if (!pvdma_any_rid(&rid)) {
+		dev_warn(dev, "no endpoint to set request queues up through: requests are synchronous\n");
+		return;
+	}
+	pvdma_q = kcalloc(nr, sizeof(*pvdma_q), GFP_KERNEL);
+	pvdma_q_ctrl = (void *)get_zeroed_page(GFP_KERNEL);
+	if (!pvdma_q || !pvdma_q_ctrl)
+		goto err_free;
+	for (i = 0; i < nr; i++) {
+		spin_lock_init(&pvdma_q[i].lock);
+		pvdma_q[i].ctrl = &pvdma_q_ctrl[i];
+		pvdma_q[i].ring = (void *)__get_free_pages(GFP_KERNEL | __GFP_ZERO,
+							   get_order(PVDMA_RING_BYTES));
+		if (!pvdma_q[i].ring)
+			goto err_free;
+	}
+	pvdma_q_nr = nr;
+	for (i = 0; i < nr; i++) {
+		st = pvdma_q_setup_one(i, rid);
+		if (st == PVDMA_S_STATE) {
+			/* Left set up by an earlier kernel (kdump): take it over. */
+			pvdma_simple(PVDMA_OP_QUEUE, rid, i, 0, NULL);
+			st = pvdma_q_setup_one(i, rid);
+		}
+		if (st != PVDMA_S_OK)
+			break;
+		/* The host took tail = head = 0 (the block was zeroed). */
+		pvdma_q[i].tail = READ_ONCE(pvdma_q[i].ctrl->tail);
+		pvdma_q[i].head = pvdma_q[i].tail;
+		WRITE_ONCE(pvdma_q[i].ctrl->head, pvdma_q[i].head);
+	}
+	if (i == nr) {
+		WRITE_ONCE(pvdma_q_used, true);
+		WRITE_ONCE(pvdma_q_on, true);
+		dev_info(dev, "%u request queues of %u entries\n", nr,
+			 PVDMA_RING_ENTRIES);
+		return;
+	}
+	dev_warn(dev, "setting request queue %u up: status %u (%d); requests are synchronous\n",
+		 i, st, pvdma_errno(st));
+	/* Those set up go again; the memory of any that would not, stays. */
+	pvdma_q_nr = i;
+	pvdma_q_teardown(rid);
+	for (; i < nr; i++)
+		free_pages((unsigned long)pvdma_q[i].ring,
+			   get_order(PVDMA_RING_BYTES));
+	pvdma_q_nr = 0;
+	if (!pvdma_q_ctrl) {
+		kfree(pvdma_q);
+		pvdma_q = NULL;
+	}
+	return;
+
+err_free:
+	dev_warn(dev, "no memory for request queues: requests are synchronous\n");
+	for (i = 0; pvdma_q && i < nr; i++)
+		free_pages((unsigned long)pvdma_q[i].ring,
+			   get_order(PVDMA_RING_BYTES));
+	free_page((unsigned long)pvdma_q_ctrl);
+	pvdma_q_ctrl = NULL;
+	kfree(pvdma_q);
+	pvdma_q = NULL;
 }
 
 /*
@@ -1463,6 +2341,7 @@ static int pvdma_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	/* Kept, like everything above, for as long as the module is loaded. */
 	pci_dev_get(pdev);
 	pvdma = p;
+	pvdma_q_setup(p);
 	/*
 	 * Probes every PCI device. The 6.1 core leaves its bus ops set even
 	 * after an unregister, so from here on the module stays (no remove,
@@ -1514,6 +2393,8 @@ static void pvdma_pci_shutdown(struct pci_dev *pdev)
 		return;
 	mutex_lock(&pvdma_switch_lock);
 	WRITE_ONCE(pvdma_down, true);
+	/* Applies what they hold; the next kernel sets its own up. */
+	pvdma_q_stop();
 	/* By requester ID: no endpoint structure is touched here. */
 	for_each_pci_dev(ep_pdev) {
 		if (ep_pdev == pdev)
@@ -1531,6 +2412,17 @@ static void pvdma_pci_shutdown(struct pci_dev *pdev)
 	mutex_unlock(&pvdma_switch_lock);
 }
 
+/*
+ * The function removed (sysfs, hot-unplug): the driver goes on with
+ * synchronous requests over the registers it keeps; the queues, whose
+ * memory the host pins, are torn down.
+ */
+static void pvdma_pci_remove(struct pci_dev *pdev)
+{
+	if (pvdma && pvdma->pdev == pdev)
+		pvdma_q_stop();
+}
+
 static const struct pci_device_id pvdma_pci_ids[] = {
 	{ PCI_DEVICE(PVDMA_PCI_VENDOR_ID, PVDMA_PCI_DEVICE_ID) },
 	{ }
@@ -1541,6 +2433,7 @@ static struct pci_driver pvdma_pci_driver = {
 	.name = "pvdma-iommu",
 	.id_table = pvdma_pci_ids,
 	.probe = pvdma_pci_probe,
+	.remove = pvdma_pci_remove,
 	.shutdown = pvdma_pci_shutdown,
 	.driver.suppress_bind_attrs = true,
 };

@@ -287,12 +287,16 @@ def guest_append(variant, strict, mode, bench=(), modparams="",
 def check_requests(snapshot, strict):
     """Problems in the request counts of a run with pvdma_iommu.ko: it must
     have made mappings and removed them, lazily through UNMAP_LIST (when
-    the device offers it, FEATURES bit 3), strictly through UNMAP."""
+    the device offers it, FEATURES bit 3), strictly through UNMAP. A run
+    whose queues applied entries (the driver's queued mode) made them
+    through the queues: check_queued() is the check for those."""
     problems = []
     for dev in snapshot or []:
         req = dev.get("requests")
         if req is None:
             continue                      # a QEMU without the counters
+        if queue_summary([dev])[0][2]:
+            continue                      # queued mode
         if not req.get("map"):
             problems.append("no MAP requests")
         removal = "unmap" if strict or not dev.get("features", 0) & 8 \
@@ -300,6 +304,66 @@ def check_requests(snapshot, strict):
         if not req.get(removal):
             problems.append(f"no {removal.upper().replace('-', '_')} "
                             f"requests ({'strict' if strict else 'lazy'})")
+    return problems
+
+
+def _field(d, name, default=None):
+    """d[name], with QMP's dashes or Python's underscores."""
+    for k in (name, name.replace("_", "-"), name.replace("-", "_")):
+        if k in d:
+            return d[k]
+    return default
+
+
+def queue_summary(snapshot):
+    """Per pvdma device: (queues set up, stopped, entries applied, entries
+    failed, MAP requests, drains that took entries, requests over both
+    transports), from a query-pvdma reply."""
+    out = []
+    for dev in snapshot or []:
+        qs = [q for q in _field(dev, "queues", []) or []
+              if _field(q, "set-up", True)]
+        req = dev.get("requests", {})
+        tr = dev.get("transports", {})
+        out.append((len(qs), sum(bool(_field(q, "stopped")) for q in qs),
+                    sum(_field(q, "applied", 0) for q in qs),
+                    sum(_field(q, "failed", 0) for q in qs),
+                    req.get("map", 0), sum(_field(q, "drains", 0) for q in qs),
+                    sum(v for v in tr.values() if isinstance(v, int))))
+    return out
+
+
+def check_queued(snapshot):
+    """Problems in the final query-pvdma of a run of the driver's queued
+    mode (queued=1): the host offers FEATURES.QUEUE (bit 4), queues are set
+    up, none stopped, entries were applied and none failed, fewer
+    requests were made (SYNCs, boot-time QUERY/ATTACH, the refusal
+    test's) than entries applied, and the synchronous MAPs (replays) are
+    far fewer than the queued entries."""
+    if not snapshot:
+        return ["query-pvdma shows no pvdma device"]
+    problems = []
+    for dev, (nq, stopped, applied, failed, maps, _, reqs) in \
+            zip(snapshot, queue_summary(snapshot)):
+        name = dev.get("id", dev["path"])
+        if not dev.get("features", 0) & 16:
+            problems.append(f"{name}: FEATURES {dev.get('features')} "
+                            f"offers no QUEUE (bit 4)")
+            continue
+        if nq == 0:
+            problems.append(f"{name}: no request queue set up")
+        if stopped:
+            problems.append(f"{name}: {stopped} queues stopped")
+        if failed:
+            problems.append(f"{name}: {failed} queued entries failed")
+        if applied == 0:
+            problems.append(f"{name}: no queued entry applied")
+        if reqs >= applied:
+            problems.append(f"{name}: {reqs} requests for {applied} "
+                            f"queued entries")
+        if maps * 10 > applied:
+            problems.append(f"{name}: {maps} synchronous MAPs for "
+                            f"{applied} queued entries")
     return problems
 
 
@@ -475,7 +539,8 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                 disk_cache="writeback", disk_mib=64, query=True,
                 refuse=False, detached=(), vhost_user_blk=None,
                 on_line=None, topology="flat", hotplug=False, extra_args=(),
-                on_pause=None, clean_tag=None, after_poweroff=False):
+                on_pause=None, clean_tag=None, after_poweroff=False,
+                expect_queued=False):
     """Boots the I/O guest once; returns a RunResult (never raises for a
     guest failure; QEMU is gone when it returns).
 
@@ -522,6 +587,9 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     exiting (-action shutdown=pause); the framework then takes
     .snapshots["poweroff"] and quits QEMU. The guest's power-off runs the
     drivers' shutdown hooks, so this is what a kexec'd kernel would find.
+    expect_queued (variant pvdma, the driver's queued=1): the final
+    snapshot must show the request queues used (check_queued) instead of
+    the synchronous request counts (check_requests).
     """
     say = print if echo else (lambda *a, **k: None)
     if hotplug and (topology != "rootports" or mode != "test"):
@@ -678,7 +746,15 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
         problems = check_pvdma(res.snapshots.get(clean), tested,
                                attached=variant == "pvdma")
         if not problems and variant == "pvdma":
-            problems = check_requests(res.snapshots.get("final"), strict)
+            final = res.snapshots.get("final")
+            if expect_queued:
+                problems = check_queued(final)
+                for nq, st, ap, fl, mp, sy, tr in queue_summary(final):
+                    say(f"== queues: {nq} set up, {st} stopped, {ap} "
+                        f"entries applied in {sy} drains, {fl} failed; "
+                        f"requests: {mp} MAP, {tr} in all", flush=True)
+            else:
+                problems = check_requests(final, strict)
         if not problems and detached:
             problems = check_pvdma(res.snapshots.get(clean), detached,
                                    attached=False)
@@ -760,6 +836,10 @@ def main():
                     "virtio-blk function under I/O and plug it in again, "
                     "through ACPI hotplug (QEMU's q35 default) or the "
                     "guest's pciehp")
+    ap.add_argument("--expect-queued", action="store_true",
+                    help="variant pvdma: the driver's queued mode must "
+                    "have been used (FEATURES.QUEUE, queues set up, "
+                    "entries applied, none failed)")
     ap.add_argument("--summary-file",
                     help="append the one-line summary to this file")
     ap.add_argument("--json", help="write the whole result (RunResult) "
@@ -772,7 +852,8 @@ def main():
         r = run_variant(qemu, image, a.variant, a.strict, a.mode, a.bench,
                         a.modparams, a.timeout, a.append, echo=not a.quiet,
                         refuse=a.refuse, detached=a.expect_detached,
-                        topology=a.topology, hotplug=a.hotplug)
+                        topology=a.topology, hotplug=a.hotplug,
+                        expect_queued=a.expect_queued)
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted ({e or 'SIGINT'})")
     for name, p in r.phases.items():

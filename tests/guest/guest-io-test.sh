@@ -18,6 +18,12 @@
 #                 virtio-blk function under I/O and plugs it in again
 #                 (lazy: ACPI hotplug, QEMU's default; strict: the guest's
 #                 pciehp, then refused DMAs on the NVMe disk)
+#                 (the four above with queued=0: every request synchronous)
+#   pvdma-q       the driver's queued mode (queued=1, ABI section 3.2),
+#   pvdma-q-strict lazy and strict, each ending with refused DMAs on the
+#                 NVMe disk; query-pvdma must show the queues set up and
+#                 used, no entry failed, and synchronous MAPs far fewer
+#                 than queued ones
 #
 # Usage: tests/guest/guest-io-test.sh [QEMU_BINARY]
 # Env:   GUEST_IO_KERNELS   kernels (default "6.1 6.12 7.2"; 7.2 is
@@ -38,7 +44,7 @@ NO_DRIVER_VARIANTS="none pvdma-bypass"
 if [ -n "${GUEST_IO_VARIANTS:-}" ]; then
     VARIANTS=$GUEST_IO_VARIANTS
 elif [ -f "${PVDMA_GUEST_LINUX:-$PVDMA_ROOT/guest/linux}/Kbuild" ]; then
-    VARIANTS="none pvdma-bypass pvdma pvdma-strict pvdma-rp pvdma-rp-strict"
+    VARIANTS="none pvdma-bypass pvdma pvdma-strict pvdma-rp pvdma-rp-strict pvdma-q pvdma-q-strict"
 else
     VARIANTS=$NO_DRIVER_VARIANTS
     log "no guest/linux yet: variants $VARIANTS only"
@@ -80,7 +86,7 @@ for k in $KERNELS; do
             # driver keeps what it needs for as long as it is loaded), over
             # the doorbell (its registers must outlive the removal; the
             # strict variant takes the hypercall when TCG offers it).
-            extra=(--modparams exclude=00:01.0,transport=doorbell
+            extra=(--modparams exclude=00:01.0,transport=doorbell,queued=0
                    --expect-detached 00:01.0
                    --append pvdmaio.remove_pvdma=1)
         fi
@@ -88,18 +94,25 @@ for k in $KERNELS; do
             # Strict, and ending with refused DMAs on the NVMe disk: into
             # a buffer never mapped, then into one mapped read-only.
             variant=pvdma
-            extra=(--strict --refuse both)
+            extra=(--modparams queued=0 --strict --refuse both)
         fi
         if [ "$v" = pvdma-rp ]; then
             variant=pvdma
-            extra=(--topology rootports --hotplug acpi)
+            extra=(--modparams queued=0 --topology rootports --hotplug acpi)
             limit=$((TIMEOUT + 60))   # the hotplug cycle and one more verify
         fi
         if [ "$v" = pvdma-rp-strict ]; then
             variant=pvdma
-            extra=(--strict --topology rootports --hotplug pciehp
-                   --refuse both)
+            extra=(--modparams queued=0 --strict --topology rootports
+                   --hotplug pciehp --refuse both)
             limit=$((TIMEOUT + 60))
+        fi
+        if [ "$v" = pvdma-q ] || [ "$v" = pvdma-q-strict ]; then
+            # Queued mode, where the host offers it (--expect-queued
+            # fails the run when it does not), ending with refused DMAs.
+            variant=pvdma
+            extra=(--modparams queued=1 --expect-queued --refuse both)
+            [ "$v" = pvdma-q ] || extra+=(--strict)
         fi
         log "kernel $k, variant $v"
         boot_run "kernel $k variant $v" \

@@ -25,6 +25,20 @@ time. Checks:
     fail without a DETACH. Then edu must be attached (blocked or back in
     its default domain: never bypassing), its reads of guest RAM and of
     the domain's IOVAs refused and counted in FAULTS;
+  * queues (when the host offers FEATURES.QUEUE): test_cross_queue maps a
+    page for edu on CPU 1 and unmaps it on CPU 0 (different queues); the
+    SYNC after it must report no failed entry. test_ring_full maps a
+    page at 4096 IOVAs and unmaps them: a full ring must have been synced
+    and no entry failed. At the end (after the partial unmap)
+    test_break_queue overruns a queue: the host must stop it, the driver
+    tear every queue down (none set up at the queue-broken pause) and
+    disk I/O go on with synchronous MAPs. Before that the driver's
+    test hook test_queued_fail puts edu in a new domain that maps 512
+    MiB with one queued MAP, which the pin-limit refuses; the guest
+    checks that the SYNC after it logged the failure with status QUOTA
+    and the rebuild logged the refused MAP with edu's name and the IOVA,
+    the host that the queues counted exactly that one failed entry;
+    without QUEUE the guest must have skipped both;
   * partial unmap: the driver's test hook (test_partial_unmap) puts edu
     in a new paging domain that maps 16 KiB at TEST_IOVA with one
     iommu_map() and unmaps its second page; the hook checks the size the
@@ -165,6 +179,8 @@ def main():
             modparams="exclude=00:01.0",
             extra_append=[f"pvdmaio.switch={EDU}:{a.rounds}",
                           f"pvdmaio.failed_replay={EDU}",
+                          f"pvdmaio.queued_fail={EDU}",
+                          "pvdmaio.break_queue=1",
                           f"pvdmaio.partial_unmap={EDU}"],
             extra_args=["-device", f"edu,id=edu0,addr=0x{EDU_ADDR[:2]}",
                         "-global", "pvdma.pin-limit=256M",
@@ -236,7 +252,46 @@ def main():
             if d_fr != d_end:
                 problems.append(f"the failed switch sent {d_fr - d_end} "
                                 "DETACH: the endpoint left translation")
+    qf = r.snapshots.get("queued-fail")
+    if not qf:
+        problems.append("no query-pvdma at queued-fail")
+    elif qf[0].get("features", 0) & 16:
+        nq, _, applied, failed = pg.queue_summary(qf)[0][:4]
+        print(f"== queued fail: {nq} queues, {applied} entries applied, "
+              f"{failed} failed")
+        if not any(f"QUEUED-FAIL {EDU}" in line for line in r.console):
+            problems.append("the host offers QUEUE, but the guest did not "
+                            "run test_queued_fail")
+        # Exactly the refused MAP: an UNMAP applied before its MAP (a
+        # cross-queue order bug) would fail too, with NOENT.
+        if failed != 1:
+            problems.append(f"{failed} queued entries failed, not the one "
+                            "MAP test_queued_fail made")
+    elif not any("QUEUED-FAIL skipped" in line for line in r.console):
+        problems.append("no QUEUE offered, but test_queued_fail was not "
+                        "skipped")
+    qb = r.snapshots.get("queue-broken")
     pu = r.snapshots.get("partial-unmap")
+    if not qb or not pu:
+        problems.append("no query-pvdma at queue-broken")
+    elif qb[0].get("features", 0) & 16:
+        left = [q["index"] for q in qb[0].get("queues", []) if q["set-up"]]
+        maps = qb[0]["requests"]["map"] - pu[0]["requests"]["map"]
+        print(f"== broken queue: queues still set up {left}; {maps} "
+              "synchronous MAPs since")
+        if not any("PVDMA-IO: BREAK-QUEUE" in line and "skipped" not in line
+                   for line in r.console):
+            problems.append("the host offers QUEUE, but the guest did not "
+                            "run test_break_queue")
+        if left:
+            problems.append(f"after the broken queue, queues {left} are "
+                            "still set up")
+        if maps <= 0:
+            problems.append("no synchronous MAP after the queues were "
+                            "given up")
+    elif not any("BREAK-QUEUE skipped" in line for line in r.console):
+        problems.append("no QUEUE offered, but test_break_queue was not "
+                        "skipped")
     if not pu:
         problems.append("no query-pvdma at partial-unmap")
     else:

@@ -5,7 +5,8 @@
 # in Debian's 6.1 and 6.12 guests (docs/guest-driver.md):
 #
 #   build   the module as shipped (no PVDMA_TEST) has no test_skip_map,
-#           test_ro_map, test_partial_unmap or test_failed_replay parameter;
+#           test_ro_map, test_partial_unmap, test_failed_replay,
+#           test_queued_fail or test_cross_queue parameter;
 #           the test build
 #           (PVDMA_TEST=1) has them
 #   switch  tests/guest/guest-switch-boot.py: an edu function moved 300
@@ -14,8 +15,17 @@
 #           whose replay the pin-limit refuses fails and leaves edu
 #           attached, its DMA refused (test_failed_replay); one page
 #           unmapped out of a 16 KiB mapping (test_partial_unmap) goes and
-#           the rest stays; after the guest's power-off every endpoint is
-#           detached (.shutdown)
+#           the rest stays; a page mapped on one CPU and unmapped on
+#           another is applied in order (test_cross_queue); twice a
+#           ring's entries are queued and unmapped without a failure, a
+#           full ring synced on the way (test_ring_full); an overrun
+#           queue the host stops makes the driver tear the queues down and
+#           go synchronous (test_break_queue); a queued MAP
+#           the pin-limit refuses is
+#           reported by the SYNC after it and, with device and IOVA, by
+#           the rebuild (test_queued_fail; with FEATURES.QUEUE only);
+#           after the guest's power-off every endpoint is detached
+#           (.shutdown)
 #
 # Usage: tests/guest/guest-switch-test.sh [QEMU_BINARY]
 # Env:   GUEST_IO_KERNELS   kernels (default "6.1 6.12 7.2")
@@ -55,7 +65,8 @@ for k in $KERNELS; do
     t=$(module_params "$test" | tr '\n' ' ')
     log "kernel $k: parameters as shipped: $p; test build: $t"
     for param in test_skip_map test_ro_map test_partial_unmap \
-                 test_failed_replay; do
+                 test_failed_replay test_queued_fail test_cross_queue \
+                 test_ring_full test_break_queue; do
         if grep -qx "$param" <<<"${p// /$'\n'}"; then
             echo "kernel $k build: FAIL: the module as shipped has $param" >>"$BOOTS_SUMMARY"
             BOOTS_FAILED=1
