@@ -167,7 +167,7 @@ impl Vm {
         self.publish_endpoints(next, &guard);
         // Under op_lock no drain may start on this thread (a notifier that
         // translates): queue mutexes come before op_lock.
-        let _no_drain = NoDrain::enter();
+        let _no_drain = NoDrain::enter(self.cfg.queues > 0);
         let _op = ep.op_lock.lock();
         self.detach_locked(&ep, &guard);
         // After the map without the endpoint was published.

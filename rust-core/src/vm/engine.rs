@@ -187,7 +187,7 @@ impl Vm {
         // Relaxed: a statistic.
         self.stats.transports[Transport::Other as usize].fetch_add(1, Ordering::Relaxed);
         let op = self.cfg.op(req.op);
-        {
+        if self.queues_active() {
             // Rule 1, as in `submit_via`.
             let guard = epoch::pin();
             let cause = if op == Some(Op::Sync) {
@@ -246,7 +246,7 @@ impl Vm {
         }
         // Under op_lock no drain may start on this thread (a notifier that
         // translates): queue mutexes come before op_lock.
-        let _no_drain = NoDrain::enter();
+        let _no_drain = NoDrain::enter(self.cfg.queues > 0);
         let _op = ep.op_lock.lock();
         // remove_endpoint unpublishes an endpoint and then detaches it under
         // this lock. A request that found it before it was unpublished and
@@ -487,7 +487,7 @@ impl Vm {
         for ep in self.endpoint_list(&guard) {
             // Under op_lock no drain may start on this thread (a notifier that
             // translates): queue mutexes come before op_lock.
-            let _no_drain = NoDrain::enter();
+            let _no_drain = NoDrain::enter(self.cfg.queues > 0);
             let _op = ep.op_lock.lock();
             self.detach_locked(&ep, &guard);
         }

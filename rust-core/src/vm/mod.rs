@@ -172,7 +172,7 @@ impl Vm {
         for ep in self.endpoint_list(&guard) {
             // Under op_lock no drain may start on this thread (a notifier that
             // translates): queue mutexes come before op_lock.
-            let _no_drain = NoDrain::enter();
+            let _no_drain = NoDrain::enter(self.cfg.queues > 0);
             let _op = ep.op_lock.lock();
             if let Some(dom) = Self::domain_of(&ep, &guard) {
                 let removed = dom.remove_gpa_range(

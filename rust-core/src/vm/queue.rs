@@ -287,9 +287,11 @@ impl Drop for DrainingMark {
 pub(super) struct NoDrain(#[allow(dead_code)] Option<DrainingMark>);
 
 impl NoDrain {
+    /// Marks the thread when `queues` (the VM offers request queues);
+    /// without them no drain can start, and the mark costs nothing.
     #[inline]
-    pub(super) fn enter() -> NoDrain {
-        NoDrain(DrainingMark::enter())
+    pub(super) fn enter(queues: bool) -> NoDrain {
+        NoDrain(if queues { DrainingMark::enter() } else { None })
     }
 }
 
@@ -628,6 +630,8 @@ impl Vm {
 
     /// Op 7 QUEUE: set-up (nr_segs 2) or tear-down (nr_segs 0). The
     /// requester was found to be an endpoint; no lock is held.
+    #[cold]
+    #[inline(never)]
     pub(super) fn queue_op(&self, req: &Request, segs: Vec<(u64, u64)>, guard: &Guard) -> Response {
         let Some(i) = usize::try_from(req.iova)
             .ok()
@@ -758,6 +762,8 @@ impl Vm {
 
     /// Op 8 SYNC: applies everything published, then answers for the
     /// window since the previous SYNC.
+    #[cold]
+    #[inline(never)]
     pub(super) fn sync_op(&self, guard: &Guard) -> Response {
         let mark = DrainingMark::enter();
         let mut stopped = false;
