@@ -762,6 +762,18 @@ fn a_drains_unmap_events_are_merged_and_sent_before_it_returns() {
          one sent before SYNC returned"
     );
     assert!(g.vm.mappings(EP).is_empty());
+    // Pages mapped one at a time get descending IOVAs from Linux; their
+    // UNMAPs come in ascending buffer order, each just below the last.
+    for i in 0..8 {
+        q.push(&g.mem, &map_entry(EP, Perm::RW, page(7 - i), DATA, 0x1000));
+    }
+    assert_eq!(g.submit(&sync_req(EP)).status, Status::Ok);
+    events.lock().unwrap().clear();
+    for i in 0..8 {
+        q.push(&g.mem, &unmap_entry(EP, page(7 - i), 0));
+    }
+    assert_eq!(g.submit(&sync_req(EP)).status, Status::Ok);
+    assert_eq!(*events.lock().unwrap(), vec![(Unmap, page(0), 8 * 0x1000)]);
     // Synchronous UNMAPs: one event per request, as before.
     events.lock().unwrap().clear();
     for i in 0..2 {

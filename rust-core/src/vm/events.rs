@@ -157,7 +157,8 @@ impl Vm {
 
     /// Starts merging this thread's UNMAP events of this VM (a drain of
     /// queued entries): until [`Vm::unmap_batch_end`], consecutive runs of
-    /// one requester that follow on in IOVA space become one event. An
+    /// one requester that follow on in IOVA space (each just above or just
+    /// below the ones before) become one event. An
     /// UNMAP event's guest-physical address means nothing, and the
     /// listeners (vhost's device IOTLB, vfio) pay per event: a flush of
     /// a 128 KiB read's 32 one-page mappings becomes one invalidation
@@ -210,6 +211,16 @@ impl Vm {
                 Some((held_rid, held))
                     if *held_rid == rid && held.iova.checked_add(held.len) == Some(run.iova) =>
                 {
+                    held.len += run.len;
+                    Batched::Absorbed
+                }
+                // Just below: Linux hands out IOVAs top-down, so the pages
+                // of one request, mapped one by one, lie in descending
+                // order, and are unmapped in ascending buffer order.
+                Some((held_rid, held))
+                    if *held_rid == rid && run.iova.checked_add(run.len) == Some(held.iova) =>
+                {
+                    held.iova = run.iova;
                     held.len += run.len;
                     Batched::Absorbed
                 }
