@@ -16,8 +16,8 @@ use smallvec::SmallVec;
 
 use crate::hash::{note_room, shrink_when_sparse, PageKeyHash};
 use crate::iova_alloc::IovaAllocator;
-use crate::mapping::page_list;
 pub use crate::mapping::{check_segments, Mapping, PageRun, Runs};
+use crate::mapping::{pin_runs, unpin_runs};
 use crate::pin::{self, PinTable};
 use crate::ram::RamLayout;
 use crate::sync::epoch::Guard;
@@ -576,8 +576,7 @@ impl Domain {
             give_back(inner);
             return Err(e);
         }
-        let pages = page_list(Runs::new(iova, &segs), ram);
-        if let Err(e) = pins.pin(&pages) {
+        if let Err(e) = pin_runs(pins, Runs::new(iova, &segs), ram) {
             self.budget.release(reserved);
             give_back(inner);
             return Err(e.into());
@@ -801,7 +800,7 @@ impl Domain {
         // tell the embedder, before the request returns.
         let mut summary = Removed::default();
         for m in &removed {
-            pins.unpin(&page_list(m.run_iter(), ram));
+            unpin_runs(pins, m.run_iter(), ram);
             for run in m.run_iter() {
                 notify(&run);
             }
