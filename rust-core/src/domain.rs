@@ -285,7 +285,19 @@ pub(crate) fn next_generation() -> u64 {
 /// is written once, so any write makes every cached tag stale.
 #[inline]
 pub(crate) fn bump_shared_generation(shared: &AtomicU64) {
-    shared.swap(next_generation(), Ordering::AcqRel);
+    set_shared_generation(shared, next_generation());
+}
+
+/// [`bump_shared_generation`] to `value`, a value of [`next_generation`]
+/// that no other shared generation is given. A removal gives its domain's
+/// generation and the shared one the same value: each is still written
+/// once into each, which is all their caches need (a cache tagged with one
+/// never compares it with the other), and the process-wide counter, a
+/// locked instruction on a line every writer of every VM bounces, is taken
+/// once.
+#[inline]
+pub(crate) fn set_shared_generation(shared: &AtomicU64, value: u64) {
+    shared.swap(value, Ordering::AcqRel);
 }
 
 /// The translation state of one attached endpoint.
@@ -837,11 +849,12 @@ impl Domain {
             // so a cache that sees the new generation and rebuilds finds
             // the pages gone. Stored before the request returns (and before
             // pins are released below).
-            self.generation.store(next_generation(), Ordering::Release);
+            let generation = next_generation();
+            self.generation.store(generation, Ordering::Release);
             if let Some(shared) = &self.shared_generation {
                 // After the table was cleared: as above, but other domains
                 // write it too (see the function).
-                bump_shared_generation(shared);
+                set_shared_generation(shared, generation);
             }
         }
         // The table no longer reaches these pages: release the pins and
