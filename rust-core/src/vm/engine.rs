@@ -71,8 +71,7 @@ impl Vm {
     /// [`Vm::submit`] of a request that came by `transport`, which the
     /// statistics count.
     pub fn submit_via(&self, block: u64, transport: Transport) -> Status {
-        // Relaxed: a statistic.
-        self.stats.transports[transport as usize].fetch_add(1, Ordering::Relaxed);
+        self.stats.count_transport(transport);
         let guard = epoch::pin();
         let ram = self.ram.load(&guard);
         let mut hdr = [0u8; abi::HEADER_SIZE as usize];
@@ -158,15 +157,13 @@ impl Vm {
     }
 
     pub(super) fn count_request(&self, op: usize, status: Status) {
-        // Relaxed: statistics.
-        self.stats.requests[op][status.index()].fetch_add(1, Ordering::Relaxed);
+        self.stats.count_request(op, status);
     }
 
     /// Runs an already-read request. Every failing request leaves no
     /// mapping, pin or IOVA behind. Counted as [`Transport::Other`].
     pub fn execute(&self, req: &Request) -> Response {
-        // Relaxed: a statistic.
-        self.stats.transports[Transport::Other as usize].fetch_add(1, Ordering::Relaxed);
+        self.stats.count_transport(Transport::Other);
         let op = self.cfg.op(req.op);
         let resp = self.execute_inner(op, req, &mut || req.segs.clone());
         self.count_request(op.map_or(0, Op::index), resp.status);
@@ -319,8 +316,7 @@ impl Vm {
                 Response::status(Status::Quota)
             }
             Ok((iova, length)) => {
-                // Relaxed: a statistic.
-                self.stats.mappings.fetch_add(1, Ordering::Relaxed);
+                self.stats.add_mappings(1);
                 Response {
                     status: Status::Ok,
                     iova,
