@@ -202,7 +202,9 @@ impl Vm {
         }
         let guard = epoch::pin();
         // Segment bits (16..31) other than 0 name no function we have.
-        let Some(ep) = self.endpoint_map(&guard).get(&req.requester).cloned() else {
+        // Borrowed, not cloned: the map it is in lives until `guard` goes
+        // (an Arc clone and drop would be two locked instructions).
+        let Some(ep) = self.endpoint_map(&guard).get(&req.requester) else {
             return Response::status(Status::NoDev);
         };
         let _op = ep.op_lock.lock();
@@ -214,14 +216,14 @@ impl Vm {
         if !self
             .endpoint_map(&guard)
             .get(&req.requester)
-            .is_some_and(|cur| Arc::ptr_eq(cur, &ep))
+            .is_some_and(|cur| Arc::ptr_eq(cur, ep))
         {
             return Response::status(Status::NoDev);
         }
         let ram = self.ram.load(&guard);
         match op {
             Op::Query => {
-                let attached = Self::domain_of(&ep, &guard).is_some();
+                let attached = Self::domain_of(ep, &guard).is_some();
                 let mut r = 0;
                 if attached {
                     r |= u64::from(abi::PVDMA_QUERY_ATTACHED);
@@ -235,7 +237,7 @@ impl Vm {
                 Response::ok(r)
             }
             Op::Attach => {
-                if Self::domain_of(&ep, &guard).is_some() {
+                if Self::domain_of(ep, &guard).is_some() {
                     return Response::status(Status::State);
                 }
                 // Release pairs with the Acquire loads in domain_of.
@@ -254,14 +256,14 @@ impl Vm {
                 Response::ok(0)
             }
             Op::Detach => {
-                if Self::domain_of(&ep, &guard).is_none() {
+                if Self::domain_of(ep, &guard).is_none() {
                     return Response::status(Status::State);
                 }
-                Response::ok(self.detach_locked(&ep, &guard) as u64)
+                Response::ok(self.detach_locked(ep, &guard) as u64)
             }
-            Op::Map => self.map_locked(&ep, req, segs(), ram, &guard),
-            Op::Unmap => self.unmap_locked(&ep, req, ram, &guard),
-            Op::UnmapList => self.unmap_list_locked(&ep, req, segs(), ram, &guard),
+            Op::Map => self.map_locked(ep, req, segs(), ram, &guard),
+            Op::Unmap => self.unmap_locked(ep, req, ram, &guard),
+            Op::UnmapList => self.unmap_list_locked(ep, req, segs(), ram, &guard),
         }
     }
 
