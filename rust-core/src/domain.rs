@@ -3,21 +3,21 @@
 //!
 //! The domain pairs the lock-free [`IoPageTable`] that readers walk with the
 //! writer-side records (which mapping owns which pages, the IOVA allocator)
-//! that MAP and UNMAP need. Writers are serialised by the domain mutex; the
-//! table is only ever changed while it is held, so the records and the table
-//! agree whenever the mutex is free.
+//! that MAP and UNMAP need. Writers are serialised by the table's writer
+//! lock, which guards the records too (one lock per request): the table and
+//! the records only change while it is held, so they agree whenever it is
+//! free.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 use crate::hash::{note_room, shrink_when_sparse, PageKeyHash};
 use crate::iova_alloc::IovaAllocator;
-use crate::mapping::page_list;
 pub use crate::mapping::{check_segments, Mapping, PageRun, Runs};
+use crate::mapping::{pin_runs, unpin_runs};
 use crate::pin::{self, PinTable};
 use crate::ram::RamLayout;
 use crate::sync::epoch::Guard;
@@ -249,7 +249,7 @@ impl Drop for Domain {
     fn drop(&mut self) {
         // DETACH clears a domain before dropping it, so this is 0 but when
         // a VM goes away with mappings in place.
-        let charged = self.inner.get_mut().charged;
+        let charged = self.records.0.get_mut().charged;
         self.budget.release(charged);
     }
 }
@@ -285,15 +285,28 @@ pub(crate) fn next_generation() -> u64 {
 /// is written once, so any write makes every cached tag stale.
 #[inline]
 pub(crate) fn bump_shared_generation(shared: &AtomicU64) {
-    shared.swap(next_generation(), Ordering::AcqRel);
+    set_shared_generation(shared, next_generation());
+}
+
+/// [`bump_shared_generation`] to `value`, a value of [`next_generation`]
+/// that no other shared generation is given. A removal gives its domain's
+/// generation and the shared one the same value: each is still written
+/// once into each, which is all their caches need (a cache tagged with one
+/// never compares it with the other), and the process-wide counter, a
+/// locked instruction on a line every writer of every VM bounces, is taken
+/// once.
+#[inline]
+pub(crate) fn set_shared_generation(shared: &AtomicU64, value: u64) {
+    shared.swap(value, Ordering::AcqRel);
 }
 
 /// The translation state of one attached endpoint.
 pub struct Domain {
     table: IoPageTable,
-    /// On cache lines of its own: every request locks it, and every
-    /// translation reads the table's root next to it otherwise.
-    inner: CachePadded<Mutex<DomainInner>>,
+    /// Reached only through [`Domain::lock`], under the table's writer
+    /// lock. On cache lines of their own: every request writes them, and
+    /// every translation reads the table's root next to them otherwise.
+    records: CachePadded<Records>,
     /// Changes whenever a translation is removed (UNMAP, DETACH, RAM
     /// removal): caches of translations (virtqueue rings) compare it.
     generation: AtomicU64,
@@ -302,6 +315,44 @@ pub struct Domain {
     /// A generation shared with other domains (the VM's, see
     /// `Vm::lookup`), set to a new value after this one on every removal.
     shared_generation: Option<Arc<AtomicU64>>,
+}
+
+/// The writer-side records of a domain, guarded by its table's writer lock
+/// rather than a mutex of their own: every request takes that lock anyway,
+/// and one lock per request is one pair of locked instructions less.
+struct Records(std::cell::UnsafeCell<DomainInner>);
+
+// SAFETY: the records are only reached through `Domain::lock`, which holds
+// the table's writer lock for as long as the `Locked` it returns (and every
+// reference borrowed from it) lives: one thread at a time, and the lock
+// orders one holder's writes before the next holder's reads. `DomainInner`
+// is `Send` (asserted below), so handing it from thread to thread is sound.
+unsafe impl Sync for Records {}
+
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<DomainInner>();
+};
+
+/// A domain's table writer and its records, locked together by
+/// [`Domain::lock`]. The records cannot be borrowed for longer than this
+/// value lives, so no one reaches them without the lock.
+struct Locked<'a> {
+    writer: TableWriter<'a>,
+    records: &'a Records,
+}
+
+impl<'a> Locked<'a> {
+    /// The table writer and the records, borrowed together.
+    #[inline]
+    fn parts(&mut self) -> (&mut TableWriter<'a>, &mut DomainInner) {
+        // SAFETY: `self.writer` holds the table's writer lock, which is
+        // what guards the records (see `Records`); the reference lives no
+        // longer than `&mut self`, so not past the lock, and `&mut self`
+        // makes it the only one.
+        let inner = unsafe { &mut *self.records.0.get() };
+        (&mut self.writer, inner)
+    }
 }
 
 struct DomainInner {
@@ -444,14 +495,14 @@ impl Domain {
         Domain {
             shared_generation: shared,
             table: IoPageTable::new(iova_bits),
-            inner: CachePadded::new(Mutex::new(DomainInner {
+            records: CachePadded::new(Records(std::cell::UnsafeCell::new(DomainInner {
                 mappings: HashMap::default(),
                 room: 0,
                 alloc: None,
                 charged: 0,
                 #[cfg(test)]
                 probes: std::cell::Cell::new(0),
-            })),
+            }))),
             generation: AtomicU64::new(next_generation()),
             budget,
         }
@@ -479,14 +530,23 @@ impl Domain {
         &self.table
     }
 
+    /// Takes the table's writer lock, which guards the records too.
+    #[inline]
+    fn lock(&self) -> Locked<'_> {
+        Locked {
+            writer: self.table.lock(),
+            records: &self.records,
+        }
+    }
+
     /// Number of live mappings.
     pub fn mapping_count(&self) -> usize {
-        self.inner.lock().mappings.len()
+        self.lock().parts().1.mappings.len()
     }
 
     /// A copy of every mapping, by IOVA.
     pub fn mappings(&self) -> Vec<Mapping> {
-        let mut all: Vec<Mapping> = self.inner.lock().mappings.values().cloned().collect();
+        let mut all: Vec<Mapping> = self.lock().parts().1.mappings.values().cloned().collect();
         all.sort_unstable_by_key(|m| m.iova);
         all
     }
@@ -515,12 +575,11 @@ impl Domain {
             }
         }
 
-        let mut inner = self.inner.lock();
-        let inner = &mut *inner;
         // Taken before the IOVA is checked and the reservation made, so
         // that the table cannot change between counting the nodes it lacks
         // and adding them.
-        let mut writer = self.table.lock();
+        let mut locked = self.lock();
+        let (writer, inner) = locked.parts();
         let first_page = match choice {
             IovaChoice::Fixed(iova) => {
                 if iova & PAGE_MASK != offset {
@@ -576,8 +635,7 @@ impl Domain {
             give_back(inner);
             return Err(e);
         }
-        let pages = page_list(Runs::new(iova, &segs), ram);
-        if let Err(e) = pins.pin(&pages) {
+        if let Err(e) = pin_runs(pins, Runs::new(iova, &segs), ram) {
             self.budget.release(reserved);
             give_back(inner);
             return Err(e.into());
@@ -592,7 +650,7 @@ impl Domain {
         debug_assert!(charge <= reserved, "MAP took more nodes than reserved");
         self.budget.release(reserved.saturating_sub(charge));
         inner.charged += charge;
-        drop(writer);
+        // Still under the lock, so notifications follow the serial order.
         for run in Runs::new(iova, &segs) {
             notify(&run);
         }
@@ -616,12 +674,12 @@ impl Domain {
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
     ) -> Result<Removed> {
-        let mut inner = self.inner.lock();
+        let mut locked = self.lock();
         let page = iova >> PAGE_SHIFT;
-        if inner.record(page).is_none() {
+        if locked.parts().1.record(page).is_none() {
             return Err(Error::NoEnt { iova });
         }
-        Ok(self.remove_locked(&mut inner, self.table.lock(), &[page], ram, pins, notify))
+        Ok(self.remove_locked(locked, &[page], ram, pins, notify))
     }
 
     /// UNMAP with `length` > 0: removes every mapping inside the pages
@@ -642,7 +700,8 @@ impl Domain {
             .ok_or(Error::Inval("UNMAP range empty or wrapping"))?;
         let first = iova >> PAGE_SHIFT;
         let last = last_byte >> PAGE_SHIFT; // inclusive
-        let mut inner = self.inner.lock();
+        let mut locked = self.lock();
+        let (writer, inner) = locked.parts();
         // The usual UNMAP names exactly one mapping: one that starts on the
         // range's first page and ends on its last. Mappings are disjoint,
         // so no other one can then lie in the range or cross its ends: one
@@ -651,16 +710,14 @@ impl Domain {
             .record(first)
             .is_some_and(|m| first + m.npages() - 1 == last)
         {
-            let writer = self.table.lock();
-            return Ok(self.remove_locked(&mut inner, writer, &[first], ram, pins, notify));
+            return Ok(self.remove_locked(locked, &[first], ram, pins, notify));
         }
         let mut victims = SmallVec::<[u64; 4]>::new();
-        let writer = self.table.lock();
-        let found = inner.span_victims(&writer, first, last, &mut victims)?;
+        let found = inner.span_victims(writer, first, last, &mut victims)?;
         if found == 0 {
             return Err(Error::NoEnt { iova });
         }
-        Ok(self.remove_locked(&mut inner, writer, &victims, ram, pins, notify))
+        Ok(self.remove_locked(locked, &victims, ram, pins, notify))
     }
 
     /// UNMAP_LIST: removes every mapping inside any of the page spans
@@ -688,11 +745,11 @@ impl Domain {
             spans.windows(2).all(|w| w[0].1 < w[1].0),
             "spans must be sorted and disjoint"
         );
-        let mut inner = self.inner.lock();
-        let writer = self.table.lock();
+        let mut locked = self.lock();
+        let (writer, inner) = locked.parts();
         // RANGE anywhere in the list wins over an empty span.
         for &(first, last) in spans {
-            inner.check_span_ends(&writer, first, last)?;
+            inner.check_span_ends(writer, first, last)?;
         }
         for &(first, last) in spans {
             if writer
@@ -706,9 +763,9 @@ impl Domain {
         }
         let mut victims = Vec::new();
         for &(first, last) in spans {
-            inner.collect_span(&writer, first, last, &mut victims);
+            inner.collect_span(writer, first, last, &mut victims);
         }
-        Ok(self.remove_locked(&mut inner, writer, &victims, ram, pins, notify))
+        Ok(self.remove_locked(locked, &victims, ram, pins, notify))
     }
 
     /// Removes every mapping (DETACH, reset).
@@ -718,11 +775,11 @@ impl Domain {
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
     ) -> Removed {
-        let mut inner = self.inner.lock();
-        let mut all: Vec<u64> = inner.mappings.keys().copied().collect();
+        let mut locked = self.lock();
+        let mut all: Vec<u64> = locked.parts().1.mappings.keys().copied().collect();
         // By IOVA: notifications in a stable order.
         all.sort_unstable();
-        self.remove_locked(&mut inner, self.table.lock(), &all, ram, pins, notify)
+        self.remove_locked(locked, &all, ram, pins, notify)
     }
 
     /// Removes every mapping that has a page in guest-physical
@@ -735,8 +792,10 @@ impl Domain {
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
     ) -> Removed {
-        let mut inner = self.inner.lock();
-        let mut hit: Vec<u64> = inner
+        let mut locked = self.lock();
+        let mut hit: Vec<u64> = locked
+            .parts()
+            .1
             .mappings
             .iter()
             .filter(|(_, m)| m.touches_gpa(gpa, len))
@@ -744,22 +803,23 @@ impl Domain {
             .collect();
         // By IOVA: notifications in a stable order.
         hit.sort_unstable();
-        self.remove_locked(&mut inner, self.table.lock(), &hit, ram, pins, notify)
+        self.remove_locked(locked, &hit, ram, pins, notify)
     }
 
-    /// Removes the mappings starting at `first_pages`, under the domain
-    /// lock (`inner`) and the table's writer lock (`writer`, taken by the
-    /// caller, which may have used it to find them; released here before
-    /// the pins are).
+    /// Removes the mappings starting at `first_pages`, under the lock the
+    /// caller took (and may have used to find them). It is held until the
+    /// pins are released and the embedder told, as a request's own lock
+    /// would be, so that notifications follow the serial order; readers
+    /// never wait for it.
     fn remove_locked(
         &self,
-        inner: &mut DomainInner,
-        mut writer: TableWriter<'_>,
+        mut locked: Locked<'_>,
         first_pages: &[u64],
         ram: &RamLayout,
         pins: &PinTable,
         notify: &mut dyn FnMut(&PageRun),
     ) -> Removed {
+        let (writer, inner) = locked.parts();
         let mut removed = SmallVec::<[Mapping; 2]>::with_capacity(first_pages.len());
         let nodes_before = self.table.node_count();
         let mut released = 0;
@@ -789,19 +849,19 @@ impl Domain {
             // so a cache that sees the new generation and rebuilds finds
             // the pages gone. Stored before the request returns (and before
             // pins are released below).
-            self.generation.store(next_generation(), Ordering::Release);
+            let generation = next_generation();
+            self.generation.store(generation, Ordering::Release);
             if let Some(shared) = &self.shared_generation {
                 // After the table was cleared: as above, but other domains
                 // write it too (see the function).
-                bump_shared_generation(shared);
+                set_shared_generation(shared, generation);
             }
         }
-        drop(writer);
         // The table no longer reaches these pages: release the pins and
         // tell the embedder, before the request returns.
         let mut summary = Removed::default();
         for m in &removed {
-            pins.unpin(&page_list(m.run_iter(), ram));
+            unpin_runs(pins, m.run_iter(), ram);
             for run in m.run_iter() {
                 notify(&run);
             }

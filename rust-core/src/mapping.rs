@@ -8,6 +8,7 @@ use std::fmt;
 use smallvec::SmallVec;
 
 use crate::domain::{Error, Result};
+use crate::pin::{self, PinTable};
 use crate::ram::RamLayout;
 use crate::types::{Perm, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
 
@@ -217,19 +218,45 @@ pub fn check_segments(segs: &[(u64, u64)]) -> Result<(u64, u64)> {
     Ok((length, npages))
 }
 
+/// The one span of frames `[first, end)` of a one-segment mapping: a
+/// segment is one run of distinct pages, so there is no ordering or
+/// overlap to look for (the usual one-page MAP). `None` for more segments.
+fn single_span(runs: &Runs<'_>) -> Option<(u64, u64)> {
+    if runs.segs.len() != 1 {
+        return None;
+    }
+    let run = runs.clone().next()?;
+    let first = run.gpa >> PAGE_SHIFT;
+    Some((first, first + (run.len >> PAGE_SHIFT)))
+}
+
+/// Takes one pin on each distinct frame of the runs `runs` (all or
+/// nothing, see [`PinTable::pin`]). A one-segment mapping is pinned as a
+/// span of frames, with no page list built and no RAM lookup unless the
+/// pages are `mlock`ed.
+pub(crate) fn pin_runs(pins: &PinTable, runs: Runs<'_>, ram: &RamLayout) -> pin::Result<()> {
+    match single_span(&runs) {
+        Some((first, end)) => pins.pin_span(first, end, ram),
+        None => pins.pin(&page_list(runs, ram)),
+    }
+}
+
+/// Gives back the pins [`pin_runs`] took for the same runs.
+pub(crate) fn unpin_runs(pins: &PinTable, runs: Runs<'_>, ram: &RamLayout) {
+    match single_span(&runs) {
+        Some((first, end)) => pins.unpin_span(first, end, ram),
+        None => pins.unpin(&page_list(runs, ram)),
+    }
+}
+
 /// The (gfn, hva) list the pin table takes for a mapping: its distinct
 /// frames, ascending. Every page was checked to be in RAM when the mapping
 /// was made; a page whose region went away since gets hva 0, which the pin
 /// table only uses for mlock. Inline (no allocation) up to 16 pages.
 pub(crate) fn page_list(runs: Runs<'_>, ram: &RamLayout) -> PageList {
     let mut pages = PageList::new();
-    // One segment is one run of distinct pages: no ordering or overlap to
-    // look for (the usual one-page MAP).
-    if runs.segs.len() == 1 {
-        if let Some(run) = runs.clone().next() {
-            let first = run.gpa >> PAGE_SHIFT;
-            push_frames(&mut pages, ram, first, first + (run.len >> PAGE_SHIFT));
-        }
+    if let Some((first, end)) = single_span(&runs) {
+        push_frames(&mut pages, ram, first, end);
         return pages;
     }
     // Room for every page up front (bounded: overlapping segments may

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::hash::{note_room, shrink_when_sparse, PageKeyHash};
+use crate::ram::RamLayout;
 use crate::sync::{AtomicU64, Ordering};
 use crate::types::{PAGE_SHIFT, PAGE_SIZE};
 
@@ -69,6 +70,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// addresses, so the shift never loses bits in practice).
 fn gpa_of(gfn: u64) -> u64 {
     gfn << PAGE_SHIFT
+}
+
+/// The host address of frame `gfn` in `ram`, 0 when it is not RAM (any
+/// more): only `mlock` and `munlock` use it, and fail on 0.
+fn frame_hva(ram: &RamLayout, gfn: u64) -> usize {
+    ram.hva(gpa_of(gfn)).unwrap_or(0)
 }
 
 /// `mlock`s the host page at `hva`; the errno on failure.
@@ -186,17 +193,44 @@ impl PinTable {
             pages.windows(2).all(|w| w[0].0 < w[1].0),
             "pin: pages not sorted or not unique"
         );
+        self.pin_frames(pages.iter().copied(), |p| p.0, |p| p.1)
+    }
+
+    /// [`PinTable::pin`] of the frames `[first, end)`, the host address of
+    /// each looked up in `ram` only when it is `mlock`ed (0 when its
+    /// region went away: `mlock` then fails). A one-segment mapping pins
+    /// this way, without building a page list.
+    pub(crate) fn pin_span(&self, first: u64, end: u64, ram: &RamLayout) -> Result<()> {
+        self.pin_frames(first..end, |gfn| gfn, |gfn| frame_hva(ram, gfn))
+    }
+
+    /// [`PinTable::unpin`] of what [`PinTable::pin_span`] pinned.
+    pub(crate) fn unpin_span(&self, first: u64, end: u64, ram: &RamLayout) {
+        self.unpin_frames(first..end, |gfn| gfn, |gfn| frame_hva(ram, gfn));
+    }
+
+    /// The body of [`PinTable::pin`]: `frames` yields each page once,
+    /// ascending by `gfn_of`; `hva_of` is asked only for pages that are
+    /// `mlock`ed or `munlock`ed.
+    fn pin_frames<T: Copy>(
+        &self,
+        frames: impl Iterator<Item = T> + Clone,
+        gfn_of: impl Fn(T) -> u64,
+        hva_of: impl Fn(T) -> usize,
+    ) -> Result<()> {
         let mut map = self.pages.lock();
         // Only written under the lock we hold.
         let pinned_pages = self.pinned_pages.load(Ordering::Relaxed);
 
         // Count distinct new frames; sorting makes duplicates adjacent, so
         // even a caller breaking the contract cannot make this undercount.
-        let new_pages = pages
-            .iter()
-            .enumerate()
-            .filter(|&(i, &(gfn, _))| {
-                let repeat = i > 0 && pages[i - 1].0 == gfn;
+        let mut prev = None;
+        let new_pages = frames
+            .clone()
+            .filter(|&p| {
+                let gfn = gfn_of(p);
+                let repeat = prev == Some(gfn);
+                prev = Some(gfn);
                 !repeat && !map.counts.contains_key(&gfn)
             })
             .count() as u64;
@@ -211,19 +245,20 @@ impl PinTable {
         }
 
         let mut added = 0u64;
-        for (done, &(gfn, hva)) in pages.iter().enumerate() {
+        for (done, p) in frames.clone().enumerate() {
+            let gfn = gfn_of(p);
             if let Some(count) = map.counts.get_mut(&gfn) {
                 let Some(next) = count.checked_add(1) else {
                     let gpa = gpa_of(gfn);
-                    self.rollback(&mut map, &pages[..done]);
+                    self.rollback(&mut map, frames.clone().take(done), &gfn_of, &hva_of);
                     return Err(Error::RefcountOverflow { gpa });
                 };
                 *count = next;
                 continue;
             }
             if self.mode == PinMode::Mlock {
-                if let Err(errno) = mlock_page(hva) {
-                    self.rollback(&mut map, &pages[..done]);
+                if let Err(errno) = mlock_page(hva_of(p)) {
+                    self.rollback(&mut map, frames.clone().take(done), &gfn_of, &hva_of);
                     return Err(Error::Mlock {
                         gpa: gpa_of(gfn),
                         errno,
@@ -245,19 +280,27 @@ impl PinTable {
         Ok(())
     }
 
-    /// Undoes the references `pin` took on `done` (newest first), before
-    /// `pinned_pages` was updated.
-    fn rollback(&self, map: &mut Frames, done: &[(u64, usize)]) {
-        for &(gfn, hva) in done.iter().rev() {
-            if self.release(map, gfn, hva) == Release::Unknown {
+    /// Undoes the references `pin` took on `done`, before `pinned_pages`
+    /// was updated.
+    fn rollback<T: Copy>(
+        &self,
+        map: &mut Frames,
+        done: impl Iterator<Item = T>,
+        gfn_of: &impl Fn(T) -> u64,
+        hva_of: &impl Fn(T) -> usize,
+    ) {
+        for p in done {
+            let gfn = gfn_of(p);
+            if self.release(map, gfn, || hva_of(p)) == Release::Unknown {
                 // `pin` just took this reference under the same lock.
                 debug_assert!(false, "pin: rollback lost gfn {gfn:#x}");
             }
         }
     }
 
-    /// Drops one reference on `gfn`, removing and unlocking it on the last.
-    fn release(&self, map: &mut Frames, gfn: u64, hva: usize) -> Release {
+    /// Drops one reference on `gfn`, removing and unlocking it (at the
+    /// address `hva` gives) on the last.
+    fn release(&self, map: &mut Frames, gfn: u64, hva: impl FnOnce() -> usize) -> Release {
         let Some(count) = map.counts.get_mut(&gfn) else {
             return Release::Unknown;
         };
@@ -269,7 +312,7 @@ impl PinTable {
         map.counts.remove(&gfn);
         map.block_lost(gfn);
         if self.mode == PinMode::Mlock {
-            munlock_page(gfn, hva);
+            munlock_page(gfn, hva());
         }
         Release::Unpinned
     }
@@ -280,11 +323,23 @@ impl PinTable {
     /// Unpinning a page that is not pinned is a caller bug: it is logged
     /// and skipped (and asserted in debug builds), never a panic in release.
     pub fn unpin(&self, pages: &[(u64, usize)]) {
+        self.unpin_frames(pages.iter().copied(), |p| p.0, |p| p.1);
+    }
+
+    /// The body of [`PinTable::unpin`], `frames` as for
+    /// [`PinTable::pin_frames`].
+    fn unpin_frames<T: Copy>(
+        &self,
+        frames: impl Iterator<Item = T>,
+        gfn_of: impl Fn(T) -> u64,
+        hva_of: impl Fn(T) -> usize,
+    ) {
         let mut map = self.pages.lock();
         let mut unpinned = 0u64;
         let mut unknown = 0usize;
-        for &(gfn, hva) in pages {
-            match self.release(&mut map, gfn, hva) {
+        for p in frames {
+            let gfn = gfn_of(p);
+            match self.release(&mut map, gfn, || hva_of(p)) {
                 Release::Unpinned => unpinned += 1,
                 Release::StillPinned => {}
                 Release::Unknown => {
@@ -721,5 +776,49 @@ mod tests {
         assert_eq!(t.pinned_pages(), 0);
         assert_eq!(m.locked_kb(0), 0);
         assert_eq!(m.locked_kb(1), 0);
+    }
+
+    /// A span pins what the list of its frames pins, looks up the host
+    /// address of each frame in RAM when it `mlock`s it, and gives it back
+    /// the same way. A span partly outside RAM (hva 0 past its end) is
+    /// refused whole, with nothing left locked or counted.
+    #[test]
+    fn span_pins_lock_the_frames_ram_holds() {
+        let m = Mapping::new(3);
+        let ram = crate::ram::GuestRam::new();
+        // SAFETY: `m` outlives every use of the layout below (both are
+        // dropped at the end of the test, `ram` first).
+        unsafe { ram.add(0x10_000, 3 * PAGE_SIZE, m.page(0)) }.expect("adding RAM");
+        let guard = crate::sync::epoch::pin();
+        let layout = ram.load(&guard);
+        let t = PinTable::new(1 << 20, PinMode::Mlock);
+        // Frames 0x10..0x13 are RAM; 0x13 is not.
+        match t.pin_span(0x11, 0x14, layout) {
+            Err(Error::Mlock { gpa, .. }) => assert!(matches!(gpa, 0x11000..=0x13000)),
+            r => panic!("{r:?}"),
+        }
+        assert!(t.snapshot().is_empty());
+        assert_eq!(m.locked_kb(1), 0);
+        match t.pin_span(0x11, 0x13, layout) {
+            Ok(()) => {}
+            // No room to lock here: nothing else to check.
+            Err(Error::Mlock { errno, .. }) => {
+                assert!(errno == libc::EPERM || errno == libc::ENOMEM, "{errno}");
+                assert!(t.snapshot().is_empty());
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert_eq!(t.snapshot(), [(0x11, 1), (0x12, 1)]);
+        assert_eq!(m.locked_kb(1), 8);
+        assert_eq!(m.locked_kb(0), 0);
+        // The list form of the same frames takes a second reference.
+        t.pin(&[(0x11, m.page(1)), (0x12, m.page(2))]).unwrap();
+        assert_eq!(t.snapshot(), [(0x11, 2), (0x12, 2)]);
+        t.unpin_span(0x11, 0x13, layout);
+        assert_eq!(m.locked_kb(1), 8);
+        t.unpin_span(0x11, 0x13, layout);
+        assert_eq!(m.locked_kb(1), 0);
+        assert_eq!(t.pinned_pages(), 0);
     }
 }

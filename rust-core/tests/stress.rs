@@ -511,3 +511,50 @@ fn translations_after_a_publish_are_never_refused() {
     assert_eq!(g.submit(&sync_req(EP)).status, Status::Ok);
     assert_eq!(g.vm.mappings(EP).len() as u64, KEEP);
 }
+
+/// Request statistics are counted in per-thread slots: the counts stay
+/// exact whichever threads made the requests, mappings removed by other
+/// threads than the one that made them leave the live count right (each
+/// remover's slot goes below zero), and threads that exited leave their
+/// counts behind for the next thread that takes their slot.
+#[test]
+fn request_counts_are_exact_across_threads() {
+    const N: u64 = 64;
+    let g = Guest::new();
+    assert_eq!(g.attach(EP), Status::Ok);
+    let total = |s: &pvdma::StatsSnapshot| -> (u64, u64) {
+        let requests = s.requests.iter().flatten().sum();
+        (requests, s.transports.iter().sum())
+    };
+    let before = total(&g.vm.stats());
+    let iova = |i: u64| 0x100_0000 + i * PAGE_SIZE;
+    let map = |i: u64| {
+        let r = pvdma::testing::map_fixed(EP, Perm::RW, iova(i), &[(0x1000 * (i + 1), PAGE_SIZE)]);
+        assert_eq!(g.vm.execute(&r).status, Status::Ok);
+    };
+    let unmap = |i: u64| {
+        let r = pvdma::testing::unmap_req(EP, iova(i), PAGE_SIZE);
+        assert_eq!(g.vm.execute(&r).status, Status::Ok);
+    };
+    thread::scope(|s| {
+        s.spawn(|| (0..N).for_each(map));
+    });
+    let mid = g.vm.stats();
+    assert_eq!(mid.mappings, N);
+    assert_eq!(total(&mid), (before.0 + N, before.1 + N));
+    // Two threads at once, each removing half of what the first made.
+    thread::scope(|s| {
+        s.spawn(|| (0..N / 2).for_each(unmap));
+        s.spawn(|| (N / 2..N).for_each(unmap));
+    });
+    let after = g.vm.stats();
+    assert_eq!(after.mappings, 0);
+    assert_eq!(total(&after), (before.0 + 2 * N, before.1 + 2 * N));
+    // This thread's own slot, and a refusal counted like any request.
+    map(0);
+    let r = pvdma::testing::unmap_req(EP, iova(1), PAGE_SIZE);
+    assert_eq!(g.vm.execute(&r).status, Status::NoEnt);
+    let last = g.vm.stats();
+    assert_eq!(last.mappings, 1);
+    assert_eq!(total(&last), (before.0 + 2 * N + 2, before.1 + 2 * N + 2));
+}

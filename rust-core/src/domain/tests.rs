@@ -57,20 +57,20 @@ impl Fixture {
     fn unmap(&self, first: u64, last: u64) -> (Result<Removed>, u64) {
         let guard = epoch::pin();
         let ram = self.ram.load(&guard);
-        let before = self.dom.inner.lock().probes.get();
+        let before = self.dom.lock().parts().1.probes.get();
         let (iova, len) = (first << PAGE_SHIFT, (last - first + 1) << PAGE_SHIFT);
         let r = self
             .dom
             .unmap_range(iova, len, ram, &self.pins, &mut |_| {});
-        (r, self.dom.inner.lock().probes.get() - before)
+        (r, self.dom.lock().parts().1.probes.get() - before)
     }
 
     fn unmap_list(&self, spans: &[(u64, u64)]) -> (Result<Removed>, u64) {
         let guard = epoch::pin();
         let ram = self.ram.load(&guard);
-        let before = self.dom.inner.lock().probes.get();
+        let before = self.dom.lock().parts().1.probes.get();
         let r = self.dom.unmap_spans(spans, ram, &self.pins, &mut |_| {});
-        (r, self.dom.inner.lock().probes.get() - before)
+        (r, self.dom.lock().parts().1.probes.get() - before)
     }
 }
 

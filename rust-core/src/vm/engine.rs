@@ -71,8 +71,7 @@ impl Vm {
     /// [`Vm::submit`] of a request that came by `transport`, which the
     /// statistics count.
     pub fn submit_via(&self, block: u64, transport: Transport) -> Status {
-        // Relaxed: a statistic.
-        self.stats.transports[transport as usize].fetch_add(1, Ordering::Relaxed);
+        self.stats.count_transport(transport);
         let guard = epoch::pin();
         let ram = self.ram.load(&guard);
         let mut hdr = [0u8; abi::HEADER_SIZE as usize];
@@ -177,15 +176,13 @@ impl Vm {
     }
 
     pub(super) fn count_request(&self, op: usize, status: Status) {
-        // Relaxed: statistics.
-        self.stats.requests[op][status.index()].fetch_add(1, Ordering::Relaxed);
+        self.stats.count_request(op, status);
     }
 
     /// Runs an already-read request. Every failing request leaves no
     /// mapping, pin or IOVA behind. Counted as [`Transport::Other`].
     pub fn execute(&self, req: &Request) -> Response {
-        // Relaxed: a statistic.
-        self.stats.transports[Transport::Other as usize].fetch_add(1, Ordering::Relaxed);
+        self.stats.count_transport(Transport::Other);
         let op = self.cfg.op(req.op);
         if self.queues_active() {
             // Rule 1, as in `submit_via`.
@@ -234,7 +231,9 @@ impl Vm {
         }
         let guard = epoch::pin();
         // Segment bits (16..31) other than 0 name no function we have.
-        let Some(ep) = self.endpoint_map(&guard).get(&req.requester).cloned() else {
+        // Borrowed, not cloned: the map it is in lives until `guard` goes
+        // (an Arc clone and drop would be two locked instructions).
+        let Some(ep) = self.endpoint_map(&guard).get(&req.requester) else {
             return Response::status(Status::NoDev);
         };
         // The queue ops take queue mutexes, which come before op_lock: the
@@ -256,14 +255,14 @@ impl Vm {
         if !self
             .endpoint_map(&guard)
             .get(&req.requester)
-            .is_some_and(|cur| Arc::ptr_eq(cur, &ep))
+            .is_some_and(|cur| Arc::ptr_eq(cur, ep))
         {
             return Response::status(Status::NoDev);
         }
         let ram = self.ram.load(&guard);
         match op {
             Op::Query => {
-                let attached = Self::domain_of(&ep, &guard).is_some();
+                let attached = Self::domain_of(ep, &guard).is_some();
                 let mut r = 0;
                 if attached {
                     r |= u64::from(abi::PVDMA_QUERY_ATTACHED);
@@ -277,7 +276,7 @@ impl Vm {
                 Response::ok(r)
             }
             Op::Attach => {
-                if Self::domain_of(&ep, &guard).is_some() {
+                if Self::domain_of(ep, &guard).is_some() {
                     return Response::status(Status::State);
                 }
                 // Release pairs with the Acquire loads in domain_of.
@@ -296,14 +295,14 @@ impl Vm {
                 Response::ok(0)
             }
             Op::Detach => {
-                if Self::domain_of(&ep, &guard).is_none() {
+                if Self::domain_of(ep, &guard).is_none() {
                     return Response::status(Status::State);
                 }
-                Response::ok(self.detach_locked(&ep, &guard) as u64)
+                Response::ok(self.detach_locked(ep, &guard) as u64)
             }
-            Op::Map => self.map_locked(&ep, req, segs(), ram, &guard),
-            Op::Unmap => self.unmap_locked(&ep, req, ram, &guard),
-            Op::UnmapList => self.unmap_list_locked(&ep, req, segs(), ram, &guard),
+            Op::Map => self.map_locked(ep, req, segs(), ram, &guard),
+            Op::Unmap => self.unmap_locked(ep, req, ram, &guard),
+            Op::UnmapList => self.unmap_list_locked(ep, req, segs(), ram, &guard),
             Op::Queue | Op::Sync => Response::status(Status::Internal),
         }
     }
@@ -362,8 +361,7 @@ impl Vm {
                 Response::status(Status::Quota)
             }
             Ok((iova, length)) => {
-                // Relaxed: a statistic.
-                self.stats.mappings.fetch_add(1, Ordering::Relaxed);
+                self.stats.add_mappings(1);
                 Response {
                     status: Status::Ok,
                     iova,

@@ -242,10 +242,7 @@ impl Vm {
     }
 
     pub(super) fn count_removed(&self, removed: Removed) {
-        // Relaxed: a statistic, ordered by nothing.
-        self.stats
-            .mappings
-            .fetch_sub(removed.mappings, Ordering::Relaxed);
+        self.stats.add_mappings(removed.mappings.wrapping_neg());
     }
 
     /// Records a refused device access. Cold and out of line: it is off

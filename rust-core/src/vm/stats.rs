@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Statistics: request counts by op and transport, and per-thread
-//! translation counters that device threads bump without sharing a cache line.
+//! Statistics: request counts by op and transport, live mappings, and
+//! translations, counted per thread: each thread bumps its own slot with a
+//! plain load and store, without sharing a cache line or a locked
+//! instruction with another.
 
 use super::*;
 
@@ -39,6 +41,11 @@ pub struct StatsSnapshot {
 /// Each group on cache lines of its own: the request counters are
 /// written by every request, and `translations` (its VM id) is read by
 /// every translation.
+///
+/// Requests, transports and mappings are counted in the calling thread's
+/// slot (see [`TranslationCounters`]); the shared `requests`, `transports`
+/// and `mappings` here count what a thread without a slot (one exiting)
+/// counts, and [`Vm::stats`] adds the two.
 pub(super) struct Stats {
     pub(super) requests: CachePadded<[[AtomicU64; 13]; STATS_OPS]>,
     pub(super) transports: CachePadded<[AtomicU64; 3]>,
@@ -73,11 +80,20 @@ pub(super) struct TranslationCounters {
     pub(super) orphans: StdAtomicU64,
 }
 
-/// One thread's translation count for one VM.
+/// One thread's counts for one VM. Every counter is written only by the
+/// thread that claimed the slot.
 #[repr(align(128))]
 pub(super) struct CounterSlot {
-    /// Written only by the thread that claimed the slot.
+    /// Translations.
     pub(super) count: StdAtomicU64,
+    /// Requests, as [`StatsSnapshot::requests`].
+    pub(super) requests: [[StdAtomicU64; 13]; STATS_OPS],
+    /// Requests by transport, as [`StatsSnapshot::transports`].
+    pub(super) transports: [StdAtomicU64; 3],
+    /// Mappings added less mappings removed by this thread, wrapping: a
+    /// thread may remove more than it added, and the sum over the slots
+    /// is the live count.
+    pub(super) mappings: StdAtomicU64,
     /// Whether a live thread owns the slot.
     pub(super) claimed: StdAtomicBool,
     /// The slot pushed before this one; immutable once published.
@@ -91,15 +107,33 @@ unsafe impl Send for CounterSlot {}
 unsafe impl Sync for CounterSlot {}
 
 impl CounterSlot {
+    fn new() -> CounterSlot {
+        CounterSlot {
+            count: StdAtomicU64::new(0),
+            requests: Default::default(),
+            transports: Default::default(),
+            mappings: StdAtomicU64::new(0),
+            claimed: StdAtomicBool::new(true),
+            next: std::ptr::null(),
+        }
+    }
+
     #[inline]
     pub(super) fn bump(&self) {
+        Self::add(&self.count, 1);
+    }
+
+    /// Adds `n` (wrapping) to `counter`, one of this slot's.
+    #[inline]
+    pub(super) fn add(counter: &StdAtomicU64, n: u64) {
         // Relaxed load and store, no RMW: only the owning thread writes
-        // `count`. It got the slot through the Acquire CAS on `claimed`
-        // (pairing with the previous owner's Release store of false), so
-        // its load sees the previous owner's last store. Readers
-        // (`Vm::stats`) see every increment that happened before them.
-        let c = self.count.load(StdOrdering::Relaxed);
-        self.count.store(c.wrapping_add(1), StdOrdering::Relaxed);
+        // the slot's counters. It got the slot through the Acquire CAS on
+        // `claimed` (pairing with the previous owner's Release store of
+        // false), so its load sees the previous owner's last store.
+        // Readers (`Vm::stats`) see every increment that happened before
+        // them.
+        let c = counter.load(StdOrdering::Relaxed);
+        counter.store(c.wrapping_add(n), StdOrdering::Relaxed);
     }
 }
 
@@ -145,49 +179,58 @@ impl TranslationCounters {
     /// Counts one translation by the calling thread.
     #[inline]
     pub(super) fn count(&self) {
-        let (id, slot) = LAST.get();
-        if id == self.vm_id {
-            // SAFETY: ids start at 1, so `slot` was set with this VM's id,
-            // and by `LAST`'s invariant it is alive while we are.
-            unsafe { &*slot }.bump();
-        } else {
-            self.count_other();
-        }
-    }
-
-    /// Counts one translation by a thread whose last count was for
-    /// another VM (or that never counted).
-    #[cold]
-    pub(super) fn count_other(&self) {
-        let id = self.vm_id;
-        let counted = THREAD_COUNTERS.try_with(|tc| {
-            let tc = tc.borrow();
-            match tc.0.iter().find(|(vm, _)| *vm == id) {
-                Some((_, slot)) => {
-                    slot.bump();
-                    LAST.set((id, Arc::as_ptr(slot)));
-                    true
-                }
-                None => false,
-            }
-        });
-        match counted {
-            Ok(true) => {}
-            Ok(false) => self.count_first(),
+        match self.slot() {
+            Some(slot) => slot.bump(),
             // Relaxed: a statistic; a rare path (thread exit).
-            Err(_) => {
+            None => {
                 self.orphans.fetch_add(1, StdOrdering::Relaxed);
             }
         }
     }
 
-    /// The calling thread's first translation on this VM: claims a slot
+    /// The calling thread's slot of this VM, claimed on its first use;
+    /// `None` when the thread's local storage is gone (thread exit). The
+    /// slot lives as long as `self`: the list holds it until `self` drops.
+    #[inline]
+    pub(super) fn slot(&self) -> Option<&CounterSlot> {
+        let (id, slot) = LAST.get();
+        if id == self.vm_id {
+            // SAFETY: ids start at 1, so `slot` was set with this VM's id,
+            // and by `LAST`'s invariant it is alive while we are.
+            Some(unsafe { &*slot })
+        } else {
+            self.slot_other()
+        }
+    }
+
+    /// [`TranslationCounters::slot`] of a thread whose last count was for
+    /// another VM (or that never counted).
+    #[cold]
+    pub(super) fn slot_other(&self) -> Option<&CounterSlot> {
+        let id = self.vm_id;
+        let found = THREAD_COUNTERS.try_with(|tc| {
+            let tc = tc.borrow();
+            tc.0.iter().find(|(vm, _)| *vm == id).map(|(_, slot)| {
+                LAST.set((id, Arc::as_ptr(slot)));
+                Arc::as_ptr(slot)
+            })
+        });
+        let at = match found {
+            Ok(Some(at)) => at,
+            Ok(None) => self.slot_first()?,
+            Err(_) => return None,
+        };
+        // SAFETY: a slot of this VM's list (claimed by this thread), which
+        // keeps it alive until `self` drops.
+        Some(unsafe { &*at })
+    }
+
+    /// The calling thread's first count on this VM: claims a slot
     /// (lock-free: a CAS per slot tried, a CAS loop to push a new one) and
     /// remembers it in the thread's cache.
     #[cold]
-    pub(super) fn count_first(&self) {
+    pub(super) fn slot_first(&self) -> Option<*const CounterSlot> {
         let slot = self.claim();
-        slot.bump();
         let cached = THREAD_COUNTERS.try_with(|tc| {
             let mut tc = tc.borrow_mut();
             // Forget the slots of VMs that are gone (only we still hold
@@ -198,10 +241,12 @@ impl TranslationCounters {
         });
         if cached.is_err() {
             // No thread-local storage any more (thread exit): give the
-            // slot back, count included. Release pairs with the Acquire
-            // CAS of the next claimer.
+            // slot back. Release pairs with the Acquire CAS of the next
+            // claimer.
             slot.claimed.store(false, StdOrdering::Release);
+            return None;
         }
+        Some(Arc::as_ptr(&slot))
     }
 
     /// A slot no live thread owns, reused or new, claimed for the caller.
@@ -228,11 +273,7 @@ impl TranslationCounters {
             }
             at = slot.next.cast_mut();
         }
-        let mut new = Arc::new(CounterSlot {
-            count: StdAtomicU64::new(0),
-            claimed: StdAtomicBool::new(true),
-            next: std::ptr::null(),
-        });
+        let mut new = Arc::new(CounterSlot::new());
         let mut head = self.head.load(StdOrdering::Relaxed);
         loop {
             Arc::get_mut(&mut new).expect("not shared yet").next = head;
@@ -261,16 +302,23 @@ impl TranslationCounters {
     pub(super) fn total(&self) -> u64 {
         // Relaxed: a statistic.
         let mut sum = self.orphans.load(StdOrdering::Relaxed);
+        self.for_each_slot(|slot| {
+            // Relaxed: coherence gives every store that happened before us.
+            sum = sum.wrapping_add(slot.count.load(StdOrdering::Relaxed));
+        });
+        sum
+    }
+
+    /// Calls `f` on every slot, claimed or not.
+    pub(super) fn for_each_slot(&self, mut f: impl FnMut(&CounterSlot)) {
         // Acquire: as in `claim`.
         let mut at = self.head.load(StdOrdering::Acquire);
         while !at.is_null() {
             // SAFETY: slots in the list live until `self` drops.
             let slot = unsafe { &*at };
-            // Relaxed: coherence gives every store that happened before us.
-            sum = sum.wrapping_add(slot.count.load(StdOrdering::Relaxed));
+            f(slot);
             at = slot.next.cast_mut();
         }
-        sum
     }
 }
 
@@ -283,6 +331,45 @@ impl Drop for TranslationCounters {
             // the slot keep it alive with their own reference.
             let slot = unsafe { Arc::from_raw(at) };
             at = slot.next.cast_mut();
+        }
+    }
+}
+
+impl Stats {
+    /// Counts a request of op row `op` that ended with `status`.
+    #[inline]
+    pub(super) fn count_request(&self, op: usize, status: Status) {
+        match self.translations.slot() {
+            Some(slot) => CounterSlot::add(&slot.requests[op][status.index()], 1),
+            // Relaxed: statistics.
+            None => {
+                self.requests[op][status.index()].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Counts a request that came by `transport`.
+    #[inline]
+    pub(super) fn count_transport(&self, transport: Transport) {
+        match self.translations.slot() {
+            Some(slot) => CounterSlot::add(&slot.transports[transport as usize], 1),
+            // Relaxed: statistics.
+            None => {
+                self.transports[transport as usize].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Adds `delta` (wrapping: a removal adds its negation) to the live
+    /// mappings.
+    #[inline]
+    pub(super) fn add_mappings(&self, delta: u64) {
+        match self.translations.slot() {
+            Some(slot) => CounterSlot::add(&slot.mappings, delta),
+            // Relaxed: statistics.
+            None => {
+                self.mappings.fetch_add(delta, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -302,6 +389,27 @@ impl Vm {
             s.transports[t] = c.load(Ordering::Relaxed);
         }
         s.mappings = self.stats.mappings.load(Ordering::Relaxed);
+        // Relaxed: statistics; coherence gives every store that happened
+        // before this call.
+        let load = |c: &StdAtomicU64| c.load(StdOrdering::Relaxed);
+        self.stats.translations.for_each_slot(|slot| {
+            for (op, row) in slot.requests.iter().enumerate() {
+                for (st, c) in row.iter().enumerate() {
+                    s.requests[op][st] = s.requests[op][st].wrapping_add(load(c));
+                }
+            }
+            for (t, c) in slot.transports.iter().enumerate() {
+                s.transports[t] = s.transports[t].wrapping_add(load(c));
+            }
+            s.mappings = s.mappings.wrapping_add(load(&slot.mappings));
+        });
+        // Read while requests run, a removal's slot may be seen without
+        // the slot of the MAP that made the mapping (slots are read one by
+        // one): the wrapping sum is then "below zero". Such a snapshot is
+        // not exact anyway; show 0, not 2^64 - 1.
+        if s.mappings > i64::MAX as u64 {
+            s.mappings = 0;
+        }
         s.pinned_pages = self.pins.pinned_pages();
         s.mem_used = self.mem.used();
         s.translations = self.stats.translations.total();
@@ -312,5 +420,22 @@ impl Vm {
         s.queue_failed = self.queues.failed.load(StdOrdering::Relaxed);
         s.miss_drains = self.queues.miss_drains.load(StdOrdering::Relaxed);
         s
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// A snapshot taken while a MAP and its UNMAP run on two threads may
+    /// read the remover's slot (one below zero) without the mapper's:
+    /// the live count then shows 0, not a wrapped 2^64 - 1.
+    #[test]
+    fn a_slot_below_zero_shows_no_mappings() {
+        let vm = Vm::new(VmConfig::default()).expect("valid config");
+        vm.stats.add_mappings(1u64.wrapping_neg());
+        assert_eq!(vm.stats().mappings, 0);
+        vm.stats.add_mappings(3);
+        assert_eq!(vm.stats().mappings, 2);
     }
 }
