@@ -226,7 +226,8 @@ pub(super) struct Slot {
     /// the batch that reached it was applied, so a thread that reads `head`
     /// equal to it (Acquire) sees every entry up to it applied.
     tail: AtomicU32,
-    /// Control block gpa while the queue is active (set up, not stopped).
+    /// Control block gpa, stored at set-up: read without the mutex while
+    /// the queue's bit in `Queues::active` is set.
     ctrl: AtomicU64,
     state: Mutex<Option<QueueState>>,
 }
@@ -258,25 +259,26 @@ thread_local! {
     static DRAINING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Marks the thread as draining for its lifetime.
-struct DrainingMark {
-    was: bool,
-}
+/// Marks the thread as draining for its lifetime; made only by the one
+/// `enter` that found the thread unmarked, so its drop clears the mark.
+struct DrainingMark;
 
 impl DrainingMark {
     fn enter() -> Option<DrainingMark> {
         let was = DRAINING.with(|d| d.replace(true));
+        // Not `then_some`: its argument would be made (and dropped,
+        // clearing the mark) even when the thread was marked already.
         if was {
             None
         } else {
-            Some(DrainingMark { was })
+            Some(DrainingMark)
         }
     }
 }
 
 impl Drop for DrainingMark {
     fn drop(&mut self) {
-        DRAINING.with(|d| d.set(self.was));
+        DRAINING.with(|d| d.set(false));
     }
 }
 
