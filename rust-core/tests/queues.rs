@@ -762,6 +762,27 @@ fn a_drains_unmap_events_are_merged_and_sent_before_it_returns() {
          one sent before SYNC returned"
     );
     assert!(g.vm.mappings(EP).is_empty());
+    // A MAP elsewhere between the UNMAPs does not cut the merged removal.
+    for i in 0..4 {
+        q.push(&g.mem, &map_entry(EP, Perm::RW, page(i), DATA, 0x1000));
+    }
+    assert_eq!(g.submit(&sync_req(EP)).status, Status::Ok);
+    events.lock().unwrap().clear();
+    q.push(&g.mem, &unmap_entry(EP, page(0), 0));
+    q.push(&g.mem, &unmap_entry(EP, page(1), 0));
+    q.push(&g.mem, &map_entry(EP, Perm::RW, page(20), DATA, 0x1000));
+    q.push(&g.mem, &unmap_entry(EP, page(2), 0));
+    q.push(&g.mem, &unmap_entry(EP, page(3), 0));
+    q.push(&g.mem, &unmap_entry(EP, page(20), 0));
+    assert_eq!(g.submit(&sync_req(EP)).status, Status::Ok);
+    assert_eq!(
+        *events.lock().unwrap(),
+        vec![
+            (Map, page(20), 0x1000),
+            (Unmap, page(0), 4 * 0x1000),
+            (Unmap, page(20), 0x1000),
+        ]
+    );
     // Pages mapped one at a time get descending IOVAs from Linux; their
     // UNMAPs come in ascending buffer order, each just below the last.
     for i in 0..8 {

@@ -338,12 +338,12 @@ impl Vm {
         } else {
             return Response::status(Status::Inval);
         };
-        // Removals merged in this drain reach the listeners before this
-        // mapping does (it may reuse their IOVAs).
-        self.unmap_batch_flush(guard);
         let mut embedder = self.notifier_for(ep.rid, MapEventKind::Map, perms, guard);
         let mut refused = false;
         let mut notify = |run: &PageRun| {
+            // A removal merged in this drain that this mapping reuses
+            // IOVAs of reaches the listeners first.
+            self.unmap_batch_flush(ep.rid, run, guard);
             if !refused {
                 refused = !embedder(run);
             }

@@ -183,15 +183,28 @@ impl Vm {
         }
     }
 
-    /// Sends the merged UNMAP event held, if any, and keeps merging: before
-    /// a MAP event, which a listener must not get ahead of the removal of
-    /// what was mapped there before.
-    pub(super) fn unmap_batch_flush(&self, guard: &Guard) {
+    /// Sends the merged UNMAP event held, if it is of `rid` and overlaps
+    /// `run`, and keeps merging: before the MAP event of `run`, which a
+    /// listener must not get ahead of the removal of what was mapped there
+    /// before. A MAP elsewhere leaves the held removal growing (a guest's
+    /// queue interleaves one request's UNMAPs with the next one's MAPs).
+    pub(super) fn unmap_batch_flush(&self, rid: u32, run: &PageRun, guard: &Guard) {
         let held = UNMAP_BATCH.with(|b| {
             b.borrow_mut()
                 .as_mut()
                 .filter(|b| b.vm == self as *const Vm as usize)
-                .and_then(|b| b.pending.take())
+                .and_then(|b| {
+                    let overlaps = b.pending.as_ref().is_some_and(|(r, h)| {
+                        *r == rid
+                            && h.iova < run.iova.saturating_add(run.len)
+                            && run.iova < h.iova.saturating_add(h.len)
+                    });
+                    if overlaps {
+                        b.pending.take()
+                    } else {
+                        None
+                    }
+                })
         });
         if let Some((rid, run)) = held {
             self.notifier_for(rid, MapEventKind::Unmap, Perm::NONE, guard)(&run);
