@@ -469,13 +469,19 @@ int main(void)
           "VERSION %u", rd32(&pvdma, PVDMA_REG_VERSION));
     features = rd64(&pvdma, PVDMA_REG_FEATURES);
     CHECK(!(features & ~(PVDMA_FEATURE_HYPERCALL | PVDMA_FEATURE_HOST_IOVA |
-                         PVDMA_FEATURE_BYPASS | PVDMA_FEATURE_UNMAP_LIST)),
+                         PVDMA_FEATURE_BYPASS | PVDMA_FEATURE_UNMAP_LIST |
+                         PVDMA_FEATURE_QUEUE)),
           "FEATURES 0x%" PRIx64 " (HYPERCALL %d, HOST_IOVA %d, BYPASS %d, "
-          "UNMAP_LIST %d)",
+          "UNMAP_LIST %d, QUEUE %d)",
           features, !!(features & PVDMA_FEATURE_HYPERCALL),
           !!(features & PVDMA_FEATURE_HOST_IOVA),
           !!(features & PVDMA_FEATURE_BYPASS),
-          !!(features & PVDMA_FEATURE_UNMAP_LIST));
+          !!(features & PVDMA_FEATURE_UNMAP_LIST),
+          !!(features & PVDMA_FEATURE_QUEUE));
+    /* QUEUES: at least 1 with FEATURES.QUEUE, else 0 (ABI section 1). */
+    CHECK(!!(features & PVDMA_FEATURE_QUEUE) ==
+          (rd32(&pvdma, PVDMA_REG_QUEUES) > 0),
+          "QUEUES %u", rd32(&pvdma, PVDMA_REG_QUEUES));
     iova_bits = rd32(&pvdma, PVDMA_REG_IOVA_BITS);
     printf("  IOVA_BITS %u  MAX_SEGS %u  PAGE_SIZES 0x%" PRIx64
            "  HYPERCALL_NR 0x%x  FAULTS %" PRIu64 "\n", iova_bits,
