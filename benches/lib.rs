@@ -84,6 +84,24 @@ pub fn unmap_request(iova: u64, length: u64) -> Request {
     testing::unmap_req(EP, iova, length)
 }
 
+/// One MAP and its UNMAP through [`Vm::submit`], from request blocks
+/// already in guest RAM (the pair the write-side benches time); both must
+/// succeed.
+#[inline]
+pub fn submit_pair(vm: &Vm, map_block: u64, unmap_block: u64) {
+    let mapped = vm.submit(std::hint::black_box(map_block));
+    let unmapped = vm.submit(std::hint::black_box(unmap_block));
+    assert!(mapped == Status::Ok && unmapped == Status::Ok);
+}
+
+/// The same pair through [`Vm::execute`], the requests already parsed.
+#[inline]
+pub fn execute_pair(vm: &Vm, map: &Request, unmap: &Request) {
+    let mapped = vm.execute(std::hint::black_box(map)).status;
+    let unmapped = vm.execute(std::hint::black_box(unmap)).status;
+    assert!(mapped == Status::Ok && unmapped == Status::Ok);
+}
+
 /// A fragment array of `N` empty fragments.
 pub fn fragments<const N: usize>() -> [Fragment; N] {
     [Fragment {

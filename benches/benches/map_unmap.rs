@@ -68,20 +68,12 @@ fn map_unmap(c: &mut Criterion) {
         group.bench_function(name, |b| {
             let map_block = guest.write_block(BLOCK_AREA, map);
             let unmap_block = guest.write_block(BLOCK_AREA + 0x4000, unmap);
-            b.iter(|| {
-                let mapped = guest.vm.submit(black_box(map_block));
-                let unmapped = guest.vm.submit(black_box(unmap_block));
-                assert!(mapped == Status::Ok && unmapped == Status::Ok);
-            })
+            b.iter(|| submit_pair(&guest.vm, map_block, unmap_block))
         });
     }
 
     group.bench_function("pvdma_execute", |b| {
-        b.iter(|| {
-            let mapped = guest.vm.execute(black_box(&one_map)).status;
-            let unmapped = guest.vm.execute(black_box(&one_unmap)).status;
-            assert!(mapped == Status::Ok && unmapped == Status::Ok);
-        })
+        b.iter(|| execute_pair(&guest.vm, &one_map, &one_unmap))
     });
 
     group.bench_function("vmm_iotlb_rwlock", |b| {

@@ -80,18 +80,10 @@ fn queue_drain(c: &mut Criterion) {
     let map_block = guest.write_block(BLOCK_AREA, &map);
     let unmap_block = guest.write_block(BLOCK_AREA + 0x4000, &unmap);
     group.bench_function("pvdma_submit", |b| {
-        b.iter(|| {
-            let mapped = guest.vm.submit(black_box(map_block));
-            let unmapped = guest.vm.submit(black_box(unmap_block));
-            assert!(mapped == Status::Ok && unmapped == Status::Ok);
-        })
+        b.iter(|| submit_pair(&guest.vm, map_block, unmap_block))
     });
     group.bench_function("pvdma_execute", |b| {
-        b.iter(|| {
-            let mapped = guest.vm.execute(black_box(&map)).status;
-            let unmapped = guest.vm.execute(black_box(&unmap)).status;
-            assert!(mapped == Status::Ok && unmapped == Status::Ok);
-        })
+        b.iter(|| execute_pair(&guest.vm, &map, &unmap))
     });
     group.finish();
 }

@@ -447,13 +447,14 @@ pub fn queue(data: &[u8]) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn queue_fuzz_entry_survives_simple_inputs() {
-        queue(&[]);
-        queue(&[0xff; 512]);
-        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-        for _ in 0..300 {
-            let data: Vec<u8> = (0..400)
+    /// Feeds `entry` the empty input, 512 bytes of 0xff, and `count`
+    /// xorshift-random inputs of `len` bytes from `seed`.
+    fn feed(entry: fn(&[u8]), seed: u64, count: usize, len: usize) {
+        entry(&[]);
+        entry(&[0xff; 512]);
+        let mut x = seed;
+        for _ in 0..count {
+            let data: Vec<u8> = (0..len)
                 .map(|_| {
                     x ^= x << 13;
                     x ^= x >> 7;
@@ -461,25 +462,17 @@ mod tests {
                     x as u8
                 })
                 .collect();
-            queue(&data);
+            entry(&data);
         }
     }
 
     #[test]
+    fn queue_fuzz_entry_survives_simple_inputs() {
+        feed(queue, 0x9e37_79b9_7f4a_7c15, 300, 400);
+    }
+
+    #[test]
     fn fuzz_entry_survives_simple_inputs() {
-        virtqueue(&[]);
-        virtqueue(&[0xff; 512]);
-        let mut x = 0x1234_5678_9abc_def0_u64;
-        for _ in 0..200 {
-            let data: Vec<u8> = (0..600)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            virtqueue(&data);
-        }
+        feed(virtqueue, 0x1234_5678_9abc_def0, 200, 600);
     }
 }
