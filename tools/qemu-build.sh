@@ -14,6 +14,8 @@
 #        PVDMA_JOBS          parallel build jobs (default 2)
 #        PVDMA_SKIP_APT=1    do not apt-get install missing build dependencies
 #        PVDMA_MESON_BUILD   our meson build dir (default <repo>/build/meson)
+#        PVDMA_QEMU_TARGETS  more ninja targets to build beside the system
+#                            emulator, e.g. storage-daemon/qemu-storage-daemon
 # Prints the path of qemu-system-x86_64 on its last line.
 set -euo pipefail
 
@@ -58,6 +60,10 @@ CONFIGURE_ARGS=(
     --enable-pvdma
     # vhost-user-blk-pci, for pvdma-vhost-user-blk (docs/vhost-user.md)
     --enable-vhost-user
+    # qemu-storage-daemon with its vhost-user-blk export, the baseline of
+    # tools/bench-vhost.py (built only when asked, see PVDMA_QEMU_TARGETS)
+    --enable-tools
+    --enable-vhost-user-blk-server
 )
 
 BUILD_DEPS=(
@@ -244,7 +250,8 @@ fi
 # --- build ------------------------------------------------------------------
 t0=$(now)
 log "building with -j$JOBS"
-ninja -C "$BUILD" -j"$JOBS" qemu-system-x86_64 >"$BUILD/pvdma-build.log" 2>&1 ||
+# shellcheck disable=SC2086 # a list of targets
+ninja -C "$BUILD" -j"$JOBS" qemu-system-x86_64 ${PVDMA_QEMU_TARGETS:-} >"$BUILD/pvdma-build.log" 2>&1 ||
     { tail -n 40 "$BUILD/pvdma-build.log" >&2; die "build failed (see $BUILD/pvdma-build.log)"; }
 log "build: $(($(now) - t0))s"
 
