@@ -13,6 +13,10 @@
 #                              (default "7.2"): for them a pvdma_iommu.ko
 #                              that does not build gives PVDMA_IOMMU=no
 #                              instead of an error
+#        PVDMA_IOMMU_KO        a pvdma_iommu.ko built elsewhere (the DKMS
+#                              package's, tests/tools/dkms-test.sh) to put
+#                              into the guest instead of the test build;
+#                              its vermagic must name the kernel's release
 # Prints KEY=VALUE lines on stdout (logs go to stderr):
 #   KERNEL=6.1  RELEASE=6.1.0-50-cloud-amd64  VMLINUZ=...  INITRD=...
 #   PVDMA_IOMMU=yes|no  VIRTIO_IOMMU=yes|no (a virtio-iommu driver exists)
@@ -38,7 +42,13 @@ guest_busybox
 # the driver's own build may fail so: the headers and a build of
 # guest/kmod (pvdma_hc.ko) must work on every kernel.
 iommu_ko=
-if [ -f "$LINUX_SRC/Kbuild" ]; then
+if [ -n "${PVDMA_IOMMU_KO:-}" ]; then
+    [ -f "$PVDMA_IOMMU_KO" ] || die "PVDMA_IOMMU_KO: no file $PVDMA_IOMMU_KO"
+    vermagic=$(modinfo -F vermagic "$PVDMA_IOMMU_KO")
+    [ "${vermagic%% *}" = "$GK_RELEASE" ] ||
+        die "PVDMA_IOMMU_KO was built for ${vermagic%% *}, not $GK_RELEASE"
+    iommu_ko=$PVDMA_IOMMU_KO
+elif [ -f "$LINUX_SRC/Kbuild" ]; then
     guest_headers
     # The test build: test_skip_map and test_ro_map exist only in it.
     if [[ " $IOMMU_OPTIONAL " == *" $GK_NAME "* ]]; then

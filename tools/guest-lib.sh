@@ -423,6 +423,9 @@ guest_headers() {
 # $GUEST_CACHE/buildroot-SUITE-KEY, KEY a hash of the package list and the
 # versions GK_APT's lists offer for them (a new compiler or libc in the
 # suite makes a new root); .suite in it records the suite's Release date.
+# GK_BUILDROOT_EXTRA names more packages for the root (dkms for
+# tests/tools/dkms-test.sh); they are in the key, so such a root is one of
+# its own.
 guest_buildroot() {
     [ -n "${GK_KBUILD:-}" ] || guest_headers || return 1
     local cc pkgs p vers key dir rel
@@ -435,7 +438,7 @@ guest_buildroot() {
         return 1
         ;;
     esac
-    pkgs="$cc make libc6-dev libelf-dev $(apt-cache "${GK_APT[@]}" show \
+    pkgs="$cc make libc6-dev libelf-dev ${GK_BUILDROOT_EXTRA:-} $(apt-cache "${GK_APT[@]}" show \
               "$GK_KBUILD_PKG=$GK_HEADERS_VER" 2>/dev/null |
               sed -n 's/^Depends: //p' | head -n1 |
               sed 's/([^)]*)//g; s/|[^,]*//g; s/,/ /g')"

@@ -11,7 +11,8 @@
 # checkpatch --strict on the guest kernel code, and Debian 6.1, 6.12 and 7.2
 # guests doing disk and network I/O with pvdma as their IOMMU
 # (guest-io-test.sh: lazy, strict, a refused DMA, the root-port topology
-# with hotplug, and two controls), domain switches under DMA and the
+# with hotplug, and two controls), the guest driver's DKMS package (installed
+# here, built for every guest kernel, booted; dkms-test.sh), domain switches under DMA and the
 # shutdown hook (guest-switch-test.sh), the
 # vhost-user-blk backend's disk in such a guest (vhost-user-blk-test.sh),
 # and vfio-pci behind pvdma in a nested guest (vfio-nested-test.sh).
@@ -89,6 +90,8 @@ if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x tools/qemu-build.sh ]; then
     tools/check-guest-driver.sh
     step "QEMU: 6.1, 6.12 and 7.2 guests do disk and network I/O through pvdma_iommu.ko"
     tests/guest/guest-io-test.sh "$qemu"
+    step "guest driver: the DKMS package builds it for 6.1, 6.12 and 7.2, a 6.1 guest runs on it"
+    tests/tools/dkms-test.sh "$qemu"
     step "QEMU: domain switches under DMA and shutdown in 6.1, 6.12 and 7.2 guests"
     tests/guest/guest-switch-test.sh "$qemu"
     step "QEMU: vhost-user-blk through pvdma (pvdma-vhost-user-blk, both access modes)"
