@@ -109,6 +109,7 @@ impl Frontend {
             max_entries,
             window_bits: 32,
             test_io_delay,
+            test_crash: None,
         };
         let (front, back) = UnixStream::pair().unwrap();
         let backend = std::thread::spawn(move || {
@@ -385,6 +386,8 @@ impl Frontend {
             refused: g(&s.refused),
             bad_chains: g(&s.bad_chains),
             ring_errors: g(&s.ring_errors),
+            inflight_resubmitted: g(&s.inflight_resubmitted),
+            inflight_errors: g(&s.inflight_errors),
         }
     }
 }
