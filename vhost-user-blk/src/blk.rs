@@ -273,7 +273,10 @@ impl Vring {
         if let Some(inf) = self.inflight.as_mut() {
             inf.begin(head);
         }
-        self.taken += 1;
+        if self.misses == 0 {
+            // a new chain, not one retried after its misses
+            self.taken += 1;
+        }
         if sh.test_crash == Some((CrashPoint::AfterPop, self.taken)) {
             self.crashed = true;
             return Err(Step::Stalled);

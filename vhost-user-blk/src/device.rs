@@ -978,6 +978,50 @@ impl Device {
         self.worker.as_ref().is_none_or(|w| w.is_finished())
     }
 
+    /// Graceful stop: [`Device::begin_drain`], then the frontend's
+    /// messages are answered (a miss's answer comes as an IOTLB update
+    /// on `conn`) until the queue thread has ended. False when it did not
+    /// end within `timeout` (the caller may exit anyway: the inflight
+    /// region holds what is left). Call [`Device::shutdown`] after a true.
+    pub fn drain(&mut self, conn: &mut Connection, timeout: Duration) -> bool {
+        self.begin_drain();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut open = true;
+        while !self.drained() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut p = libc::pollfd {
+                fd: if open { conn.raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, 10) as i32;
+            // SAFETY: one valid pollfd (poll ignores a negative fd).
+            let n = unsafe { libc::poll(&mut p, 1, ms) };
+            if n <= 0 || p.revents == 0 {
+                continue;
+            }
+            match conn.recv() {
+                Ok(msg) => {
+                    if let Err(e) = self.handle(conn, msg) {
+                        log::warn!("frontend socket while draining: {e}");
+                        open = false;
+                    }
+                }
+                Err(e) => {
+                    if !matches!(e, crate::proto::Error::Closed) {
+                        log::warn!("frontend socket while draining: {e}");
+                    }
+                    open = false;
+                }
+            }
+        }
+        log::info!("drained: the requests in progress are complete");
+        true
+    }
+
     /// Stops the queue thread and forgets the guest's memory.
     pub fn shutdown(&mut self) {
         self.sh.exit.store(true, Ordering::Release);

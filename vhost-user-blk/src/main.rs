@@ -314,6 +314,10 @@ fn run(args: Args) -> Result<(), String> {
         match wait_readable(conn.raw_fd(), &sig, None, &stats) {
             Ok(true) => {}
             Ok(false) => {
+                log::info!(
+                    "signal: draining (at most {} ms)",
+                    args.drain_timeout.as_millis()
+                );
                 signalled = true;
                 break Ok(());
             }
@@ -331,7 +335,7 @@ fn run(args: Args) -> Result<(), String> {
             break Err(format!("frontend socket: {e}"));
         }
     };
-    if signalled && !drain(&mut dev, &mut conn, args.drain_timeout) {
+    if signalled && !dev.drain(&mut conn, args.drain_timeout) {
         log::warn!(
             "signal: the requests in progress did not finish within {} ms: exiting anyway \
              (the inflight region has them; the next backend serves them again)",
@@ -349,50 +353,6 @@ fn run(args: Args) -> Result<(), String> {
         dev.shared().stats.summary()
     );
     result
-}
-
-/// Graceful stop: the queue thread finishes the requests in progress
-/// while the frontend's messages are still answered (a miss's answer
-/// comes as an IOTLB update on this socket). False when it did not
-/// finish within `timeout`.
-fn drain(dev: &mut Device, conn: &mut Connection, timeout: Duration) -> bool {
-    log::info!("signal: draining (at most {} ms)", timeout.as_millis());
-    dev.begin_drain();
-    let deadline = Instant::now() + timeout;
-    let mut open = true;
-    while !dev.drained() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        let mut p = libc::pollfd {
-            fd: if open { conn.raw_fd() } else { -1 },
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = left.as_millis().clamp(1, 10) as i32;
-        // SAFETY: one valid pollfd (a negative fd is ignored by poll).
-        let n = unsafe { libc::poll(&mut p, 1, ms) };
-        if n <= 0 || p.revents == 0 {
-            continue;
-        }
-        match conn.recv() {
-            Ok(msg) => {
-                if let Err(e) = dev.handle(conn, msg) {
-                    log::warn!("frontend socket while draining: {e}");
-                    open = false;
-                }
-            }
-            Err(e) => {
-                if !matches!(e, proto::Error::Closed) {
-                    log::warn!("frontend socket while draining: {e}");
-                }
-                open = false;
-            }
-        }
-    }
-    log::info!("signal: drained, exiting");
-    true
 }
 
 fn main() -> ExitCode {
