@@ -1969,3 +1969,60 @@ fn a_drain_finishes_the_request_in_progress() {
         0x1000
     );
 }
+
+/// A graceful stop while requests are queued: the one in progress
+/// completes, no new one is taken, the region shows nothing in flight,
+/// and the next backend serves the rest, each request once.
+#[test]
+fn a_drain_takes_no_new_request() {
+    let mut f = Frontend::start_setup(Setup {
+        inflight: Inflight::Get,
+        test_io_delay: Duration::from_millis(300),
+        ..Setup::new(Mode::Sg)
+    });
+    f.fill_image();
+    let shm = f.region();
+    for k in 0..4u64 {
+        f.update(data_buf(k).iova, 0x1000, data_buf(k).off, 3);
+    }
+    f.update(HDR.iova, 0x1000, HDR.off, 1);
+    f.update(STATUS.iova, 0x1000, STATUS.off, 2);
+    for k in 0..4u64 {
+        f.request(k, 3 * k as u16, 8 * (k + 1), None);
+    }
+    let ram = f.ram as usize;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while used_idx(ram) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no completion");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f.drain.write(1).unwrap();
+    let dev = f.backend.take().unwrap().join().unwrap();
+    let done = used_idx(ram);
+    assert!(done < 4, "every request was taken after the drain began");
+    assert_eq!(
+        dev.shared().stats.read_bytes.load(Ordering::Relaxed),
+        0x1000 * u64::from(done)
+    );
+    assert_eq!(shm.used_idx(), done);
+    assert!((0..QSIZE).all(|i| shm.inflight(i) == 0), "left in flight");
+    drop(dev);
+    let setup = after_a_crash(&mut f);
+    f.connect(setup);
+    for i in done..4 {
+        assert_eq!(f.complete(&mut pager).0, 0x1001);
+        assert_eq!(f.used_elem(i).0, 3 * u32::from(i));
+    }
+    let s = f.disconnect();
+    assert_eq!(
+        s.read_bytes.load(Ordering::Relaxed),
+        0x1000 * u64::from(4 - done)
+    );
+    for k in 0..4u64 {
+        let sector = 8 * (k + 1) as u8;
+        assert!(f
+            .ram_slice(data_buf(k).off, 512)
+            .iter()
+            .all(|&b| b == sector));
+    }
+}
