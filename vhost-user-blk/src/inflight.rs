@@ -313,6 +313,7 @@ impl Region {
             off: index * queue_region_size(size) as usize,
             size,
             counter: 0,
+            last_batch_head: 0,
             recovered: false,
             resubmit: VecDeque::new(),
         })
@@ -346,6 +347,9 @@ pub struct QueueInflight {
     /// The counter of the next chain taken ("global counter" of the spec;
     /// per queue here, which orders each queue's chains just as well).
     counter: u64,
+    /// Our copy of `last_batch_head`: what the region holds is written,
+    /// never read back while the ring runs (the frontend could change it).
+    last_batch_head: u16,
     recovered: bool,
     resubmit: VecDeque<u16>,
 }
@@ -433,14 +437,14 @@ impl QueueInflight {
     /// last_batch_head = head`. The used ring's idx store (Release, in
     /// virtio-queue's `add_used`) orders these before it: a backend killed
     /// after the used idx moved finds the batch list naming `head`.
-    pub fn pre_put(&self, head: u16) {
+    pub fn pre_put(&mut self, head: u16) {
         if head >= self.size {
             return;
         }
-        let last = self.u16(OFF_LAST_BATCH_HEAD).load(Ordering::Relaxed);
         self.u16(Self::desc(head) + D_NEXT)
-            .store(last, Ordering::Relaxed);
+            .store(self.last_batch_head, Ordering::Relaxed);
         self.u16(OFF_LAST_BATCH_HEAD).store(head, Ordering::Release);
+        self.last_batch_head = head;
     }
 
     /// Spec, the steps after the used idx store: `desc[head].inflight =
@@ -474,6 +478,7 @@ impl QueueInflight {
         }
         self.u16(OFF_VERSION).store(VERSION, Ordering::Release);
         self.counter = 0;
+        self.last_batch_head = 0;
         self.resubmit.clear();
         self.recovered = true;
     }
@@ -503,6 +508,11 @@ impl QueueInflight {
             });
         }
         let last_batch_head = self.u16(OFF_LAST_BATCH_HEAD).load(Ordering::Relaxed);
+        if last_batch_head >= self.size {
+            // Checked even with no batch to clear: the next completion
+            // links to it.
+            return Err(Corrupt::OutOfRange(last_batch_head));
+        }
         let region_used = self.u16(OFF_USED_IDX).load(Ordering::Relaxed);
         let mut inflight = Vec::with_capacity(usize::from(self.size));
         let mut next = Vec::with_capacity(usize::from(self.size));
@@ -578,6 +588,7 @@ impl QueueInflight {
                 .store(0, Ordering::Release);
         }
         self.u16(OFF_USED_IDX).store(used, Ordering::Release);
+        self.last_batch_head = last_batch_head;
         self.counter = heads
             .last()
             .map_or(0, |&h| counter[usize::from(h)].wrapping_add(1));
@@ -833,6 +844,12 @@ mod tests {
                 1,
                 1,
                 "last_batch_head",
+            ),
+            (
+                Box::new(|q| q.u16(OFF_LAST_BATCH_HEAD).store(8, Ordering::Relaxed)),
+                0,
+                0,
+                "last_batch_head, no batch",
             ),
             (
                 Box::new(|q| {
