@@ -9,7 +9,8 @@
 # pvdma-test, the unit test of the KVM exit handler, test-pvdma-kvm, the
 # libvirt patch series with libvirt's own tests (libvirt 9.0.0 built in the
 # cache, about 5 min when cold), a libvirt domain with pvdma (a private
-# session libvirtd; installs libvirt),
+# session libvirtd; installs libvirt) from <qemu:commandline> with the
+# system's libvirt and from <iommu model='pvdma'> with the patched one,
 # checkpatch --strict on the guest kernel code, and Debian 6.1, 6.12 and 7.2
 # guests doing disk and network I/O with pvdma as their IOMMU
 # (guest-io-test.sh: lazy, strict, a refused DMA, the root-port topology
@@ -87,6 +88,8 @@ if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x tools/qemu-build.sh ]; then
     tests/qemu/libvirt-series-test.sh
     step "QEMU: libvirt starts a domain with pvdma from <qemu:commandline>"
     tests/qemu/libvirt-check.sh "$qemu"
+    step "libvirt: the patched libvirtd runs a domain with <iommu model='pvdma'> (native XML)"
+    tests/qemu/libvirt-check.sh --native "$qemu"
     step "QEMU: a Debian 12 guest maps and DMAs through the doorbell (TCG)"
     tests/guest/guest-demo.sh "$qemu"
     step "guest driver: checkpatch --strict (kernel 6.12's checkpatch.pl)"
