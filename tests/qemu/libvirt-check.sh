@@ -35,11 +35,15 @@
 # --native checks libvirt with patches/libvirt instead (docs/libvirt.md):
 # libvirtd and virsh of tools/libvirt-build.sh's build, a domain with
 # <iommu model='pvdma'> (pin_mode='mlock', a pin limit and every other
-# option set) and edu in <qemu:commandline>. It expects the device libvirt
+# option set), a virtio-blk disk, two virtio-net NICs wired to each other
+# and edu in <qemu:commandline>, booting the Debian 6.1 I/O guest
+# (guest/io/init with pvdma_iommu.ko). It expects the device libvirt
 # placed on pcie.0 in query-pci, every option back in query-pvdma, edu
 # among pvdma's endpoints, the <iommu> element unchanged through
-# dumpxml and a second define, and in /proc/<QEMU pid>/limits the locked
-# memory limit libvirt computes from the pin limit (pin limit + 1 GiB).
+# dumpxml and a second define, in /proc/<QEMU pid>/limits the locked
+# memory limit libvirt computes from the pin limit (pin limit + 1 GiB),
+# the disk and the NICs in pvdma's IOMMU groups in the guest and attached
+# with mappings in query-pvdma, and the guest's data checks to pass.
 # The build lives under /root/.cache, which the unprivileged user cannot
 # enter: run as root, the check runs in a mount namespace of its own
 # (unshare) where a small tmpfs covers /root and the build directory alone
@@ -81,13 +85,20 @@ edu_slot=0x19
 # the whole check runs under one deadline: on it the EXIT trap still cleans
 # up (no --kill-after, which would skip the trap)
 if [[ -z ${PVDMA_LIBVIRT_DEADLINE:-} ]]; then
+    # --native boots a guest that does I/O: more time
     export PVDMA_LIBVIRT_DEADLINE=120
+    ((native)) && PVDMA_LIBVIRT_DEADLINE=300
     mode=()
     ((native)) && mode=(--native)
     if ((native)); then
-        # built (or found cached) before the deadline starts
+        # built (or found cached) before the deadline starts, as is the
+        # I/O guest (Debian 6.1 with pvdma_iommu.ko, tools/guest-io-prepare.sh)
         PVDMA_LIBVIRT_BUILD=$("$PVDMA_ROOT/tools/libvirt-build.sh" | tail -n1)
-        export PVDMA_LIBVIRT_BUILD
+        guest=$("$PVDMA_ROOT/tools/guest-io-prepare.sh" 6.1)
+        PVDMA_LIBVIRT_VMLINUZ=$(sed -n 's/^VMLINUZ=//p' <<<"$guest")
+        PVDMA_LIBVIRT_INITRD=$(sed -n 's/^INITRD=//p' <<<"$guest")
+        grep -qx PVDMA_IOMMU=yes <<<"$guest" || die "the 6.1 I/O guest has no pvdma_iommu.ko"
+        export PVDMA_LIBVIRT_BUILD PVDMA_LIBVIRT_VMLINUZ PVDMA_LIBVIRT_INITRD
     fi
     # --native as root: a mount namespace of its own (see above)
     ns=()
@@ -161,6 +172,13 @@ virsh_() { "${as_user[@]}" timeout -k 5 "$limit" "$virsh" -q -c qemu:///session 
 mkdir -p "$tmp"/{home,run,config/libvirt,cache,data,qemu/bin}
 chmod 700 "$tmp/run"
 cp "$qemu" "$tmp/qemu/bin/qemu-system-x86_64"
+if ((native)); then
+    # the I/O guest and its virtio-blk disk, where nobody can read them
+    mkdir -p "$tmp/guest"
+    cp "${PVDMA_LIBVIRT_VMLINUZ:?}" "$tmp/guest/vmlinuz"
+    cp "${PVDMA_LIBVIRT_INITRD:?}" "$tmp/guest/initrd"
+    truncate -s 64M "$tmp/guest/blk.img"
+fi
 if ((native && $(id -u) == 0)); then
     # in our own mount namespace: cover /root, bring the build back
     lvwork=$(dirname "$build")
@@ -182,23 +200,53 @@ echo 'stdio_handler = "file"' >"$tmp/config/libvirt/qemu.conf"
 pin_limit_mib=64
 memlock_want=$(((pin_limit_mib + 1024) << 20))
 if ((native)); then
-    # a uuid of its own, so that the XML can be defined again (edited)
+    # The I/O guest (guest/io/init) loads pvdma_iommu.ko, checks that the
+    # virtio-blk disk and both NICs are in pvdma's IOMMU groups, verifies
+    # data written to the disk and sent from one NIC to the other (wired
+    # together through a TCP socket on the loopback, which unlike UDP
+    # loses no frame), prints PVDMA-IO: PASS or FAIL and
+    # powers off. libvirt puts each device behind a pcie-root-port.
+    # A uuid of its own, so that the XML can be defined again (edited).
+    port=$((20000 + RANDOM % 20000))
     cat >"$tmp/domain.xml" <<EOF
 <domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>$dom</name>
   <uuid>$(cat /proc/sys/kernel/random/uuid)</uuid>
-  <memory unit='MiB'>128</memory>
+  <memory unit='MiB'>512</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
+    <!-- qboot: SeaBIOS takes 30-50 s under TCG -->
+    <loader readonly='yes' type='rom'>/usr/share/qemu/qboot.rom</loader>
+    <kernel>$tmp/guest/vmlinuz</kernel>
+    <initrd>$tmp/guest/initrd</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 pvdmaio.mode=test pvdmaio.iommu=pvdma pvdmaio.disks=blk pvdmaio.pause_timeout=1</cmdline>
   </os>
   <features>
     <acpi/>
   </features>
+  <on_poweroff>destroy</on_poweroff>
   <devices>
     <emulator>$tmp/qemu/bin/qemu-system-x86_64</emulator>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
+    <disk type='file' device='disk' model='virtio-non-transitional'>
+      <driver name='qemu' type='raw' iommu='on'/>
+      <source file='$tmp/guest/blk.img'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='server'>
+      <mac address='52:54:00:fa:00:01'/>
+      <source address='127.0.0.1' port='$port'/>
+      <model type='virtio-non-transitional'/>
+      <driver iommu='on'/>
+    </interface>
+    <interface type='client'>
+      <mac address='52:54:00:fa:00:02'/>
+      <source address='127.0.0.1' port='$port'/>
+      <model type='virtio-non-transitional'/>
+      <driver iommu='on'/>
+    </interface>
     <serial type='file'>
       <source path='$tmp/serial.log'/>
     </serial>
@@ -310,7 +358,9 @@ qpid=$(<"$tmp/run/libvirt/qemu/run/$dom.pid")
 log "domain $dom running (TCG, q35), QEMU pid $qpid"
 
 teardown() {
-    virsh_ destroy "$dom" >/dev/null || { dump_logs; die "virsh destroy"; }
+    if [[ $(virsh_ domstate "$dom") != "shut off" ]]; then
+        virsh_ destroy "$dom" >/dev/null || { dump_logs; die "virsh destroy"; }
+    fi
     virsh_ undefine "$dom" >/dev/null || die "virsh undefine"
     left=$(virsh_ list --all --name | sed '/^$/d')
     [[ -z $left ]] || die "domains left after undefine: $left"
@@ -421,6 +471,53 @@ else:
           "libvirt set none (pin_mode='none', no VFIO device)", file=sys.stderr)
 PY
         { dump_logs; die "native <iommu model='pvdma'> checks"; }
+
+    # the guest: its devices behind pvdma, then its verdict
+    io_wait() {   # io_wait REGEX: the serial log's first line matching it
+        local line
+        while :; do
+            line=$(grep -a -m1 -E "$1" "$tmp/serial.log" 2>/dev/null) && break
+            [[ $(virsh_ domstate "$dom") == running ]] ||
+                { sleep 1; line=$(grep -a -m1 -E "$1" "$tmp/serial.log") && break; return 1; }
+            sleep 1
+        done
+        echo "$line"
+    }
+    ready=$(io_wait 'PVDMA-IO: (READY|FAIL)') ||
+        { tail -n 30 "$tmp/serial.log" >&2; die "the guest stopped before READY"; }
+    log "guest: ${ready%%, uptime*}"
+    [[ $ready == *READY* ]] || { tail -n 40 "$tmp/serial.log" >&2; die "guest: $ready"; }
+    pvdma=$(virsh_ qemu-monitor-command "$dom" '{"execute":"query-pvdma"}') ||
+        { dump_logs; die "query-pvdma (guest ready)"; }
+    grep -a "PVDMA-IO: DEVICE" "$tmp/serial.log" | sed 's/^/  /' >&2
+    verdict=$(io_wait 'PVDMA-IO: (PASS|FAIL)') ||
+        { tail -n 40 "$tmp/serial.log" >&2; die "the guest gave no verdict"; }
+    grep -a -E "PVDMA-IO: (RUN|DONE|RESULT)" "$tmp/serial.log" | sed 's/^/  /' >&2
+    [[ $verdict == *PASS* ]] || {
+        # what pvdma-io said, then the guest kernel's last messages
+        sed -n '/PVDMA-IO: RUN/,$p' "$tmp/serial.log" | grep -av '^PVDMA-IO: \(RUN\|DONE\)' >&2
+        die "guest: $verdict"
+    }
+    # the disk's and the NICs' functions (the guest's DEVICE lines) were
+    # attached to pvdma with mappings while the guest was ready: its
+    # driver, not bypass, carried their DMA
+    bdfs=$(grep -a "PVDMA-IO: DEVICE" "$tmp/serial.log" | sed -n 's/.* pci=0000:\([^ ]*\) .*/\1/p')
+    /usr/bin/python3 - "$pvdma" $bdfs <<'PY' || die "query-pvdma with the guest ready"
+import json, sys
+p = json.loads(sys.argv[1])["return"][0]
+want = sys.argv[2:]
+eps = {e["requester"]: e for e in p["endpoints"]}
+if len(want) != 3:
+    sys.exit(f"the guest named {want}, not one disk and two NICs")
+for rid in want:
+    e = eps.get(rid)
+    if not e or not e["attached"] or not e["mappings"]:
+        sys.exit(f"query-pvdma: {rid} not attached with mappings: {e}")
+print("query-pvdma, guest ready: disk and NICs attached, " + ", ".join(
+      f"{rid} {eps[rid]['mappings']} mappings" for rid in want),
+      file=sys.stderr)
+PY
+    log "guest: ${verdict%% (uptime*}"
     teardown
     log "PASS, native <iommu model='pvdma'> ($((SECONDS - t0)) s)"
     exit 0
