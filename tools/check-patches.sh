@@ -41,7 +41,8 @@ for f in "$tmp"/patches/* "$repo"/patches/*; do
     name=$(basename "$f")
     [[ $name == 000[12]-* ]] && continue
     # patches/linux/ holds the host-kernel patch, checked by
-    # tests/qemu/linux-kvm-check.sh, not part of the QEMU series.
+    # tests/qemu/linux-kvm-check.sh, and patches/libvirt/ the libvirt
+    # series (tests/qemu/libvirt-series-test.sh): not the QEMU series.
     [[ -d $f ]] && continue
     if ! cmp -s "$tmp/patches/$name" "$repo/patches/$name"; then
         log "DIFFERS: patches/$name (run tools/make-patches.py and commit)"

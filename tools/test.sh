@@ -6,8 +6,11 @@
 # The QEMU side builds the patched QEMU (about 4.5 min when the cache is cold
 # or the series changed, seconds after), checks the patch series, runs the
 # smoke tests, run.sh's DMA demo, QEMU's own qtest for the device,
-# pvdma-test, the unit test of the KVM exit handler, test-pvdma-kvm, a
-# libvirt domain with pvdma (a private session libvirtd; installs libvirt),
+# pvdma-test, the unit test of the KVM exit handler, test-pvdma-kvm, the
+# libvirt patch series with libvirt's own tests (libvirt 9.0.0 built in the
+# cache, about 5 min when cold), a libvirt domain with pvdma (a private
+# session libvirtd; installs libvirt) from <qemu:commandline> with the
+# system's libvirt and from <iommu model='pvdma'> with the patched one,
 # checkpatch --strict on the guest kernel code, and Debian 6.1, 6.12 and 7.2
 # guests doing disk and network I/O with pvdma as their IOMMU
 # (guest-io-test.sh: lazy, strict, a refused DMA, the root-port topology
@@ -82,8 +85,12 @@ if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x tools/qemu-build.sh ]; then
     /usr/bin/python3 tools/pvdma-demo.py "$qemu" 120 >&2
     step "QEMU: qtest pvdma-test, unit test test-pvdma-kvm (KVM exit handler)"
     tests/qemu/qemu-qtest.sh pvdma-test unit/test-pvdma-kvm
+    step "libvirt: the pvdma series (patches/libvirt) builds and passes libvirt's tests"
+    tests/qemu/libvirt-series-test.sh
     step "QEMU: libvirt starts a domain with pvdma from <qemu:commandline>"
     tests/qemu/libvirt-check.sh "$qemu"
+    step "libvirt: the patched libvirtd runs a domain with <iommu model='pvdma'> (native XML)"
+    tests/qemu/libvirt-check.sh --native "$qemu"
     step "QEMU: a Debian 12 guest maps and DMAs through the doorbell (TCG)"
     tests/guest/guest-demo.sh "$qemu"
     step "guest driver: checkpatch --strict (kernel 6.12's checkpatch.pl)"
