@@ -42,6 +42,9 @@ Options:
   --connect-timeout S     exit when no frontend connects within S seconds
                           (default: wait forever)
   --log-level LEVEL       error, warn, info (default), debug or trace
+  --test-io-delay-us N    testing only: sleep N microseconds between mapping
+                          a request's buffers and its I/O (so that a kill
+                          lands while requests are in flight)
   --help                  this text
   --version               version
 
@@ -117,6 +120,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--max-iotlb-entries" => opts.max_entries = num(val()?)?.max(1) as usize,
             "--miss-timeout-ms" => opts.miss_timeout = Duration::from_millis(num(val()?)?),
             "--connect-timeout" => connect_timeout = Some(Duration::from_secs(num(val()?)?)),
+            "--test-io-delay-us" => opts.test_io_delay = Duration::from_micros(num(val()?)?),
             "--log-level" => {
                 level = val()?
                     .parse()
