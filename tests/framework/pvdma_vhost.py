@@ -38,7 +38,10 @@ class Backend:
             stdout=self.logf, stderr=subprocess.STDOUT,
             start_new_session=True)
         deadline = time.monotonic() + 10
-        while not os.path.exists(self.sock):
+        # The socket file goes once a frontend connected, which a frontend
+        # that reconnects does at once: its log says it listened.
+        while not os.path.exists(self.sock) and \
+                "listening on" not in self.text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the backend did not create its socket:\n"
                                    + self.text())
