@@ -22,7 +22,8 @@ use pvdma::{
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::device::{Mode, Shared};
+use crate::device::{CrashPoint, Mode, Shared};
+use crate::inflight::{self, QueueInflight, Recovered, WalkError};
 
 /// `VIRTIO_BLK_T_IN`.
 pub const T_IN: u32 = 0;
@@ -71,8 +72,10 @@ pub struct Vring {
     pub queue: Queue,
     /// Page cache keyed by (domain generation, RAM layout).
     pages: PageCache,
-    /// Used entries not yet written (the used ring was unmapped).
-    pending_used: Vec<(u16, u32)>,
+    /// Used entries not yet written (the used ring was unmapped), and
+    /// whether the chain came from the avail ring (not served again from
+    /// the inflight region).
+    pending_used: Vec<(u16, u32, bool)>,
     /// Pages already missed for the chain at the head of the ring, and
     /// how often.
     missed: HashMap<u64, u8>,
@@ -81,6 +84,16 @@ pub struct Vring {
     descs: Vec<Desc>,
     frags: Vec<Fragment>,
     iov: Vec<libc::iovec>,
+    /// Inflight tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`), when
+    /// the frontend gave a region: every chain taken is recorded in it
+    /// until its used entry is written, and the chains a killed backend
+    /// left there are served again first (`inflight.rs`).
+    pub inflight: Option<QueueInflight>,
+    /// Chains taken from the avail ring (tests: `Options::test_crash`).
+    taken: u32,
+    /// Tests: the backend "died" (`Options::test_crash`): nothing more
+    /// is done on this ring, the region is left as it is.
+    crashed: bool,
 }
 
 // SAFETY: the iovecs are scratch space rebuilt for every request and only
@@ -135,6 +148,9 @@ impl Vring {
             descs: Vec::new(),
             frags: Vec::new(),
             iov: Vec::new(),
+            inflight: None,
+            taken: 0,
+            crashed: false,
         })
     }
 
@@ -153,6 +169,12 @@ impl Vring {
         *tries += 1;
         self.misses += 1;
         true
+    }
+
+    /// Whether a chain was begun and not finished (it missed, and is
+    /// retried by the next step).
+    pub fn chain_in_progress(&self) -> bool {
+        self.misses != 0
     }
 
     /// Forgets the misses of the chain just finished.
@@ -181,31 +203,84 @@ impl Vring {
             pages.reset(Some(key));
         }
         let space = IovaSpace::with_cache(dom, ram, &guard, &[], pages);
+        if self.crashed {
+            return Step::Stalled;
+        }
 
-        if self.flush_used(&space).is_err() {
+        if self.flush_used(sh, &space).is_err() {
             let iova = fault_iova(&space, self.queue.used_ring());
             return self.ring_fault(iova, Perm::WRITE);
         }
 
-        let mut iter = match self.queue.iter(&space) {
+        if let Some(step) = self.recover_inflight(sh, &space) {
+            return step;
+        }
+        let resubmit = self.inflight.as_ref().and_then(|i| i.next_resubmit());
+        let head = match resubmit {
+            Some(head) => match self.walk_resubmitted(sh, &space, head) {
+                Ok(()) => head,
+                Err(step) => return step,
+            },
+            None => match self.pop(sh, &space) {
+                Ok(head) => head,
+                Err(step) => return step,
+            },
+        };
+        match self.serve(sh, &space) {
+            Ok(used) => self.complete(sh, &space, head, used),
+            Err(Fail::Miss(iova, perm)) => {
+                if resubmit.is_none() {
+                    self.queue.go_to_previous_position();
+                }
+                let mut misses = vec![(iova, perm)];
+                if let Some(dom) = dom {
+                    self.more_misses(dom, &guard, &mut misses);
+                }
+                Step::Miss(misses)
+            }
+            Err(Fail::NoStatus) => {
+                sh.stats.bump(&sh.stats.bad_chains);
+                self.complete(sh, &space, head, 0)
+            }
+        }
+    }
+
+    /// Takes the next chain from the avail ring into `self.descs`: its
+    /// head, or the step to return (empty, a miss, a malformed chain
+    /// returned).
+    fn pop(&mut self, sh: &Shared, space: &IovaSpace<'_>) -> Result<u16, Step> {
+        let mut iter = match self.queue.iter(space) {
             Ok(it) => it,
             Err(virtio_queue::Error::GuestMemory(_)) => {
-                let iova = fault_iova(&space, self.queue.avail_ring());
-                return self.ring_fault(iova, Perm::READ);
+                let iova = fault_iova(space, self.queue.avail_ring());
+                return Err(self.ring_fault(iova, Perm::READ));
             }
             Err(e) => {
                 sh.stats.bump(&sh.stats.ring_errors);
                 log::warn!("queue: driver error in the rings: {e}");
-                return Step::Stalled;
+                return Err(Step::Stalled);
             }
         };
         let Some(chain) = iter.next() else {
             if let Some(f) = space.take_fault() {
-                return self.ring_fault(f.iova, Perm::READ);
+                return Err(self.ring_fault(f.iova, Perm::READ));
             }
-            return Step::Empty;
+            return Err(Step::Empty);
         };
         let head = chain.head_index();
+        // Recorded before anything else is done with the chain, and
+        // before the next one is taken (recovery counts on it).
+        if let Some(inf) = self.inflight.as_mut() {
+            inf.begin(head);
+        }
+        if self.misses == 0 {
+            // a new chain, not one retried after its misses
+            self.taken += 1;
+        }
+        if sh.test_crash == Some((CrashPoint::AfterPop, self.taken)) {
+            self.crashed = true;
+            return Err(Step::Stalled);
+        }
         self.descs.clear();
         let mut ends_early = true;
         for d in chain {
@@ -223,39 +298,164 @@ impl Vring {
             if let Some(f) = space.take_fault() {
                 if self.note_miss(f.iova) {
                     self.queue.go_to_previous_position();
-                    return Step::Miss(vec![(f.iova, Perm::READ)]);
+                    return Err(Step::Miss(vec![(f.iova, Perm::READ)]));
                 }
             }
             sh.stats.bump(&sh.stats.bad_chains);
             log::warn!(
                 "queue: malformed or unreadable chain at head {head}: returned with length 0"
             );
-            return self.complete(&space, head, 0);
+            return Err(self.complete(sh, space, head, 0));
         }
-        match self.serve(sh, &space) {
-            Ok(used) => self.complete(&space, head, used),
-            Err(Fail::Miss(iova, perm)) => {
-                self.queue.go_to_previous_position();
-                let mut misses = vec![(iova, perm)];
-                if let Some(dom) = dom {
-                    self.more_misses(dom, &guard, &mut misses);
+        Ok(head)
+    }
+
+    /// Reads the chain a killed backend had taken, by its head, into
+    /// `self.descs`; else the step to return (a miss, or the chain
+    /// returned with length 0 when malformed).
+    fn walk_resubmitted(
+        &mut self,
+        sh: &Shared,
+        space: &IovaSpace<'_>,
+        head: u16,
+    ) -> Result<(), Step> {
+        let mut walked = Vec::new();
+        let r = inflight::walk_chain(
+            space,
+            self.queue.desc_table(),
+            self.queue.size(),
+            head,
+            MAX_DESCS,
+            &mut walked,
+        );
+        match r {
+            Ok(()) => {
+                self.descs.clear();
+                self.descs.extend(walked.iter().map(|d| Desc {
+                    addr: d.addr,
+                    len: d.len,
+                    write: d.write,
+                }));
+                Ok(())
+            }
+            Err(WalkError::Unreadable) => {
+                let iova = fault_iova(space, self.queue.desc_table());
+                if self.note_miss(iova) {
+                    return Err(Step::Miss(vec![(iova, Perm::READ)]));
                 }
-                Step::Miss(misses)
-            }
-            Err(Fail::NoStatus) => {
                 sh.stats.bump(&sh.stats.bad_chains);
-                self.complete(&space, head, 0)
+                log::warn!(
+                    "queue: chain {head} to serve again is unreadable: returned with length 0"
+                );
+                Err(self.complete(sh, space, head, 0))
+            }
+            Err(WalkError::Bad(why)) => {
+                sh.stats.bump(&sh.stats.bad_chains);
+                log::warn!("queue: chain {head} to serve again: {why}: returned with length 0");
+                Err(self.complete(sh, space, head, 0))
             }
         }
+    }
+
+    /// Spec, "When reconnecting": once per ring start with a region, the
+    /// used and avail indices are read (through the IOTLB: a miss is
+    /// asked like any other) and the region recovered; `Some` is the
+    /// step to return meanwhile.
+    fn recover_inflight(&mut self, sh: &Shared, space: &IovaSpace<'_>) -> Option<Step> {
+        if self.inflight.as_ref().is_none_or(|i| i.recovered()) {
+            return None;
+        }
+        let used = match self
+            .queue
+            .used_idx(space, std::sync::atomic::Ordering::Acquire)
+        {
+            Ok(u) => u.0,
+            Err(_) => {
+                let iova = fault_iova(space, self.queue.used_ring());
+                return Some(self.ring_fault(iova, Perm::READ));
+            }
+        };
+        let avail = match self
+            .queue
+            .avail_idx(space, std::sync::atomic::Ordering::Acquire)
+        {
+            Ok(a) => a.0,
+            Err(_) => {
+                let iova = fault_iova(space, self.queue.avail_ring());
+                return Some(self.ring_fault(iova, Perm::READ));
+            }
+        };
+        self.forget_misses();
+        let base = self.queue.next_avail();
+        let inf = self.inflight.as_mut().expect("checked above");
+        match inf.recover(used, avail) {
+            Ok(Recovered::Fresh) => {
+                log::info!("inflight: fresh region, starting at avail {base}, used {used}");
+            }
+            Ok(Recovered::Resumed {
+                next_avail,
+                inflight,
+            }) => {
+                if inflight != 0 || next_avail != base {
+                    log::info!(
+                        "inflight: {inflight} chain(s) in flight to serve again; used {used}, \
+                         next avail {next_avail} (the frontend said {base})"
+                    );
+                }
+                sh.stats
+                    .add(&sh.stats.inflight_resubmitted, u64::from(inflight));
+                self.queue.set_next_avail(next_avail);
+            }
+            Err(e) => {
+                sh.stats.bump(&sh.stats.inflight_errors);
+                log::error!(
+                    "inflight: the region cannot be trusted ({e}): its chains are not served \
+                     again; it is reset and the ring starts at the frontend's base {base}"
+                );
+                inf.init(used);
+            }
+        }
+        self.queue.set_next_used(used);
+        None
+    }
+
+    /// Writes one used entry, with the inflight region's steps around it
+    /// (spec, "When supplying used buffers": a batch of one).
+    fn write_used(
+        &mut self,
+        sh: &Shared,
+        space: &IovaSpace<'_>,
+        head: u16,
+        len: u32,
+    ) -> Result<(), virtio_queue::Error> {
+        if let Some(inf) = &self.inflight {
+            inf.pre_put(head);
+        }
+        let before = self.queue.next_used();
+        if let Err(e) = self.queue.add_used(space, head, len) {
+            // add_used counts the entry before it stores the idx: undo
+            // that when the idx store is what failed, or a retry would
+            // publish the entry twice.
+            self.queue.set_next_used(before);
+            return Err(e);
+        }
+        if sh.test_crash == Some((CrashPoint::AfterUsedIdx, self.taken)) {
+            self.crashed = true;
+            return Ok(());
+        }
+        if let Some(inf) = &self.inflight {
+            inf.post_put(head, self.queue.next_used());
+        }
+        Ok(())
     }
 
     /// Writes the used entries held back while the used ring was out of
     /// reach; `Err` (with the fault in `space`) when it still is. Only a
     /// step that found none pending pops a chain, so at most one entry is
     /// ever pending, for the last chain popped.
-    fn flush_used(&mut self, space: &IovaSpace<'_>) -> Result<(), ()> {
-        while let Some(&(head, len)) = self.pending_used.first() {
-            match self.queue.add_used(space, head, len) {
+    fn flush_used(&mut self, sh: &Shared, space: &IovaSpace<'_>) -> Result<(), ()> {
+        while let Some(&(head, len, _)) = self.pending_used.first() {
+            match self.write_used(sh, space, head, len) {
                 Ok(()) => {
                     self.pending_used.remove(0);
                 }
@@ -284,9 +484,15 @@ impl Vring {
         let dom = sh.iommu().then(|| &**sh.domain());
         let space = IovaSpace::new(dom, ram, &guard);
         let before = self.pending_used.len();
-        let _ = self.flush_used(&space);
+        let _ = if self.crashed {
+            Ok(())
+        } else {
+            self.flush_used(sh, &space)
+        };
         let written = (before - self.pending_used.len()) as u32;
-        let unreported = self.pending_used.len() as u16;
+        // A chain served again from the inflight region has no avail slot
+        // of its own after next_avail: only the others move the base back.
+        let unreported = self.pending_used.iter().filter(|p| p.2).count() as u16;
         if unreported != 0 {
             log::warn!(
                 "queue: {unreported} completion(s) could not be written at stop: served again after a restart"
@@ -341,12 +547,16 @@ impl Vring {
         }
     }
 
-    fn complete(&mut self, space: &IovaSpace<'_>, head: u16, len: u32) -> Step {
+    fn complete(&mut self, sh: &Shared, space: &IovaSpace<'_>, head: u16, len: u32) -> Step {
         self.forget_misses();
-        if let Err(e) = self.queue.add_used(space, head, len) {
+        let from_avail = !self
+            .inflight
+            .as_mut()
+            .is_some_and(|inf| inf.resubmitted(head));
+        if let Err(e) = self.write_used(sh, space, head, len) {
             if matches!(e, virtio_queue::Error::GuestMemory(_)) {
                 // The used ring is not mapped: write it once it is.
-                self.pending_used.push((head, len));
+                self.pending_used.push((head, len, from_avail));
             } else {
                 log::warn!("queue: add_used {head}: {e}");
             }

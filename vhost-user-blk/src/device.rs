@@ -28,13 +28,15 @@ use std::time::Duration;
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use pvdma::{epoch, Domain, GuestRam, Perm};
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserU64,
-    VhostUserVirtioFeatures, VhostUserVringAddr, VhostUserVringState,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemoryRegion,
+    VhostUserProtocolFeatures, VhostUserU64, VhostUserVirtioFeatures, VhostUserVringAddr,
+    VhostUserVringState,
 };
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blk::{Step, Vring, SECTOR};
+use crate::inflight::{self, Region};
 use crate::iotlb::{DeviceIotlb, Updated, Window};
 use crate::mem::MemTable;
 use crate::proto::{read_pod, BackendChannel, Connection, IotlbMsg, Message};
@@ -66,6 +68,22 @@ pub struct Options {
     /// Tests only: sleep this long between translating a request's
     /// buffers and doing its I/O, to widen races with invalidations.
     pub test_io_delay: Duration,
+    /// Tests only: the queue "dies" at this point of the n-th chain taken
+    /// from the avail ring (counted from 1 per ring start): it does
+    /// nothing more, as if the process had been killed there, and the
+    /// inflight region is left as it is.
+    pub test_crash: Option<(CrashPoint, u32)>,
+}
+
+/// Where `Options::test_crash` stops a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Right after the chain was taken and recorded in the inflight
+    /// region, before any I/O.
+    AfterPop,
+    /// After its used entry and the used idx were written, before the
+    /// region records the completion.
+    AfterUsedIdx,
 }
 
 /// Counters (relaxed atomics: statistics, not synchronisation).
@@ -101,6 +119,11 @@ pub struct Stats {
     pub bad_chains: AtomicU64,
     /// Ring corruption seen.
     pub ring_errors: AtomicU64,
+    /// Chains served again from the inflight region after a restart.
+    pub inflight_resubmitted: AtomicU64,
+    /// Inflight regions refused (malformed `SET_INFLIGHT_FD`, or a
+    /// queue region that could not be trusted at ring start).
+    pub inflight_errors: AtomicU64,
 }
 
 impl Stats {
@@ -122,7 +145,7 @@ impl Stats {
              iotlb_refused={} iotlb_invalidations={} iotlb_invalidated_entries={} \
              iotlb_evictions={} \
              requests={} read_bytes={} write_bytes={} io_errors={} refused_accesses={} \
-             bad_chains={} ring_errors={}",
+             bad_chains={} ring_errors={} inflight_resubmitted={} inflight_errors={}",
             g(&self.misses),
             g(&self.miss_failures),
             g(&self.updates),
@@ -138,6 +161,8 @@ impl Stats {
             g(&self.refused),
             g(&self.bad_chains),
             g(&self.ring_errors),
+            g(&self.inflight_resubmitted),
+            g(&self.inflight_errors),
         )
     }
 }
@@ -191,6 +216,8 @@ pub struct Shared {
     miss_timeout: Duration,
     /// See [`Options::test_io_delay`].
     pub test_io_delay: Duration,
+    /// See [`Options::test_crash`].
+    pub test_crash: Option<(CrashPoint, u32)>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -272,6 +299,8 @@ pub struct Device {
     mem: Option<MemTable>,
     features: u64,
     protocol: u64,
+    /// The inflight region of the last `SET_INFLIGHT_FD`.
+    inflight: Option<Arc<Region>>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -337,6 +366,7 @@ impl Device {
             exit: AtomicBool::new(false),
             miss_timeout: opts.miss_timeout,
             test_io_delay: opts.test_io_delay,
+            test_crash: opts.test_crash,
         });
         let worker_sh = sh.clone();
         let worker = std::thread::Builder::new()
@@ -349,6 +379,7 @@ impl Device {
             mem: None,
             features: 0,
             protocol: 0,
+            inflight: None,
             worker: Some(worker),
         })
     }
@@ -378,6 +409,7 @@ impl Device {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn config_space(&self) -> [u8; 256] {
@@ -408,6 +440,10 @@ impl Device {
             FrontendReq::GET_QUEUE_NUM => return reply_u64(conn, &msg, NUM_QUEUES as u64),
             FrontendReq::GET_VRING_BASE => return self.get_vring_base(conn, &msg),
             FrontendReq::GET_CONFIG => return self.get_config(conn, &msg),
+            FrontendReq::GET_INFLIGHT_FD => return self.get_inflight_fd(conn, &msg),
+            FrontendReq::SET_INFLIGHT_FD => {
+                self.set_inflight_fd(&msg.payload, std::mem::take(&mut msg.fds))
+            }
             FrontendReq::SET_FEATURES => match msg.payload::<VhostUserU64>() {
                 Some(v) if v.value & !self.features_offered() == 0 => {
                     self.features = v.value;
@@ -439,6 +475,9 @@ impl Device {
             FrontendReq::SET_OWNER => Ok(()),
             FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE => {
                 self.reset();
+                // The rings the region tracked are gone; the frontend
+                // sends a region again before the next start.
+                self.inflight = None;
                 Ok(())
             }
             FrontendReq::SET_MEM_TABLE => self.set_mem_table(msg.payload.as_slice(), &msg.fds),
@@ -706,7 +745,7 @@ impl Device {
                 if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
                     s.enabled = true;
                 }
-                self.start(&mut s)
+                self.start(index, &mut s)
             }
             FrontendReq::SET_VRING_CALL => {
                 s.call = ev;
@@ -716,8 +755,8 @@ impl Device {
         }
     }
 
-    /// Starts a ring whose kick just arrived.
-    fn start(&self, s: &mut Slot) -> Result<(), String> {
+    /// Starts ring `index`, whose kick just arrived.
+    fn start(&self, index: usize, s: &mut Slot) -> Result<(), String> {
         let a = s.addr.ok_or("SET_VRING_KICK before SET_VRING_ADDR")?;
         if s.size == 0 {
             return Err("SET_VRING_KICK before SET_VRING_NUM".into());
@@ -738,15 +777,112 @@ impl Device {
             };
             (gpa(a.descriptor)?, gpa(a.available)?, gpa(a.used)?)
         };
-        s.ring = Some(
-            Vring::new(s.size, desc, avail, used, s.base, false).ok_or("invalid ring addresses")?,
-        );
+        let mut ring =
+            Vring::new(s.size, desc, avail, used, s.base, false).ok_or("invalid ring addresses")?;
+        if let Some(region) = &self.inflight {
+            ring.inflight = region.queue(index, s.size);
+            if ring.inflight.is_none() {
+                self.sh.stats.bump(&self.sh.stats.inflight_errors);
+                log::error!(
+                    "inflight: the region has {} queues of {}, not queue {index} of {}: \
+                     this queue is not tracked",
+                    region.num_queues,
+                    region.queue_size,
+                    s.size
+                );
+            }
+        }
+        s.ring = Some(ring);
         log::info!(
-            "queue started: size {}, desc {desc:#x}, avail {avail:#x}, used {used:#x}, base {}",
+            "queue {index} started: size {}, desc {desc:#x}, avail {avail:#x}, used {used:#x}, \
+             base {}{}",
             s.size,
-            s.base
+            s.base,
+            if s.ring.as_ref().is_some_and(|r| r.inflight.is_some()) {
+                ", inflight tracked"
+            } else {
+                ""
+            }
         );
+        // Serve the ring once even without a kick: the driver's kicks
+        // while no backend was connected are lost, and the chains a
+        // killed backend had taken are served again now.
+        if let Some(kick) = &s.kick {
+            let _ = kick.write(1);
+        }
         Ok(())
+    }
+
+    /// `GET_INFLIGHT_FD`: a new region for the queues and size asked. A
+    /// request we cannot serve is answered with `mmap_size` 0 and no
+    /// descriptor, which QEMU takes as "no inflight tracking".
+    fn get_inflight_fd(&mut self, conn: &mut Connection, msg: &Message) -> Result<(), Error> {
+        let Some(req) = msg.payload::<VhostUserInflight>() else {
+            log::warn!("GET_INFLIGHT_FD: payload of {} bytes", msg.payload.len());
+            self.sh.stats.bump(&self.sh.stats.inflight_errors);
+            conn.reply(&msg.hdr, VhostUserInflight::default().as_slice())?;
+            return Ok(());
+        };
+        let r = if self.protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() == 0 {
+            Err("INFLIGHT_SHMFD not negotiated".to_string())
+        } else {
+            inflight::create(req.num_queues, req.queue_size, self.sh.vrings.len())
+                .map_err(|e| e.to_string())
+        };
+        match r {
+            Ok((fd, reply)) => {
+                log::info!(
+                    "inflight: region of {:#x} bytes for {} queue(s) of {}",
+                    { reply.mmap_size },
+                    { reply.num_queues },
+                    { reply.queue_size }
+                );
+                conn.reply_with_fds(&msg.hdr, reply.as_slice(), &[fd.as_raw_fd()])?;
+            }
+            Err(e) => {
+                log::warn!("GET_INFLIGHT_FD refused: {e}");
+                self.sh.stats.bump(&self.sh.stats.inflight_errors);
+                let none = VhostUserInflight::new(0, 0, req.num_queues, req.queue_size);
+                conn.reply(&msg.hdr, none.as_slice())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `SET_INFLIGHT_FD`: the region to track the rings in from their
+    /// next start (QEMU sends it before starting them). Refused, and
+    /// the previous region dropped, when it does not fit.
+    fn set_inflight_fd(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Result<(), String> {
+        let r = (|| {
+            if self.protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() == 0 {
+                return Err("INFLIGHT_SHMFD not negotiated".to_string());
+            }
+            let msg: VhostUserInflight =
+                read_pod(payload).ok_or(format!("payload of {} bytes", payload.len()))?;
+            let mut fds = fds.into_iter();
+            let (Some(fd), None) = (fds.next(), fds.next()) else {
+                return Err("not exactly one descriptor".into());
+            };
+            Region::map(fd, &msg, self.sh.vrings.len()).map_err(|e| e.to_string())
+        })();
+        self.inflight = None;
+        match r {
+            Ok(region) => {
+                log::info!(
+                    "inflight: region for {} queue(s) of {}",
+                    region.num_queues,
+                    region.queue_size
+                );
+                self.inflight = Some(Arc::new(region));
+                Ok(())
+            }
+            Err(e) => {
+                self.sh.stats.bump(&self.sh.stats.inflight_errors);
+                Err(format!(
+                    "SET_INFLIGHT_FD refused: {e}; the rings run untracked"
+                ))
+            }
+        }
     }
 
     fn get_vring_base(&mut self, conn: &mut Connection, msg: &Message) -> Result<(), Error> {
@@ -824,6 +960,66 @@ impl Device {
         if let Err(e) = self.iotlb.clear(sh.ram.load(&guard), &mut || sh.quiesce()) {
             log::error!("reset: {e}");
         }
+    }
+
+    /// Starts a graceful stop (SIGTERM, an upgrade): the queue thread
+    /// takes no new chain, finishes the one in progress on each ring
+    /// (misses included: keep answering the frontend meanwhile), writes
+    /// and signals its used entries, and ends; [`Device::drained`] tells
+    /// when. Then call [`Device::shutdown`]. Whatever is left in progress
+    /// if the process exits before is in the inflight region.
+    pub fn begin_drain(&self) {
+        self.sh.exit.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// Whether the queue thread has ended (after [`Device::begin_drain`]).
+    pub fn drained(&self) -> bool {
+        self.worker.as_ref().is_none_or(|w| w.is_finished())
+    }
+
+    /// Graceful stop: [`Device::begin_drain`], then the frontend's
+    /// messages are answered (a miss's answer comes as an IOTLB update
+    /// on `conn`) until the queue thread has ended. False when it did not
+    /// end within `timeout` (the caller may exit anyway: the inflight
+    /// region holds what is left). Call [`Device::shutdown`] after a true.
+    pub fn drain(&mut self, conn: &mut Connection, timeout: Duration) -> bool {
+        self.begin_drain();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut open = true;
+        while !self.drained() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut p = libc::pollfd {
+                fd: if open { conn.raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, 10) as i32;
+            // SAFETY: one valid pollfd (poll ignores a negative fd).
+            let n = unsafe { libc::poll(&mut p, 1, ms) };
+            if n <= 0 || p.revents == 0 {
+                continue;
+            }
+            match conn.recv() {
+                Ok(msg) => {
+                    if let Err(e) = self.handle(conn, msg) {
+                        log::warn!("frontend socket while draining: {e}");
+                        open = false;
+                    }
+                }
+                Err(e) => {
+                    if !matches!(e, crate::proto::Error::Closed) {
+                        log::warn!("frontend socket while draining: {e}");
+                    }
+                    open = false;
+                }
+            }
+        }
+        log::info!("drained: the requests in progress are complete");
+        true
     }
 
     /// Stops the queue thread and forgets the guest's memory.
@@ -959,10 +1155,13 @@ fn serve_ring(sh: &Shared, i: usize) {
             return;
         };
         let outcome = ring.step(sh);
+        // Draining (graceful stop): no new chain once the one in progress
+        // (retried after its misses) is done.
+        let leaving = sh.exit.load(Ordering::Acquire) && !ring.chain_in_progress();
         if outcome == Step::Done {
             slot.unsignalled += 1;
         }
-        if outcome != Step::Done || slot.unsignalled >= SIGNAL_EVERY {
+        if outcome != Step::Done || slot.unsignalled >= SIGNAL_EVERY || leaving {
             slot.signal();
         }
         MutexGuard::unlock_fair(slot);
@@ -972,7 +1171,7 @@ fn serve_ring(sh: &Shared, i: usize) {
             Step::Miss(misses) => resolve_misses(sh, &misses),
             Step::Empty | Step::Stalled => return,
         }
-        if sh.exit.load(Ordering::Acquire) {
+        if leaving {
             return;
         }
     }

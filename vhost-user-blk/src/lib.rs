@@ -8,10 +8,12 @@
 //! - [`iotlb`]: the device IOTLB over a pvdma `Domain`, and the window.
 //! - [`mem`]: the frontend's memory table.
 //! - [`blk`]: virtio-blk requests served through pvdma's `IovaSpace`.
+//! - [`inflight`]: the inflight region (resubmission after a restart).
 //! - [`device`]: the frontend's requests and the queue thread.
 
 pub mod blk;
 pub mod device;
+pub mod inflight;
 pub mod iotlb;
 pub mod mem;
 pub mod proto;

@@ -41,6 +41,8 @@ Options:
   --miss-timeout-ms N     wait for a miss's answer at most N ms (default 5000)
   --connect-timeout S     exit when no frontend connects within S seconds
                           (default: wait forever)
+  --drain-timeout-ms N    on SIGTERM/SIGINT, wait at most N ms for the
+                          requests in progress (default 3000)
   --log-level LEVEL       error, warn, info (default), debug or trace
   --test-io-delay-us N    testing only: sleep N microseconds between mapping
                           a request's buffers and its I/O (so that a kill
@@ -49,14 +51,19 @@ Options:
   --version               version
 
 Serves one frontend connection, then exits: on socket close, on SIGINT,
-SIGTERM or SIGHUP. Prints its counters (IOTLB misses, updates,
-invalidations, I/O) to stderr at exit, and on SIGUSR1.";
+SIGTERM or SIGHUP. A signal drains first: no new request is taken, the ones
+in progress complete (exit 0); what is still in progress after the drain
+timeout is left to the next backend process through the inflight region
+(VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), which QEMU hands over when it
+reconnects (-chardev socket,reconnect-ms=...). Prints its counters (IOTLB
+misses, updates, invalidations, I/O) to stderr at exit, and on SIGUSR1.";
 
 struct Args {
     socket: PathBuf,
     image: PathBuf,
     opts: Options,
     connect_timeout: Option<Duration>,
+    drain_timeout: Duration,
     level: log::LevelFilter,
 }
 
@@ -72,7 +79,9 @@ fn parse_args() -> Result<Option<Args>, String> {
         max_entries: 65536,
         window_bits: 39,
         test_io_delay: Duration::ZERO,
+        test_crash: None,
     };
+    let mut drain_timeout = Duration::from_secs(3);
     let mut connect_timeout = None;
     let mut level = log::LevelFilter::Info;
     while let Some(a) = it.next() {
@@ -121,6 +130,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--miss-timeout-ms" => opts.miss_timeout = Duration::from_millis(num(val()?)?),
             "--connect-timeout" => connect_timeout = Some(Duration::from_secs(num(val()?)?)),
             "--test-io-delay-us" => opts.test_io_delay = Duration::from_micros(num(val()?)?),
+            "--drain-timeout-ms" => drain_timeout = Duration::from_millis(num(val()?)?),
             "--log-level" => {
                 level = val()?
                     .parse()
@@ -134,6 +144,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         image: image.ok_or("--blk-file is required")?,
         opts,
         connect_timeout,
+        drain_timeout,
         level,
     }))
 }
@@ -296,6 +307,7 @@ fn run(args: Args) -> Result<(), String> {
     log::info!("frontend connected");
     let mut conn = Connection::new(stream);
     let mut dev = Device::new(image, &args.opts).map_err(|e| e.to_string())?;
+    let mut signalled = false;
     let result = loop {
         let stats = || {
             eprintln!(
@@ -306,7 +318,11 @@ fn run(args: Args) -> Result<(), String> {
         match wait_readable(conn.raw_fd(), &sig, None, &stats) {
             Ok(true) => {}
             Ok(false) => {
-                log::info!("signal: exiting");
+                log::info!(
+                    "signal: draining (at most {} ms)",
+                    args.drain_timeout.as_millis()
+                );
+                signalled = true;
                 break Ok(());
             }
             Err(e) => break Err(e.to_string()),
@@ -323,6 +339,18 @@ fn run(args: Args) -> Result<(), String> {
             break Err(format!("frontend socket: {e}"));
         }
     };
+    if signalled && !dev.drain(&mut conn, args.drain_timeout) {
+        log::warn!(
+            "signal: the requests in progress did not finish within {} ms: exiting anyway \
+             (the inflight region has them; the next backend serves them again)",
+            args.drain_timeout.as_millis()
+        );
+        eprintln!(
+            "pvdma-vhost-user-blk: stats: {}",
+            dev.shared().stats.summary()
+        );
+        std::process::exit(0);
+    }
     dev.shutdown();
     eprintln!(
         "pvdma-vhost-user-blk: stats: {}",

@@ -332,6 +332,27 @@ impl Connection {
         Ok(())
     }
 
+    /// Sends a reply to `req` carrying `payload` and `fds` (SCM_RIGHTS
+    /// with the frame's first bytes, as vhost-user asks).
+    pub fn reply_with_fds(&mut self, req: &Header, payload: &[u8], fds: &[RawFd]) -> Result<()> {
+        let hdr = Header {
+            request: req.request,
+            flags: VERSION | FLAG_REPLY,
+            size: payload.len() as u32,
+        };
+        let mut frame = Vec::with_capacity(std::mem::size_of::<Header>() + payload.len());
+        frame.extend_from_slice(hdr.as_slice());
+        frame.extend_from_slice(payload);
+        let sent = self
+            .sock
+            .send_with_fds(&[&frame[..]], fds)
+            .map_err(|e| Error::Io(io::Error::from_raw_os_error(e.errno())))?;
+        if sent < frame.len() {
+            self.sock.write_all(&frame[sent..])?;
+        }
+        Ok(())
+    }
+
     /// Sends the u64 acknowledgement of REPLY_ACK (0: success).
     pub fn ack(&mut self, req: &Header, value: u64) -> Result<()> {
         self.reply(req, &value.to_ne_bytes())

@@ -15,11 +15,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pvdma_vhost_user_blk::blk::MISS_TRIES;
-use pvdma_vhost_user_blk::device::{Device, Mode, Options, Stats, VIRTIO_F_ACCESS_PLATFORM};
+use pvdma_vhost_user_blk::device::{
+    CrashPoint, Device, Mode, Options, Stats, VIRTIO_F_ACCESS_PLATFORM,
+};
 use pvdma_vhost_user_blk::proto::{
     read_pod, Connection, Header, IotlbType, VhostUserIotlb, FLAG_NEED_REPLY, FLAG_REPLY, VERSION,
 };
-use vhost::vhost_user::message::{BackendReq, FrontendReq};
+use vhost::vhost_user::message::{
+    BackendReq, FrontendReq, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -48,13 +52,63 @@ struct Frontend {
     sock: UnixStream,
     chan: UnixStream,
     ram: *mut u8,
+    /// Guest RAM's memfd (a reconnect sends it again).
+    mem: OwnedFd,
     kick: EventFd,
     call: EventFd,
     backend: Option<JoinHandle<Device>>,
+    /// Written: the backend drains (`Device::drain`) and ends.
+    drain: std::sync::Arc<EventFd>,
     avail_idx: u16,
     used_seen: u16,
     image_path: std::path::PathBuf,
+    /// The inflight region the backend gave (`Inflight::Get`), kept as
+    /// QEMU keeps it, and its description.
+    inflight: Option<(OwnedFd, VhostUserInflight)>,
     _dir: TempDir,
+}
+
+/// How a connection handles the inflight region.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Inflight {
+    /// Not at all (the rings run untracked).
+    No,
+    /// GET_INFLIGHT_FD, then SET_INFLIGHT_FD with what came back.
+    Get,
+    /// SET_INFLIGHT_FD with the region the frontend holds.
+    Set,
+}
+
+/// One backend connection's settings.
+#[derive(Clone, Copy)]
+struct Setup {
+    mode: Mode,
+    test_io_delay: Duration,
+    max_entries: usize,
+    test_crash: Option<(CrashPoint, u32)>,
+    inflight: Inflight,
+    /// Bytes of RAM in the memory table (from its start).
+    table_size: u64,
+    /// Send the rings' IOTLB update before starting them (a reconnect
+    /// leaves it to the backend's misses).
+    map_rings: bool,
+    /// SET_VRING_BASE.
+    base: u16,
+}
+
+impl Setup {
+    fn new(mode: Mode) -> Setup {
+        Setup {
+            mode,
+            test_io_delay: Duration::ZERO,
+            max_entries: 1024,
+            test_crash: None,
+            inflight: Inflight::No,
+            table_size: RAM,
+            map_rings: true,
+            base: 0,
+        }
+    }
 }
 
 struct TempDir(std::path::PathBuf);
@@ -82,10 +136,18 @@ impl Frontend {
     }
 
     fn start_opts(mode: Mode, test_io_delay: Duration, max_entries: usize) -> Frontend {
+        Self::start_setup(Setup {
+            test_io_delay,
+            max_entries,
+            ..Setup::new(mode)
+        })
+    }
+
+    fn start_setup(setup: Setup) -> Frontend {
         let dir = std::env::temp_dir().join(format!(
             "pvdma-vub-test-{}-{:?}-{}",
             std::process::id(),
-            mode,
+            setup.mode,
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
@@ -96,32 +158,6 @@ impl Frontend {
         let img = std::fs::File::create(&image_path).unwrap();
         img.set_len(IMAGE).unwrap();
         drop(img);
-        let image = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&image_path)
-            .unwrap();
-        let opts = Options {
-            mode,
-            readonly: false,
-            serial: "frontend-test".into(),
-            miss_timeout: Duration::from_secs(10),
-            max_entries,
-            window_bits: 32,
-            test_io_delay,
-        };
-        let (front, back) = UnixStream::pair().unwrap();
-        let backend = std::thread::spawn(move || {
-            let mut conn = Connection::new(back);
-            let mut dev = Device::new(image, &opts).unwrap();
-            while let Ok(m) = conn.recv() {
-                if dev.handle(&mut conn, m).is_err() {
-                    break;
-                }
-            }
-            dev.shutdown();
-            dev
-        });
         let mem = memfd(RAM);
         // SAFETY: a fresh shared mapping of our memfd.
         let ram = unsafe {
@@ -135,33 +171,111 @@ impl Frontend {
             )
         };
         assert_ne!(ram, libc::MAP_FAILED);
-        let (chan_ours, chan_theirs) = UnixStream::pair().unwrap();
         let mut f = Frontend {
-            sock: front,
-            chan: chan_ours,
+            sock: UnixStream::pair().unwrap().0,
+            chan: UnixStream::pair().unwrap().0,
             ram: ram.cast(),
+            mem,
             kick: EventFd::new(0).unwrap(),
             call: EventFd::new(0).unwrap(),
-            backend: Some(backend),
+            backend: None,
+            drain: std::sync::Arc::new(EventFd::new(0).unwrap()),
             avail_idx: 0,
             used_seen: 0,
             image_path,
+            inflight: None,
             _dir: TempDir(dir),
         };
+        f.connect(setup);
+        f
+    }
+
+    /// Starts a backend (a new Device) on a new connection and sets it up
+    /// as QEMU does, the inflight region before the memory table.
+    fn connect(&mut self, setup: Setup) {
+        let image = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.image_path)
+            .unwrap();
+        let opts = Options {
+            mode: setup.mode,
+            readonly: false,
+            serial: "frontend-test".into(),
+            miss_timeout: Duration::from_secs(10),
+            max_entries: setup.max_entries,
+            window_bits: 32,
+            test_io_delay: setup.test_io_delay,
+            test_crash: setup.test_crash,
+        };
+        let (front, back) = UnixStream::pair().unwrap();
+        let drain = std::sync::Arc::new(EventFd::new(0).unwrap());
+        self.drain = drain.clone();
+        self.backend = Some(std::thread::spawn(move || {
+            let mut conn = Connection::new(back);
+            let mut dev = Device::new(image, &opts).unwrap();
+            loop {
+                let mut p = [
+                    libc::pollfd {
+                        fd: conn.raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: drain.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: a valid pollfd array for the call.
+                if unsafe { libc::poll(p.as_mut_ptr(), 2, -1) } < 0 {
+                    continue;
+                }
+                if p[1].revents != 0 {
+                    assert!(dev.drain(&mut conn, Duration::from_secs(20)), "drain");
+                    break;
+                }
+                let Ok(m) = conn.recv() else { break };
+                if dev.handle(&mut conn, m).is_err() {
+                    break;
+                }
+            }
+            dev.shutdown();
+            dev
+        }));
+        self.sock = front;
+        let (chan_ours, chan_theirs) = UnixStream::pair().unwrap();
+        self.chan = chan_ours;
+        let f = self;
         let features = f.get_u64(FrontendReq::GET_FEATURES);
         assert_ne!(features & VIRTIO_F_ACCESS_PLATFORM, 0);
         f.send_u64(FrontendReq::SET_FEATURES, features, false);
         let proto = f.get_u64(FrontendReq::GET_PROTOCOL_FEATURES);
+        assert_ne!(
+            proto & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits(),
+            0,
+            "INFLIGHT_SHMFD offered"
+        );
         f.send_u64(FrontendReq::SET_PROTOCOL_FEATURES, proto, false);
         f.send(FrontendReq::SET_OWNER, &[], &[], true);
+        if setup.inflight == Inflight::Get {
+            let (fd, msg) = f.get_inflight(1, QSIZE);
+            f.inflight = Some((fd.expect("a region"), msg));
+        }
+        if setup.inflight != Inflight::No {
+            let (fd, msg) = f.inflight.as_ref().expect("a region to send");
+            let (raw, msg) = (fd.as_raw_fd(), *msg);
+            assert_eq!(f.set_inflight(raw, msg), 0, "SET_INFLIGHT_FD refused");
+        }
         // memory table: one region
         let mut table = Vec::new();
         table.extend_from_slice(&1u32.to_ne_bytes());
         table.extend_from_slice(&0u32.to_ne_bytes());
-        for v in [GPA, RAM, UADDR, 0] {
+        for v in [GPA, setup.table_size, UADDR, 0] {
             table.extend_from_slice(&v.to_ne_bytes());
         }
-        f.send(FrontendReq::SET_MEM_TABLE, &table, &[mem.as_raw_fd()], true);
+        let mem = f.mem.as_raw_fd();
+        f.send(FrontendReq::SET_MEM_TABLE, &table, &[mem], true);
         f.send(
             FrontendReq::SET_BACKEND_REQ_FD,
             &[],
@@ -169,15 +283,21 @@ impl Frontend {
             true,
         );
         drop(chan_theirs);
-        // the rings, mapped
-        f.update(RING_IOVA, 0x3000, 0, 3);
+        if setup.map_rings {
+            f.update(RING_IOVA, 0x3000, 0, 3);
+        }
         f.send(
             FrontendReq::SET_VRING_NUM,
             &state(0, u32::from(QSIZE)),
             &[],
             true,
         );
-        f.send(FrontendReq::SET_VRING_BASE, &state(0, 0), &[], true);
+        f.send(
+            FrontendReq::SET_VRING_BASE,
+            &state(0, u32::from(setup.base)),
+            &[],
+            true,
+        );
         let mut addr = Vec::new();
         addr.extend_from_slice(&0u32.to_ne_bytes());
         addr.extend_from_slice(&0u32.to_ne_bytes());
@@ -189,7 +309,65 @@ impl Frontend {
         f.send(FrontendReq::SET_VRING_KICK, &0u64.to_ne_bytes(), &[k], true);
         f.send(FrontendReq::SET_VRING_CALL, &0u64.to_ne_bytes(), &[c], true);
         f.send(FrontendReq::SET_VRING_ENABLE, &state(0, 1), &[], true);
-        f
+    }
+
+    /// The backend "dies" (its connection is dropped; with a
+    /// `test_crash` it already stopped where a kill would have), and a
+    /// new one is connected with `setup`. Returns the old one's counters.
+    fn reconnect(&mut self, setup: Setup) -> Stats {
+        let stats = self.disconnect();
+        self.connect(setup);
+        stats
+    }
+
+    fn disconnect(&mut self) -> Stats {
+        drop(std::mem::replace(
+            &mut self.sock,
+            UnixStream::pair().unwrap().0,
+        ));
+        let dev = self.backend.take().unwrap().join().unwrap();
+        copy_stats(&dev.shared().stats)
+    }
+
+    /// GET_INFLIGHT_FD: the region's descriptor (none when refused) and
+    /// the reply.
+    fn get_inflight(
+        &mut self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> (Option<OwnedFd>, VhostUserInflight) {
+        let req = VhostUserInflight::new(0, 0, num_queues, queue_size);
+        self.send(FrontendReq::GET_INFLIGHT_FD, req.as_slice(), &[], false);
+        let mut h = [0u8; 12];
+        let mut fds = [-1; 4];
+        let mut iov = [libc::iovec {
+            iov_base: h.as_mut_ptr().cast(),
+            iov_len: 12,
+        }];
+        // SAFETY: the iovec covers `h`, borrowed mutably for the call.
+        let (got, nfds) = unsafe { self.sock.recv_with_fds(&mut iov, &mut fds) }.unwrap();
+        assert_eq!(got, 12);
+        let h: Header = read_pod(&h).unwrap();
+        assert_eq!(h.request, u32::from(FrontendReq::GET_INFLIGHT_FD));
+        assert_eq!(h.size as usize, std::mem::size_of::<VhostUserInflight>());
+        let mut p = vec![0u8; h.size as usize];
+        self.sock.read_exact(&mut p).unwrap();
+        let reply: VhostUserInflight = read_pod(&p).unwrap();
+        assert!(nfds <= 1);
+        // SAFETY: recvmsg installed this descriptor for us.
+        let fd = (nfds == 1).then(|| unsafe { OwnedFd::from_raw_fd(fds[0]) });
+        assert_eq!(
+            fd.is_some(),
+            reply.mmap_size != 0,
+            "a descriptor with a size"
+        );
+        (fd, reply)
+    }
+
+    /// SET_INFLIGHT_FD with NEED_REPLY: the ack.
+    fn set_inflight(&mut self, fd: i32, msg: VhostUserInflight) -> u64 {
+        self.send(FrontendReq::SET_INFLIGHT_FD, msg.as_slice(), &[fd], true)
+            .unwrap()
     }
 
     fn send(
@@ -360,32 +538,32 @@ impl Frontend {
     }
 
     fn finish(mut self) -> Stats {
-        drop(std::mem::replace(
-            &mut self.sock,
-            UnixStream::pair().unwrap().0,
-        ));
-        let dev = self.backend.take().unwrap().join().unwrap();
-        let s = &dev.shared().stats;
-        let g = |c: &std::sync::atomic::AtomicU64| {
-            std::sync::atomic::AtomicU64::new(c.load(Ordering::Relaxed))
-        };
-        Stats {
-            misses: g(&s.misses),
-            miss_failures: g(&s.miss_failures),
-            updates: g(&s.updates),
-            duplicate_updates: g(&s.duplicate_updates),
-            refused_updates: g(&s.refused_updates),
-            invalidations: g(&s.invalidations),
-            invalidated_entries: g(&s.invalidated_entries),
-            evictions: g(&s.evictions),
-            requests: g(&s.requests),
-            read_bytes: g(&s.read_bytes),
-            write_bytes: g(&s.write_bytes),
-            io_errors: g(&s.io_errors),
-            refused: g(&s.refused),
-            bad_chains: g(&s.bad_chains),
-            ring_errors: g(&s.ring_errors),
-        }
+        self.disconnect()
+    }
+}
+
+fn copy_stats(s: &Stats) -> Stats {
+    let g = |c: &std::sync::atomic::AtomicU64| {
+        std::sync::atomic::AtomicU64::new(c.load(Ordering::Relaxed))
+    };
+    Stats {
+        misses: g(&s.misses),
+        miss_failures: g(&s.miss_failures),
+        updates: g(&s.updates),
+        duplicate_updates: g(&s.duplicate_updates),
+        refused_updates: g(&s.refused_updates),
+        invalidations: g(&s.invalidations),
+        invalidated_entries: g(&s.invalidated_entries),
+        evictions: g(&s.evictions),
+        requests: g(&s.requests),
+        read_bytes: g(&s.read_bytes),
+        write_bytes: g(&s.write_bytes),
+        io_errors: g(&s.io_errors),
+        refused: g(&s.refused),
+        bad_chains: g(&s.bad_chains),
+        ring_errors: g(&s.ring_errors),
+        inflight_resubmitted: g(&s.inflight_resubmitted),
+        inflight_errors: g(&s.inflight_errors),
     }
 }
 
@@ -1217,4 +1395,577 @@ pub fn bench_invalidation_under_load(load: u32, rounds: usize, service: Duration
         );
     }
     f.finish();
+}
+
+// ---- Inflight tracking, reconnects and draining (issue 21) ----
+
+/// Data buffer `k` (RAM 0x40000 + k pages, IOVA 0x7000_0000 + k pages).
+fn data_buf(k: u64) -> Buf {
+    Buf {
+        off: 0x40000 + (k << 12),
+        iova: 0x7000_0000 + (k << 12),
+        len: 0x1000,
+    }
+}
+
+/// Answers every miss a reconnected backend has (its IOTLB starts
+/// empty): the rings, the header and status pages, the data pages.
+fn pager(f: &mut Frontend, iova: u64, _: u8) -> bool {
+    let page = iova & !0xfff;
+    let (off, perm) = match page {
+        p if (RING_IOVA..RING_IOVA + 0x3000).contains(&p) => (p - RING_IOVA, 3),
+        p if p == HDR.iova => (HDR.off, 1),
+        p if p == STATUS.iova => (STATUS.off, 2),
+        p if (0x7000_0000..0x7010_0000).contains(&p) => (0x40000 + (p - 0x7000_0000), 3),
+        _ => return false,
+    };
+    f.iotlb(IotlbType::Update, page, 0x1000, off, perm) == 0
+}
+
+impl Frontend {
+    /// Request `k`: header `k` (16 bytes into the header page) and status
+    /// byte `k` of the status page, data buffer `k`; the chain at
+    /// descriptors `first..first + 3`. A read (`fill` None) or a write of
+    /// `fill`.
+    fn request(&mut self, k: u64, first: u16, sector: u64, fill: Option<u8>) {
+        let (rtype, write) = match fill {
+            None => (0, true),
+            Some(b) => {
+                self.ram_slice(data_buf(k).off, 0x1000).fill(b);
+                (1, false)
+            }
+        };
+        self.ram_slice(HDR.off + 16 * k, 16)
+            .copy_from_slice(&header(rtype, sector));
+        self.ram_slice(STATUS.off + k, 1)[0] = 0xee;
+        self.submit_at(
+            first,
+            &[
+                (HDR.iova + 16 * k, 16, false),
+                (data_buf(k).iova, 0x1000, write),
+                (STATUS.iova + k, 1, true),
+            ],
+        );
+    }
+
+    /// Used ring entry `i`: (head, length).
+    fn used_elem(&mut self, i: u16) -> (u32, u32) {
+        let at = 0x2000 + 4 + 8 * u64::from(i % QSIZE);
+        let e = self.ram_slice(at, 8);
+        (
+            u32::from_le_bytes(e[..4].try_into().unwrap()),
+            u32::from_le_bytes(e[4..].try_into().unwrap()),
+        )
+    }
+
+    /// The inflight region, mapped here as QEMU maps it.
+    fn region(&self) -> Shm {
+        let (fd, msg) = self.inflight.as_ref().expect("a region");
+        Shm::map(fd.as_raw_fd(), msg.mmap_size as usize)
+    }
+
+    fn sectors(&self, sector: u64, n: usize) -> Vec<u8> {
+        let img = self.image();
+        img[sector as usize * 512..][..n].to_vec()
+    }
+
+    fn fill_image(&self) {
+        // every sector filled with its number
+        let img: Vec<u8> = (0..IMAGE / 512)
+            .flat_map(|s| std::iter::repeat_n(s as u8, 512))
+            .collect();
+        std::fs::write(&self.image_path, img).unwrap();
+    }
+}
+
+/// A shared mapping of an inflight region, with the spec's fields of
+/// queue 0.
+struct Shm {
+    p: *mut u8,
+    len: usize,
+}
+
+impl Shm {
+    fn map(fd: i32, len: usize) -> Shm {
+        // SAFETY: a fresh shared mapping of the region's memfd.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Shm { p: p.cast(), len }
+    }
+
+    fn u8_at(&self, off: usize) -> &std::sync::atomic::AtomicU8 {
+        assert!(off < self.len);
+        // SAFETY: inside our mapping, which outlives the borrow.
+        unsafe { std::sync::atomic::AtomicU8::from_ptr(self.p.add(off)) }
+    }
+
+    fn u16_at(&self, off: usize) -> &std::sync::atomic::AtomicU16 {
+        assert!(off + 2 <= self.len && off % 2 == 0);
+        // SAFETY: inside our mapping, aligned.
+        unsafe { std::sync::atomic::AtomicU16::from_ptr(self.p.add(off).cast()) }
+    }
+
+    fn u64_at(&self, off: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(off + 8 <= self.len && off % 8 == 0);
+        // SAFETY: inside our mapping, aligned.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.p.add(off).cast()) }
+    }
+
+    fn version(&self) -> u16 {
+        self.u16_at(8).load(Ordering::SeqCst)
+    }
+
+    fn set_header(&self, version: u16, desc_num: u16, last_batch_head: u16, used_idx: u16) {
+        self.u16_at(8).store(version, Ordering::SeqCst);
+        self.u16_at(10).store(desc_num, Ordering::SeqCst);
+        self.u16_at(12).store(last_batch_head, Ordering::SeqCst);
+        self.u16_at(14).store(used_idx, Ordering::SeqCst);
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.u16_at(14).load(Ordering::SeqCst)
+    }
+
+    /// Queue 0's region as initialised for a ring at used idx 0.
+    fn is_reset(&self) -> bool {
+        let h = (0..4).map(|i| self.u16_at(8 + 2 * i).load(Ordering::SeqCst));
+        h.eq([1, QSIZE, 0, 0])
+            && (0..QSIZE).all(|i| {
+                let d = 16 + 16 * usize::from(i);
+                self.u8_at(d).load(Ordering::SeqCst) == 0
+                    && self.u16_at(d + 6).load(Ordering::SeqCst) == 0
+                    && self.u64_at(d + 8).load(Ordering::SeqCst) == 0
+            })
+    }
+
+    fn inflight(&self, i: u16) -> u8 {
+        self.u8_at(16 + 16 * usize::from(i)).load(Ordering::SeqCst)
+    }
+
+    fn set_desc(&self, i: u16, inflight: u8, next: u16, counter: u64) {
+        let d = 16 + 16 * usize::from(i);
+        self.u8_at(d).store(inflight, Ordering::SeqCst);
+        self.u16_at(d + 6).store(next, Ordering::SeqCst);
+        self.u64_at(d + 8).store(counter, Ordering::SeqCst);
+    }
+
+    fn wait_for(&self, what: &str, cond: impl Fn(&Shm) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !cond(self) {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Shm {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping.
+        unsafe { libc::munmap(self.p.cast(), self.len) };
+    }
+}
+
+/// What QEMU does after a backend died: the same region, the used idx as
+/// the ring's base, an IOTLB the new backend fills by missing.
+fn after_a_crash(f: &mut Frontend) -> Setup {
+    let used = used_idx(f.ram as usize);
+    f.used_seen = used;
+    Setup {
+        inflight: Inflight::Set,
+        map_rings: false,
+        base: used,
+        ..Setup::new(Mode::Sg)
+    }
+}
+
+/// The backend is killed right after taking a chain (it is recorded in
+/// the inflight region, nothing of it done), with another chain behind
+/// it on the avail ring. A new backend, given the same region and the
+/// used idx as base (what QEMU sends after a crash) and no kick, serves
+/// the taken chain again first, then the next one: each once, with the
+/// right data and used entries. (Without the self-kick at ring start
+/// nothing is served: the kicks went to the dead backend.)
+#[test]
+fn a_killed_backend_s_chains_are_served_again() {
+    let mut f = Frontend::start_setup(Setup {
+        inflight: Inflight::Get,
+        test_crash: Some((CrashPoint::AfterPop, 2)),
+        ..Setup::new(Mode::Sg)
+    });
+    f.fill_image();
+    let shm = f.region();
+    f.request(0, 0, 8, None);
+    assert_eq!(f.complete(&mut pager).0, 0x1001);
+    assert!(f.ram_slice(data_buf(0).off, 512).iter().all(|&b| b == 8));
+    f.request(1, 3, 16, None);
+    f.request(2, 6, 24, None);
+    shm.wait_for("chain 3 recorded in flight", |s| s.inflight(3) == 1);
+    assert_eq!(used_idx(f.ram as usize), 1);
+    let setup = after_a_crash(&mut f);
+    let old = f.reconnect(setup);
+    assert_eq!(old.read_bytes.load(Ordering::Relaxed), 0x1000);
+    for (i, k, sector, head) in [(1u16, 1u64, 16u8, 3u32), (2, 2, 24, 6)] {
+        assert_eq!(f.complete(&mut pager).0, 0x1001, "chain {head}");
+        assert_eq!(f.used_elem(i), (head, 0x1001), "used entry {i}");
+        assert_eq!(f.ram_slice(STATUS.off + k, 1)[0], 0);
+        assert!(
+            f.ram_slice(data_buf(k).off, 512)
+                .iter()
+                .all(|&b| b == sector),
+            "data of chain {head}"
+        );
+    }
+    let s = f.disconnect();
+    assert_eq!(s.inflight_resubmitted.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        s.read_bytes.load(Ordering::Relaxed),
+        0x2000,
+        "each served once"
+    );
+    assert_eq!(s.inflight_errors.load(Ordering::Relaxed), 0);
+    assert!(
+        s.misses.load(Ordering::Relaxed) >= 4,
+        "the rings were missed"
+    );
+    assert_eq!(
+        (shm.inflight(3), shm.inflight(6), shm.used_idx()),
+        (0, 0, 3)
+    );
+}
+
+/// The state a backend that completes out of order leaves when killed:
+/// it took chains 0, 3 and 6 and completed only 3. QEMU's base (the used
+/// idx, 1) names chain 3's avail slot: served from the avail ring, chain 3
+/// would run twice (its buffer, reused by the driver since, written to
+/// the image) and chain 0 never. From the region, 0 and 6 are served, in
+/// the order taken, and 3 is not.
+#[test]
+fn chains_completed_out_of_order_are_not_served_twice() {
+    let mut f = Frontend::start_setup(Setup {
+        inflight: Inflight::Get,
+        ..Setup::new(Mode::Sg)
+    });
+    let shm = f.region();
+    shm.wait_for("the region initialised at ring start", |s| s.version() == 1);
+    f.finish_connection();
+    // The dead backend's work: three writes taken, the second completed.
+    f.request(0, 0, 40, Some(0x11));
+    f.request(1, 3, 48, Some(0x22));
+    f.request(2, 6, 56, Some(0x33));
+    let mut img = f.image();
+    img[48 * 512..49 * 512].fill(0x22);
+    std::fs::write(&f.image_path, img).unwrap();
+    f.ram_slice(data_buf(1).off, 0x1000).fill(0x99); // reused by the driver
+    f.ram_slice(STATUS.off + 1, 1)[0] = 0;
+    f.put(0x2000 + 4, 3u32.to_le());
+    f.put(0x2000 + 8, 1u32.to_le());
+    f.put(0x2002, 1u16.to_le());
+    shm.set_header(1, QSIZE, 3, 1);
+    shm.set_desc(0, 1, 0, 100);
+    shm.set_desc(3, 0, 0, 101);
+    shm.set_desc(6, 1, 0, 102);
+    let setup = after_a_crash(&mut f);
+    f.connect(setup);
+    for (i, k, head) in [(1u16, 0u64, 0u32), (2, 2, 6)] {
+        assert_eq!(f.complete(&mut pager).0, 1, "chain {head}");
+        assert_eq!(f.used_elem(i), (head, 1), "used entry {i}: chain {head}");
+        assert_eq!(f.ram_slice(STATUS.off + k, 1)[0], 0);
+    }
+    let s = f.disconnect();
+    assert_eq!(s.write_bytes.load(Ordering::Relaxed), 0x2000, "two writes");
+    assert_eq!(s.inflight_resubmitted.load(Ordering::Relaxed), 2);
+    assert_eq!(used_idx(f.ram as usize), 3);
+    assert_eq!(f.sectors(40, 512), vec![0x11; 512]);
+    assert_eq!(f.sectors(48, 512), vec![0x22; 512], "chain 3 served twice");
+    assert_eq!(f.sectors(56, 512), vec![0x33; 512]);
+}
+
+/// Killed after the used idx store of a completion, before the region
+/// marked it done: recovery clears the last batch (the region's used_idx
+/// lags the ring), so the completed chain is not served again, even
+/// though its inflight byte is still 1.
+#[test]
+fn a_completion_published_before_the_kill_is_not_served_again() {
+    let mut f = Frontend::start_setup(Setup {
+        inflight: Inflight::Get,
+        test_crash: Some((CrashPoint::AfterUsedIdx, 1)),
+        ..Setup::new(Mode::Sg)
+    });
+    let shm = f.region();
+    f.request(0, 0, 64, Some(0x44));
+    assert_eq!(f.complete(&mut pager).0, 1);
+    assert_eq!(
+        (shm.inflight(0), shm.used_idx()),
+        (1, 0),
+        "killed mid-completion"
+    );
+    f.ram_slice(data_buf(0).off, 0x1000).fill(0x99);
+    let setup = after_a_crash(&mut f);
+    f.reconnect(setup);
+    f.request(1, 3, 64, None);
+    assert_eq!(f.complete(&mut pager).0, 0x1001);
+    assert_eq!(f.used_elem(1), (3, 0x1001), "chain 0 served again");
+    assert!(f
+        .ram_slice(data_buf(1).off, 0x1000)
+        .iter()
+        .all(|&b| b == 0x44));
+    let s = f.disconnect();
+    assert_eq!(s.inflight_resubmitted.load(Ordering::Relaxed), 0);
+    assert_eq!(f.sectors(64, 512), vec![0x44; 512]);
+    assert_eq!((shm.inflight(0), shm.used_idx()), (0, 2));
+}
+
+/// GET_INFLIGHT_FD for shapes the device cannot serve is answered with
+/// no region (mmap_size 0, no descriptor: QEMU then runs untracked).
+#[test]
+fn get_inflight_fd_refuses_bad_shapes() {
+    let mut f = Frontend::start(Mode::Sg);
+    f.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    for (nq, qs) in [(0, 16), (2, 16), (1, 0), (1, 12), (1, 65535), (1, 0x8001)] {
+        let (fd, reply) = f.get_inflight(nq, qs);
+        assert!(fd.is_none(), "{nq} queues of {qs} got a region");
+        assert_eq!({ reply.mmap_size }, 0);
+    }
+    let (fd, reply) = f.get_inflight(1, 32768);
+    assert!(fd.is_some());
+    assert_eq!({ reply.mmap_size }, 16 + 16 * 32768 + 48);
+    let s = f.disconnect();
+    assert_eq!(s.inflight_errors.load(Ordering::Relaxed), 6);
+}
+
+/// SET_INFLIGHT_FD refuses a region that does not fit what it says, lies
+/// outside its file, or whose file could shrink under the mapping
+/// (SIGBUS); the rings keep working.
+#[test]
+fn set_inflight_fd_refuses_what_does_not_fit() {
+    let mut f = Frontend::start(Mode::Sg);
+    let (good, msg) = f.get_inflight(1, QSIZE);
+    let good = good.unwrap();
+    let (small, _) = f.get_inflight(1, 4);
+    let small = small.unwrap();
+    let unsealed = memfd(msg.mmap_size);
+    let m = |size: u64, offset: u64, nq: u16, qs: u16| VhostUserInflight::new(size, offset, nq, qs);
+    let size = msg.mmap_size;
+    let cases = [
+        (good.as_raw_fd(), m(size + 64, 0, 1, QSIZE), "wrong size"),
+        (
+            good.as_raw_fd(),
+            m(size, 0x1000, 1, QSIZE),
+            "offset beyond the file",
+        ),
+        (
+            good.as_raw_fd(),
+            m(size, 0x10, 1, QSIZE),
+            "unaligned offset",
+        ),
+        (
+            good.as_raw_fd(),
+            m(2 * size, 0, 2, QSIZE),
+            "more queues than served",
+        ),
+        (good.as_raw_fd(), m(size, 0, 1, 12), "queue size"),
+        (unsealed.as_raw_fd(), m(size, 0, 1, QSIZE), "unsealed"),
+        (small.as_raw_fd(), m(size, 0, 1, QSIZE), "short file"),
+    ];
+    for (fd, msg, what) in cases {
+        assert_eq!(f.set_inflight(fd, msg), 1, "{what} accepted");
+    }
+    assert_eq!(
+        f.send(FrontendReq::SET_INFLIGHT_FD, msg.as_slice(), &[], true),
+        Some(1),
+        "no descriptor"
+    );
+    assert_eq!(f.set_inflight(good.as_raw_fd(), msg), 0);
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    let s = f.disconnect();
+    assert_eq!(s.inflight_errors.load(Ordering::Relaxed), 8);
+}
+
+impl Frontend {
+    /// Ends the backend's connection (no crash: nothing is in progress).
+    fn finish_connection(&mut self) {
+        self.disconnect();
+    }
+}
+
+/// Regions whose content lies are not trusted when the ring starts: an
+/// error is counted and logged, nothing of them is served, the region is
+/// reset, and the ring starts at the frontend's base and works.
+#[test]
+fn lying_regions_are_not_trusted() {
+    type Forge = fn(&Shm);
+    let cases: [(&str, Forge, u16); 8] = [
+        ("version 7", |s| s.set_header(7, QSIZE, 0, 0), 0),
+        ("desc_num", |s| s.set_header(1, 2 * QSIZE, 0, 0), 0),
+        ("inflight byte 2", |s| s.set_desc(2, 2, 0, 1), 0),
+        (
+            "last_batch_head",
+            |s| s.set_header(1, QSIZE, QSIZE, 0xffff),
+            0,
+        ),
+        (
+            "next out of range",
+            |s| {
+                s.set_header(1, QSIZE, 2, 0xfffe);
+                s.set_desc(2, 0, 40, 0);
+            },
+            0,
+        ),
+        (
+            "next loops",
+            |s| {
+                s.set_header(1, QSIZE, 2, 0xfffd);
+                s.set_desc(2, 0, 5, 0);
+                s.set_desc(5, 0, 2, 0);
+            },
+            0,
+        ),
+        (
+            "more in flight than available",
+            |s| s.set_desc(1, 1, 0, 1),
+            0,
+        ),
+        (
+            "duplicate counters",
+            |s| {
+                s.set_desc(0, 1, 0, 5);
+                s.set_desc(3, 1, 0, 5);
+            },
+            2,
+        ),
+    ];
+    for (what, forge, queued) in cases {
+        let mut f = Frontend::start_setup(Setup {
+            inflight: Inflight::Get,
+            ..Setup::new(Mode::Sg)
+        });
+        f.fill_image();
+        let shm = f.region();
+        shm.wait_for("initialised", |s| s.version() == 1);
+        f.finish_connection();
+        // `queued` reads on the avail ring, taken by no one
+        for k in 0..u64::from(queued) {
+            f.request(k, 3 * k as u16, 8 + k, None);
+        }
+        forge(&shm);
+        // the rings mapped: recovery needs no miss answered (the test
+        // waits for it below without answering)
+        let setup = Setup {
+            map_rings: true,
+            ..after_a_crash(&mut f)
+        };
+        f.connect(setup);
+        for k in 0..u64::from(queued) {
+            assert_eq!(f.complete(&mut pager).0, 0x1001, "{what}: queued read {k}");
+            assert!(f
+                .ram_slice(data_buf(k).off, 16)
+                .iter()
+                .all(|&b| b == 8 + k as u8));
+        }
+        if queued == 0 {
+            // the ring start's recovery has run (before the next avail
+            // idx is read: a chain queued meanwhile would make some lies
+            // consistent)
+            shm.wait_for(what, |s| s.is_reset());
+        }
+        f.request(9, 9, 100, None);
+        assert_eq!(f.complete(&mut pager).0, 0x1001, "{what}: a new read");
+        let s = f.disconnect();
+        assert_eq!(s.inflight_errors.load(Ordering::Relaxed), 1, "{what}");
+        assert_eq!(s.inflight_resubmitted.load(Ordering::Relaxed), 0, "{what}");
+        assert_eq!(
+            s.read_bytes.load(Ordering::Relaxed),
+            0x1000 * (u64::from(queued) + 1),
+            "{what}"
+        );
+        assert_eq!(shm.version(), 1, "{what}: reset");
+        assert_eq!(shm.used_idx(), queued + 1, "{what}: tracked again");
+    }
+}
+
+/// A reconnect whose memory table no longer covers the buffers of a chain
+/// in flight: the chain is served again through the new table only, so
+/// its buffer is refused (IOERR) and nothing outside the table is written.
+#[test]
+fn a_reconnect_with_another_memory_table_serves_nothing_outside_it() {
+    let mut f = Frontend::start_setup(Setup {
+        inflight: Inflight::Get,
+        test_crash: Some((CrashPoint::AfterPop, 1)),
+        ..Setup::new(Mode::Sg)
+    });
+    f.fill_image();
+    let shm = f.region();
+    let outside = data_buf(0x50); // RAM 0x90000, past the new table
+    f.ram_slice(outside.off, 0x1000).fill(0x5a);
+    f.request(0x50, 0, 8, None);
+    shm.wait_for("chain 0 recorded in flight", |s| s.inflight(0) == 1);
+    let setup = Setup {
+        table_size: RAM / 2,
+        ..after_a_crash(&mut f)
+    };
+    f.reconnect(setup);
+    let (len, misses) = f.complete(&mut pager);
+    assert_eq!(len, 1, "IOERR");
+    assert_eq!(f.ram_slice(STATUS.off + 0x50, 1)[0], 1);
+    assert!(misses.contains(&(outside.iova, 2)));
+    assert!(f.ram_slice(outside.off, 0x1000).iter().all(|&b| b == 0x5a));
+    let s = f.disconnect();
+    assert_eq!(s.inflight_resubmitted.load(Ordering::Relaxed), 1);
+    assert!(s.refused_updates.load(Ordering::Relaxed) >= 1);
+}
+
+/// A graceful stop (SIGTERM) while a request waits for a miss's answer:
+/// the frontend's messages are still answered during the drain (the
+/// answer is an IOTLB update on the frontend socket), the request
+/// completes and is signalled, and the backend ends by itself.
+#[test]
+fn a_drain_finishes_the_request_in_progress() {
+    let mut f = Frontend::start(Mode::Sg);
+    prepare(&mut f, 0, 0);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    let mut m = [0u8; 44];
+    f.chan.read_exact(&mut m).unwrap();
+    f.drain.write(1).unwrap();
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let h: Header = read_pod(&m[..12]).unwrap();
+    let mut out = Header {
+        request: h.request,
+        flags: VERSION | FLAG_REPLY,
+        size: 8,
+    }
+    .as_slice()
+    .to_vec();
+    out.extend_from_slice(&0u64.to_ne_bytes());
+    f.chan.write_all(&out).unwrap();
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    assert_eq!(f.ram_slice(STATUS.off, 1)[0], 0);
+    assert!(f.call.read().unwrap() >= 1, "signalled");
+    // the backend ended by itself (no socket close)
+    let dev = f.backend.take().unwrap().join().unwrap();
+    assert_eq!(
+        dev.shared().stats.read_bytes.load(Ordering::Relaxed),
+        0x1000
+    );
 }
