@@ -16,14 +16,14 @@ pvdma-io disk-stress on the disk: JOBS threads of O_DIRECT writes and
 reads, every byte of every read checked against what was written, then
 the whole area read back. Meanwhile the harness, each time the backend in
 service has served requests, waits a random moment and then
-  - SIGKILLs it (--kills times), or
-  - SIGTERMs it (--graceful times): it must finish what it took and exit
-    with status 0,
+  - SIGKILLs it (--kills times), as soon as one of its threads sleeps in
+    the I/O delay (below), that is inside a request (after 2 s anyway), or
+  - SIGTERMs it (--graceful times), also inside a request: it must finish
+    what it took and exit with status 0,
 and at once starts a new backend process on the same socket path and the
 same image; QEMU reconnects to it. Each backend waits --io-delay-us
 between mapping a request's buffers and its I/O (--test-io-delay-us), so
-that the backend is busy with a request nearly all the time and a kill
-finds one in flight. The new backend must serve what the old one had
+that a kill finds one in flight. The new backend must serve what the old one had
 taken: from the inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
 when it tracks requests there, else from the available ring, where QEMU
 restarts the ring at the used index (docs/vhost-user.md, "Restarting the
@@ -36,9 +36,11 @@ reconnected and the I/O went on), the gracefully stopped ones exited 0,
 the last one exited 0 when QEMU closed the socket, no backend counted an
 I/O error, a bad chain or a ring error, and (variant pvdma) query-pvdma
 shows the disk attached and no fault; with --expect-resubmit also only
-when the backends counted requests resubmitted after a restart (a
-counter of theirs whose name has "resubmit"). Every backend and QEMU run under a
-hard timeout and are ended on every exit path.
+when the backends counted at least as many requests resubmitted after
+a restart (a counter of theirs whose name has "resubmit") as there were
+SIGKILLs inside a request, and the backend after a SIGTERM had nothing
+to resubmit (the stopped one drained). Every backend and QEMU run under a hard
+timeout and are ended on every exit path.
 
 --variant pvdma: vhost-user-blk-pci,iommu_platform=on behind pvdma (the
 guest's pvdma_iommu.ko, the backend in sg mode on IOTLB translations);
@@ -48,6 +50,7 @@ none: no IOMMU, the device without iommu_platform.
 import argparse
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -63,11 +66,46 @@ from pvdma_vhost import Backend  # noqa: E402
 # reconnects, the guest's requests resume), and a stopped one to exit.
 SERVE_LIMIT = 30.0
 EXIT_LIMIT = 20.0
+# The backend's log line once QEMU started its ring ("queue started: ..."
+# or "queue 0 started: ...").
+QUEUE_STARTED = re.compile(r"queue (\d+ )?started")
 
 
 def killed_status(rc):
     """A backend's status (of `timeout`) says SIGKILL."""
     return rc in (-signal.SIGKILL, 128 + signal.SIGKILL)
+
+
+def in_request(pid):
+    """Whether a thread of the backend sleeps in --test-io-delay-us, that
+    is, holds a request between mapping its buffers and its I/O (the only
+    nanosleep of the backend)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/wchan") as f:
+                if "nanosleep" in f.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def signal_in_request(pid, sig, limit=2.0):
+    """Sends sig to pid as soon as it is inside a request (at most limit
+    seconds from now; then anyway); True when it was."""
+    deadline = time.monotonic() + limit
+    inside = False
+    while time.monotonic() < deadline:
+        if in_request(pid):
+            inside = True
+            break
+        time.sleep(0.0005)
+    os.kill(pid, sig)
+    return inside
 
 
 def resubmitted(st):
@@ -84,6 +122,7 @@ class Restarter:
         self.backends = []        # every Backend started, in order
         self.events = []          # (kind, at, backend index) done
         self.last_stats = {}      # backend index -> counters last seen
+        self.inside = []          # per SIGKILL: inside a request (or None)
         self.error = None
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -122,7 +161,7 @@ class Restarter:
         deadline = time.monotonic() + SERVE_LIMIT
         while not self.stop.is_set():
             # SIGUSR1 prints counters only once a frontend is connected.
-            if "queue started" not in b.text():
+            if not QUEUE_STARTED.search(b.text()):
                 if b.proc.poll() is not None:
                     raise RuntimeError(f"backend {i} exited on its own "
                                        f"(status {b.proc.returncode})")
@@ -165,14 +204,19 @@ class Restarter:
                 if st is not None:
                     self.last_stats[i] = st
                 at = time.monotonic() - self.t0
+                sig = signal.SIGKILL if kind == "kill" else signal.SIGTERM
+                if self.a.io_delay_us:
+                    inside = signal_in_request(b.pid(), sig)
+                else:
+                    os.kill(b.pid(), sig)
+                    inside = None
                 if kind == "kill":
-                    os.kill(b.pid(), signal.SIGKILL)
+                    self.inside.append(inside)
                     rc = b.wait(EXIT_LIMIT)
                     if not killed_status(rc):
                         raise RuntimeError(f"backend {i} after SIGKILL: "
                                            f"status {rc}")
                 else:
-                    os.kill(b.pid(), signal.SIGTERM)
                     rc = b.wait(EXIT_LIMIT)
                     if rc != 0:
                         raise RuntimeError(
@@ -296,10 +340,20 @@ def main():
                 failure = failure or f"backend {k} counted {bad}"
         reqs = [st.get("requests", 0) for st in per]
         resub = sum(resubmitted(st) for st in per)
-        if failure is None and a.expect_resubmit and not resub:
-            failure = ("no backend counted a resubmitted request: the "
-                       "requests a killed one had taken were not taken "
-                       "over from the inflight region")
+        inside = sum(1 for x in rs.inside if x)
+        # A graceful stop drains: the next backend has nothing to resubmit.
+        for kind, _, k in rs.events:
+            left = resubmitted(per[k + 1]) if k + 1 < len(per) else 0
+            if failure is None and a.expect_resubmit and kind == "term" \
+                    and left:
+                failure = (f"backend {k} was stopped with SIGTERM, yet "
+                           f"backend {k + 1} resubmitted {left} requests: "
+                           "it did not finish what it had taken")
+        if failure is None and a.expect_resubmit and resub < max(inside, 1):
+            failure = (f"{inside} SIGKILLs hit a backend inside a request, "
+                       f"but the backends counted {resub} requests "
+                       "resubmitted: what a killed one had taken was not "
+                       "taken over from the inflight region")
         if failure is None and len(reqs) > 1 and sum(reqs) <= max(reqs):
             failure = ("the backends together served no more requests than "
                        f"one of them: {reqs}")
@@ -310,6 +364,7 @@ def main():
                        if x.get("kind") == "stress"), {})
         summary = {
             "kills": sum(1 for e in rs.events if e[0] == "kill"),
+            "kills_inside": inside,
             "graceful": sum(1 for e in rs.events if e[0] == "term"),
             "backends": len(rs.backends), "requests": reqs,
             "resubmitted": resub,
@@ -331,7 +386,8 @@ def main():
         tmp.cleanup()
     print(f"== restarts (kind, seconds into the I/O, backend): "
           f"{summary.get('events')}")
-    print(f"== summary: {summary.get('kills', 0)} SIGKILLs and "
+    print(f"== summary: {summary.get('kills', 0)} SIGKILLs ("
+          f"{summary.get('kills_inside', 0)} inside a request) and "
           f"{summary.get('graceful', 0)} graceful restarts under I/O; "
           f"{summary.get('backends', 0)} backend processes served "
           f"{summary.get('requests')} requests, "

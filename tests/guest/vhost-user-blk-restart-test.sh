@@ -8,11 +8,13 @@
 # reads by 4 threads, every byte checked, then all of it read back) on the
 # vhost-user disk while the harness SIGKILLs the backend VUB_KILLS times
 # and stops it once with SIGTERM (it must finish what it took and exit 0),
-# each time at a random moment and starting a new backend process on the
-# same socket and image. Each boot passes only if the guest's I/O
-# completes with every byte right and no I/O error in its kernel log,
-# every new backend served requests, and nothing hangs (hard timeouts on
-# QEMU and every backend) or is left running.
+# each time at a random moment (a SIGKILL while a request is in flight in
+# the backend) and starting a new backend process on the same socket and
+# image. Each boot passes only if the guest's I/O completes with every
+# byte right and no I/O error in its kernel log, every new backend served
+# requests, the requests a killed one had taken were resubmitted from the
+# inflight region, and nothing hangs (hard timeouts on QEMU and every
+# backend) or is left running.
 #
 #   pvdma   vhost-user-blk-pci,iommu_platform=on behind pvdma (the guest's
 #           pvdma_iommu.ko; the backend in sg mode on IOTLB translations)
@@ -29,9 +31,10 @@
 #        VUB_TIMEOUT           hard limit per boot, seconds (default 150)
 #        VUB_SEED              the restart moments' seed (default: random,
 #                              printed in each summary line)
-#        VUB_EXPECT_RESUBMIT   1: a boot also fails unless the backends
-#                              counted requests resubmitted from the
-#                              inflight region (default 0)
+#        VUB_EXPECT_RESUBMIT   1 (default): a boot also fails unless the
+#                              backends counted a request resubmitted from
+#                              the inflight region for every SIGKILL that
+#                              hit one inside a request; 0: data only
 set -euo pipefail
 
 . "$(dirname "$0")/../framework/lib.sh"
@@ -70,7 +73,7 @@ done
 
 opts=()
 [ -z "${VUB_SEED:-}" ] || opts+=(--seed "$VUB_SEED")
-[ "${VUB_EXPECT_RESUBMIT:-0}" = 0 ] || opts+=(--expect-resubmit)
+[ "${VUB_EXPECT_RESUBMIT:-1}" = 0 ] || opts+=(--expect-resubmit)
 boots_begin vhost-user-blk-restart-test
 for k in $KERNELS; do
     for v in ${kvariants[$k]}; do
