@@ -428,7 +428,7 @@ impl Vring {
         head: u16,
         len: u32,
     ) -> Result<(), virtio_queue::Error> {
-        if let Some(inf) = &self.inflight {
+        if let Some(inf) = self.inflight.as_mut() {
             inf.pre_put(head);
         }
         let before = self.queue.next_used();

@@ -1154,6 +1154,11 @@ fn serve_ring(sh: &Shared, i: usize) {
         let Some(ring) = slot.ring.as_mut() else {
             return;
         };
+        if sh.exit.load(Ordering::Acquire) && !ring.chain_in_progress() {
+            // Draining: no new chain.
+            slot.signal();
+            return;
+        }
         let outcome = ring.step(sh);
         // Draining (graceful stop): no new chain once the one in progress
         // (retried after its misses) is done.

@@ -313,6 +313,7 @@ impl Region {
             off: index * queue_region_size(size) as usize,
             size,
             counter: 0,
+            last_batch_head: 0,
             recovered: false,
             resubmit: VecDeque::new(),
         })
@@ -346,6 +347,9 @@ pub struct QueueInflight {
     /// The counter of the next chain taken ("global counter" of the spec;
     /// per queue here, which orders each queue's chains just as well).
     counter: u64,
+    /// Our copy of `last_batch_head`: what the region holds is written,
+    /// never read back while the ring runs (the frontend could change it).
+    last_batch_head: u16,
     recovered: bool,
     resubmit: VecDeque<u16>,
 }
@@ -433,14 +437,14 @@ impl QueueInflight {
     /// last_batch_head = head`. The used ring's idx store (Release, in
     /// virtio-queue's `add_used`) orders these before it: a backend killed
     /// after the used idx moved finds the batch list naming `head`.
-    pub fn pre_put(&self, head: u16) {
+    pub fn pre_put(&mut self, head: u16) {
         if head >= self.size {
             return;
         }
-        let last = self.u16(OFF_LAST_BATCH_HEAD).load(Ordering::Relaxed);
         self.u16(Self::desc(head) + D_NEXT)
-            .store(last, Ordering::Relaxed);
+            .store(self.last_batch_head, Ordering::Relaxed);
         self.u16(OFF_LAST_BATCH_HEAD).store(head, Ordering::Release);
+        self.last_batch_head = head;
     }
 
     /// Spec, the steps after the used idx store: `desc[head].inflight =
@@ -474,6 +478,7 @@ impl QueueInflight {
         }
         self.u16(OFF_VERSION).store(VERSION, Ordering::Release);
         self.counter = 0;
+        self.last_batch_head = 0;
         self.resubmit.clear();
         self.recovered = true;
     }
@@ -503,6 +508,11 @@ impl QueueInflight {
             });
         }
         let last_batch_head = self.u16(OFF_LAST_BATCH_HEAD).load(Ordering::Relaxed);
+        if last_batch_head >= self.size {
+            // Checked even with no batch to clear: the next completion
+            // links to it.
+            return Err(Corrupt::OutOfRange(last_batch_head));
+        }
         let region_used = self.u16(OFF_USED_IDX).load(Ordering::Relaxed);
         let mut inflight = Vec::with_capacity(usize::from(self.size));
         let mut next = Vec::with_capacity(usize::from(self.size));
@@ -578,6 +588,7 @@ impl QueueInflight {
                 .store(0, Ordering::Release);
         }
         self.u16(OFF_USED_IDX).store(used, Ordering::Release);
+        self.last_batch_head = last_batch_head;
         self.counter = heads
             .last()
             .map_or(0, |&h| counter[usize::from(h)].wrapping_add(1));
@@ -835,6 +846,12 @@ mod tests {
                 "last_batch_head",
             ),
             (
+                Box::new(|q| q.u16(OFF_LAST_BATCH_HEAD).store(8, Ordering::Relaxed)),
+                0,
+                0,
+                "last_batch_head, no batch",
+            ),
+            (
                 Box::new(|q| {
                     q.u16(OFF_LAST_BATCH_HEAD).store(2, Ordering::Relaxed);
                     q.u16(QueueInflight::desc(2) + D_NEXT)
@@ -911,6 +928,116 @@ mod tests {
             q.u64(QueueInflight::desc(0) + D_COUNTER)
                 .load(Ordering::Relaxed),
             10
+        );
+    }
+
+    /// A 64 KiB guest memory at 0 with descriptors written by `descs`
+    /// (`(table, index, addr, len, flags, next)`).
+    fn mem_with(descs: &[(u64, u16, u64, u32, u16, u16)]) -> vm_memory::GuestMemoryMmap<()> {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        for &(table, i, addr, len, flags, next) in descs {
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&raw, GuestAddress(table + 16 * u64::from(i)))
+                .unwrap();
+        }
+        mem
+    }
+
+    #[test]
+    fn walk_follows_chains_and_indirect_tables() {
+        let mut out = Vec::new();
+        // head 2 -> 5 -> 1, the last device-writable
+        let mem = mem_with(&[
+            (0, 2, 0x1000, 16, F_NEXT, 5),
+            (0, 5, 0x2000, 512, F_NEXT, 1),
+            (0, 1, 0x3000, 1, F_WRITE, 0),
+        ]);
+        walk_chain(&mem, 0, 8, 2, 64, &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                WalkedDesc {
+                    addr: 0x1000,
+                    len: 16,
+                    write: false
+                },
+                WalkedDesc {
+                    addr: 0x2000,
+                    len: 512,
+                    write: false
+                },
+                WalkedDesc {
+                    addr: 0x3000,
+                    len: 1,
+                    write: true
+                },
+            ]
+        );
+        // head 0 is an indirect table of 3 at 0x800
+        let mem = mem_with(&[
+            (0, 0, 0x800, 48, F_INDIRECT, 0),
+            (0x800, 0, 0x1000, 16, F_NEXT, 1),
+            (0x800, 1, 0x2000, 512, F_NEXT | F_WRITE, 2),
+            (0x800, 2, 0x3000, 1, F_WRITE, 0),
+        ]);
+        walk_chain(&mem, 0, 8, 0, 64, &mut out).unwrap();
+        assert_eq!(out.len(), 3);
+        assert!(out[1].write && out[2].write && !out[0].write);
+    }
+
+    #[test]
+    fn walk_refuses_malformed_chains() {
+        let mut out = Vec::new();
+        let bad = |mem: &vm_memory::GuestMemoryMmap<()>, size, head, max| {
+            let mut out = Vec::new();
+            matches!(
+                walk_chain(mem, 0, size, head, max, &mut out),
+                Err(WalkError::Bad(_))
+            )
+        };
+        // a loop 0 -> 1 -> 0
+        let looped = mem_with(&[(0, 0, 0x1000, 16, F_NEXT, 1), (0, 1, 0x1000, 16, F_NEXT, 0)]);
+        assert_eq!(
+            walk_chain(&looped, 0, 8, 0, 64, &mut out),
+            Err(WalkError::Bad("chain longer than its table (a loop)")),
+            "a loop ends after as many descriptors as the table has"
+        );
+        // next past the table, head past the table
+        let past = mem_with(&[(0, 0, 0x1000, 16, F_NEXT, 8)]);
+        assert!(bad(&past, 8, 0, 64), "next past the table");
+        assert!(bad(&past, 8, 8, 64), "head past the table");
+        // an indirect table inside an indirect table; of a bad length;
+        // looping inside itself
+        let nested = mem_with(&[
+            (0, 0, 0x800, 32, F_INDIRECT, 0),
+            (0x800, 0, 0x900, 16, F_INDIRECT, 0),
+        ]);
+        assert!(bad(&nested, 8, 0, 64), "nested indirect");
+        let odd = mem_with(&[(0, 0, 0x800, 24, F_INDIRECT, 0)]);
+        assert!(bad(&odd, 8, 0, 64), "indirect length");
+        let empty = mem_with(&[(0, 0, 0x800, 0, F_INDIRECT, 0)]);
+        assert!(bad(&empty, 8, 0, 64), "empty indirect table");
+        let iloop = mem_with(&[
+            (0, 0, 0x800, 32, F_INDIRECT, 0),
+            (0x800, 0, 0x1000, 16, F_NEXT, 1),
+            (0x800, 1, 0x1000, 16, F_NEXT, 0),
+        ]);
+        assert!(bad(&iloop, 8, 0, 64), "loop in an indirect table");
+        // more descriptors than allowed; more than 4 GiB
+        let long = mem_with(&[(0, 0, 0x1000, 16, F_NEXT, 1), (0, 1, 0x1000, 16, 0, 0)]);
+        assert!(bad(&long, 8, 0, 1), "too many descriptors");
+        let big = mem_with(&[(0, 0, 0x1000, u32::MAX, F_NEXT, 1), (0, 1, 0x1000, 2, 0, 0)]);
+        assert!(bad(&big, 8, 0, 64), "over 4 GiB");
+        // a table outside memory is unreadable (a miss to ask for)
+        assert_eq!(
+            walk_chain(&long, 0x20000, 8, 0, 64, &mut out),
+            Err(WalkError::Unreadable)
         );
     }
 }

@@ -243,7 +243,12 @@ impl Frontend {
             dev.shutdown();
             dev
         }));
-        self.sock = front;
+        self.handshake(front, setup);
+    }
+
+    /// Sets up the backend at the other end of `sock` as QEMU does.
+    fn handshake(&mut self, sock: UnixStream, setup: Setup) {
+        self.sock = sock;
         let (chan_ours, chan_theirs) = UnixStream::pair().unwrap();
         self.chan = chan_ours;
         let f = self;
@@ -514,7 +519,12 @@ impl Frontend {
                 continue;
             }
             let mut m = [0u8; 44];
-            self.chan.read_exact(&mut m).unwrap();
+            if self.chan.read_exact(&mut m).is_err() {
+                // The backend ended (a drain) right after its last
+                // completion: look at the used ring again.
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
             let h: Header = read_pod(&m[..12]).unwrap();
             let msg: VhostUserIotlb = read_pod(&m[12..]).unwrap();
             assert_eq!(h.request, u32::from(BackendReq::IOTLB_MSG));
@@ -1968,4 +1978,187 @@ fn a_drain_finishes_the_request_in_progress() {
         dev.shared().stats.read_bytes.load(Ordering::Relaxed),
         0x1000
     );
+}
+
+/// A graceful stop while requests are queued: the one in progress
+/// completes, no new one is taken, the region shows nothing in flight,
+/// and the next backend serves the rest, each request once.
+#[test]
+fn a_drain_takes_no_new_request() {
+    let mut f = Frontend::start_setup(Setup {
+        inflight: Inflight::Get,
+        test_io_delay: Duration::from_millis(300),
+        ..Setup::new(Mode::Sg)
+    });
+    f.fill_image();
+    let shm = f.region();
+    for k in 0..4u64 {
+        f.update(data_buf(k).iova, 0x1000, data_buf(k).off, 3);
+    }
+    f.update(HDR.iova, 0x1000, HDR.off, 1);
+    f.update(STATUS.iova, 0x1000, STATUS.off, 2);
+    for k in 0..4u64 {
+        f.request(k, 3 * k as u16, 8 * (k + 1), None);
+    }
+    let ram = f.ram as usize;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while used_idx(ram) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no completion");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f.drain.write(1).unwrap();
+    let dev = f.backend.take().unwrap().join().unwrap();
+    let done = used_idx(ram);
+    assert!(done < 4, "every request was taken after the drain began");
+    assert_eq!(
+        dev.shared().stats.read_bytes.load(Ordering::Relaxed),
+        0x1000 * u64::from(done)
+    );
+    assert_eq!(shm.used_idx(), done);
+    assert!((0..QSIZE).all(|i| shm.inflight(i) == 0), "left in flight");
+    drop(dev);
+    let setup = after_a_crash(&mut f);
+    f.connect(setup);
+    for i in done..4 {
+        assert_eq!(f.complete(&mut pager).0, 0x1001);
+        assert_eq!(f.used_elem(i).0, 3 * u32::from(i));
+    }
+    let s = f.disconnect();
+    assert_eq!(
+        s.read_bytes.load(Ordering::Relaxed),
+        0x1000 * u64::from(4 - done)
+    );
+    for k in 0..4u64 {
+        let sector = 8 * (k + 1) as u8;
+        assert!(f
+            .ram_slice(data_buf(k).off, 512)
+            .iter()
+            .all(|&b| b == sector));
+    }
+}
+
+impl Frontend {
+    /// The real binary as the backend (its signal handling is under
+    /// test), on a socket in the test's directory; stderr to `log`.
+    fn start_binary(
+        setup: Setup,
+        extra: &[&str],
+    ) -> (Frontend, std::process::Child, std::path::PathBuf) {
+        let mut f = Frontend::start_setup_without_backend(setup.mode);
+        let dir = f._dir.0.clone();
+        let sock = dir.join("vub.sock");
+        let log = dir.join("backend.log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pvdma-vhost-user-blk"))
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--blk-file")
+            .arg(&f.image_path)
+            .args(["--connect-timeout", "30"])
+            .args(extra)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            if let Ok(s) = UnixStream::connect(&sock) {
+                break s;
+            }
+            assert!(std::time::Instant::now() < deadline, "no socket");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        f.handshake(stream, setup);
+        (f, child, log)
+    }
+
+    fn start_setup_without_backend(mode: Mode) -> Frontend {
+        let mut f = Frontend::start_setup(Setup::new(mode));
+        f.disconnect();
+        f
+    }
+}
+
+/// Waits for the child's exit status (bounded: a hang fails the test).
+fn exit_status(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the backend did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// SIGTERM to the binary while a request waits for its miss: the drain
+/// still answers the frontend, the request completes, exit status 0.
+#[test]
+fn sigterm_drains_and_exits_0() {
+    let (mut f, mut child, log) = Frontend::start_binary(
+        Setup {
+            inflight: Inflight::Get,
+            ..Setup::new(Mode::Sg)
+        },
+        &[],
+    );
+    let shm = f.region();
+    prepare(&mut f, 0, 0);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    let mut m = [0u8; 44];
+    f.chan.read_exact(&mut m).unwrap();
+    // SAFETY: a signal to our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let h: Header = read_pod(&m[..12]).unwrap();
+    let mut out = Header {
+        request: h.request,
+        flags: VERSION | FLAG_REPLY,
+        size: 8,
+    }
+    .as_slice()
+    .to_vec();
+    out.extend_from_slice(&0u64.to_ne_bytes());
+    f.chan.write_all(&out).unwrap();
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    assert!(exit_status(&mut child).success());
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.contains("drained"), "{text}");
+    assert_eq!((shm.inflight(0), shm.used_idx()), (0, 1));
+}
+
+/// A drain that cannot finish (the frontend never answers the miss)
+/// gives up after --drain-timeout-ms, well before the miss timeout, and
+/// exits 0: the chain is left in flight in the region for the next
+/// backend.
+#[test]
+fn a_stuck_drain_gives_up_and_leaves_the_chain_in_flight() {
+    let (mut f, mut child, log) = Frontend::start_binary(
+        Setup {
+            inflight: Inflight::Get,
+            ..Setup::new(Mode::Sg)
+        },
+        &["--drain-timeout-ms", "200", "--miss-timeout-ms", "60000"],
+    );
+    let shm = f.region();
+    prepare(&mut f, 0, 0);
+    f.submit(&[
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ]);
+    let mut m = [0u8; 44];
+    f.chan.read_exact(&mut m).unwrap();
+    // SAFETY: a signal to our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert!(exit_status(&mut child).success());
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.contains("did not finish within 200 ms"), "{text}");
+    assert_eq!((shm.inflight(0), shm.used_idx()), (1, 0));
+    assert_eq!(used_idx(f.ram as usize), 0);
 }
