@@ -21,8 +21,8 @@ class Backend:
     log_name: the log file's name in tmp; extra_args: more options."""
 
     def __init__(self, binary, tmp, mode, timeout, image_mib=64,
-                 log_level="info", keep_image=False, log_name="backend.log",
-                 extra_args=()):
+                 log_level="info", extra_args=(), keep_image=False,
+                 log_name="backend.log"):
         self.sock = os.path.join(tmp, "vub.sock")
         self.image = os.path.join(tmp, "vub.img")
         self.log = os.path.join(tmp, log_name)

@@ -308,7 +308,8 @@ def main():
                 qemu, image, a.variant, mode="test", timeout=a.timeout,
                 vhost_user_blk=rs.backends[0].sock, echo=not a.quiet,
                 vub_chardev=f",reconnect-ms={a.reconnect_ms}",
-                vub_platform=a.variant == "pvdma",
+                vhost_user_blk_opts=None if a.variant == "pvdma"
+                else "num-queues=1,disable-legacy=on",
                 extra_append=["pvdmaio.disks=blk", "pvdmaio.net=0",
                               f"pvdmaio.verify_mib={a.verify_mib}",
                               f"pvdmaio.stress={a.stress_secs}:{a.jobs}"],
