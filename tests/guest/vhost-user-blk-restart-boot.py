@@ -7,6 +7,7 @@ the guest's I/O; nothing may be lost.
     vhost-user-blk-restart-boot.py --backend BIN [--qemu BIN]
         [--kernel 6.1|6.12|7.2] [--variant pvdma|none] [--kills N]
         [--graceful N] [--stress-secs S] [--jobs N] [--reconnect-ms MS]
+        [--num-queues N]
         [--io-delay-us US] [--expect-resubmit] [--seed N] [--timeout S]
         [--quiet] [--summary-file F]
 
@@ -268,6 +269,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--verify-mib", type=int, default=8)
     ap.add_argument("--reconnect-ms", type=int, default=100)
+    ap.add_argument("--num-queues", type=int, default=1,
+                    help="the device's queues (a backend that serves them)")
     ap.add_argument("--io-delay-us", type=int, default=3000,
                     help="the backends' --test-io-delay-us: each request "
                     "waits this long between mapping its buffers and its "
@@ -308,8 +311,9 @@ def main():
                 qemu, image, a.variant, mode="test", timeout=a.timeout,
                 vhost_user_blk=rs.backends[0].sock, echo=not a.quiet,
                 vub_chardev=f",reconnect-ms={a.reconnect_ms}",
-                vhost_user_blk_opts=None if a.variant == "pvdma"
-                else "num-queues=1,disable-legacy=on",
+                vhost_user_blk_opts=f"num-queues={a.num_queues},"
+                + ("disable-legacy=on,iommu_platform=on"
+                   if a.variant == "pvdma" else "disable-legacy=on"),
                 extra_append=["pvdmaio.disks=blk", "pvdmaio.net=0",
                               f"pvdmaio.verify_mib={a.verify_mib}",
                               f"pvdmaio.stress={a.stress_secs}:{a.jobs}"],
