@@ -37,9 +37,9 @@ reconnected and the I/O went on), the gracefully stopped ones exited 0,
 the last one exited 0 when QEMU closed the socket, no backend counted an
 I/O error, a bad chain or a ring error, and (variant pvdma) query-pvdma
 shows the disk attached and no fault; with --expect-resubmit also only
-when the backends counted at least as many requests resubmitted after
-a restart (a counter of theirs whose name has "resubmit") as there were
-SIGKILLs inside a request, and the backend after a SIGTERM had nothing
+when the backends counted requests resubmitted after a restart (a
+counter of theirs whose name has "resubmit"), at least one fewer than
+there were SIGKILLs inside a request and at least one, and the backend after a SIGTERM had nothing
 to resubmit (the stopped one drained). Every backend and QEMU run under a hard
 timeout and are ended on every exit path.
 
@@ -354,7 +354,10 @@ def main():
                 failure = (f"backend {k} was stopped with SIGTERM, yet "
                            f"backend {k + 1} resubmitted {left} requests: "
                            "it did not finish what it had taken")
-        if failure is None and a.expect_resubmit and resub < max(inside, 1):
+        # One kill may escape: the delay can end between the look at wchan
+        # and the SIGKILL, and the ring be empty right then.
+        if failure is None and a.expect_resubmit and \
+                resub < max(inside - 1, 1):
             failure = (f"{inside} SIGKILLs hit a backend inside a request, "
                        f"but the backends counted {resub} requests "
                        "resubmitted: what a killed one had taken was not "

@@ -33,9 +33,10 @@
 #        VUB_SEED              the restart moments' seed (default: random,
 #                              printed in each summary line)
 #        VUB_EXPECT_RESUBMIT   1 (default): a boot also fails unless the
-#                              backends counted a request resubmitted from
-#                              the inflight region for every SIGKILL that
-#                              hit one inside a request; 0: data only
+#                              backends counted requests resubmitted from
+#                              the inflight region after the SIGKILLs that
+#                              hit one inside a request (one may escape),
+#                              and none after the SIGTERM; 0: data only
 set -euo pipefail
 
 . "$(dirname "$0")/../framework/lib.sh"
