@@ -9,7 +9,9 @@ import signal
 import subprocess
 import time
 
-STATS = re.compile(r"pvdma-vhost-user-blk: stats: (.*)")
+# A whole line only: the backend writes it in pieces, and a snapshot may
+# read the log between them.
+STATS = re.compile(r"pvdma-vhost-user-blk: stats: (.*)\n")
 
 
 class Backend:

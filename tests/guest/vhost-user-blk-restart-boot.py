@@ -5,7 +5,8 @@ pvdma-vhost-user-blk processes that the harness kills and restarts under
 the guest's I/O; nothing may be lost.
 
     vhost-user-blk-restart-boot.py --backend BIN [--qemu BIN]
-        [--kernel 6.1|6.12|7.2] [--variant pvdma|none] [--kills N]
+        [--kernel 6.1|6.12|7.2] [--variant pvdma|none] [--strict]
+        [--access-mode sg|window] [--kills N]
         [--graceful N] [--stress-secs S] [--jobs N] [--reconnect-ms MS]
         [--num-queues N]
         [--io-delay-us US] [--expect-resubmit] [--seed N] [--timeout S]
@@ -136,7 +137,8 @@ class Restarter:
 
     def start_backend(self):
         i = len(self.backends)
-        b = Backend(self.a.backend, self.tmp, "sg", self.a.timeout + 30,
+        b = Backend(self.a.backend, self.tmp, self.a.access_mode,
+                    self.a.timeout + 30,
                     log_level="info", keep_image=i > 0,
                     log_name=f"backend-{i}.log",
                     extra_args=["--test-io-delay-us", str(self.a.io_delay_us)]
@@ -263,6 +265,11 @@ def main():
     ap.add_argument("--qemu")
     ap.add_argument("--kernel", default="6.1", choices=("6.1", "6.12", "7.2"))
     ap.add_argument("--variant", default="pvdma", choices=("pvdma", "none"))
+    ap.add_argument("--access-mode", default="sg", choices=("sg", "window"),
+                    help="the backends' --access-mode")
+    ap.add_argument("--strict", action="store_true",
+                    help="iommu.strict=1: every unmap waits for the "
+                    "backend's invalidation ack")
     ap.add_argument("--kills", type=int, default=4)
     ap.add_argument("--graceful", type=int, default=1)
     ap.add_argument("--stress-secs", type=int, default=12)
@@ -291,6 +298,8 @@ def main():
     qemu = a.qemu or pg.qemu_build()
     image = pg.prepare(a.kernel)
     what = (f"vhost-user-blk restart kernel {a.kernel} variant {a.variant}"
+            f"{' strict' if a.strict else ''}"
+            f"{' window' if a.access_mode == 'window' else ''}"
             f" ({a.kills} kills, {a.graceful} graceful, seed {seed})")
     print(f"== {what}", flush=True)
     failure = None
@@ -308,7 +317,8 @@ def main():
 
         try:
             r = pg.run_variant(
-                qemu, image, a.variant, mode="test", timeout=a.timeout,
+                qemu, image, a.variant, strict=a.strict, mode="test",
+                timeout=a.timeout,
                 vhost_user_blk=rs.backends[0].sock, echo=not a.quiet,
                 vub_chardev=f",reconnect-ms={a.reconnect_ms}",
                 vhost_user_blk_opts=f"num-queues={a.num_queues},"

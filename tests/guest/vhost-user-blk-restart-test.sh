@@ -16,9 +16,14 @@
 # inflight region, and nothing hangs (hard timeouts on QEMU and every
 # backend) or is left running.
 #
-#   pvdma   vhost-user-blk-pci,iommu_platform=on behind pvdma (the guest's
-#           pvdma_iommu.ko; the backend in sg mode on IOTLB translations)
-#   none    no IOMMU (the device without iommu_platform)
+#   pvdma         vhost-user-blk-pci,iommu_platform=on behind pvdma (the
+#                 guest's pvdma_iommu.ko; the backend in sg mode on IOTLB
+#                 translations), lazy invalidation
+#   none          no IOMMU (the device without iommu_platform)
+#   pvdma-strict  pvdma with iommu.strict=1 (every unmap waits for the
+#                 backend's ack, also while none is connected)
+#   pvdma-window  pvdma with the backend in window mode
+# The last two on the first kernel only (VUB_RESTART_EXTRA).
 #
 # See docs/vhost-user.md ("Restarting the backend").
 #
@@ -26,6 +31,8 @@
 # Env:   VUB_RESTART_KERNELS   kernels (default "6.1 6.12 7.2"; a kernel
 #                              without pvdma_iommu.ko boots variant none only)
 #        VUB_RESTART_VARIANTS  variants (default "pvdma none")
+#        VUB_RESTART_EXTRA     variants on the first kernel only (default
+#                              "pvdma-strict pvdma-window")
 #        VUB_KILLS             SIGKILLs per boot (default 4)
 #        VUB_STRESS_SECS       the guest's I/O, seconds (default 12)
 #        VUB_NUM_QUEUES        the device's queues (default 1)
@@ -43,6 +50,7 @@ set -euo pipefail
 
 KERNELS=${VUB_RESTART_KERNELS:-6.1 6.12 7.2}
 VARIANTS=${VUB_RESTART_VARIANTS:-pvdma none}
+EXTRA=${VUB_RESTART_EXTRA-pvdma-strict pvdma-window}
 KILLS=${VUB_KILLS:-4}
 SECS=${VUB_STRESS_SECS:-12}
 TIMEOUT=${VUB_TIMEOUT:-150}
@@ -63,12 +71,15 @@ log "building pvdma-vhost-user-blk"
 backend="$PVDMA_ROOT/target/debug/pvdma-vhost-user-blk"
 
 declare -A kvariants
+first=1
 for k in $KERNELS; do
     log "preparing the I/O guest for $k"
     out=$("$PVDMA_ROOT/tools/guest-io-prepare.sh" "$k")
     kvariants[$k]=$VARIANTS
+    [ $first = 0 ] || kvariants[$k]="$VARIANTS $EXTRA"
+    first=0
     if grep -qx 'PVDMA_IOMMU=no' <<<"$out"; then
-        kvariants[$k]=$(tr ' ' '\n' <<<"$VARIANTS" | grep -vx pvdma | tr '\n' ' ')
+        kvariants[$k]=$(tr ' ' '\n' <<<"${kvariants[$k]}" | { grep -vx 'pvdma.*' || true; } | tr '\n' ' ')
         log "kernel $k has no pvdma_iommu.ko: variants ${kvariants[$k]:-none at all}"
     fi
 done
@@ -80,10 +91,16 @@ opts=()
 boots_begin vhost-user-blk-restart-test
 for k in $KERNELS; do
     for v in ${kvariants[$k]}; do
+        case $v in
+        pvdma|none) vargs=(--variant "$v") ;;
+        pvdma-strict) vargs=(--variant pvdma --strict) ;;
+        pvdma-window) vargs=(--variant pvdma --access-mode window) ;;
+        *) echo "unknown variant '$v'" >&2; exit 2 ;;
+        esac
         log "kernel $k, variant $v"
         boot_run "kernel $k variant $v" \
             python3 "$PVDMA_ROOT/tests/guest/vhost-user-blk-restart-boot.py" \
-            --qemu "$qemu" --backend "$backend" --kernel "$k" --variant "$v" \
+            --qemu "$qemu" --backend "$backend" --kernel "$k" "${vargs[@]}" \
             --kills "$KILLS" --graceful 1 --stress-secs "$SECS" \
             --timeout "$TIMEOUT" "${opts[@]}"
     done
