@@ -20,7 +20,13 @@
 #     translations QEMU sends it (vhost-user IOTLB) from pvdma, with every
 #     byte checked and the backend's counters printed
 #     (tests/guest/vhost-user-blk-boot.py; docs/vhost-user.md).
-#  4. The earlier demos: a guest driving pvdma by hand and making edu DMA
+#  4. A restart under I/O with nothing lost: the same disk while the guest
+#     writes and reads it (every byte checked), the backend SIGKILLed
+#     several times and stopped once with SIGTERM, a new process taking
+#     over the socket each time and QEMU reconnecting to it; a summary of
+#     kills, restarts, requests resubmitted and bytes verified
+#     (tests/guest/vhost-user-blk-restart-boot.py).
+#  5. The earlier demos: a guest driving pvdma by hand and making edu DMA
 #     through it (tests/guest/guest-demo.sh), and the device driven over
 #     qtest and QMP with no guest kernel (tools/pvdma-demo.py).
 #
@@ -41,19 +47,24 @@ log "building libpvdma and the patched QEMU (about 5 min the first time)"
 qemu=$(tools/qemu-build.sh | tail -n1)
 log "QEMU: $qemu"
 
-log "1/4: a Debian $kernel guest with pvdma_iommu.ko does disk and network I/O through pvdma"
+log "1/5: a Debian $kernel guest with pvdma_iommu.ko does disk and network I/O through pvdma"
 python3 tests/framework/pvdma_guest.py --qemu "$qemu" --kernel "$kernel" \
     --variant pvdma --mode demo --timeout 150
 
-log "2/4: throughput through pvdma, queued and synchronous, beside the same guest without an IOMMU"
+log "2/5: throughput through pvdma, queued and synchronous, beside the same guest without an IOMMU"
 tools/bench-e2e.sh --qemu "$qemu" --kernels "$kernel" \
     --variants none pvdma-sync pvdma --rounds 1 --secs "$secs"
 
-log "3/4: the guest's disk on pvdma-vhost-user-blk, through pvdma's translations"
+log "3/5: the guest's disk on pvdma-vhost-user-blk, through pvdma's translations"
 cargo build --quiet --release -p pvdma-vhost-user-blk
 python3 tests/guest/vhost-user-blk-boot.py --qemu "$qemu" --kernel "$kernel" \
     --backend target/release/pvdma-vhost-user-blk --mode sg --timeout 150
 
-log "4/4: the guest demo (pvdma by hand, edu DMA) and the qtest/QMP demo"
+log "4/5: pvdma-vhost-user-blk killed and restarted under the guest's I/O, nothing lost"
+python3 tests/guest/vhost-user-blk-restart-boot.py --qemu "$qemu" --kernel "$kernel" \
+    --backend target/release/pvdma-vhost-user-blk --variant pvdma --expect-resubmit \
+    --quiet --timeout 150
+
+log "5/5: the guest demo (pvdma by hand, edu DMA) and the qtest/QMP demo"
 tests/guest/guest-demo.sh "$qemu"
 exec /usr/bin/python3 tools/pvdma-demo.py "$qemu" "${PVDMA_DEMO_TIMEOUT:-120}"

@@ -18,7 +18,10 @@
 # here, built for every guest kernel, booted; dkms-test.sh), domain switches under DMA and the
 # shutdown hook (guest-switch-test.sh), the
 # vhost-user-blk backend's disk in such a guest (vhost-user-blk-test.sh),
-# and vfio-pci behind pvdma in a nested guest (vfio-nested-test.sh).
+# that backend SIGKILLed and restarted under the guest's checked I/O on
+# every guest kernel, behind pvdma and without an IOMMU
+# (vhost-user-blk-restart-test.sh), and vfio-pci behind pvdma in a nested
+# guest (vfio-nested-test.sh).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$PVDMA_ROOT"
@@ -103,6 +106,10 @@ if [ "${PVDMA_SKIP_QEMU:-0}" != 1 ] && [ -x tools/qemu-build.sh ]; then
     tests/guest/guest-switch-test.sh "$qemu"
     step "QEMU: vhost-user-blk through pvdma (pvdma-vhost-user-blk, both access modes)"
     tests/guest/vhost-user-blk-test.sh "$qemu"
+    # QEMU reconnects (reconnect-ms) to a new backend after each SIGKILL and
+    # one graceful SIGTERM, under mixed I/O with every byte checked.
+    step "QEMU: vhost-user-blk backend killed and restarted under I/O, nothing lost (6.1, 6.12, 7.2)"
+    tests/guest/vhost-user-blk-restart-test.sh "$qemu"
     step "QEMU: an assigned device (vfio-pci) behind pvdma, nested under TCG"
     VFIO_NESTED_STRICT=1 tests/guest/vfio-nested-test.sh "$qemu"
 fi

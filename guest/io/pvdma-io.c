@@ -12,6 +12,21 @@
  *     Every 8-byte word holds its own byte offset and the pass number, so a
  *     block landing in the wrong place (or a stale one) names where it came
  *     from. Exit status 1 on a mismatch or an I/O error.
+ * pvdma-io disk-stress DEV SECONDS [JOBS] [MiB]
+ *     JOBS threads (default 4), each on its own stripe of the first MiB
+ *     (default 8) of the disk: first writes its stripe, then for SECONDS
+ *     mixes O_DIRECT writes (4-128 KiB, at random 4 KiB-aligned places,
+ *     buffers at a 0 or 512-byte skew) with reads of random ranges that are
+ *     checked against what the thread last wrote there (every 8-byte word
+ *     holds its offset and the generation of the write that put it there),
+ *     and an fdatasync every 64 writes; at the end reads the whole stripe
+ *     back and checks every byte. So JOBS requests are in flight all the
+ *     time, and a write lost, done twice out of order, or a read served
+ *     stale shows as a wrong word. Prints a progress line every 2 s and
+ *     RESULT stress dev=.. jobs=.. secs=F ios=N writes=N reads=N flushes=N
+ *         bytes_written=N bytes_verified=N max_wait=F
+ *     (max_wait: the longest single request, seconds). Exit status 1 on a
+ *     mismatch or an I/O error.
  * pvdma-io disk-bench DEV seq|rand BS JOBS SECONDS
  *     O_DIRECT reads by JOBS threads for SECONDS (seq: a stripe of the
  *     disk each; rand: anywhere, block-aligned); prints
@@ -398,6 +413,229 @@ static int disk_bench(int argc, char **argv)
 	       bytes / (t1 - t0) / 1e6);
 	free(b);
 	free(t);
+	return 0;
+}
+
+/* --- disk-stress ---------------------------------------------------------- */
+
+/*
+ * A word of disk-stress: 0x5c, 16 bits of the write's generation, 40 bits
+ * of byte offset (disks up to 1 TiB).
+ */
+static inline uint64_t stress_word(uint64_t off, uint32_t gen)
+{
+	return 0x5cULL << 56 | (uint64_t)(gen & 0xffff) << 40 |
+	       (off & 0xffffffffffULL);
+}
+
+#define STRESS_UNIT (4 * KiB)
+#define STRESS_MAX (128 * KiB)
+
+struct stress_job {
+	const char *dev;
+	int id, fd;
+	uint64_t start, len;
+	double deadline;
+	uint32_t *gen;		/* generation of each 4 KiB unit of the stripe */
+	uint32_t next_gen;
+	uint64_t x;		/* xorshift state */
+	atomic_ullong ios, writes, reads, flushes, bytes_written, bytes_verified;
+	double max_wait;
+};
+
+static uint64_t stress_rand(struct stress_job *j)
+{
+	j->x ^= j->x << 13, j->x ^= j->x >> 7, j->x ^= j->x << 17;
+	return j->x;
+}
+
+static void stress_io(struct stress_job *j, int write, void *buf, size_t len,
+		      uint64_t off)
+{
+	double t = now();
+
+	xpio(write, j->fd, j->dev, buf, len, off);
+	t = now() - t;
+	if (t > j->max_wait)
+		j->max_wait = t;
+	atomic_fetch_add(&j->ios, 1);
+}
+
+static void stress_write(struct stress_job *j, char *buf, uint64_t rel,
+			 size_t len)
+{
+	uint64_t *w = (uint64_t *)buf;
+	uint32_t gen = ++j->next_gen;
+
+	for (size_t i = 0; i < len / 8; i++)
+		w[i] = stress_word(j->start + rel + i * 8, gen);
+	stress_io(j, 1, buf, len, j->start + rel);
+	for (size_t u = 0; u < len / STRESS_UNIT; u++)
+		j->gen[rel / STRESS_UNIT + u] = gen;
+	atomic_fetch_add(&j->writes, 1);
+	atomic_fetch_add(&j->bytes_written, len);
+}
+
+/* Reads [rel, rel + len) of the stripe and checks every word. */
+static void stress_read(struct stress_job *j, char *buf, uint64_t rel,
+			size_t len)
+{
+	const uint64_t *w = (const uint64_t *)buf;
+
+	memset(buf, 0, len);
+	stress_io(j, 0, buf, len, j->start + rel);
+	for (size_t i = 0; i < len / 8; i++) {
+		uint64_t off = j->start + rel + i * 8;
+		uint32_t gen = j->gen[(rel + i * 8) / STRESS_UNIT];
+		uint64_t want = stress_word(off, gen), got = w[i];
+
+		if (got == want)
+			continue;
+		fflush(stdout);
+		fprintf(stderr, "%s: %s: disk-stress job %d: mismatch at byte "
+			"0x%" PRIx64 ": expected 0x%016" PRIx64 " (generation "
+			"%u), got 0x%016" PRIx64, prog, j->dev, j->id, off, want,
+			gen & 0xffff, got);
+		if (got >> 56 == 0x5c)
+			fprintf(stderr, " = the word of offset 0x%" PRIx64
+				" of generation %u", (uint64_t)(got & 0xffffffffffULL),
+				(unsigned)(got >> 40 & 0xffff));
+		fputc('\n', stderr);
+		die("%s: disk-stress read back wrong data", j->dev);
+	}
+	atomic_fetch_add(&j->reads, 1);
+	atomic_fetch_add(&j->bytes_verified, len);
+}
+
+static void *stress_thread(void *arg)
+{
+	struct stress_job *j = arg;
+	char *mem = xalloc_aligned(STRESS_MAX + 4096);
+	uint64_t units = j->len / STRESS_UNIT;
+	unsigned since_flush = 0;
+
+	/* The whole stripe first, so that every unit has a known content. */
+	for (uint64_t rel = 0; rel < j->len; rel += STRESS_MAX)
+		stress_write(j, mem, rel, j->len - rel < STRESS_MAX ?
+			     j->len - rel : STRESS_MAX);
+	while (now() < j->deadline) {
+		uint64_t r = stress_rand(j);
+		size_t len = STRESS_UNIT << (r >> 8) % 6;      /* 4..128 KiB */
+		uint64_t rel = (r >> 16) % units * STRESS_UNIT;
+		char *buf = mem + ((r >> 4) & 1 ? 512 : 0);
+
+		if (len > j->len - rel)
+			len = j->len - rel;
+		if (r & 1) {
+			stress_write(j, buf, rel, len);
+			if (++since_flush == 64) {
+				since_flush = 0;
+				if (fdatasync(j->fd) < 0)
+					die("%s: fdatasync: %s", j->dev,
+					    strerror(errno));
+				atomic_fetch_add(&j->flushes, 1);
+			}
+		} else {
+			stress_read(j, buf, rel, len);
+		}
+	}
+	/* Everything the thread wrote, read back once more. */
+	for (uint64_t rel = 0; rel < j->len; rel += STRESS_MAX)
+		stress_read(j, mem, rel, j->len - rel < STRESS_MAX ?
+			    j->len - rel : STRESS_MAX);
+	free(mem);
+	return NULL;
+}
+
+static int disk_stress(int argc, char **argv)
+{
+	const char *dev;
+	double secs, t0, next;
+	unsigned long jobs = 4;
+	uint64_t size, len = 8 * MiB, stripe;
+	struct stress_job *j;
+	pthread_t *t;
+	char *joined;
+	unsigned long long ios, writes, reads, flushes, bw, bv;
+	double max_wait = 0;
+	int fd;
+
+	if (argc < 2 || argc > 4)
+		die("usage: disk-stress DEV SECONDS [JOBS] [MiB]");
+	dev = argv[0];
+	secs = atof(argv[1]);
+	if (argc > 2)
+		jobs = parse_ulong(argv[2], "JOBS");
+	if (argc > 3)
+		len = parse_ulong(argv[3], "MiB") * MiB;
+	if (!(secs > 0 && secs <= 3600) || jobs < 1 || jobs > 64)
+		die("bad arguments");
+	fd = open_direct(dev, O_RDONLY, &size);
+	close(fd);
+	if (len > size)
+		len = size;
+	stripe = len / jobs / STRESS_MAX * STRESS_MAX;
+	if (stripe < STRESS_MAX)
+		die("%s: %" PRIu64 " bytes is too small for %lu jobs", dev,
+		    len, jobs);
+	j = calloc(jobs, sizeof(*j));
+	t = calloc(jobs, sizeof(*t));
+	joined = calloc(jobs, 1);
+	if (!j || !t || !joined)
+		die("out of memory");
+	t0 = now();
+	for (unsigned long i = 0; i < jobs; i++) {
+		j[i].dev = dev;
+		j[i].id = (int)i;
+		j[i].fd = open_direct(dev, O_RDWR, NULL);
+		j[i].start = i * stripe;
+		j[i].len = stripe;
+		j[i].deadline = t0 + secs;
+		j[i].gen = calloc(stripe / STRESS_UNIT, sizeof(uint32_t));
+		/* Generations differ between runs (the disk keeps data). */
+		j[i].next_gen = (uint32_t)(time(NULL) & 0xff) << 8;
+		j[i].x = 0x9e3779b97f4a7c15ULL * (i + 1) ^ (uint64_t)time(NULL);
+		if (!j[i].gen)
+			die("out of memory");
+		if (pthread_create(&t[i], NULL, stress_thread, &j[i]))
+			die("pthread_create");
+	}
+	/* Progress until every thread is done (they end on their own; a
+	 * request that never completes keeps this printing). */
+	next = t0 + 2;
+	for (unsigned long done = 0; done < jobs;) {
+		usleep(100000);
+		for (unsigned long i = 0; i < jobs; i++)
+			if (!joined[i] && pthread_tryjoin_np(t[i], NULL) == 0)
+				joined[i] = 1, done++;
+		if (now() >= next) {
+			ios = 0;
+			for (unsigned long i = 0; i < jobs; i++)
+				ios += atomic_load(&j[i].ios);
+			printf("stress: %.0f s, %llu requests\n", now() - t0, ios);
+			next += 2;
+		}
+	}
+	ios = writes = reads = flushes = bw = bv = 0;
+	for (unsigned long i = 0; i < jobs; i++) {
+		ios += j[i].ios, writes += j[i].writes, reads += j[i].reads;
+		flushes += j[i].flushes, bw += j[i].bytes_written;
+		bv += j[i].bytes_verified;
+		if (j[i].max_wait > max_wait)
+			max_wait = j[i].max_wait;
+	}
+	printf("RESULT stress dev=%s jobs=%lu secs=%.3f ios=%llu writes=%llu "
+	       "reads=%llu flushes=%llu bytes_written=%llu bytes_verified=%llu "
+	       "max_wait=%.3f\n", strrchr(dev, '/') ? strrchr(dev, '/') + 1 : dev,
+	       jobs, now() - t0, ios, writes, reads, flushes, bw, bv, max_wait);
+	printf("%s: disk-stress %s PASS\n", prog, dev);
+	for (unsigned long i = 0; i < jobs; i++) {
+		close(j[i].fd);
+		free(j[i].gen);
+	}
+	free(j);
+	free(t);
+	free(joined);
 	return 0;
 }
 
@@ -793,6 +1031,8 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (argc >= 2 && !strcmp(argv[1], "disk-verify"))
 		return disk_verify(argc - 2, argv + 2);
+	if (argc >= 2 && !strcmp(argv[1], "disk-stress"))
+		return disk_stress(argc - 2, argv + 2);
 	if (argc >= 2 && !strcmp(argv[1], "disk-bench"))
 		return disk_bench(argc - 2, argv + 2);
 	if (argc >= 2 && !strcmp(argv[1], "net-verify"))
@@ -803,10 +1043,11 @@ int main(int argc, char **argv)
 		return disk_refused(argc - 2, argv + 2);
 	fprintf(stderr,
 		"usage: %s disk-verify DEV [MiB]\n"
+		"       %s disk-stress DEV SECONDS [JOBS] [MiB]\n"
 		"       %s disk-bench DEV seq|rand BS JOBS SECONDS\n"
 		"       %s net-verify IF_A IF_B [N]\n"
 		"       %s net-bench IF_A IF_B SECONDS\n"
 		"       %s disk-refused DEV BDF [skip|ro]\n",
-		prog, prog, prog, prog, prog);
+		prog, prog, prog, prog, prog, prog);
 	return 2;
 }

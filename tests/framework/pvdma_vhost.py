@@ -9,30 +9,41 @@ import signal
 import subprocess
 import time
 
-STATS = re.compile(r"pvdma-vhost-user-blk: stats: (.*)")
+# A whole line only: the backend writes it in pieces, and a snapshot may
+# read the log between them.
+STATS = re.compile(r"pvdma-vhost-user-blk: stats: (.*)\n")
 
 
 class Backend:
     """pvdma-vhost-user-blk under `timeout`, in its own process group; its
-    stderr goes to a log file."""
+    stderr goes to a log file.
+
+    keep_image: serve the image already in tmp (a backend taking over
+    from one that was killed or stopped) instead of a fresh one;
+    log_name: the log file's name in tmp; extra_args: more options."""
 
     def __init__(self, binary, tmp, mode, timeout, image_mib=64,
-                 log_level="info"):
+                 log_level="info", extra_args=(), keep_image=False,
+                 log_name="backend.log"):
         self.sock = os.path.join(tmp, "vub.sock")
         self.image = os.path.join(tmp, "vub.img")
-        self.log = os.path.join(tmp, "backend.log")
-        with open(self.image, "wb") as f:
-            f.truncate(image_mib << 20)
+        self.log = os.path.join(tmp, log_name)
+        if not keep_image:
+            with open(self.image, "wb") as f:
+                f.truncate(image_mib << 20)
         self.logf = open(self.log, "w")
         self.proc = subprocess.Popen(
             ["timeout", "--kill-after=5", str(int(timeout)), binary,
              "--socket-path", self.sock, "--blk-file", self.image,
              "--access-mode", mode, "--connect-timeout", "60",
-             "--log-level", log_level],
+             "--log-level", log_level, *extra_args],
             stdout=self.logf, stderr=subprocess.STDOUT,
             start_new_session=True)
         deadline = time.monotonic() + 10
-        while not os.path.exists(self.sock):
+        # The socket file goes once a frontend connected, which a frontend
+        # that reconnects does at once: its log says it listened.
+        while not os.path.exists(self.sock) and \
+                "listening on" not in self.text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the backend did not create its socket:\n"
                                    + self.text())

@@ -44,6 +44,9 @@ Options:
   --drain-timeout-ms N    on SIGTERM/SIGINT, wait at most N ms for the
                           requests in progress (default 3000)
   --log-level LEVEL       error, warn, info (default), debug or trace
+  --test-io-delay-us N    testing only: sleep N microseconds between mapping
+                          a request's buffers and its I/O (so that a kill
+                          lands while requests are in flight)
   --help                  this text
   --version               version
 
@@ -126,6 +129,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--max-iotlb-entries" => opts.max_entries = num(val()?)?.max(1) as usize,
             "--miss-timeout-ms" => opts.miss_timeout = Duration::from_millis(num(val()?)?),
             "--connect-timeout" => connect_timeout = Some(Duration::from_secs(num(val()?)?)),
+            "--test-io-delay-us" => opts.test_io_delay = Duration::from_micros(num(val()?)?),
             "--drain-timeout-ms" => drain_timeout = Duration::from_millis(num(val()?)?),
             "--log-level" => {
                 level = val()?
