@@ -185,11 +185,13 @@ def root_port_args():
 
 def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
               disk_mib=64, vhost_user_blk=None, topology="flat",
-              native_hotplug=False):
+              native_hotplug=False, vhost_user_blk_opts=None):
     """QEMU's arguments (after the binary) for a variant, and the disk
     images created in disk_dir. vhost_user_blk: a vhost-user socket path;
     the virtio-blk disk is then a vhost-user-blk-pci on it (the backend
     serves the image; guest RAM becomes a shared memfd for it).
+    vhost_user_blk_opts: that device's options after chardev= (default
+    one queue, disable-legacy=on,iommu_platform=on).
     topology: "flat" (every device on the root bus) or "rootports" (each
     behind its own pcie-root-port; the virtio-blk disk is then a -blockdev,
     which outlives its device, so it can be plugged in again).
@@ -233,8 +235,8 @@ def qemu_args(image, variant, disk_dir, append, disk_cache="writeback",
     if vhost_user_blk:
         args += ["-object", "memory-backend-memfd,id=ram0,size=1G,share=on",
                  "-chardev", f"socket,id=vub,path={vhost_user_blk}",
-                 "-device", f"vhost-user-blk-pci,chardev=vub,num-queues=1,"
-                            f"{vq}"]
+                 "-device", "vhost-user-blk-pci,chardev=vub,"
+                            + (vhost_user_blk_opts or f"num-queues=1,{vq}")]
     elif rp:
         direct = "on" if disk_cache == "none" else "off"
         args += ["-blockdev", f"driver=raw,node-name=vblk,"
@@ -540,7 +542,7 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
                 refuse=False, detached=(), vhost_user_blk=None,
                 on_line=None, topology="flat", hotplug=False, extra_args=(),
                 on_pause=None, clean_tag=None, after_poweroff=False,
-                expect_queued=False):
+                expect_queued=False, vhost_user_blk_opts=None):
     """Boots the I/O guest once; returns a RunResult (never raises for a
     guest failure; QEMU is gone when it returns).
 
@@ -568,6 +570,7 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
 
     vhost_user_blk: the virtio-blk disk is a vhost-user-blk-pci on this
     socket (qemu_args); its backend is the caller's to start.
+    vhost_user_blk_opts: its device options (qemu_args).
     on_line(vm, line): called for every console line (after the
     framework's own handling), e.g. to act at a marker.
 
@@ -602,7 +605,7 @@ def run_variant(qemu, image, variant, strict=False, mode="test", bench=(),
     disk_dir = tempfile.TemporaryDirectory(prefix="pvdma-io-disks-")
     args = qemu_args(image, variant, disk_dir.name, append, disk_cache,
                      disk_mib, vhost_user_blk, topology,
-                     hotplug == "pciehp") + list(extra_args)
+                     hotplug == "pciehp", vhost_user_blk_opts) + list(extra_args)
     if after_poweroff:
         args += ["-action", "shutdown=pause"]
     res = RunResult(image.kernel, variant, strict, mode, [qemu, *args],

@@ -17,7 +17,7 @@ class Backend:
     stderr goes to a log file."""
 
     def __init__(self, binary, tmp, mode, timeout, image_mib=64,
-                 log_level="info"):
+                 log_level="info", extra_args=()):
         self.sock = os.path.join(tmp, "vub.sock")
         self.image = os.path.join(tmp, "vub.img")
         self.log = os.path.join(tmp, "backend.log")
@@ -28,7 +28,7 @@ class Backend:
             ["timeout", "--kill-after=5", str(int(timeout)), binary,
              "--socket-path", self.sock, "--blk-file", self.image,
              "--access-mode", mode, "--connect-timeout", "60",
-             "--log-level", log_level],
+             "--log-level", log_level, *extra_args],
             stdout=self.logf, stderr=subprocess.STDOUT,
             start_new_session=True)
         deadline = time.monotonic() + 10
