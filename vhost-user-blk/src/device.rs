@@ -1,22 +1,31 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vhost-user-blk device: the frontend's requests (on the socket
-//! thread) and the queue thread that serves the rings.
+//! thread) and the queue threads that serve the rings.
 //!
 //! Threads and locks:
 //!
 //! - The socket thread owns the [`DeviceIotlb`] and the memory table and
 //!   answers every frontend message in order.
-//! - The queue thread serves kicked rings. It touches guest memory only
+//! - Each queue has a thread of its own (`--num-queues`), which serves
+//!   its ring when kicked. A queue thread touches guest memory only
 //!   inside an *access section*: holding `access` for reading, with an
 //!   epoch guard pinned, translating through the domain's table. A
 //!   section serves one chain, and is released fairly, so a writer waits
-//!   for at most one chain (see `serve_ring`).
+//!   for at most one chain per queue thread (see `serve_ring`).
 //! - An invalidation (and a memory-table change) removes the translations
 //!   first, then takes `access` for writing once, which waits out every
-//!   access section that could still use them, and only then acks.
-//! - The queue thread never waits on the frontend inside an access
+//!   access section of every queue thread that could still use them, and
+//!   only then acks. (`access` is one lock for all queues: a reader lock
+//!   per queue would make a writer take them all, and readers do not
+//!   contend on it.)
+//! - A queue thread never waits on the frontend inside an access
 //!   section: a miss is sent, and its answer awaited, with nothing held,
 //!   so the frontend can send the update (or an invalidation) meanwhile.
+//!   The backend channel is one socket: two threads that miss at once
+//!   take turns on its lock (each sends its misses and reads its answers
+//!   in one turn), and a thread waiting for its turn holds nothing
+//!   either. A queue's stop (GET_VRING_BASE) ends only that queue's miss
+//!   wait.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -66,6 +75,9 @@ pub struct Options {
     /// Tests only: sleep this long between translating a request's
     /// buffers and doing its I/O, to widen races with invalidations.
     pub test_io_delay: Duration,
+    /// Queues offered (`VIRTIO_BLK_F_MQ`, `num_queues` in the config
+    /// space), each served by its own thread: 1..=[`MAX_QUEUES`].
+    pub num_queues: usize,
 }
 
 /// Counters (relaxed atomics: statistics, not synchronisation).
@@ -142,8 +154,10 @@ impl Stats {
     }
 }
 
-/// Number of queues served.
-pub const NUM_QUEUES: usize = 1;
+/// Most queues (`--num-queues`): each is a thread, and Linux's
+/// virtio-blk uses at most one queue per vCPU, so more than the machine
+/// has cores only adds threads that contend for them.
+pub const MAX_QUEUES: usize = 16;
 /// Largest segment count advertised (`seg_max`).
 const SEG_MAX: u32 = 126;
 
@@ -153,11 +167,14 @@ const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX`: `used_event` / `avail_event` suppress
+/// calls and kicks.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// `VIRTIO_F_ACCESS_PLATFORM` (`iommu_platform=on`).
 pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 
-/// State both threads reach.
+/// State the socket thread and the queue threads reach.
 pub struct Shared {
     /// Guest RAM (guest-physical), published from the memory table.
     pub ram: GuestRam,
@@ -179,18 +196,24 @@ pub struct Shared {
     pub stats: Stats,
     access: RwLock<()>,
     vrings: Vec<Mutex<Slot>>,
+    /// Per queue: its thread's wake-up and miss-wait end.
+    ctl: Vec<QueueCtl>,
     /// The backend channel. The outer lock is held only to clone or
     /// replace the handle, never across a miss wait (which holds the
     /// channel's own lock), so SET_BACKEND_REQ_FD never waits for a miss.
     backend: Mutex<Option<Arc<Mutex<BackendChannel>>>>,
-    /// Ends a miss wait (a ring is being stopped).
-    stop: EventFd,
-    /// Wakes the queue thread (rings changed, exit).
-    wake: EventFd,
     exit: AtomicBool,
     miss_timeout: Duration,
     /// See [`Options::test_io_delay`].
     pub test_io_delay: Duration,
+}
+
+/// One queue thread's eventfds.
+struct QueueCtl {
+    /// Ends its miss wait (its ring is being stopped, or every ring).
+    stop: EventFd,
+    /// Wakes it (rings changed, exit).
+    wake: EventFd,
 }
 
 impl std::fmt::Debug for Shared {
@@ -238,13 +261,20 @@ struct Slot {
 }
 
 impl Slot {
-    /// Tells the driver about the completions not yet signalled.
-    fn signal(&mut self) {
+    /// Tells the driver about the completions not yet signalled, if it
+    /// wants to hear of them (`VIRTIO_RING_F_EVENT_IDX`, see
+    /// [`Vring::wants_signal`]); the caller holds an access section.
+    /// One call per batch: the caller signals at the end of what was
+    /// available (or every `SIGNAL_EVERY` chains), not per chain.
+    fn signal(&mut self, sh: &Shared) {
         if self.unsignalled == 0 {
             return;
         }
-        if let Some(call) = &self.call {
-            let _ = call.write(1);
+        let want = self.ring.as_mut().is_none_or(|r| r.wants_signal(sh));
+        if want {
+            if let Some(call) = &self.call {
+                let _ = call.write(1);
+            }
         }
         self.unsignalled = 0;
     }
@@ -260,7 +290,9 @@ impl Slot {
             self.unsignalled += written;
             self.base = base;
         }
-        self.signal();
+        // The ring is gone: signalled whatever used_event says (a
+        // spurious call is harmless, a stopped ring gets no later one).
+        self.signal(sh);
         self.base
     }
 }
@@ -272,7 +304,7 @@ pub struct Device {
     mem: Option<MemTable>,
     features: u64,
     protocol: u64,
-    worker: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -297,6 +329,12 @@ pub enum Error {
 impl Device {
     /// A device serving `image`.
     pub fn new(image: File, opts: &Options) -> Result<Device, Error> {
+        if !(1..=MAX_QUEUES).contains(&opts.num_queues) {
+            return Err(Error::Setup(format!(
+                "{} queues: 1 to {MAX_QUEUES}",
+                opts.num_queues
+            )));
+        }
         let len = image
             .metadata()
             .map_err(|e| Error::Setup(format!("image: {e}")))?
@@ -328,29 +366,40 @@ impl Device {
             serial: opts.serial.clone(),
             stats: Stats::default(),
             access: RwLock::new(()),
-            vrings: (0..NUM_QUEUES)
+            vrings: (0..opts.num_queues)
                 .map(|_| Mutex::new(Slot::default()))
                 .collect(),
+            ctl: (0..opts.num_queues)
+                .map(|_| {
+                    Ok(QueueCtl {
+                        stop: ev()?,
+                        wake: ev()?,
+                    })
+                })
+                .collect::<Result<_, Error>>()?,
             backend: Mutex::new(None),
-            stop: ev()?,
-            wake: ev()?,
             exit: AtomicBool::new(false),
             miss_timeout: opts.miss_timeout,
             test_io_delay: opts.test_io_delay,
         });
-        let worker_sh = sh.clone();
-        let worker = std::thread::Builder::new()
-            .name("queues".into())
-            .spawn(move || queue_thread(&worker_sh))
-            .map_err(|e| Error::Setup(format!("spawning the queue thread: {e}")))?;
-        Ok(Device {
+        let mut dev = Device {
             sh,
             iotlb,
             mem: None,
             features: 0,
             protocol: 0,
-            worker: Some(worker),
-        })
+            workers: Vec::new(),
+        };
+        for i in 0..opts.num_queues {
+            let worker_sh = dev.sh.clone();
+            let w = std::thread::Builder::new()
+                .name(format!("queue{i}"))
+                .spawn(move || queue_thread(&worker_sh, i))
+                .map_err(|e| Error::Setup(format!("spawning queue thread {i}: {e}")))?;
+            // On an error above, Drop stops the threads started so far.
+            dev.workers.push(w);
+        }
+        Ok(dev)
     }
 
     /// The shared state (counters).
@@ -364,6 +413,7 @@ impl Device {
             | VIRTIO_BLK_F_FLUSH
             | VIRTIO_BLK_F_MQ
             | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_F_VERSION_1
             | VIRTIO_F_ACCESS_PLATFORM
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -380,12 +430,16 @@ impl Device {
             | VhostUserProtocolFeatures::CONFIG
     }
 
+    fn num_queues(&self) -> usize {
+        self.sh.vrings.len()
+    }
+
     fn config_space(&self) -> [u8; 256] {
         let mut c = [0u8; 256];
         c[0..8].copy_from_slice(&(self.sh.capacity / SECTOR).to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
-        c[34..36].copy_from_slice(&(NUM_QUEUES as u16).to_le_bytes());
+        c[34..36].copy_from_slice(&(self.num_queues() as u16).to_le_bytes());
         c
     }
 
@@ -405,7 +459,7 @@ impl Device {
             FrontendReq::GET_PROTOCOL_FEATURES => {
                 return reply_u64(conn, &msg, Self::protocol_offered().bits())
             }
-            FrontendReq::GET_QUEUE_NUM => return reply_u64(conn, &msg, NUM_QUEUES as u64),
+            FrontendReq::GET_QUEUE_NUM => return reply_u64(conn, &msg, self.num_queues() as u64),
             FrontendReq::GET_VRING_BASE => return self.get_vring_base(conn, &msg),
             FrontendReq::GET_CONFIG => return self.get_config(conn, &msg),
             FrontendReq::SET_FEATURES => match msg.payload::<VhostUserU64>() {
@@ -521,8 +575,11 @@ impl Device {
         Ok(())
     }
 
+    /// Wakes every queue thread (rings changed, exit).
     fn wake(&self) {
-        let _ = self.sh.wake.write(1);
+        for c in &self.sh.ctl {
+            let _ = c.wake.write(1);
+        }
     }
 
     fn with_slot(
@@ -738,8 +795,10 @@ impl Device {
             };
             (gpa(a.descriptor)?, gpa(a.available)?, gpa(a.used)?)
         };
+        let event_idx = self.features & VIRTIO_RING_F_EVENT_IDX != 0;
         s.ring = Some(
-            Vring::new(s.size, desc, avail, used, s.base, false).ok_or("invalid ring addresses")?,
+            Vring::new(s.size, desc, avail, used, s.base, event_idx)
+                .ok_or("invalid ring addresses")?,
         );
         log::info!(
             "queue started: size {}, desc {desc:#x}, avail {avail:#x}, used {used:#x}, base {}",
@@ -756,16 +815,17 @@ impl Device {
         let Some(slot) = self.sh.vrings.get(st.index as usize) else {
             return self.done(conn, msg, Err(format!("no queue {}", { st.index })));
         };
-        // End a miss wait of the queue thread: the frontend handles our
-        // backend channel only after this reply.
-        let _ = self.sh.stop.write(1);
+        // End a miss wait of this queue's thread: the frontend handles
+        // our backend channel only after this reply.
+        let ctl = &self.sh.ctl[st.index as usize];
+        let _ = ctl.stop.write(1);
         let base = {
             // An access section: the completions still held are written
             // to the used ring before the frontend learns the base.
             let _access = self.sh.access.read();
             slot.lock().stop(&self.sh)
         };
-        let _ = self.sh.stop.read();
+        let _ = ctl.stop.read();
         log::info!("queue {} stopped at {base}", { st.index });
         conn.reply(
             &msg.hdr,
@@ -809,7 +869,9 @@ impl Device {
     }
 
     fn reset(&mut self) {
-        let _ = self.sh.stop.write(1);
+        for c in &self.sh.ctl {
+            let _ = c.stop.write(1);
+        }
         {
             let _access = self.sh.access.read();
             for slot in &self.sh.vrings {
@@ -818,7 +880,9 @@ impl Device {
                 *s = Slot::default();
             }
         }
-        let _ = self.sh.stop.read();
+        for c in &self.sh.ctl {
+            let _ = c.stop.read();
+        }
         let sh = self.sh.clone();
         let guard = epoch::pin();
         if let Err(e) = self.iotlb.clear(sh.ram.load(&guard), &mut || sh.quiesce()) {
@@ -829,9 +893,11 @@ impl Device {
     /// Stops the queue thread and forgets the guest's memory.
     pub fn shutdown(&mut self) {
         self.sh.exit.store(true, Ordering::Release);
-        let _ = self.sh.stop.write(1);
+        for c in &self.sh.ctl {
+            let _ = c.stop.write(1);
+        }
         self.wake();
-        if let Some(w) = self.worker.take() {
+        for w in self.workers.drain(..) {
             let _ = w.join();
         }
         self.reset();
@@ -891,44 +957,44 @@ fn reply_u64(conn: &mut Connection, msg: &Message, v: u64) -> Result<(), Error> 
     Ok(())
 }
 
-/// The queue thread: waits for kicks, serves rings, resolves misses.
-fn queue_thread(sh: &Shared) {
-    let mut kicks: Vec<(usize, Arc<EventFd>)> = Vec::new();
-    let mut pfds: Vec<libc::pollfd> = Vec::new();
+/// Queue `i`'s thread: waits for its kick, serves its ring, resolves
+/// its misses.
+fn queue_thread(sh: &Shared, i: usize) {
+    let ctl = &sh.ctl[i];
     while !sh.exit.load(Ordering::Acquire) {
-        kicks.clear();
-        for (i, slot) in sh.vrings.iter().enumerate() {
-            let s = slot.lock();
-            if let (Some(k), true, true) = (&s.kick, s.enabled, s.ring.is_some()) {
-                kicks.push((i, k.clone()));
+        let kick = {
+            let s = sh.vrings[i].lock();
+            match (&s.kick, s.enabled, s.ring.is_some()) {
+                (Some(k), true, true) => Some(k.clone()),
+                _ => None,
             }
-        }
-        pfds.clear();
-        pfds.push(libc::pollfd {
-            fd: sh.wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        for (_, k) in &kicks {
-            pfds.push(libc::pollfd {
-                fd: k.as_raw_fd(),
+        };
+        let mut pfds = [
+            libc::pollfd {
+                fd: ctl.wake.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
-            });
-        }
-        // SAFETY: `pfds` is a valid array of pollfd for the call; the
-        // kick eventfds stay open while we hold their Arcs.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1000) };
+            },
+            libc::pollfd {
+                fd: kick.as_ref().map_or(-1, |k| k.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `pfds` is a valid array of pollfd for the call (poll
+        // ignores the entry with fd -1); the kick eventfd stays open
+        // while we hold its Arc.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, 1000) };
         if n < 0 {
             continue;
         }
         if pfds[0].revents != 0 {
-            let _ = sh.wake.read();
+            let _ = ctl.wake.read();
         }
-        for (j, (i, k)) in kicks.iter().enumerate() {
-            if pfds[j + 1].revents != 0 {
+        if let Some(k) = &kick {
+            if pfds[1].revents != 0 {
                 let _ = k.read();
-                serve_ring(sh, *i);
+                serve_ring(sh, i);
             }
         }
     }
@@ -948,6 +1014,11 @@ const SIGNAL_EVERY: u32 = 32;
 /// writing) and GET_VRING_BASE (which takes the ring's mutex) wait for at
 /// most the chain in progress, however busy the ring is, and never for
 /// the ring to drain.
+///
+/// Completions are signalled once per batch: when the ring is found
+/// empty (after re-arming the driver's kick with EVENT_IDX, see
+/// [`Vring::rearm`]), stalls or misses, or every `SIGNAL_EVERY` chains,
+/// and with EVENT_IDX only when `used_event` asks for it.
 fn serve_ring(sh: &Shared, i: usize) {
     loop {
         let access = sh.access.read();
@@ -958,18 +1029,22 @@ fn serve_ring(sh: &Shared, i: usize) {
         let Some(ring) = slot.ring.as_mut() else {
             return;
         };
-        let outcome = ring.step(sh);
+        let outcome = match ring.step(sh) {
+            Step::Empty => ring.rearm(sh),
+            other => other,
+        };
         if outcome == Step::Done {
             slot.unsignalled += 1;
         }
-        if outcome != Step::Done || slot.unsignalled >= SIGNAL_EVERY {
-            slot.signal();
+        let batch_end = !matches!(outcome, Step::Done | Step::Again);
+        if batch_end || slot.unsignalled >= SIGNAL_EVERY {
+            slot.signal(sh);
         }
         MutexGuard::unlock_fair(slot);
         RwLockReadGuard::unlock_fair(access);
         match outcome {
-            Step::Done => {}
-            Step::Miss(misses) => resolve_misses(sh, &misses),
+            Step::Done | Step::Again => {}
+            Step::Miss(misses) => resolve_misses(sh, i, &misses),
             Step::Empty | Step::Stalled => return,
         }
         if sh.exit.load(Ordering::Acquire) {
@@ -978,7 +1053,7 @@ fn serve_ring(sh: &Shared, i: usize) {
     }
 }
 
-fn resolve_misses(sh: &Shared, misses: &[(u64, Perm)]) {
+fn resolve_misses(sh: &Shared, i: usize, misses: &[(u64, Perm)]) {
     sh.stats.add(&sh.stats.misses, misses.len() as u64);
     let chan = sh.backend.lock().clone();
     let Some(chan) = chan else {
@@ -986,7 +1061,11 @@ fn resolve_misses(sh: &Shared, misses: &[(u64, Perm)]) {
         log::warn!("IOTLB miss at {:#x} without a backend channel", misses[0].0);
         return;
     };
-    let answers = chan.lock().iotlb_misses(misses, &sh.stop, sh.miss_timeout);
+    // Another queue thread may hold the channel for its own misses: we
+    // wait for our turn holding nothing (no access section, no ring).
+    let answers = chan
+        .lock()
+        .iotlb_misses(misses, &sh.ctl[i].stop, sh.miss_timeout);
     match answers {
         Ok(answers) => {
             for (&(iova, perm), ok) in misses.iter().zip(answers) {
