@@ -89,7 +89,8 @@ QSD_WORKLOADS = {
     "rand4k-4j": ("blk:rand:4k:4:{s}", "iops", "IOPS"),
 }
 COUNTERS = ("iotlb_misses", "iotlb_updates", "iotlb_invalidations",
-            "iotlb_invalidated_entries", "requests")
+            "iotlb_invalidated_entries", "requests", "miss_wait_us",
+            "quiesce_wait_us")
 
 
 class StorageDaemon:
@@ -122,6 +123,12 @@ class StorageDaemon:
                                        "its socket:\n" + f.read())
             time.sleep(0.05)
 
+    def pid(self):
+        """The daemon's pid (the child of `timeout`)."""
+        tpid = self.proc.pid
+        with open(f"/proc/{tpid}/task/{tpid}/children") as f:
+            return int(f.read().split()[0])
+
     def close(self):
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -131,6 +138,17 @@ class StorageDaemon:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.logf.close()
+
+
+def proc_cpu(pid):
+    """utime + stime of process `pid` (all its threads) in seconds, or
+    None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def one_boot(qemu, image, backend_bin, label, secs, timeout, qsd=None,
@@ -159,14 +177,26 @@ def one_boot(qemu, image, backend_bin, label, secs, timeout, qsd=None,
             extra = ["--num-queues", str(queues)] if queues > 1 else []
             backend = Backend(backend_bin, tmp.name, mode, timeout + 30,
                               log_level="warn", extra_args=extra)
+        server = backend or daemon
+        server_pid = None
+        # The backend's (or the daemon's) CPU time at each MARK begin: /
+        # end: of the guest's timed parts, in order.
+        marks = []
 
-            def on_line(_vm, line):
-                at = line.find("PVDMA-IO: PAUSE ")
-                if at >= 0:
-                    tag = line[at + len("PVDMA-IO: PAUSE "):].split()[0]
-                    snaps[tag] = backend.snapshot()
-        else:
-            on_line = None
+        def on_line(_vm, line):
+            nonlocal server_pid
+            at = line.find("PVDMA-IO: MARK ")
+            if at >= 0 and server:
+                if server_pid is None:
+                    try:
+                        server_pid = server.pid()
+                    except (OSError, ValueError, IndexError):
+                        server_pid = -1
+                marks.append(proc_cpu(server_pid))
+            at = line.find("PVDMA-IO: PAUSE ")
+            if at >= 0 and backend:
+                tag = line[at + len("PVDMA-IO: PAUSE "):].split()[0]
+                snaps[tag] = backend.snapshot()
         t0 = time.monotonic()
         r = pg.run_variant(qemu, image, variant, mode="bench", bench=specs,
                            modparams=modparams, timeout=timeout, echo=False,
@@ -189,10 +219,14 @@ def one_boot(qemu, image, backend_bin, label, secs, timeout, qsd=None,
                 field = workloads[w][1]
                 rec.update(rate=res.get(field), ios=res["ios"],
                            cpu_us_per_op=res.get("qemu_cpu_us_per_op"))
+                if 2 * i + 1 < len(marks) and None not in marks[2 * i:2 * i + 2]:
+                    rec["server_cpu_us_per_op"] = round(
+                        (marks[2 * i + 1] - marks[2 * i]) * 1e6 / res["ios"], 2)
                 b, a = snaps.get("before:" + spec), snaps.get("after:" + spec)
                 if a and b:
                     for k in COUNTERS:
-                        rec[k + "_per_io"] = (a[k] - b[k]) / res["ios"]
+                        if k in a and k in b:
+                            rec[k + "_per_io"] = (a[k] - b[k]) / res["ios"]
                 elif backend and variant == "none" and final:
                     # no pvdma, no pauses: the whole run's counters (no
                     # IOTLB without an IOMMU: all zero)
@@ -261,16 +295,28 @@ def qsd_table(boots):
 
     def ratio(a, b):
         return f"{a[0] / b[0]:.2f}x" if a and b else "n/a"
+    def cpu(label, w, k):
+        return fmt(med([b["workloads"].get(w, {}).get(k) for b in boots
+                        if b["config"] == label and b.get("passed")]), 0)
     rows = ["| workload | qsd | ours, no IOMMU | ours, behind pvdma "
-            "| ours/qsd | pvdma/no-IOMMU | IOTLB misses/IO (pvdma) |",
-            "|---|---|---|---|---|---|---|"]
+            "| ours/qsd | pvdma/no-IOMMU | IOTLB misses/IO (pvdma) "
+            "| QEMU CPU us/IO (qsd / no IOMMU / pvdma) "
+            "| backend CPU us/IO (qsd / no IOMMU / pvdma) "
+            "| pvdma: miss wait, quiesce us/IO |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for w, (_, _, unit) in QSD_WORKLOADS.items():
         q, n, p = (rate(c, w) for c in QSD_CONFIGS)
         misses = fmt(med([b["workloads"].get(w, {}).get(
             "iotlb_misses_per_io") for b in boots
             if b["config"] == "vub-sg" and b.get("passed")]), 3)
+        qcpu = " / ".join(cpu(c, w, "cpu_us_per_op") for c in QSD_CONFIGS)
+        bcpu = " / ".join(cpu(c, w, "server_cpu_us_per_op")
+                          for c in QSD_CONFIGS)
+        waits = " / ".join(cpu("vub-sg", w, k + "_per_io")
+                           for k in ("miss_wait_us", "quiesce_wait_us"))
         rows.append(f"| {w} ({unit}) | {fmt(q)} | {fmt(n)} | {fmt(p)} "
-                    f"| {ratio(n, q)} | {ratio(p, n)} | {misses} |")
+                    f"| {ratio(n, q)} | {ratio(p, n)} | {misses} "
+                    f"| {qcpu} | {bcpu} | {waits} |")
     return "\n".join(rows)
 
 

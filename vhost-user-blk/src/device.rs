@@ -32,7 +32,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use pvdma::{epoch, Domain, GuestRam, Perm};
@@ -113,6 +113,12 @@ pub struct Stats {
     pub bad_chains: AtomicU64,
     /// Ring corruption seen.
     pub ring_errors: AtomicU64,
+    /// Microseconds queue threads spent on misses: from sending them (or
+    /// waiting for the backend channel) to the last answer.
+    pub miss_wait_us: AtomicU64,
+    /// Microseconds the socket thread waited for access sections to end
+    /// before acking an invalidation (or a replacing update).
+    pub quiesce_wait_us: AtomicU64,
 }
 
 impl Stats {
@@ -134,7 +140,7 @@ impl Stats {
              iotlb_refused={} iotlb_invalidations={} iotlb_invalidated_entries={} \
              iotlb_evictions={} \
              requests={} read_bytes={} write_bytes={} io_errors={} refused_accesses={} \
-             bad_chains={} ring_errors={}",
+             bad_chains={} ring_errors={} miss_wait_us={} quiesce_wait_us={}",
             g(&self.misses),
             g(&self.miss_failures),
             g(&self.updates),
@@ -150,6 +156,8 @@ impl Stats {
             g(&self.refused),
             g(&self.bad_chains),
             g(&self.ring_errors),
+            g(&self.miss_wait_us),
+            g(&self.quiesce_wait_us),
         )
     }
 }
@@ -241,9 +249,11 @@ impl Shared {
     }
 
     fn quiesce(&self) {
+        let t = Instant::now();
         // Every access section that began before the translations left
         // the table has ended once we get the write lock.
         drop(self.access.write());
+        self.stats.add(&self.stats.quiesce_wait_us, elapsed_us(t));
     }
 }
 
@@ -952,6 +962,10 @@ fn check_eventfd(fd: &OwnedFd) -> Result<(), String> {
     Ok(())
 }
 
+fn elapsed_us(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
 fn reply_u64(conn: &mut Connection, msg: &Message, v: u64) -> Result<(), Error> {
     conn.reply(&msg.hdr, &v.to_ne_bytes())?;
     Ok(())
@@ -1063,9 +1077,11 @@ fn resolve_misses(sh: &Shared, i: usize, misses: &[(u64, Perm)]) {
     };
     // Another queue thread may hold the channel for its own misses: we
     // wait for our turn holding nothing (no access section, no ring).
+    let t = Instant::now();
     let answers = chan
         .lock()
         .iotlb_misses(misses, &sh.ctl[i].stop, sh.miss_timeout);
+    sh.stats.add(&sh.stats.miss_wait_us, elapsed_us(t));
     match answers {
         Ok(answers) => {
             for (&(iova, perm), ok) in misses.iter().zip(answers) {

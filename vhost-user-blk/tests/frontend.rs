@@ -543,6 +543,7 @@ impl Frontend {
             refused: g(&s.refused),
             bad_chains: g(&s.bad_chains),
             ring_errors: g(&s.ring_errors),
+            ..Stats::default()
         }
     }
 }
