@@ -24,8 +24,10 @@
 //!   The backend channel is one socket: two threads that miss at once
 //!   take turns on its lock (each sends its misses and reads its answers
 //!   in one turn), and a thread waiting for its turn holds nothing
-//!   either. A queue's stop (GET_VRING_BASE) ends only that queue's miss
-//!   wait.
+//!   either. A queue's stop (GET_VRING_BASE) ends that queue's miss
+//!   wait, and any it begins until the ring starts again (so a thread
+//!   that gets the channel after its ring stopped does not wait for an
+//!   answer the frontend may never send).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -218,7 +220,8 @@ pub struct Shared {
 
 /// One queue thread's eventfds.
 struct QueueCtl {
-    /// Ends its miss wait (its ring is being stopped, or every ring).
+    /// Ends its miss wait: set when its ring is stopped (GET_VRING_BASE,
+    /// reset, exit), cleared when the ring starts again.
     stop: EventFd,
     /// Wakes it (rings changed, exit).
     wake: EventFd,
@@ -773,7 +776,7 @@ impl Device {
                 if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
                     s.enabled = true;
                 }
-                self.start(&mut s)
+                self.start(index, &mut s)
             }
             FrontendReq::SET_VRING_CALL => {
                 s.call = ev;
@@ -784,7 +787,7 @@ impl Device {
     }
 
     /// Starts a ring whose kick just arrived.
-    fn start(&self, s: &mut Slot) -> Result<(), String> {
+    fn start(&self, index: usize, s: &mut Slot) -> Result<(), String> {
         let a = s.addr.ok_or("SET_VRING_KICK before SET_VRING_ADDR")?;
         if s.size == 0 {
             return Err("SET_VRING_KICK before SET_VRING_NUM".into());
@@ -805,6 +808,8 @@ impl Device {
             };
             (gpa(a.descriptor)?, gpa(a.available)?, gpa(a.used)?)
         };
+        // A stop of the ring before ends no miss wait of the new one.
+        let _ = self.sh.ctl[index].stop.read();
         let event_idx = self.features & VIRTIO_RING_F_EVENT_IDX != 0;
         s.ring = Some(
             Vring::new(s.size, desc, avail, used, s.base, event_idx)
@@ -826,16 +831,17 @@ impl Device {
             return self.done(conn, msg, Err(format!("no queue {}", { st.index })));
         };
         // End a miss wait of this queue's thread: the frontend handles
-        // our backend channel only after this reply.
-        let ctl = &self.sh.ctl[st.index as usize];
-        let _ = ctl.stop.write(1);
+        // our backend channel only after this reply. The eventfd stays
+        // set until the ring starts again, so a wait that begins later
+        // (the thread was waiting for its turn on the backend channel)
+        // ends at once too.
+        let _ = self.sh.ctl[st.index as usize].stop.write(1);
         let base = {
             // An access section: the completions still held are written
             // to the used ring before the frontend learns the base.
             let _access = self.sh.access.read();
             slot.lock().stop(&self.sh)
         };
-        let _ = ctl.stop.read();
         log::info!("queue {} stopped at {base}", { st.index });
         conn.reply(
             &msg.hdr,
@@ -889,9 +895,6 @@ impl Device {
                 s.stop(&self.sh);
                 *s = Slot::default();
             }
-        }
-        for c in &self.sh.ctl {
-            let _ = c.stop.read();
         }
         let sh = self.sh.clone();
         let guard = epoch::pin();

@@ -15,7 +15,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pvdma_vhost_user_blk::blk::MISS_TRIES;
-use pvdma_vhost_user_blk::device::{Device, Mode, Options, Stats, VIRTIO_F_ACCESS_PLATFORM};
+use pvdma_vhost_user_blk::device::{
+    Device, Mode, Options, Shared, Stats, VIRTIO_F_ACCESS_PLATFORM,
+};
 use pvdma_vhost_user_blk::proto::{
     read_pod, Connection, Header, IotlbType, VhostUserIotlb, FLAG_NEED_REPLY, FLAG_REPLY, VERSION,
 };
@@ -55,6 +57,8 @@ struct Frontend {
     used_seen: u16,
     /// Queues 1.. (queue 0 is the fields above).
     more: Vec<MoreQueue>,
+    /// The device's shared state (its counters, read while it runs).
+    sh: std::sync::Arc<Shared>,
     image_path: std::path::PathBuf,
     _dir: TempDir,
 }
@@ -177,9 +181,11 @@ impl Frontend {
             num_queues: cfg.num_queues,
         };
         let (front, back) = UnixStream::pair().unwrap();
+        let (sh_tx, sh_rx) = std::sync::mpsc::channel();
         let backend = std::thread::spawn(move || {
             let mut conn = Connection::new(back);
             let mut dev = Device::new(image, &opts).unwrap();
+            sh_tx.send(dev.shared().clone()).unwrap();
             while let Ok(m) = conn.recv() {
                 if dev.handle(&mut conn, m).is_err() {
                     break;
@@ -219,6 +225,7 @@ impl Frontend {
                     used_seen: 0,
                 })
                 .collect(),
+            sh: sh_rx.recv().unwrap(),
             image_path,
             _dir: TempDir(dir),
         };
@@ -1827,4 +1834,123 @@ fn queues_past_the_offer_are_refused() {
 fn tempimage() -> std::fs::File {
     let fd = memfd(IMAGE);
     std::fs::File::from(fd)
+}
+
+/// Reads one miss from the backend channel (waiting up to 20 s): its
+/// header and body.
+fn read_miss(f: &mut Frontend) -> (Header, VhostUserIotlb) {
+    let mut m = [0u8; 44];
+    f.chan
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    f.chan.read_exact(&mut m).unwrap();
+    (read_pod(&m[..12]).unwrap(), read_pod(&m[12..]).unwrap())
+}
+
+/// Answers a miss read with `read_miss`: ok (after mapping what
+/// `answer_all` maps) or refused.
+fn reply_miss(f: &mut Frontend, h: &Header, ok: bool) {
+    let r = Header {
+        request: h.request,
+        flags: VERSION | FLAG_REPLY,
+        size: 8,
+    };
+    let mut out = r.as_slice().to_vec();
+    out.extend_from_slice(&u64::from(!ok).to_ne_bytes());
+    f.chan.write_all(&out).unwrap();
+}
+
+/// Two queue threads miss at once: queue 1's waits for the backend
+/// channel while queue 0's waits for its answer, and queue 1's ring is
+/// stopped meanwhile. When queue 1's thread gets the channel it sends its
+/// miss but does not wait for the answer (its ring is stopped; a
+/// frontend stopping a device need not answer), so queue 0's next miss
+/// goes out at once instead of after the miss timeout (10 s here; seen
+/// failing when GET_VRING_BASE cleared the stop right after the stop).
+#[test]
+fn a_stopped_queue_does_not_hold_the_channel() {
+    let mut f = Frontend::start_cfg(Cfg {
+        num_queues: 2,
+        started: 2,
+        ..Cfg::new(Mode::Sg)
+    });
+    let misses = |f: &Frontend| f.sh.stats.misses.load(Ordering::Relaxed);
+    let ram = f.ram as usize;
+    // queue 0 reads into a page the IOTLB lacks; its miss stays unanswered
+    prepare(&mut f, 0, 0);
+    f.submit_q(
+        0,
+        0,
+        &[
+            (HDR.iova, 16, false),
+            (0x5200_0000, 0x1000, true),
+            (STATUS.iova, 1, true),
+        ],
+    );
+    let (h0, m0) = read_miss(&mut f);
+    assert_eq!(m0.iova & !0xfff, 0x5200_0000);
+    // queue 1 too: its thread counts its miss, then waits for the channel
+    prepare1(&mut f, 0, 0);
+    f.submit_q(
+        1,
+        0,
+        &[
+            (HDR1.iova, 16, false),
+            (0x5300_0000, 0x1000, true),
+            (STATUS1.iova, 1, true),
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while misses(&f) < 2 {
+        assert!(std::time::Instant::now() < deadline, "queue 1 never missed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let v = f
+        .send(FrontendReq::GET_VRING_BASE, &state(1, 0), &[], true)
+        .unwrap();
+    assert_eq!((v >> 32) as u16, 0, "queue 1's chain is not done");
+    // queue 0's miss answered: it completes, and queue 1's thread gets the
+    // channel and sends its miss, which we leave unanswered for now
+    answer_all(&mut f, m0.iova, m0.perm);
+    reply_miss(&mut f, &h0, true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // SAFETY: inside our RAM mapping (queue 0's used index).
+    while unsafe { std::ptr::read_volatile((ram + 0x2002) as *const u16) } != 1 {
+        assert!(std::time::Instant::now() < deadline, "queue 0 hung");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (h1, m1) = read_miss(&mut f);
+    assert_eq!(m1.iova & !0xfff, 0x5300_0000);
+    // queue 0 misses again: its miss must come well within the timeout
+    f.invalidate(0x5200_0000, 0x1000);
+    f.submit_q(
+        0,
+        0,
+        &[
+            (HDR.iova, 16, false),
+            (0x5200_0000, 0x1000, true),
+            (STATUS.iova, 1, true),
+        ],
+    );
+    let mut pfd = libc::pollfd {
+        fd: f.chan.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    assert_eq!(n, 1, "queue 0's miss waited behind a stopped queue's");
+    let (h2, m2) = read_miss(&mut f);
+    assert_eq!(m2.iova & !0xfff, 0x5200_0000);
+    // answers in order: queue 1's (abandoned), then queue 0's
+    reply_miss(&mut f, &h1, false);
+    answer_all(&mut f, m2.iova, m2.perm);
+    reply_miss(&mut f, &h2, true);
+    f.used_seen = 1;
+    assert_eq!(
+        f.complete_q(0, Duration::from_secs(20), &mut answer_all).0,
+        0x1001
+    );
+    let s = f.finish();
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
 }
