@@ -83,6 +83,10 @@ WORKLOADS = {
 }
 # --vs-qsd: the storage daemon and the workloads of that comparison.
 QSD_CONFIGS = ["qsd", "vub-noiommu", "vub-sg"]
+# --vs-qsd --baseline-backend: the same two configs with another build
+# of the backend (a before/after of a backend change in one run).
+OLD_CONFIGS = {"vub-noiommu-old": ("none", "sg", ""),
+               "vub-sg-old": ("pvdma", "sg", "")}
 QSD_WORKLOADS = {
     "seq128k": ("blk:seq:128k:1:{s}", "mbps", "MB/s"),
     "rand4k": ("blk:rand:4k:1:{s}", "iops", "IOPS"),
@@ -156,7 +160,7 @@ def one_boot(qemu, image, backend_bin, label, secs, timeout, qsd=None,
     """One boot of config `label`. qsd: the storage daemon binary, which
     also selects --vs-qsd (its workloads, `queues` queues, no
     iommu_platform without an IOMMU)."""
-    variant, mode, modparams = {**CONFIGS, **BASE_CONFIGS,
+    variant, mode, modparams = {**CONFIGS, **BASE_CONFIGS, **OLD_CONFIGS,
                                 "qsd": ("none", None, "")}[label]
     workloads = QSD_WORKLOADS if qsd else WORKLOADS
     specs = [workloads[w][0].format(s=f"{secs:g}") for w in workloads]
@@ -288,13 +292,26 @@ def table(boots, labels):
 
 
 def qsd_table(boots):
-    """--vs-qsd: one row per workload, a column per config, the ratios."""
+    """--vs-qsd: one row per workload, a column per config, the ratios
+    (of the medians, and in brackets the median of the ratios of each
+    round's boots, which were made minutes apart)."""
     def rate(label, w):
         return med([b["workloads"].get(w, {}).get("rate") for b in boots
                     if b["config"] == label and b.get("passed")])
 
-    def ratio(a, b):
-        return f"{a[0] / b[0]:.2f}x" if a and b else "n/a"
+    def paired(a, b, w):
+        by = {}
+        for x in boots:
+            r = x["workloads"].get(w, {}).get("rate")
+            if x.get("passed") and r:
+                by.setdefault(x["round"], {})[x["config"]] = r
+        return med([v[a] / v[b] for v in by.values() if a in v and b in v])
+
+    def ratio(a, b, la=None, lb=None, w=None):
+        if not (a and b):
+            return "n/a"
+        p = paired(la, lb, w) if la else None
+        return f"{a[0] / b[0]:.2f}x" + (f" ({p[0]:.2f}x)" if p else "")
     def cpu(label, w, k):
         return fmt(med([b["workloads"].get(w, {}).get(k) for b in boots
                         if b["config"] == label and b.get("passed")]), 0)
@@ -315,8 +332,20 @@ def qsd_table(boots):
         waits = " / ".join(cpu("vub-sg", w, k + "_per_io")
                            for k in ("miss_wait_us", "quiesce_wait_us"))
         rows.append(f"| {w} ({unit}) | {fmt(q)} | {fmt(n)} | {fmt(p)} "
-                    f"| {ratio(n, q)} | {ratio(p, n)} | {misses} "
+                    f"| {ratio(n, q, 'vub-noiommu', 'qsd', w)} "
+                    f"| {ratio(p, n, 'vub-sg', 'vub-noiommu', w)} | {misses} "
                     f"| {qcpu} | {bcpu} | {waits} |")
+    if any(b["config"] in OLD_CONFIGS for b in boots):
+        rows += ["", "| workload | old, no IOMMU | old/qsd | new/old, no IOMMU "
+                 "| old, behind pvdma | new/old, behind pvdma |",
+                 "|---|---|---|---|---|---|"]
+        for w, (_, _, unit) in QSD_WORKLOADS.items():
+            q, n, p, on, op = (rate(c, w) for c in QSD_CONFIGS + list(OLD_CONFIGS))
+            rows.append(
+                f"| {w} ({unit}) | {fmt(on)} "
+                f"| {ratio(on, q, 'vub-noiommu-old', 'qsd', w)} "
+                f"| {ratio(n, on, 'vub-noiommu', 'vub-noiommu-old', w)} "
+                f"| {fmt(op)} | {ratio(p, op, 'vub-sg', 'vub-sg-old', w)} |")
     return "\n".join(rows)
 
 
@@ -339,10 +368,16 @@ def main():
                     "the QEMU binary, storage-daemon/qemu-storage-daemon)")
     ap.add_argument("--queues", type=int, default=1,
                     help="--vs-qsd: num-queues of every config")
+    ap.add_argument("--baseline-backend",
+                    help="--vs-qsd, one queue: also boot vub-noiommu and "
+                    "vub-sg with this backend binary (-old)")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     a = ap.parse_args()
     pg.interrupt_on_signals()
+    if a.vs_qsd and not a.qemu:
+        # qemu-storage-daemon from the same source and flags, next to it
+        os.environ["PVDMA_QEMU_TARGETS"] = "storage-daemon/qemu-storage-daemon"
     qemu = a.qemu or pg.qemu_build()
     backend = a.backend
     if not backend:
@@ -360,6 +395,10 @@ def main():
             sys.exit(f"{qsd}: not built (PVDMA_QEMU_TARGETS="
                      "storage-daemon/qemu-storage-daemon tools/qemu-build.sh)")
         configs = list(QSD_CONFIGS)
+        if a.baseline_backend:
+            if a.queues != 1:
+                sys.exit("--baseline-backend: one queue only")
+            configs += list(OLD_CONFIGS)
     if a.baseline_qemu:
         configs.append("vub-sg-base")
     boots = []
@@ -367,7 +406,9 @@ def main():
         for rnd in range(a.rounds):
             for label in configs:
                 binary = a.baseline_qemu if label in BASE_CONFIGS else qemu
-                b = one_boot(binary, image, backend, label, a.secs, a.timeout,
+                server = (a.baseline_backend if label in OLD_CONFIGS
+                          else backend)
+                b = one_boot(binary, image, server, label, a.secs, a.timeout,
                              qsd, a.queues)
                 b["round"] = rnd + 1
                 boots.append(b)
