@@ -115,6 +115,8 @@ pub struct Stats {
     pub bad_chains: AtomicU64,
     /// Ring corruption seen.
     pub ring_errors: AtomicU64,
+    /// Times a ring stalled (unreachable or corrupt; retried later).
+    pub ring_stalls: AtomicU64,
     /// Microseconds queue threads spent on misses: from sending them (or
     /// waiting for the backend channel) to the last answer.
     pub miss_wait_us: AtomicU64,
@@ -142,7 +144,7 @@ impl Stats {
              iotlb_refused={} iotlb_invalidations={} iotlb_invalidated_entries={} \
              iotlb_evictions={} \
              requests={} read_bytes={} write_bytes={} io_errors={} refused_accesses={} \
-             bad_chains={} ring_errors={} miss_wait_us={} quiesce_wait_us={}",
+             bad_chains={} ring_errors={} ring_stalls={} miss_wait_us={} quiesce_wait_us={}",
             g(&self.misses),
             g(&self.miss_failures),
             g(&self.updates),
@@ -158,6 +160,7 @@ impl Stats {
             g(&self.refused),
             g(&self.bad_chains),
             g(&self.ring_errors),
+            g(&self.ring_stalls),
             g(&self.miss_wait_us),
             g(&self.quiesce_wait_us),
         )
@@ -815,6 +818,12 @@ impl Device {
             Vring::new(s.size, desc, avail, used, s.base, event_idx)
                 .ok_or("invalid ring addresses")?,
         );
+        // Serve what is available already: the driver will not kick for
+        // chains it added while the ring was stopped (with EVENT_IDX,
+        // not until its avail index passes our last avail_event).
+        if let Some(k) = &s.kick {
+            let _ = k.write(1);
+        }
         log::info!(
             "queue started: size {}, desc {desc:#x}, avail {avail:#x}, used {used:#x}, base {}",
             s.size,
@@ -976,8 +985,17 @@ fn reply_u64(conn: &mut Connection, msg: &Message, v: u64) -> Result<(), Error> 
 
 /// Queue `i`'s thread: waits for its kick, serves its ring, resolves
 /// its misses.
+///
+/// A ring that stalled (unreachable, or corrupt) is served again after
+/// [`STALL_RETRY_FIRST`], then twice as long each time up to
+/// [`STALL_RETRY_MAX`], as well as on its next kick: with EVENT_IDX the
+/// driver kicks only when its avail index passes the `avail_event` we
+/// wrote last, which a ring that stalled before re-arming never updated,
+/// so the kick may never come.
 fn queue_thread(sh: &Shared, i: usize) {
     let ctl = &sh.ctl[i];
+    // (when, backoff) of the next retry of a stalled ring
+    let mut retry: Option<(Instant, Duration)> = None;
     while !sh.exit.load(Ordering::Acquire) {
         let kick = {
             let s = sh.vrings[i].lock();
@@ -998,24 +1016,49 @@ fn queue_thread(sh: &Shared, i: usize) {
                 revents: 0,
             },
         ];
+        let ms = retry.map_or(1000, |(at, _)| {
+            at.saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(1000) as i32
+        });
         // SAFETY: `pfds` is a valid array of pollfd for the call (poll
         // ignores the entry with fd -1); the kick eventfd stays open
         // while we hold its Arc.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, 1000) };
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
         if n < 0 {
             continue;
         }
         if pfds[0].revents != 0 {
             let _ = ctl.wake.read();
         }
-        if let Some(k) = &kick {
-            if pfds[1].revents != 0 {
-                let _ = k.read();
-                serve_ring(sh, i);
-            }
+        let Some(k) = &kick else {
+            retry = None;
+            continue;
+        };
+        let kicked = pfds[1].revents != 0;
+        if kicked {
+            let _ = k.read();
+        }
+        let due = retry.is_some_and(|(at, _)| Instant::now() >= at);
+        if kicked || due {
+            retry = if serve_ring(sh, i) {
+                let backoff = match retry {
+                    Some((_, b)) if due => (b * 2).min(STALL_RETRY_MAX),
+                    Some((_, b)) => b,
+                    None => STALL_RETRY_FIRST,
+                };
+                Some((Instant::now() + backoff, backoff))
+            } else {
+                None
+            };
         }
     }
 }
+
+/// First retry of a stalled ring.
+const STALL_RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between retries of a stalled ring.
+const STALL_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Chains served before the call eventfd is signalled even though the
 /// ring is not empty yet, so a driver that keeps the ring full still hears
@@ -1036,15 +1079,17 @@ const SIGNAL_EVERY: u32 = 32;
 /// empty (after re-arming the driver's kick with EVENT_IDX, see
 /// [`Vring::rearm`]), stalls or misses, or every `SIGNAL_EVERY` chains,
 /// and with EVENT_IDX only when `used_event` asks for it.
-fn serve_ring(sh: &Shared, i: usize) {
+///
+/// True when the ring stalled (see `queue_thread`).
+fn serve_ring(sh: &Shared, i: usize) -> bool {
     loop {
         let access = sh.access.read();
         let mut slot = sh.vrings[i].lock();
         if !slot.enabled {
-            return;
+            return false;
         }
         let Some(ring) = slot.ring.as_mut() else {
-            return;
+            return false;
         };
         let outcome = match ring.step(sh) {
             Step::Empty => ring.rearm(sh),
@@ -1062,10 +1107,14 @@ fn serve_ring(sh: &Shared, i: usize) {
         match outcome {
             Step::Done | Step::Again => {}
             Step::Miss(misses) => resolve_misses(sh, i, &misses),
-            Step::Empty | Step::Stalled => return,
+            Step::Empty => return false,
+            Step::Stalled => {
+                sh.stats.bump(&sh.stats.ring_stalls);
+                return true;
+            }
         }
         if sh.exit.load(Ordering::Acquire) {
-            return;
+            return false;
         }
     }
 }

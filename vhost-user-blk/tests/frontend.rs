@@ -420,6 +420,12 @@ impl Frontend {
 
     /// As `submit_at`, on queue `q`.
     fn submit_q(&mut self, q: usize, first: u16, descs: &[(u64, u32, bool)]) {
+        self.post_q(q, first, descs);
+        self.kick_of(q).write(1).unwrap();
+    }
+
+    /// As `submit_q`, without the kick.
+    fn post_q(&mut self, q: usize, first: u16, descs: &[(u64, u32, bool)]) {
         let base = ring_off(q);
         for (j, &(addr, len, write)) in descs.iter().enumerate() {
             let i = usize::from(first) + j;
@@ -447,7 +453,6 @@ impl Frontend {
         self.put(base + 0x1000 + 4 + 2 * slot, first);
         std::sync::atomic::fence(Ordering::SeqCst);
         self.put(base + 0x1000 + 2, idx.to_le());
-        self.kick_of(q).write(1).unwrap();
     }
 
     /// Serves misses until the chain comes back: `answer(iova, perm)`
@@ -1950,6 +1955,76 @@ fn a_stopped_queue_does_not_hold_the_channel() {
     assert_eq!(
         f.complete_q(0, Duration::from_secs(20), &mut answer_all).0,
         0x1001
+    );
+    let s = f.finish();
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
+}
+
+/// With EVENT_IDX the driver kicks only when its avail index passes the
+/// `avail_event` the backend wrote last. A ring that stalled (here: its
+/// avail ring unmapped, the misses refused) never re-armed it, so the
+/// backend serves it again on its own once the ring can be reached
+/// (seen failing, no completion, without the retry of a stalled ring).
+#[test]
+fn a_stalled_ring_is_retried() {
+    let mut f = Frontend::start(Mode::Sg);
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let read = [
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ];
+    f.submit(&read);
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    // the avail ring unreachable: the ring stalls after MISS_TRIES
+    f.invalidate(RING_IOVA + 0x1000, 0x1000);
+    f.submit(&read);
+    f.refuse_misses(usize::from(MISS_TRIES));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while f.sh.stats.ring_stalls.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ring never stalled"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // (the invalidation removed the rings' whole entry)
+    f.update(RING_IOVA, 0x3000, 0, 3);
+    // no kick from here on
+    assert_eq!(
+        f.complete(&mut refuse).0,
+        0x1001,
+        "the stalled ring was never served"
+    );
+    let s = f.finish();
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
+}
+
+/// A ring started again (SET_VRING_BASE, SET_VRING_KICK) serves the
+/// chains the driver made available while it was stopped, without a kick
+/// (the driver sent it while the ring was stopped, or, with EVENT_IDX,
+/// not at all); seen failing, no completion, without the backend's own
+/// kick at the start.
+#[test]
+fn a_restarted_ring_serves_what_is_available() {
+    let mut f = Frontend::start(Mode::Sg);
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let read = [
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ];
+    f.submit(&read);
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    assert_eq!(f.vring_base(), 1);
+    f.post_q(0, 0, &read);
+    f.restart(1);
+    assert_eq!(
+        f.complete(&mut refuse).0,
+        0x1001,
+        "not served after the restart"
     );
     let s = f.finish();
     assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
