@@ -23,6 +23,21 @@ Configurations:
   vub-sg-base       vub-sg with --baseline-qemu (a before/after of a QEMU
                     change in one run)
 
+--vs-qsd (issue 21): the backend against QEMU's own export, in one run on
+the same raw image size and guest, with --queues N queues everywhere
+(num-queues=N on vhost-user-blk-pci, --num-queues N for ours when N > 1):
+
+  qsd               qemu-storage-daemon --blockdev file (cache.direct=off)
+                    --export vhost-user-blk, no IOMMU
+  vub-noiommu       pvdma-vhost-user-blk (sg), no IOMMU
+  vub-sg            pvdma-vhost-user-blk (sg) behind pvdma, the guest
+                    driver's queued requests on
+
+and the workloads seq128k, rand4k and rand4k-4j (4 jobs). Both backends
+go through the host page cache (ours: buffered preadv/pwritev; qsd:
+cache.direct=off, aio=threads), and the no-IOMMU device has no
+iommu_platform for either. The table adds ours/qsd and pvdma/no-IOMMU.
+
 (behind pvdma: -device pvdma, the guest's pvdma_iommu.ko, lazy). Per
 workload it records the rate the guest measured, QEMU's CPU time per I/O
 (all threads; the backend's CPU is not in it), and for the backend behind
@@ -36,6 +51,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -65,34 +81,132 @@ WORKLOADS = {
     "seq128k": ("blk:seq:128k:1:{s}", "mbps", "MB/s"),
     "rand4k": ("blk:rand:4k:1:{s}", "iops", "IOPS"),
 }
+# --vs-qsd: the storage daemon and the workloads of that comparison.
+QSD_CONFIGS = ["qsd", "vub-noiommu", "vub-sg"]
+# --vs-qsd --baseline-backend: the same two configs with another build
+# of the backend (a before/after of a backend change in one run).
+OLD_CONFIGS = {"vub-noiommu-old": ("none", "sg", ""),
+               "vub-sg-old": ("pvdma", "sg", "")}
+QSD_WORKLOADS = {
+    "seq128k": ("blk:seq:128k:1:{s}", "mbps", "MB/s"),
+    "rand4k": ("blk:rand:4k:1:{s}", "iops", "IOPS"),
+    "rand4k-4j": ("blk:rand:4k:4:{s}", "iops", "IOPS"),
+}
 COUNTERS = ("iotlb_misses", "iotlb_updates", "iotlb_invalidations",
-            "iotlb_invalidated_entries", "requests")
+            "iotlb_invalidated_entries", "requests", "miss_wait_us",
+            "quiesce_wait_us")
 
 
-def one_boot(qemu, image, backend_bin, label, secs, timeout):
-    variant, mode, modparams = {**CONFIGS, **BASE_CONFIGS}[label]
-    specs = [WORKLOADS[w][0].format(s=f"{secs:g}") for w in WORKLOADS]
+class StorageDaemon:
+    """qemu-storage-daemon exporting a fresh raw image of image_mib MiB
+    (the size pvdma_vhost.Backend gives ours) as vhost-user-blk, under
+    `timeout` in its own process group."""
+
+    def __init__(self, binary, tmp, timeout, queues, image_mib=64):
+        self.sock = os.path.join(tmp, "qsd.sock")
+        image = os.path.join(tmp, "qsd.img")
+        with open(image, "wb") as f:
+            f.truncate(image_mib << 20)
+        self.log = os.path.join(tmp, "qsd.log")
+        self.logf = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            ["timeout", "--kill-after=5", str(int(timeout)), binary,
+             "--blockdev", f"driver=file,node-name=disk,filename={image},"
+                           "cache.direct=off,aio=threads",
+             "--export", f"type=vhost-user-blk,id=exp0,node-name=disk,"
+                         f"addr.type=unix,addr.path={self.sock},"
+                         f"writable=on,num-queues={queues}"],
+            stdout=self.logf, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                with open(self.log) as f:
+                    raise RuntimeError("qemu-storage-daemon did not create "
+                                       "its socket:\n" + f.read())
+            time.sleep(0.05)
+
+    def pid(self):
+        """The daemon's pid (the child of `timeout`)."""
+        tpid = self.proc.pid
+        with open(f"/proc/{tpid}/task/{tpid}/children") as f:
+            return int(f.read().split()[0])
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.logf.close()
+
+
+def proc_cpu(pid):
+    """utime + stime of process `pid` (all its threads) in seconds, or
+    None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def one_boot(qemu, image, backend_bin, label, secs, timeout, qsd=None,
+             queues=1):
+    """One boot of config `label`. qsd: the storage daemon binary, which
+    also selects --vs-qsd (its workloads, `queues` queues, no
+    iommu_platform without an IOMMU)."""
+    variant, mode, modparams = {**CONFIGS, **BASE_CONFIGS, **OLD_CONFIGS,
+                                "qsd": ("none", None, "")}[label]
+    workloads = QSD_WORKLOADS if qsd else WORKLOADS
+    specs = [workloads[w][0].format(s=f"{secs:g}") for w in workloads]
     tmp = tempfile.TemporaryDirectory(prefix="pvdma-bench-vub-")
     backend = None
+    daemon = None
     snaps = {}
     boot = {"config": label, "load1_before": round(os.getloadavg()[0], 2),
             "workloads": {}}
+    dev_opts = None
+    if qsd:
+        dev_opts = f"num-queues={queues},disable-legacy=on" + (
+            ",iommu_platform=on" if variant != "none" else "")
     try:
+        if label == "qsd":
+            daemon = StorageDaemon(qsd, tmp.name, timeout + 30, queues)
         if mode:
+            extra = ["--num-queues", str(queues)] if queues > 1 else []
             backend = Backend(backend_bin, tmp.name, mode, timeout + 30,
-                              log_level="warn")
+                              log_level="warn", extra_args=extra)
+        server = backend or daemon
+        server_pid = None
+        # The backend's (or the daemon's) CPU time at each MARK begin: /
+        # end: of the guest's timed parts, in order.
+        marks = []
 
-            def on_line(_vm, line):
-                at = line.find("PVDMA-IO: PAUSE ")
-                if at >= 0:
-                    tag = line[at + len("PVDMA-IO: PAUSE "):].split()[0]
-                    snaps[tag] = backend.snapshot()
-        else:
-            on_line = None
+        def on_line(_vm, line):
+            nonlocal server_pid
+            at = line.find("PVDMA-IO: MARK ")
+            if at >= 0 and server:
+                if server_pid is None:
+                    try:
+                        server_pid = server.pid()
+                    except (OSError, ValueError, IndexError):
+                        server_pid = -1
+                marks.append(proc_cpu(server_pid))
+            at = line.find("PVDMA-IO: PAUSE ")
+            if at >= 0 and backend:
+                tag = line[at + len("PVDMA-IO: PAUSE "):].split()[0]
+                snaps[tag] = backend.snapshot()
         t0 = time.monotonic()
         r = pg.run_variant(qemu, image, variant, mode="bench", bench=specs,
                            modparams=modparams, timeout=timeout, echo=False,
-                           vhost_user_blk=backend.sock if backend else None,
+                           vhost_user_blk=(backend.sock if backend else
+                                           daemon.sock if daemon else None),
+                           vhost_user_blk_opts=dev_opts,
                            extra_append=["pvdmaio.disks=blk", "pvdmaio.net=0"],
                            on_line=on_line)
         boot.update(passed=r.passed, failure=r.failure,
@@ -102,17 +216,21 @@ def one_boot(qemu, image, backend_bin, label, secs, timeout):
             backend.wait(15)
             final = backend.stats()
             boot["backend_final"] = final
-        for i, (w, spec) in enumerate(zip(WORKLOADS, specs)):
+        for i, (w, spec) in enumerate(zip(workloads, specs)):
             res = r.results[i] if i < len(r.results) else None
             rec = {"ok": bool(res and res.get("ios"))}
             if rec["ok"]:
-                field = WORKLOADS[w][1]
+                field = workloads[w][1]
                 rec.update(rate=res.get(field), ios=res["ios"],
                            cpu_us_per_op=res.get("qemu_cpu_us_per_op"))
+                if 2 * i + 1 < len(marks) and None not in marks[2 * i:2 * i + 2]:
+                    rec["server_cpu_us_per_op"] = round(
+                        (marks[2 * i + 1] - marks[2 * i]) * 1e6 / res["ios"], 2)
                 b, a = snaps.get("before:" + spec), snaps.get("after:" + spec)
                 if a and b:
                     for k in COUNTERS:
-                        rec[k + "_per_io"] = (a[k] - b[k]) / res["ios"]
+                        if k in a and k in b:
+                            rec[k + "_per_io"] = (a[k] - b[k]) / res["ios"]
                 elif backend and variant == "none" and final:
                     # no pvdma, no pauses: the whole run's counters (no
                     # IOTLB without an IOMMU: all zero)
@@ -124,6 +242,8 @@ def one_boot(qemu, image, backend_bin, label, secs, timeout):
     finally:
         if backend:
             backend.close()
+        if daemon:
+            daemon.close()
         tmp.cleanup()
     return boot
 
@@ -171,6 +291,64 @@ def table(boots, labels):
     return "\n".join(rows)
 
 
+def qsd_table(boots):
+    """--vs-qsd: one row per workload, a column per config, the ratios
+    (of the medians, and in brackets the median of the ratios of each
+    round's boots, which were made minutes apart)."""
+    def rate(label, w):
+        return med([b["workloads"].get(w, {}).get("rate") for b in boots
+                    if b["config"] == label and b.get("passed")])
+
+    def paired(a, b, w):
+        by = {}
+        for x in boots:
+            r = x["workloads"].get(w, {}).get("rate")
+            if x.get("passed") and r:
+                by.setdefault(x["round"], {})[x["config"]] = r
+        return med([v[a] / v[b] for v in by.values() if a in v and b in v])
+
+    def ratio(a, b, la=None, lb=None, w=None):
+        if not (a and b):
+            return "n/a"
+        p = paired(la, lb, w) if la else None
+        return f"{a[0] / b[0]:.2f}x" + (f" ({p[0]:.2f}x)" if p else "")
+    def cpu(label, w, k):
+        return fmt(med([b["workloads"].get(w, {}).get(k) for b in boots
+                        if b["config"] == label and b.get("passed")]), 0)
+    rows = ["| workload | qsd | ours, no IOMMU | ours, behind pvdma "
+            "| ours/qsd | pvdma/no-IOMMU | IOTLB misses/IO (pvdma) "
+            "| QEMU CPU us/IO (qsd / no IOMMU / pvdma) "
+            "| backend CPU us/IO (qsd / no IOMMU / pvdma) "
+            "| pvdma: miss wait, quiesce us/IO |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for w, (_, _, unit) in QSD_WORKLOADS.items():
+        q, n, p = (rate(c, w) for c in QSD_CONFIGS)
+        misses = fmt(med([b["workloads"].get(w, {}).get(
+            "iotlb_misses_per_io") for b in boots
+            if b["config"] == "vub-sg" and b.get("passed")]), 3)
+        qcpu = " / ".join(cpu(c, w, "cpu_us_per_op") for c in QSD_CONFIGS)
+        bcpu = " / ".join(cpu(c, w, "server_cpu_us_per_op")
+                          for c in QSD_CONFIGS)
+        waits = " / ".join(cpu("vub-sg", w, k + "_per_io")
+                           for k in ("miss_wait_us", "quiesce_wait_us"))
+        rows.append(f"| {w} ({unit}) | {fmt(q)} | {fmt(n)} | {fmt(p)} "
+                    f"| {ratio(n, q, 'vub-noiommu', 'qsd', w)} "
+                    f"| {ratio(p, n, 'vub-sg', 'vub-noiommu', w)} | {misses} "
+                    f"| {qcpu} | {bcpu} | {waits} |")
+    if any(b["config"] in OLD_CONFIGS for b in boots):
+        rows += ["", "| workload | old, no IOMMU | old/qsd | new/old, no IOMMU "
+                 "| old, behind pvdma | new/old, behind pvdma |",
+                 "|---|---|---|---|---|---|"]
+        for w, (_, _, unit) in QSD_WORKLOADS.items():
+            q, n, p, on, op = (rate(c, w) for c in QSD_CONFIGS + list(OLD_CONFIGS))
+            rows.append(
+                f"| {w} ({unit}) | {fmt(on)} "
+                f"| {ratio(on, q, 'vub-noiommu-old', 'qsd', w)} "
+                f"| {ratio(n, on, 'vub-noiommu', 'vub-noiommu-old', w)} "
+                f"| {fmt(op)} | {ratio(p, op, 'vub-sg', 'vub-sg-old', w)} |")
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--qemu")
@@ -184,10 +362,22 @@ def main():
                     help="also boot vub-sg with this QEMU (vub-sg-base)")
     ap.add_argument("--kernel", default="6.1", choices=("6.1", "6.12", "7.2"))
     ap.add_argument("--timeout", type=float, default=180)
+    ap.add_argument("--vs-qsd", action="store_true",
+                    help="qemu-storage-daemon against ours (issue 21)")
+    ap.add_argument("--qsd", help="qemu-storage-daemon (default: next to "
+                    "the QEMU binary, storage-daemon/qemu-storage-daemon)")
+    ap.add_argument("--queues", type=int, default=1,
+                    help="--vs-qsd: num-queues of every config")
+    ap.add_argument("--baseline-backend",
+                    help="--vs-qsd, one queue: also boot vub-noiommu and "
+                    "vub-sg with this backend binary (-old)")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     a = ap.parse_args()
     pg.interrupt_on_signals()
+    if a.vs_qsd and not a.qemu:
+        # qemu-storage-daemon from the same source and flags, next to it
+        os.environ["PVDMA_QEMU_TARGETS"] = "storage-daemon/qemu-storage-daemon"
     qemu = a.qemu or pg.qemu_build()
     backend = a.backend
     if not backend:
@@ -197,6 +387,18 @@ def main():
                                "pvdma-vhost-user-blk")
     image = pg.prepare(a.kernel)
     configs = list(a.configs)
+    qsd = None
+    if a.vs_qsd:
+        qsd = a.qsd or os.path.join(os.path.dirname(qemu), "storage-daemon",
+                                    "qemu-storage-daemon")
+        if not os.access(qsd, os.X_OK):
+            sys.exit(f"{qsd}: not built (PVDMA_QEMU_TARGETS="
+                     "storage-daemon/qemu-storage-daemon tools/qemu-build.sh)")
+        configs = list(QSD_CONFIGS)
+        if a.baseline_backend:
+            if a.queues != 1:
+                sys.exit("--baseline-backend: one queue only")
+            configs += list(OLD_CONFIGS)
     if a.baseline_qemu:
         configs.append("vub-sg-base")
     boots = []
@@ -204,7 +406,10 @@ def main():
         for rnd in range(a.rounds):
             for label in configs:
                 binary = a.baseline_qemu if label in BASE_CONFIGS else qemu
-                b = one_boot(binary, image, backend, label, a.secs, a.timeout)
+                server = (a.baseline_backend if label in OLD_CONFIGS
+                          else backend)
+                b = one_boot(binary, image, server, label, a.secs, a.timeout,
+                             qsd, a.queues)
                 b["round"] = rnd + 1
                 boots.append(b)
                 verdict = "ok" if b.get("passed") else f"FAIL {b.get('failure')}"
@@ -212,9 +417,11 @@ def main():
                       + json.dumps(b["workloads"]), flush=True)
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted ({e or 'SIGINT'})")
-    md = table(boots, configs)
-    head = (f"vhost-user-blk benchmark: {a.rounds} rounds x {a.secs:g} s per "
-            f"workload, kernel {a.kernel}, TCG, {platform.node()}, "
+    md = qsd_table(boots) if qsd else table(boots, configs)
+    head = (f"vhost-user-blk benchmark{' against qemu-storage-daemon' if qsd else ''}: "
+            f"{a.rounds} rounds x {a.secs:g} s per "
+            f"workload, kernel {a.kernel}, TCG, 2 vCPUs, "
+            f"{a.queues if qsd else 1} queue(s), {platform.node()}, "
             f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(head)
     print(md)

@@ -7,6 +7,8 @@
 #
 #   tools/bench-vhost.sh [--rounds 2] [--secs 5] [--configs ...] [--qemu BIN]
 #       [--json F] [--markdown F]
+#   tools/bench-vhost.sh --vs-qsd [--queues N] ...   against qemu-storage-daemon
+#       (issue 21; BENCHMARKS.md, "vhost-user-blk against qemu-storage-daemon")
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 

@@ -32,6 +32,7 @@ so the guest is not expected to PASS.
 
 import argparse
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -87,6 +88,9 @@ def main():
     ap.add_argument("--refuse", action="store_true")
     ap.add_argument("--kill", action="store_true")
     ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument("--queues", type=int, default=1,
+                    help="--num-queues of the backend and num-queues of "
+                    "the device")
     ap.add_argument("--verify-mib", type=int, default=8)
     ap.add_argument("--summary-file")
     ap.add_argument("--backend-log-level", default="info")
@@ -97,14 +101,16 @@ def main():
     image = pg.prepare(a.kernel)
     what = (f"vhost-user-blk kernel {a.kernel} mode {a.mode}"
             f"{' strict' if a.strict else ''}{' refuse' if a.refuse else ''}"
-            f"{' kill' if a.kill else ''}")
+            f"{' kill' if a.kill else ''}"
+            f"{f' queues {a.queues}' if a.queues > 1 else ''}")
     failure = None
     tmp = tempfile.TemporaryDirectory(prefix="pvdma-vub-")
     backend = None
     killed = {}
     try:
         backend = Backend(a.backend, tmp.name, a.mode, a.timeout + 30,
-                          log_level=a.backend_log_level)
+                          log_level=a.backend_log_level,
+                          extra_args=["--num-queues", str(a.queues)])
         if a.kill:
             def kill_then_check(vm):
                 # Half a second into disk-verify: SIGKILL the backend;
@@ -133,6 +139,8 @@ def main():
             r = pg.run_variant(
                 qemu, image, "pvdma", strict=a.strict, mode="test",
                 timeout=a.timeout, refuse=a.refuse and "both", vhost_user_blk=backend.sock,
+                vhost_user_blk_opts=(f"num-queues={a.queues},disable-legacy=on,"
+                                     "iommu_platform=on"),
                 extra_append=["pvdmaio.disks=blk", "pvdmaio.net=0",
                               f"pvdmaio.verify_mib={a.verify_mib}"],
                 on_line=kill_watch if a.kill else None)
@@ -166,6 +174,10 @@ def main():
                 failure = f"the backend exited with status {rc}"
             st = backend.stats()
             print(f"== backend counters: {st}")
+            # chains each queue served (its base at the guest's power-off)
+            served = {int(q): int(b) for q, b in re.findall(
+                r"queue (\d+) stopped at (\d+)", backend.text())}
+            print(f"== chains per queue: {served}")
             if failure is None:
                 problems = check_stats(st, a.refuse)
                 if problems:

@@ -9,7 +9,8 @@
 #                   whose MAP the driver skips: refused by the backend
 #                   (QEMU cannot translate its miss), FAULTS rises for that
 #                   function only, the next read is correct
-#   window, lazy    disk-verify through the contiguous IOVA window
+#   window, lazy    disk-verify through the contiguous IOVA window, two
+#                   queues (the backend's --num-queues 2, 2 vCPUs)
 #   sg, kill        SIGKILL the backend during disk-verify: QEMU stays up
 #                   (QMP answers), everything is torn down, nothing hangs
 #
@@ -49,7 +50,7 @@ for run in $RUNS; do
     case $run in
     sg-strict-refuse) args=(--mode sg --strict --refuse) ;;
     sg) args=(--mode sg) ;;
-    window) args=(--mode window) ;;
+    window) args=(--mode window --queues 2) ;;
     window-strict) args=(--mode window --strict) ;;
     kill) args=(--mode sg --kill) ;;
     *) echo "unknown run '$run'" >&2; exit 2 ;;

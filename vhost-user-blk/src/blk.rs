@@ -114,6 +114,9 @@ pub enum Step {
     /// The rings cannot be reached (even after a miss) or are corrupt:
     /// stop until the next kick.
     Stalled,
+    /// Chains arrived while notifications were being re-enabled
+    /// ([`Vring::rearm`]): step again.
+    Again,
 }
 
 impl Vring {
@@ -261,6 +264,7 @@ impl Vring {
                 return Err(Step::Stalled);
             }
         };
+        // Where a chain is popped (the only place).
         let Some(chain) = iter.next() else {
             if let Some(f) = space.take_fault() {
                 return Err(self.ring_fault(f.iova, Perm::READ));
@@ -502,6 +506,74 @@ impl Vring {
         (self.queue.next_avail().wrapping_sub(unreported), written)
     }
 
+    /// With `VIRTIO_RING_F_EVENT_IDX`, once the ring is empty: asks the
+    /// driver for a kick at the next chain (`avail_event` = next avail
+    /// index, in the used ring), then looks at the avail index again, so
+    /// a chain made available meanwhile is not left waiting for a kick
+    /// the driver will not send. `Empty` when armed and idle, `Again`
+    /// when chains arrived, `Miss` / `Stalled` when the used or avail
+    /// ring cannot be reached through the table. Without EVENT_IDX the
+    /// driver kicks for every chain it adds (we never set
+    /// `VRING_USED_F_NO_NOTIFY`): `Empty`, nothing written.
+    pub fn rearm(&mut self, sh: &Shared) -> Step {
+        if !self.queue.event_idx_enabled() {
+            return Step::Empty;
+        }
+        let guard = epoch::pin();
+        let ram = sh.ram.load(&guard);
+        let dom = sh.iommu().then(|| &**sh.domain());
+        let space = IovaSpace::new(dom, ram, &guard);
+        match self.queue.enable_notification(&space) {
+            Ok(false) => Step::Empty,
+            Ok(true) => Step::Again,
+            Err(virtio_queue::Error::GuestMemory(_)) => {
+                // Either the avail_event store (used ring) or the avail
+                // index load faulted.
+                let avail = self.queue.avail_ring();
+                let (iova, perm) = match space.take_fault() {
+                    Some(f) if f.iova >= avail && f.iova - avail < 4 => (f.iova, Perm::READ),
+                    Some(f) => (f.iova, Perm::WRITE),
+                    None => (self.avail_event_addr(), Perm::WRITE),
+                };
+                self.ring_fault(iova, perm)
+            }
+            Err(e) => {
+                sh.stats.bump(&sh.stats.ring_errors);
+                log::warn!("queue: driver error in the rings: {e}");
+                Step::Stalled
+            }
+        }
+    }
+
+    fn avail_event_addr(&self) -> u64 {
+        self.queue
+            .used_ring()
+            .wrapping_add(4 + 8 * u64::from(self.queue.size()))
+    }
+
+    /// Whether the driver wants to hear of the completions written since
+    /// the last call: always without `VIRTIO_RING_F_EVENT_IDX`; with it,
+    /// when `used_event` (in the avail ring, read through the table) lies
+    /// among them. A `used_event` that cannot be read signals: a
+    /// spurious interrupt costs the driver little, a lost one hangs it.
+    /// Any value the driver wrote is fine (wrapping arithmetic).
+    pub fn wants_signal(&mut self, sh: &Shared) -> bool {
+        if !self.queue.event_idx_enabled() {
+            return true;
+        }
+        let guard = epoch::pin();
+        let ram = sh.ram.load(&guard);
+        let dom = sh.iommu().then(|| &**sh.domain());
+        let space = IovaSpace::new(dom, ram, &guard);
+        match self.queue.needs_notification(&space) {
+            Ok(want) => want,
+            Err(_) => {
+                let _ = space.take_fault();
+                true
+            }
+        }
+    }
+
     /// Adds to `misses` the other pages of the chain's buffers that the
     /// table cannot serve for their access yet (not missed too often, at most
     /// `MISS_BATCH` in all, looking at `MISS_SCAN` pages at most), so
@@ -547,6 +619,9 @@ impl Vring {
         }
     }
 
+    /// Where a completion is written (the only place, with `flush_used`
+    /// for one held back): the used entry and index, and the inflight
+    /// region's record of it; the call is the caller's, once per batch.
     fn complete(&mut self, sh: &Shared, space: &IovaSpace<'_>, head: u16, len: u32) -> Step {
         self.forget_misses();
         let from_avail = !self

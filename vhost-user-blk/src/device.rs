@@ -1,29 +1,40 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vhost-user-blk device: the frontend's requests (on the socket
-//! thread) and the queue thread that serves the rings.
+//! thread) and the queue threads that serve the rings.
 //!
 //! Threads and locks:
 //!
 //! - The socket thread owns the [`DeviceIotlb`] and the memory table and
 //!   answers every frontend message in order.
-//! - The queue thread serves kicked rings. It touches guest memory only
+//! - Each queue has a thread of its own (`--num-queues`), which serves
+//!   its ring when kicked. A queue thread touches guest memory only
 //!   inside an *access section*: holding `access` for reading, with an
 //!   epoch guard pinned, translating through the domain's table. A
 //!   section serves one chain, and is released fairly, so a writer waits
-//!   for at most one chain (see `serve_ring`).
+//!   for at most one chain per queue thread (see `serve_ring`).
 //! - An invalidation (and a memory-table change) removes the translations
 //!   first, then takes `access` for writing once, which waits out every
-//!   access section that could still use them, and only then acks.
-//! - The queue thread never waits on the frontend inside an access
+//!   access section of every queue thread that could still use them, and
+//!   only then acks. (`access` is one lock for all queues: a reader lock
+//!   per queue would make a writer take them all, and readers do not
+//!   contend on it.)
+//! - A queue thread never waits on the frontend inside an access
 //!   section: a miss is sent, and its answer awaited, with nothing held,
 //!   so the frontend can send the update (or an invalidation) meanwhile.
+//!   The backend channel is one socket: two threads that miss at once
+//!   take turns on its lock (each sends its misses and reads its answers
+//!   in one turn), and a thread waiting for its turn holds nothing
+//!   either. A queue's stop (GET_VRING_BASE) ends that queue's miss
+//!   wait, and any it begins until the ring starts again (so a thread
+//!   that gets the channel after its ring stopped does not wait for an
+//!   answer the frontend may never send).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use pvdma::{epoch, Domain, GuestRam, Perm};
@@ -68,6 +79,9 @@ pub struct Options {
     /// Tests only: sleep this long between translating a request's
     /// buffers and doing its I/O, to widen races with invalidations.
     pub test_io_delay: Duration,
+    /// Queues offered (`VIRTIO_BLK_F_MQ`, `num_queues` in the config
+    /// space), each served by its own thread: 1..=[`MAX_QUEUES`].
+    pub num_queues: usize,
     /// Tests only: the queue "dies" at this point of the n-th chain taken
     /// from the avail ring (counted from 1 per ring start): it does
     /// nothing more, as if the process had been killed there, and the
@@ -124,6 +138,14 @@ pub struct Stats {
     /// Inflight regions refused (malformed `SET_INFLIGHT_FD`, or a
     /// queue region that could not be trusted at ring start).
     pub inflight_errors: AtomicU64,
+    /// Times a ring stalled (unreachable or corrupt; retried later).
+    pub ring_stalls: AtomicU64,
+    /// Microseconds queue threads spent on misses: from sending them (or
+    /// waiting for the backend channel) to the last answer.
+    pub miss_wait_us: AtomicU64,
+    /// Microseconds the socket thread waited for access sections to end
+    /// before acking an invalidation (or a replacing update).
+    pub quiesce_wait_us: AtomicU64,
 }
 
 impl Stats {
@@ -145,7 +167,8 @@ impl Stats {
              iotlb_refused={} iotlb_invalidations={} iotlb_invalidated_entries={} \
              iotlb_evictions={} \
              requests={} read_bytes={} write_bytes={} io_errors={} refused_accesses={} \
-             bad_chains={} ring_errors={} inflight_resubmitted={} inflight_errors={}",
+             bad_chains={} ring_errors={} inflight_resubmitted={} inflight_errors={} \
+             ring_stalls={} miss_wait_us={} quiesce_wait_us={}",
             g(&self.misses),
             g(&self.miss_failures),
             g(&self.updates),
@@ -163,12 +186,17 @@ impl Stats {
             g(&self.ring_errors),
             g(&self.inflight_resubmitted),
             g(&self.inflight_errors),
+            g(&self.ring_stalls),
+            g(&self.miss_wait_us),
+            g(&self.quiesce_wait_us),
         )
     }
 }
 
-/// Number of queues served.
-pub const NUM_QUEUES: usize = 1;
+/// Most queues (`--num-queues`): each is a thread, and Linux's
+/// virtio-blk uses at most one queue per vCPU, so more than the machine
+/// has cores only adds threads that contend for them.
+pub const MAX_QUEUES: usize = 16;
 /// Largest segment count advertised (`seg_max`).
 const SEG_MAX: u32 = 126;
 
@@ -178,11 +206,14 @@ const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX`: `used_event` / `avail_event` suppress
+/// calls and kicks.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// `VIRTIO_F_ACCESS_PLATFORM` (`iommu_platform=on`).
 pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 
-/// State both threads reach.
+/// State the socket thread and the queue threads reach.
 pub struct Shared {
     /// Guest RAM (guest-physical), published from the memory table.
     pub ram: GuestRam,
@@ -204,20 +235,27 @@ pub struct Shared {
     pub stats: Stats,
     access: RwLock<()>,
     vrings: Vec<Mutex<Slot>>,
+    /// Per queue: its thread's wake-up and miss-wait end.
+    ctl: Vec<QueueCtl>,
     /// The backend channel. The outer lock is held only to clone or
     /// replace the handle, never across a miss wait (which holds the
     /// channel's own lock), so SET_BACKEND_REQ_FD never waits for a miss.
     backend: Mutex<Option<Arc<Mutex<BackendChannel>>>>,
-    /// Ends a miss wait (a ring is being stopped).
-    stop: EventFd,
-    /// Wakes the queue thread (rings changed, exit).
-    wake: EventFd,
     exit: AtomicBool,
     miss_timeout: Duration,
     /// See [`Options::test_io_delay`].
     pub test_io_delay: Duration,
     /// See [`Options::test_crash`].
     pub test_crash: Option<(CrashPoint, u32)>,
+}
+
+/// One queue thread's eventfds.
+struct QueueCtl {
+    /// Ends its miss wait: set when its ring is stopped (GET_VRING_BASE,
+    /// reset, exit), cleared when the ring starts again.
+    stop: EventFd,
+    /// Wakes it (rings changed, exit).
+    wake: EventFd,
 }
 
 impl std::fmt::Debug for Shared {
@@ -245,9 +283,11 @@ impl Shared {
     }
 
     fn quiesce(&self) {
+        let t = Instant::now();
         // Every access section that began before the translations left
         // the table has ended once we get the write lock.
         drop(self.access.write());
+        self.stats.add(&self.stats.quiesce_wait_us, elapsed_us(t));
     }
 }
 
@@ -265,13 +305,20 @@ struct Slot {
 }
 
 impl Slot {
-    /// Tells the driver about the completions not yet signalled.
-    fn signal(&mut self) {
+    /// Tells the driver about the completions not yet signalled, if it
+    /// wants to hear of them (`VIRTIO_RING_F_EVENT_IDX`, see
+    /// [`Vring::wants_signal`]); the caller holds an access section.
+    /// One call per batch: the caller signals at the end of what was
+    /// available (or every `SIGNAL_EVERY` chains), not per chain.
+    fn signal(&mut self, sh: &Shared) {
         if self.unsignalled == 0 {
             return;
         }
-        if let Some(call) = &self.call {
-            let _ = call.write(1);
+        let want = self.ring.as_mut().is_none_or(|r| r.wants_signal(sh));
+        if want {
+            if let Some(call) = &self.call {
+                let _ = call.write(1);
+            }
         }
         self.unsignalled = 0;
     }
@@ -287,7 +334,9 @@ impl Slot {
             self.unsignalled += written;
             self.base = base;
         }
-        self.signal();
+        // The ring is gone: signalled whatever used_event says (a
+        // spurious call is harmless, a stopped ring gets no later one).
+        self.signal(sh);
         self.base
     }
 }
@@ -301,7 +350,7 @@ pub struct Device {
     protocol: u64,
     /// The inflight region of the last `SET_INFLIGHT_FD`.
     inflight: Option<Arc<Region>>,
-    worker: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -326,6 +375,12 @@ pub enum Error {
 impl Device {
     /// A device serving `image`.
     pub fn new(image: File, opts: &Options) -> Result<Device, Error> {
+        if !(1..=MAX_QUEUES).contains(&opts.num_queues) {
+            return Err(Error::Setup(format!(
+                "{} queues: 1 to {MAX_QUEUES}",
+                opts.num_queues
+            )));
+        }
         let len = image
             .metadata()
             .map_err(|e| Error::Setup(format!("image: {e}")))?
@@ -357,31 +412,42 @@ impl Device {
             serial: opts.serial.clone(),
             stats: Stats::default(),
             access: RwLock::new(()),
-            vrings: (0..NUM_QUEUES)
+            vrings: (0..opts.num_queues)
                 .map(|_| Mutex::new(Slot::default()))
                 .collect(),
+            ctl: (0..opts.num_queues)
+                .map(|_| {
+                    Ok(QueueCtl {
+                        stop: ev()?,
+                        wake: ev()?,
+                    })
+                })
+                .collect::<Result<_, Error>>()?,
             backend: Mutex::new(None),
-            stop: ev()?,
-            wake: ev()?,
             exit: AtomicBool::new(false),
             miss_timeout: opts.miss_timeout,
             test_io_delay: opts.test_io_delay,
             test_crash: opts.test_crash,
         });
-        let worker_sh = sh.clone();
-        let worker = std::thread::Builder::new()
-            .name("queues".into())
-            .spawn(move || queue_thread(&worker_sh))
-            .map_err(|e| Error::Setup(format!("spawning the queue thread: {e}")))?;
-        Ok(Device {
+        let mut dev = Device {
             sh,
             iotlb,
             mem: None,
             features: 0,
             protocol: 0,
             inflight: None,
-            worker: Some(worker),
-        })
+            workers: Vec::new(),
+        };
+        for i in 0..opts.num_queues {
+            let worker_sh = dev.sh.clone();
+            let w = std::thread::Builder::new()
+                .name(format!("queue{i}"))
+                .spawn(move || queue_thread(&worker_sh, i))
+                .map_err(|e| Error::Setup(format!("spawning queue thread {i}: {e}")))?;
+            // On an error above, Drop stops the threads started so far.
+            dev.workers.push(w);
+        }
+        Ok(dev)
     }
 
     /// The shared state (counters).
@@ -395,6 +461,7 @@ impl Device {
             | VIRTIO_BLK_F_FLUSH
             | VIRTIO_BLK_F_MQ
             | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_F_VERSION_1
             | VIRTIO_F_ACCESS_PLATFORM
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -412,12 +479,16 @@ impl Device {
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
+    fn num_queues(&self) -> usize {
+        self.sh.vrings.len()
+    }
+
     fn config_space(&self) -> [u8; 256] {
         let mut c = [0u8; 256];
         c[0..8].copy_from_slice(&(self.sh.capacity / SECTOR).to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
-        c[34..36].copy_from_slice(&(NUM_QUEUES as u16).to_le_bytes());
+        c[34..36].copy_from_slice(&(self.num_queues() as u16).to_le_bytes());
         c
     }
 
@@ -437,7 +508,7 @@ impl Device {
             FrontendReq::GET_PROTOCOL_FEATURES => {
                 return reply_u64(conn, &msg, Self::protocol_offered().bits())
             }
-            FrontendReq::GET_QUEUE_NUM => return reply_u64(conn, &msg, NUM_QUEUES as u64),
+            FrontendReq::GET_QUEUE_NUM => return reply_u64(conn, &msg, self.num_queues() as u64),
             FrontendReq::GET_VRING_BASE => return self.get_vring_base(conn, &msg),
             FrontendReq::GET_CONFIG => return self.get_config(conn, &msg),
             FrontendReq::GET_INFLIGHT_FD => return self.get_inflight_fd(conn, &msg),
@@ -560,8 +631,11 @@ impl Device {
         Ok(())
     }
 
+    /// Wakes every queue thread (rings changed, exit).
     fn wake(&self) {
-        let _ = self.sh.wake.write(1);
+        for c in &self.sh.ctl {
+            let _ = c.wake.write(1);
+        }
     }
 
     fn with_slot(
@@ -777,8 +851,11 @@ impl Device {
             };
             (gpa(a.descriptor)?, gpa(a.available)?, gpa(a.used)?)
         };
-        let mut ring =
-            Vring::new(s.size, desc, avail, used, s.base, false).ok_or("invalid ring addresses")?;
+        // A stop of the ring before ends no miss wait of the new one.
+        let _ = self.sh.ctl[index].stop.read();
+        let event_idx = self.features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut ring = Vring::new(s.size, desc, avail, used, s.base, event_idx)
+            .ok_or("invalid ring addresses")?;
         if let Some(region) = &self.inflight {
             ring.inflight = region.queue(index, s.size);
             if ring.inflight.is_none() {
@@ -805,8 +882,10 @@ impl Device {
             }
         );
         // Serve the ring once even without a kick: the driver's kicks
-        // while no backend was connected are lost, and the chains a
-        // killed backend had taken are served again now.
+        // while no backend was connected are lost, it will not kick for
+        // chains it added while the ring was stopped (with EVENT_IDX, not
+        // until its avail index passes our last avail_event), and the
+        // chains a killed backend had taken are served again now.
         if let Some(kick) = &s.kick {
             let _ = kick.write(1);
         }
@@ -892,16 +971,18 @@ impl Device {
         let Some(slot) = self.sh.vrings.get(st.index as usize) else {
             return self.done(conn, msg, Err(format!("no queue {}", { st.index })));
         };
-        // End a miss wait of the queue thread: the frontend handles our
-        // backend channel only after this reply.
-        let _ = self.sh.stop.write(1);
+        // End a miss wait of this queue's thread: the frontend handles
+        // our backend channel only after this reply. The eventfd stays
+        // set until the ring starts again, so a wait that begins later
+        // (the thread was waiting for its turn on the backend channel)
+        // ends at once too.
+        let _ = self.sh.ctl[st.index as usize].stop.write(1);
         let base = {
             // An access section: the completions still held are written
             // to the used ring before the frontend learns the base.
             let _access = self.sh.access.read();
             slot.lock().stop(&self.sh)
         };
-        let _ = self.sh.stop.read();
         log::info!("queue {} stopped at {base}", { st.index });
         conn.reply(
             &msg.hdr,
@@ -945,7 +1026,9 @@ impl Device {
     }
 
     fn reset(&mut self) {
-        let _ = self.sh.stop.write(1);
+        for c in &self.sh.ctl {
+            let _ = c.stop.write(1);
+        }
         {
             let _access = self.sh.access.read();
             for slot in &self.sh.vrings {
@@ -954,7 +1037,6 @@ impl Device {
                 *s = Slot::default();
             }
         }
-        let _ = self.sh.stop.read();
         let sh = self.sh.clone();
         let guard = epoch::pin();
         if let Err(e) = self.iotlb.clear(sh.ram.load(&guard), &mut || sh.quiesce()) {
@@ -962,7 +1044,7 @@ impl Device {
         }
     }
 
-    /// Starts a graceful stop (SIGTERM, an upgrade): the queue thread
+    /// Starts a graceful stop (SIGTERM, an upgrade): each queue thread
     /// takes no new chain, finishes the one in progress on each ring
     /// (misses included: keep answering the frontend meanwhile), writes
     /// and signals its used entries, and ends; [`Device::drained`] tells
@@ -973,9 +1055,9 @@ impl Device {
         self.wake();
     }
 
-    /// Whether the queue thread has ended (after [`Device::begin_drain`]).
+    /// Whether every queue thread has ended (after [`Device::begin_drain`]).
     pub fn drained(&self) -> bool {
-        self.worker.as_ref().is_none_or(|w| w.is_finished())
+        self.workers.iter().all(|w| w.is_finished())
     }
 
     /// Graceful stop: [`Device::begin_drain`], then the frontend's
@@ -1025,9 +1107,11 @@ impl Device {
     /// Stops the queue thread and forgets the guest's memory.
     pub fn shutdown(&mut self) {
         self.sh.exit.store(true, Ordering::Release);
-        let _ = self.sh.stop.write(1);
+        for c in &self.sh.ctl {
+            let _ = c.stop.write(1);
+        }
         self.wake();
-        if let Some(w) = self.worker.take() {
+        for w in self.workers.drain(..) {
             let _ = w.join();
         }
         self.reset();
@@ -1082,53 +1166,91 @@ fn check_eventfd(fd: &OwnedFd) -> Result<(), String> {
     Ok(())
 }
 
+fn elapsed_us(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
 fn reply_u64(conn: &mut Connection, msg: &Message, v: u64) -> Result<(), Error> {
     conn.reply(&msg.hdr, &v.to_ne_bytes())?;
     Ok(())
 }
 
-/// The queue thread: waits for kicks, serves rings, resolves misses.
-fn queue_thread(sh: &Shared) {
-    let mut kicks: Vec<(usize, Arc<EventFd>)> = Vec::new();
-    let mut pfds: Vec<libc::pollfd> = Vec::new();
+/// Queue `i`'s thread: waits for its kick, serves its ring, resolves
+/// its misses.
+///
+/// A ring that stalled (unreachable, or corrupt) is served again after
+/// [`STALL_RETRY_FIRST`], then twice as long each time up to
+/// [`STALL_RETRY_MAX`], as well as on its next kick: with EVENT_IDX the
+/// driver kicks only when its avail index passes the `avail_event` we
+/// wrote last, which a ring that stalled before re-arming never updated,
+/// so the kick may never come.
+fn queue_thread(sh: &Shared, i: usize) {
+    let ctl = &sh.ctl[i];
+    // (when, backoff) of the next retry of a stalled ring
+    let mut retry: Option<(Instant, Duration)> = None;
     while !sh.exit.load(Ordering::Acquire) {
-        kicks.clear();
-        for (i, slot) in sh.vrings.iter().enumerate() {
-            let s = slot.lock();
-            if let (Some(k), true, true) = (&s.kick, s.enabled, s.ring.is_some()) {
-                kicks.push((i, k.clone()));
+        let kick = {
+            let s = sh.vrings[i].lock();
+            match (&s.kick, s.enabled, s.ring.is_some()) {
+                (Some(k), true, true) => Some(k.clone()),
+                _ => None,
             }
-        }
-        pfds.clear();
-        pfds.push(libc::pollfd {
-            fd: sh.wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        for (_, k) in &kicks {
-            pfds.push(libc::pollfd {
-                fd: k.as_raw_fd(),
+        };
+        let mut pfds = [
+            libc::pollfd {
+                fd: ctl.wake.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
-            });
-        }
-        // SAFETY: `pfds` is a valid array of pollfd for the call; the
-        // kick eventfds stay open while we hold their Arcs.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1000) };
+            },
+            libc::pollfd {
+                fd: kick.as_ref().map_or(-1, |k| k.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = retry.map_or(1000, |(at, _)| {
+            at.saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(1000) as i32
+        });
+        // SAFETY: `pfds` is a valid array of pollfd for the call (poll
+        // ignores the entry with fd -1); the kick eventfd stays open
+        // while we hold its Arc.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
         if n < 0 {
             continue;
         }
         if pfds[0].revents != 0 {
-            let _ = sh.wake.read();
+            let _ = ctl.wake.read();
         }
-        for (j, (i, k)) in kicks.iter().enumerate() {
-            if pfds[j + 1].revents != 0 {
-                let _ = k.read();
-                serve_ring(sh, *i);
-            }
+        let Some(k) = &kick else {
+            retry = None;
+            continue;
+        };
+        let kicked = pfds[1].revents != 0;
+        if kicked {
+            let _ = k.read();
+        }
+        let due = retry.is_some_and(|(at, _)| Instant::now() >= at);
+        if kicked || due {
+            retry = if serve_ring(sh, i) {
+                let backoff = match retry {
+                    Some((_, b)) if due => (b * 2).min(STALL_RETRY_MAX),
+                    Some((_, b)) => b,
+                    None => STALL_RETRY_FIRST,
+                };
+                Some((Instant::now() + backoff, backoff))
+            } else {
+                None
+            };
         }
     }
 }
+
+/// First retry of a stalled ring.
+const STALL_RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between retries of a stalled ring.
+const STALL_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Chains served before the call eventfd is signalled even though the
 /// ring is not empty yet, so a driver that keeps the ring full still hears
@@ -1144,45 +1266,60 @@ const SIGNAL_EVERY: u32 = 32;
 /// writing) and GET_VRING_BASE (which takes the ring's mutex) wait for at
 /// most the chain in progress, however busy the ring is, and never for
 /// the ring to drain.
-fn serve_ring(sh: &Shared, i: usize) {
+///
+/// Completions are signalled once per batch: when the ring is found
+/// empty (after re-arming the driver's kick with EVENT_IDX, see
+/// [`Vring::rearm`]), stalls or misses, or every `SIGNAL_EVERY` chains,
+/// and with EVENT_IDX only when `used_event` asks for it.
+///
+/// True when the ring stalled (see `queue_thread`).
+fn serve_ring(sh: &Shared, i: usize) -> bool {
     loop {
         let access = sh.access.read();
         let mut slot = sh.vrings[i].lock();
         if !slot.enabled {
-            return;
+            return false;
         }
         let Some(ring) = slot.ring.as_mut() else {
-            return;
+            return false;
         };
         if sh.exit.load(Ordering::Acquire) && !ring.chain_in_progress() {
             // Draining: no new chain.
-            slot.signal();
-            return;
+            slot.signal(sh);
+            return false;
         }
-        let outcome = ring.step(sh);
+        let outcome = match ring.step(sh) {
+            Step::Empty => ring.rearm(sh),
+            other => other,
+        };
         // Draining (graceful stop): no new chain once the one in progress
         // (retried after its misses) is done.
         let leaving = sh.exit.load(Ordering::Acquire) && !ring.chain_in_progress();
         if outcome == Step::Done {
             slot.unsignalled += 1;
         }
-        if outcome != Step::Done || slot.unsignalled >= SIGNAL_EVERY || leaving {
-            slot.signal();
+        let batch_end = !matches!(outcome, Step::Done | Step::Again);
+        if batch_end || slot.unsignalled >= SIGNAL_EVERY || leaving {
+            slot.signal(sh);
         }
         MutexGuard::unlock_fair(slot);
         RwLockReadGuard::unlock_fair(access);
         match outcome {
-            Step::Done => {}
-            Step::Miss(misses) => resolve_misses(sh, &misses),
-            Step::Empty | Step::Stalled => return,
+            Step::Done | Step::Again => {}
+            Step::Miss(misses) => resolve_misses(sh, i, &misses),
+            Step::Empty => return false,
+            Step::Stalled => {
+                sh.stats.bump(&sh.stats.ring_stalls);
+                return true;
+            }
         }
         if leaving {
-            return;
+            return false;
         }
     }
 }
 
-fn resolve_misses(sh: &Shared, misses: &[(u64, Perm)]) {
+fn resolve_misses(sh: &Shared, i: usize, misses: &[(u64, Perm)]) {
     sh.stats.add(&sh.stats.misses, misses.len() as u64);
     let chan = sh.backend.lock().clone();
     let Some(chan) = chan else {
@@ -1190,7 +1327,13 @@ fn resolve_misses(sh: &Shared, misses: &[(u64, Perm)]) {
         log::warn!("IOTLB miss at {:#x} without a backend channel", misses[0].0);
         return;
     };
-    let answers = chan.lock().iotlb_misses(misses, &sh.stop, sh.miss_timeout);
+    // Another queue thread may hold the channel for its own misses: we
+    // wait for our turn holding nothing (no access section, no ring).
+    let t = Instant::now();
+    let answers = chan
+        .lock()
+        .iotlb_misses(misses, &sh.ctl[i].stop, sh.miss_timeout);
+    sh.stats.add(&sh.stats.miss_wait_us, elapsed_us(t));
     match answers {
         Ok(answers) => {
             for (&(iova, perm), ok) in misses.iter().zip(answers) {

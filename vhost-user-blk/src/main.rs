@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use pvdma_vhost_user_blk::device::{Device, Mode, Options};
+use pvdma_vhost_user_blk::device::{Device, Mode, Options, MAX_QUEUES};
 use pvdma_vhost_user_blk::proto::{self, Connection};
 
 const USAGE: &str = "\
@@ -36,6 +36,9 @@ Options:
                           reserved window, one slice per descriptor
   --window-bits N         window size 2^N bytes (window mode; default 39)
   --serial ID             answer to GET_ID (default: pvdma-vhost)
+  --num-queues N          queues offered (VIRTIO_BLK_F_MQ), each served by
+                          a thread of its own: 1 (default) to 16; the
+                          frontend's num-queues must not exceed it
   --max-iotlb-entries N   most IOTLB entries held (default 65536; fewer in
                           window mode); a full IOTLB evicts the oldest
   --miss-timeout-ms N     wait for a miss's answer at most N ms (default 5000)
@@ -80,6 +83,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         window_bits: 39,
         test_io_delay: Duration::ZERO,
         test_crash: None,
+        num_queues: 1,
     };
     let mut drain_timeout = Duration::from_secs(3);
     let mut connect_timeout = None;
@@ -126,6 +130,13 @@ fn parse_args() -> Result<Option<Args>, String> {
                 opts.window_bits = b as u32;
             }
             "--serial" => opts.serial = val()?,
+            "--num-queues" => {
+                let n = num(val()?)?;
+                if !(1..=MAX_QUEUES as u64).contains(&n) {
+                    return Err(format!("--num-queues: 1..={MAX_QUEUES}"));
+                }
+                opts.num_queues = n as usize;
+            }
             "--max-iotlb-entries" => opts.max_entries = num(val()?)?.max(1) as usize,
             "--miss-timeout-ms" => opts.miss_timeout = Duration::from_millis(num(val()?)?),
             "--connect-timeout" => connect_timeout = Some(Duration::from_secs(num(val()?)?)),

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use pvdma_vhost_user_blk::blk::MISS_TRIES;
 use pvdma_vhost_user_blk::device::{
-    CrashPoint, Device, Mode, Options, Stats, VIRTIO_F_ACCESS_PLATFORM,
+    CrashPoint, Device, Mode, Options, Shared, Stats, VIRTIO_F_ACCESS_PLATFORM,
 };
 use pvdma_vhost_user_blk::proto::{
     read_pod, Connection, Header, IotlbType, VhostUserIotlb, FLAG_NEED_REPLY, FLAG_REPLY, VERSION,
@@ -61,11 +61,23 @@ struct Frontend {
     drain: std::sync::Arc<EventFd>,
     avail_idx: u16,
     used_seen: u16,
+    /// Queues 1.. (queue 0 is the fields above).
+    more: Vec<MoreQueue>,
+    /// The device's shared state (its counters, read while it runs).
+    sh: Option<std::sync::Arc<Shared>>,
     image_path: std::path::PathBuf,
     /// The inflight region the backend gave (`Inflight::Get`), kept as
     /// QEMU keeps it, and its description.
     inflight: Option<(OwnedFd, VhostUserInflight)>,
     _dir: TempDir,
+}
+
+/// A queue after the first: its eventfds and indices.
+struct MoreQueue {
+    kick: EventFd,
+    call: EventFd,
+    avail_idx: u16,
+    used_seen: u16,
 }
 
 /// How a connection handles the inflight region.
@@ -92,8 +104,14 @@ struct Setup {
     /// Send the rings' IOTLB update before starting them (a reconnect
     /// leaves it to the backend's misses).
     map_rings: bool,
-    /// SET_VRING_BASE.
+    /// SET_VRING_BASE (of every queue started).
     base: u16,
+    /// The backend's `--num-queues`.
+    num_queues: usize,
+    /// Queues the frontend starts (0..started).
+    started: usize,
+    /// Feature bits the frontend does not accept.
+    features_off: u64,
 }
 
 impl Setup {
@@ -107,8 +125,25 @@ impl Setup {
             table_size: RAM,
             map_rings: true,
             base: 0,
+            num_queues: 1,
+            started: 1,
+            features_off: 0,
         }
     }
+}
+
+/// RAM offset of queue `q`'s descriptor table (avail ring at +0x1000,
+/// used ring at +0x2000), and the IOVA the three pages are mapped at.
+fn ring_off(q: usize) -> u64 {
+    if q == 0 {
+        0
+    } else {
+        0xa0000 + (q as u64 - 1) * 0x4000
+    }
+}
+
+fn ring_iova(q: usize) -> u64 {
+    RING_IOVA + q as u64 * 0x10000
 }
 
 struct TempDir(std::path::PathBuf);
@@ -182,6 +217,15 @@ impl Frontend {
             drain: std::sync::Arc::new(EventFd::new(0).unwrap()),
             avail_idx: 0,
             used_seen: 0,
+            more: (1..setup.started.max(1))
+                .map(|_| MoreQueue {
+                    kick: EventFd::new(0).unwrap(),
+                    call: EventFd::new(0).unwrap(),
+                    avail_idx: 0,
+                    used_seen: 0,
+                })
+                .collect(),
+            sh: None,
             image_path,
             inflight: None,
             _dir: TempDir(dir),
@@ -207,13 +251,16 @@ impl Frontend {
             window_bits: 32,
             test_io_delay: setup.test_io_delay,
             test_crash: setup.test_crash,
+            num_queues: setup.num_queues,
         };
         let (front, back) = UnixStream::pair().unwrap();
         let drain = std::sync::Arc::new(EventFd::new(0).unwrap());
         self.drain = drain.clone();
+        let (sh_tx, sh_rx) = std::sync::mpsc::channel();
         self.backend = Some(std::thread::spawn(move || {
             let mut conn = Connection::new(back);
             let mut dev = Device::new(image, &opts).unwrap();
+            sh_tx.send(dev.shared().clone()).unwrap();
             loop {
                 let mut p = [
                     libc::pollfd {
@@ -243,6 +290,7 @@ impl Frontend {
             dev.shutdown();
             dev
         }));
+        self.sh = Some(sh_rx.recv().unwrap());
         self.handshake(front, setup);
     }
 
@@ -254,7 +302,11 @@ impl Frontend {
         let f = self;
         let features = f.get_u64(FrontendReq::GET_FEATURES);
         assert_ne!(features & VIRTIO_F_ACCESS_PLATFORM, 0);
-        f.send_u64(FrontendReq::SET_FEATURES, features, false);
+        f.send_u64(
+            FrontendReq::SET_FEATURES,
+            features & !setup.features_off,
+            false,
+        );
         let proto = f.get_u64(FrontendReq::GET_PROTOCOL_FEATURES);
         assert_ne!(
             proto & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits(),
@@ -288,32 +340,13 @@ impl Frontend {
             true,
         );
         drop(chan_theirs);
-        if setup.map_rings {
-            f.update(RING_IOVA, 0x3000, 0, 3);
+        for q in 0..setup.started {
+            let iova = ring_iova(q);
+            if setup.map_rings {
+                f.update(iova, 0x3000, ring_off(q), 3);
+            }
+            f.start_queue(q, iova, iova + 0x2000, iova + 0x1000, setup.base);
         }
-        f.send(
-            FrontendReq::SET_VRING_NUM,
-            &state(0, u32::from(QSIZE)),
-            &[],
-            true,
-        );
-        f.send(
-            FrontendReq::SET_VRING_BASE,
-            &state(0, u32::from(setup.base)),
-            &[],
-            true,
-        );
-        let mut addr = Vec::new();
-        addr.extend_from_slice(&0u32.to_ne_bytes());
-        addr.extend_from_slice(&0u32.to_ne_bytes());
-        for v in [RING_IOVA, RING_IOVA + 0x2000, RING_IOVA + 0x1000, 0] {
-            addr.extend_from_slice(&v.to_ne_bytes());
-        }
-        f.send(FrontendReq::SET_VRING_ADDR, &addr, &[], true);
-        let (k, c) = (f.kick.as_raw_fd(), f.call.as_raw_fd());
-        f.send(FrontendReq::SET_VRING_KICK, &0u64.to_ne_bytes(), &[k], true);
-        f.send(FrontendReq::SET_VRING_CALL, &0u64.to_ne_bytes(), &[c], true);
-        f.send(FrontendReq::SET_VRING_ENABLE, &state(0, 1), &[], true);
     }
 
     /// The backend "dies" (its connection is dropped; with a
@@ -373,6 +406,80 @@ impl Frontend {
     fn set_inflight(&mut self, fd: i32, msg: VhostUserInflight) -> u64 {
         self.send(FrontendReq::SET_INFLIGHT_FD, msg.as_slice(), &[fd], true)
             .unwrap()
+    }
+
+    /// Sets queue `q` up with its rings at these IOVAs and starts it;
+    /// asserts every step is acked.
+    fn start_queue(&mut self, q: usize, desc: u64, used: u64, avail: u64, base: u16) {
+        let qi = q as u32;
+        let acks = [
+            self.send(
+                FrontendReq::SET_VRING_NUM,
+                &state(qi, u32::from(QSIZE)),
+                &[],
+                true,
+            ),
+            self.send(
+                FrontendReq::SET_VRING_BASE,
+                &state(qi, u32::from(base)),
+                &[],
+                true,
+            ),
+            {
+                let mut addr = Vec::new();
+                addr.extend_from_slice(&qi.to_ne_bytes());
+                addr.extend_from_slice(&0u32.to_ne_bytes());
+                for v in [desc, used, avail, 0] {
+                    addr.extend_from_slice(&v.to_ne_bytes());
+                }
+                self.send(FrontendReq::SET_VRING_ADDR, &addr, &[], true)
+            },
+            {
+                let k = self.kick_of(q).as_raw_fd();
+                self.send(
+                    FrontendReq::SET_VRING_KICK,
+                    &u64::from(qi).to_ne_bytes(),
+                    &[k],
+                    true,
+                )
+            },
+            {
+                let c = self.call_of(q).as_raw_fd();
+                self.send(
+                    FrontendReq::SET_VRING_CALL,
+                    &u64::from(qi).to_ne_bytes(),
+                    &[c],
+                    true,
+                )
+            },
+            self.send(FrontendReq::SET_VRING_ENABLE, &state(qi, 1), &[], true),
+        ];
+        assert!(
+            acks.iter().all(|a| *a == Some(0)),
+            "queue {q} set-up refused: {acks:?}"
+        );
+    }
+
+    /// The connected backend's shared state (its counters, read while it
+    /// runs).
+    fn sh(&self) -> &Shared {
+        self.sh.as_ref().expect("a backend connected")
+    }
+
+    fn kick_of(&self, q: usize) -> &EventFd {
+        if q == 0 {
+            &self.kick
+        } else {
+            &self.more[q - 1].kick
+        }
+    }
+
+    fn call_of(&self, q: usize) -> &EventFd {
+        if q == 0 {
+            &self.call
+        } else {
+            &self.more[q - 1].call
+        }
     }
 
     fn send(
@@ -464,6 +571,18 @@ impl Frontend {
 
     /// As `submit`, with the chain at descriptors `first..`.
     fn submit_at(&mut self, first: u16, descs: &[(u64, u32, bool)]) {
+        self.submit_q(0, first, descs);
+    }
+
+    /// As `submit_at`, on queue `q`.
+    fn submit_q(&mut self, q: usize, first: u16, descs: &[(u64, u32, bool)]) {
+        self.post_q(q, first, descs);
+        self.kick_of(q).write(1).unwrap();
+    }
+
+    /// As `submit_q`, without the kick.
+    fn post_q(&mut self, q: usize, first: u16, descs: &[(u64, u32, bool)]) {
+        let base = ring_off(q);
         for (j, &(addr, len, write)) in descs.iter().enumerate() {
             let i = usize::from(first) + j;
             let mut flags = 0u16;
@@ -473,18 +592,23 @@ impl Frontend {
             if write {
                 flags |= 2;
             }
-            let at = i as u64 * 16;
+            let at = base + i as u64 * 16;
             self.put(at, addr.to_le());
             self.put(at + 8, len.to_le());
             self.put(at + 12, flags.to_le());
             self.put(at + 14, ((i + 1) as u16).to_le());
         }
-        let slot = u64::from(self.avail_idx % QSIZE);
-        self.put(0x1000 + 4 + 2 * slot, first);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
+        let avail = if q == 0 {
+            &mut self.avail_idx
+        } else {
+            &mut self.more[q - 1].avail_idx
+        };
+        let slot = u64::from(*avail % QSIZE);
+        *avail = avail.wrapping_add(1);
+        let idx = *avail;
+        self.put(base + 0x1000 + 4 + 2 * slot, first);
         std::sync::atomic::fence(Ordering::SeqCst);
-        self.put(0x1000 + 2, self.avail_idx.to_le());
-        self.kick.write(1).unwrap();
+        self.put(base + 0x1000 + 2, idx.to_le());
     }
 
     /// Serves misses until the chain comes back: `answer(iova, perm)`
@@ -494,21 +618,40 @@ impl Frontend {
         &mut self,
         answer: &mut dyn FnMut(&mut Frontend, u64, u8) -> bool,
     ) -> (u32, Vec<(u64, u8)>) {
+        self.complete_q(0, Duration::from_secs(20), answer)
+    }
+
+    /// As `complete`, on queue `q`, giving up (failing) after `limit`.
+    fn complete_q(
+        &mut self,
+        q: usize,
+        limit: Duration,
+        answer: &mut dyn FnMut(&mut Frontend, u64, u8) -> bool,
+    ) -> (u32, Vec<(u64, u8)>) {
         let mut misses = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + limit;
+        let used_at = ring_off(q) + 0x2000;
         loop {
-            let used = self.get_u16(0x2000 + 2);
-            if used != self.used_seen {
-                let slot = u64::from(self.used_seen % QSIZE);
+            let used = self.get_u16(used_at + 2);
+            let seen = if q == 0 {
+                &mut self.used_seen
+            } else {
+                &mut self.more[q - 1].used_seen
+            };
+            if used != *seen {
+                let slot = u64::from(*seen % QSIZE);
+                *seen = seen.wrapping_add(1);
                 let len = u32::from_le_bytes(
-                    self.ram_slice(0x2000 + 4 + 8 * slot + 4, 4)
+                    self.ram_slice(used_at + 4 + 8 * slot + 4, 4)
                         .try_into()
                         .unwrap(),
                 );
-                self.used_seen = self.used_seen.wrapping_add(1);
                 return (len, misses);
             }
-            assert!(std::time::Instant::now() < deadline, "no completion");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no completion on queue {q}"
+            );
             let mut pfd = libc::pollfd {
                 fd: self.chan.as_raw_fd(),
                 events: libc::POLLIN,
@@ -574,6 +717,9 @@ fn copy_stats(s: &Stats) -> Stats {
         ring_errors: g(&s.ring_errors),
         inflight_resubmitted: g(&s.inflight_resubmitted),
         inflight_errors: g(&s.inflight_errors),
+        ring_stalls: g(&s.ring_stalls),
+        miss_wait_us: g(&s.miss_wait_us),
+        quiesce_wait_us: g(&s.quiesce_wait_us),
     }
 }
 
@@ -2161,4 +2307,645 @@ fn a_stuck_drain_gives_up_and_leaves_the_chain_in_flight() {
     assert!(text.contains("did not finish within 200 ms"), "{text}");
     assert_eq!((shm.inflight(0), shm.used_idx()), (1, 0));
     assert_eq!(used_idx(f.ram as usize), 0);
+}
+
+// --- several queues, EVENT_IDX (issue 21) --------------------------------
+
+/// Queue 1's header and status pages (queue 0 has HDR and STATUS).
+const HDR1: Buf = Buf {
+    off: 0xb0000,
+    iova: 0x5100_0000,
+    len: 16,
+};
+const STATUS1: Buf = Buf {
+    off: 0xb1000,
+    iova: 0x5100_1000,
+    len: 1,
+};
+
+/// Maps queue 1's header (RO) and status (WO) pages, writes the header.
+fn prepare1(f: &mut Frontend, rtype: u32, sector: u64) {
+    f.update(HDR1.iova, 0x1000, HDR1.off, 1);
+    f.update(STATUS1.iova, 0x1000, STATUS1.off, 2);
+    f.ram_slice(HDR1.off, 16)
+        .copy_from_slice(&header(rtype, sector));
+    f.ram_slice(STATUS1.off, 1)[0] = 0xee;
+}
+
+fn answer_all(f: &mut Frontend, iova: u64, _: u8) -> bool {
+    // Only the data pages of these tests miss: map the one asked for.
+    let (base, off) = match iova & !0xfff {
+        0x5200_0000 => (0x5200_0000, 0xb2000),
+        0x5300_0000 => (0x5300_0000, 0xb3000),
+        _ => return false,
+    };
+    f.update(base, 0x1000, off, 3);
+    true
+}
+
+/// Two queues, each served by its own thread: queue 1's requests are
+/// served while queue 0's thread waits for the answer to a miss (with
+/// one thread for every ring, queue 1 would wait for that answer: seen
+/// failing with both rings polled by thread 0), and the data each queue
+/// wrote reads back right through the other.
+#[test]
+fn two_queues_are_served_concurrently() {
+    let mut f = Frontend::start_setup(Setup {
+        num_queues: 2,
+        started: 2,
+        ..Setup::new(Mode::Sg)
+    });
+    let ram = f.ram as usize;
+    let a: Vec<u8> = (0..0x1000u32).map(|i| (i * 13 + 1) as u8).collect();
+    let b: Vec<u8> = (0..0x1000u32).map(|i| (i * 29 + 7) as u8).collect();
+    // queue 0 writes `a` at sector 8 from a page the IOTLB lacks
+    prepare(&mut f, 1, 8);
+    f.ram_slice(0xb2000, 0x1000).copy_from_slice(&a);
+    f.submit_q(
+        0,
+        0,
+        &[
+            (HDR.iova, 16, false),
+            (0x5200_0000, 0x1000, false),
+            (STATUS.iova, 1, true),
+        ],
+    );
+    // its miss arrives; it stays unanswered for now
+    let mut m = [0u8; 44];
+    f.chan
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    f.chan.read_exact(&mut m).unwrap();
+    let miss_hdr: Header = read_pod(&m[..12]).unwrap();
+    let miss: VhostUserIotlb = read_pod(&m[12..]).unwrap();
+    assert_eq!(miss.iova & !0xfff, 0x5200_0000);
+    // queue 1 writes `b` at sector 16 meanwhile
+    prepare1(&mut f, 1, 16);
+    f.update(0x5300_0000, 0x1000, 0xb3000, 3);
+    f.ram_slice(0xb3000, 0x1000).copy_from_slice(&b);
+    f.submit_q(
+        1,
+        0,
+        &[
+            (HDR1.iova, 16, false),
+            (0x5300_0000, 0x1000, false),
+            (STATUS1.iova, 1, true),
+        ],
+    );
+    // well within the backend's miss timeout (10 s)
+    let (len, _) = f.complete_q(1, Duration::from_secs(5), &mut refuse);
+    assert_eq!(len, 1);
+    assert_eq!(f.ram_slice(STATUS1.off, 1)[0], 0);
+    // SAFETY: inside our RAM mapping (queue 0's used index).
+    let used0 = unsafe { std::ptr::read_volatile((ram + 0x2002) as *const u16) };
+    assert_eq!(used0, 0, "queue 0 completed without its translation");
+    // now answer queue 0's miss
+    answer_all(&mut f, miss.iova, miss.perm);
+    let r = Header {
+        request: miss_hdr.request,
+        flags: VERSION | FLAG_REPLY,
+        size: 8,
+    };
+    let mut out = r.as_slice().to_vec();
+    out.extend_from_slice(&0u64.to_ne_bytes());
+    f.chan.write_all(&out).unwrap();
+    let (len, _) = f.complete_q(0, Duration::from_secs(20), &mut answer_all);
+    assert_eq!(len, 1);
+    assert_eq!(f.ram_slice(STATUS.off, 1)[0], 0);
+    let img = f.image();
+    assert_eq!(&img[8 * 512..8 * 512 + 0x1000], &a[..]);
+    assert_eq!(&img[16 * 512..16 * 512 + 0x1000], &b[..]);
+    // read back crosswise, both queues at once
+    f.ram_slice(HDR.off, 16).copy_from_slice(&header(0, 16));
+    f.ram_slice(HDR1.off, 16).copy_from_slice(&header(0, 8));
+    f.ram_slice(0xb2000, 0x1000).fill(0);
+    f.ram_slice(0xb3000, 0x1000).fill(0);
+    f.submit_q(
+        0,
+        0,
+        &[
+            (HDR.iova, 16, false),
+            (0x5200_0000, 0x1000, true),
+            (STATUS.iova, 1, true),
+        ],
+    );
+    f.submit_q(
+        1,
+        0,
+        &[
+            (HDR1.iova, 16, false),
+            (0x5300_0000, 0x1000, true),
+            (STATUS1.iova, 1, true),
+        ],
+    );
+    assert_eq!(
+        f.complete_q(0, Duration::from_secs(20), &mut answer_all).0,
+        0x1001
+    );
+    assert_eq!(
+        f.complete_q(1, Duration::from_secs(20), &mut answer_all).0,
+        0x1001
+    );
+    assert_eq!(f.ram_slice(0xb2000, 0x1000), &b[..]);
+    assert_eq!(f.ram_slice(0xb3000, 0x1000), &a[..]);
+    let s = f.finish();
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
+    // queue 0's first request is parsed before and after its miss
+    assert_eq!(s.requests.load(Ordering::Relaxed), 5);
+}
+
+/// An invalidation acked while both queues have reads into the pages it
+/// removes in flight: once the ack is in, neither queue's thread writes
+/// them (the ack waits out the access sections of every queue thread;
+/// seen failing with queue 1's thread serving outside the access lock).
+#[test]
+fn invalidation_waits_for_every_queue() {
+    let mut f = Frontend::start_setup(Setup {
+        num_queues: 2,
+        started: 2,
+        test_io_delay: Duration::from_millis(2),
+        ..Setup::new(Mode::Sg)
+    });
+    std::fs::write(&f.image_path, vec![0x5au8; IMAGE as usize]).unwrap();
+    let pages = [0x60000u64, 0x61000];
+    prepare(&mut f, 0, 0);
+    prepare1(&mut f, 0, 0);
+    let mut failed = [0u32; 2];
+    for round in 0..20 {
+        f.update(0x7500_0000, 0x1000, pages[0], 3);
+        f.update(0x7500_1000, 0x1000, pages[1], 3);
+        for c in 0..5u16 {
+            f.submit_q(
+                0,
+                c * 3,
+                &[
+                    (HDR.iova, 16, false),
+                    (0x7500_0000, 0x1000, true),
+                    (STATUS.iova, 1, true),
+                ],
+            );
+            f.submit_q(
+                1,
+                c * 3,
+                &[
+                    (HDR1.iova, 16, false),
+                    (0x7500_1000, 0x1000, true),
+                    (STATUS1.iova, 1, true),
+                ],
+            );
+        }
+        f.invalidate(0x7500_0000, 0x2000);
+        for p in pages {
+            f.ram_slice(p, 0x1000).fill(0x33);
+        }
+        for _ in 0..5 {
+            for (q, n) in failed.iter_mut().enumerate() {
+                let (len, _) = f.complete_q(q, Duration::from_secs(20), &mut refuse);
+                *n += u32::from(len == 1);
+            }
+        }
+        for (q, p) in pages.iter().enumerate() {
+            assert!(
+                f.ram_slice(*p, 0x1000).iter().all(|&b| b == 0x33),
+                "round {round}: queue {q}'s page was written after the invalidation was acked"
+            );
+        }
+    }
+    assert!(
+        failed.iter().all(|&n| n >= 1),
+        "the invalidation never caught a request on each queue: {failed:?}"
+    );
+    f.finish();
+}
+
+/// `used_event` and `avail_event` offsets of queue 0 (QSIZE entries).
+const USED_EVENT: u64 = 0x1000 + 4 + 2 * QSIZE as u64;
+const AVAIL_EVENT: u64 = 0x2000 + 4 + 8 * QSIZE as u64;
+
+/// Reads the call eventfd's counter without blocking: the calls since
+/// the last read.
+fn calls(call: &EventFd) -> u64 {
+    let mut pfd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
+        return 0;
+    }
+    call.read().unwrap()
+}
+
+/// With EVENT_IDX: no call while `used_event` says the driver does not
+/// want one, one call when it does (counted on the eventfd: a backend
+/// that signals every batch leaves 2 there), and the backend asks for a
+/// kick at the next chain (`avail_event`).
+#[test]
+fn event_idx_suppresses_calls() {
+    let mut f = Frontend::start(Mode::Sg);
+    let features = f.get_u64(FrontendReq::GET_FEATURES);
+    assert_ne!(
+        features & pvdma_vhost_user_blk::device::VIRTIO_RING_F_EVENT_IDX,
+        0,
+        "EVENT_IDX not offered"
+    );
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let read = [
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ];
+    assert_eq!(calls(&f.call), 0);
+    // the driver wants a call only after used index 0x8000
+    f.put(USED_EVENT, 0x8000u16.to_le());
+    f.submit(&read);
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while f.get_u16(AVAIL_EVENT) != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "avail_event never asked for a kick at the next chain"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // ... then after the next completion (used index 1 -> 2)
+    f.put(USED_EVENT, 1u16.to_le());
+    f.submit(&read);
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    let mut pfd = libc::pollfd {
+        fd: f.call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, 20_000) };
+    assert_eq!(n, 1, "no call");
+    // Stopping the ring lets every decision be taken (and a stop does
+    // not signal for completions already decided on).
+    f.vring_base();
+    assert_eq!(
+        calls(&f.call),
+        1,
+        "calls: one wanted (used_event 1), none for used_event 0x8000"
+    );
+    f.finish();
+}
+
+/// Hostile EVENT_IDX values: random `used_event`s, and a queue whose
+/// `used_event` and `avail_event` lie in pages the IOTLB refuses. Every
+/// request completes, calls still come when `used_event` cannot be read,
+/// and the device goes on answering (no hang, no panic).
+#[test]
+fn hostile_event_idx_is_harmless() {
+    let mut f = Frontend::start_setup(Setup {
+        num_queues: 2,
+        ..Setup::new(Mode::Sg)
+    });
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let read = [
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ];
+    let mut x = 0x1234_5678u32;
+    for _ in 0..40 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        f.put(USED_EVENT, (x as u16).to_le());
+        f.put(AVAIL_EVENT, ((x >> 16) as u16).to_le());
+        f.submit(&read);
+        assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    }
+    // Queue 1 by hand: its avail ring ends right before an unmapped page
+    // (where used_event is), its used ring too (avail_event).
+    let more = MoreQueue {
+        kick: EventFd::new(0).unwrap(),
+        call: EventFd::new(0).unwrap(),
+        avail_idx: 0,
+        used_seen: 0,
+    };
+    f.more.push(more);
+    let base = ring_iova(1);
+    let avail = base + 0x2000 - (4 + 2 * u64::from(QSIZE));
+    let used = base + 0x4000 - (4 + 8 * u64::from(QSIZE));
+    // desc at base (RAM 0xa0000), avail's page at base + 0x1000 (RAM
+    // 0xa1000), used's page at base + 0x3000 (RAM 0xa2000)
+    f.update(base, 0x2000, 0xa0000, 3);
+    f.update(base + 0x3000, 0x1000, 0xa2000, 3);
+    f.start_queue(1, base, used, avail, 0);
+    prepare1(&mut f, 0, 0);
+    f.update(0x7600_0000, 0x1000, 0x61000, 3);
+    for round in 0..3u16 {
+        // the avail ring at RAM 0xa2000 - 36 (its page's end)
+        let ring = 0xa2000 - (4 + 2 * u64::from(QSIZE));
+        f.put(0xa0000, HDR1.iova.to_le());
+        f.put(0xa0000 + 8, 16u32.to_le());
+        f.put(0xa0000 + 12, 1u16.to_le());
+        f.put(0xa0000 + 14, 1u16.to_le());
+        f.put(0xa0000 + 16, 0x7600_0000u64.to_le());
+        f.put(0xa0000 + 24, 0x1000u32.to_le());
+        f.put(0xa0000 + 28, 3u16.to_le());
+        f.put(0xa0000 + 30, 2u16.to_le());
+        f.put(0xa0000 + 32, STATUS1.iova.to_le());
+        f.put(0xa0000 + 40, 1u32.to_le());
+        f.put(0xa0000 + 44, 2u16.to_le());
+        f.put(ring + 4 + 2 * u64::from(round % QSIZE), 0u16.to_le());
+        std::sync::atomic::fence(Ordering::SeqCst);
+        f.put(ring + 2, (round + 1).to_le());
+        f.more[0].kick.write(1).unwrap();
+        // misses for the unmapped event fields are refused
+        let used_ram = 0xa3000 - (4 + 8 * u64::from(QSIZE));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while f.get_u16(used_ram + 2) != round + 1 {
+            assert!(std::time::Instant::now() < deadline, "queue 1 hung");
+            let mut pfd = libc::pollfd {
+                fd: f.chan.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 10) } > 0 {
+                f.refuse_misses(1);
+            }
+        }
+        assert_eq!(f.ram_slice(STATUS1.off, 1)[0], 0);
+        let mut pfd = libc::pollfd {
+            fd: f.more[0].call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, 20_000) };
+        assert_eq!(n, 1, "no call though used_event cannot be read");
+        f.more[0].call.read().unwrap();
+        f.ram_slice(STATUS1.off, 1)[0] = 0xee;
+    }
+    // the device still answers, and queue 0 still serves
+    let v = f
+        .send(FrontendReq::GET_VRING_BASE, &state(1, 0), &[], true)
+        .unwrap();
+    assert_eq!((v >> 32) as u16, 3);
+    f.submit(&read);
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    let s = f.finish();
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
+}
+
+/// The backend offers `--num-queues` queues (GET_QUEUE_NUM, `num_queues`
+/// in the config space, VIRTIO_BLK_F_MQ), refuses a queue past them, and
+/// refuses to be set up with none or too many.
+#[test]
+fn queues_past_the_offer_are_refused() {
+    let mut f = Frontend::start_setup(Setup {
+        num_queues: 3,
+        started: 2,
+        ..Setup::new(Mode::Sg)
+    });
+    assert_eq!(f.get_u64(FrontendReq::GET_QUEUE_NUM), 3);
+    assert_ne!(f.get_u64(FrontendReq::GET_FEATURES) & (1 << 12), 0, "MQ");
+    // GET_CONFIG of num_queues (offset 34, 2 bytes)
+    let mut cfg = Vec::new();
+    for v in [34u32, 2, 0] {
+        cfg.extend_from_slice(&v.to_ne_bytes());
+    }
+    cfg.extend_from_slice(&[0, 0]);
+    f.send(FrontendReq::GET_CONFIG, &cfg, &[], false);
+    let mut h = [0u8; 12];
+    f.sock.read_exact(&mut h).unwrap();
+    let h: Header = read_pod(&h).unwrap();
+    let mut p = vec![0u8; h.size as usize];
+    f.sock.read_exact(&mut p).unwrap();
+    assert_eq!(p.len(), 14);
+    assert_eq!(u16::from_le_bytes([p[12], p[13]]), 3);
+    for req in [FrontendReq::SET_VRING_NUM, FrontendReq::SET_VRING_ENABLE] {
+        assert_ne!(
+            f.send(req, &state(3, 1), &[], true),
+            Some(0),
+            "{req:?} of queue 3 accepted"
+        );
+    }
+    let k = EventFd::new(0).unwrap();
+    assert_ne!(
+        f.send(
+            FrontendReq::SET_VRING_KICK,
+            &3u64.to_ne_bytes(),
+            &[k.as_raw_fd()],
+            true
+        ),
+        Some(0)
+    );
+    f.finish();
+    for n in [0, pvdma_vhost_user_blk::device::MAX_QUEUES + 1] {
+        let image = tempimage();
+        let opts = Options {
+            mode: Mode::Sg,
+            readonly: false,
+            serial: String::new(),
+            miss_timeout: Duration::from_secs(1),
+            max_entries: 16,
+            window_bits: 32,
+            test_io_delay: Duration::ZERO,
+            test_crash: None,
+            num_queues: n,
+        };
+        assert!(Device::new(image, &opts).is_err(), "{n} queues accepted");
+    }
+}
+
+fn tempimage() -> std::fs::File {
+    let fd = memfd(IMAGE);
+    std::fs::File::from(fd)
+}
+
+/// Reads one miss from the backend channel (waiting up to 20 s): its
+/// header and body.
+fn read_miss(f: &mut Frontend) -> (Header, VhostUserIotlb) {
+    let mut m = [0u8; 44];
+    f.chan
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    f.chan.read_exact(&mut m).unwrap();
+    (read_pod(&m[..12]).unwrap(), read_pod(&m[12..]).unwrap())
+}
+
+/// Answers a miss read with `read_miss`: ok (after mapping what
+/// `answer_all` maps) or refused.
+fn reply_miss(f: &mut Frontend, h: &Header, ok: bool) {
+    let r = Header {
+        request: h.request,
+        flags: VERSION | FLAG_REPLY,
+        size: 8,
+    };
+    let mut out = r.as_slice().to_vec();
+    out.extend_from_slice(&u64::from(!ok).to_ne_bytes());
+    f.chan.write_all(&out).unwrap();
+}
+
+/// Two queue threads miss at once: queue 1's waits for the backend
+/// channel while queue 0's waits for its answer, and queue 1's ring is
+/// stopped meanwhile. When queue 1's thread gets the channel it sends its
+/// miss but does not wait for the answer (its ring is stopped; a
+/// frontend stopping a device need not answer), so queue 0's next miss
+/// goes out at once instead of after the miss timeout (10 s here; seen
+/// failing when GET_VRING_BASE cleared the stop right after the stop).
+#[test]
+fn a_stopped_queue_does_not_hold_the_channel() {
+    let mut f = Frontend::start_setup(Setup {
+        num_queues: 2,
+        started: 2,
+        ..Setup::new(Mode::Sg)
+    });
+    let misses = |f: &Frontend| f.sh().stats.misses.load(Ordering::Relaxed);
+    let ram = f.ram as usize;
+    // queue 0 reads into a page the IOTLB lacks; its miss stays unanswered
+    prepare(&mut f, 0, 0);
+    f.submit_q(
+        0,
+        0,
+        &[
+            (HDR.iova, 16, false),
+            (0x5200_0000, 0x1000, true),
+            (STATUS.iova, 1, true),
+        ],
+    );
+    let (h0, m0) = read_miss(&mut f);
+    assert_eq!(m0.iova & !0xfff, 0x5200_0000);
+    // queue 1 too: its thread counts its miss, then waits for the channel
+    prepare1(&mut f, 0, 0);
+    f.submit_q(
+        1,
+        0,
+        &[
+            (HDR1.iova, 16, false),
+            (0x5300_0000, 0x1000, true),
+            (STATUS1.iova, 1, true),
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while misses(&f) < 2 {
+        assert!(std::time::Instant::now() < deadline, "queue 1 never missed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let v = f
+        .send(FrontendReq::GET_VRING_BASE, &state(1, 0), &[], true)
+        .unwrap();
+    assert_eq!((v >> 32) as u16, 0, "queue 1's chain is not done");
+    // queue 0's miss answered: it completes, and queue 1's thread gets the
+    // channel and sends its miss, which we leave unanswered for now
+    answer_all(&mut f, m0.iova, m0.perm);
+    reply_miss(&mut f, &h0, true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // SAFETY: inside our RAM mapping (queue 0's used index).
+    while unsafe { std::ptr::read_volatile((ram + 0x2002) as *const u16) } != 1 {
+        assert!(std::time::Instant::now() < deadline, "queue 0 hung");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (h1, m1) = read_miss(&mut f);
+    assert_eq!(m1.iova & !0xfff, 0x5300_0000);
+    // queue 0 misses again: its miss must come well within the timeout
+    f.invalidate(0x5200_0000, 0x1000);
+    f.submit_q(
+        0,
+        0,
+        &[
+            (HDR.iova, 16, false),
+            (0x5200_0000, 0x1000, true),
+            (STATUS.iova, 1, true),
+        ],
+    );
+    let mut pfd = libc::pollfd {
+        fd: f.chan.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    assert_eq!(n, 1, "queue 0's miss waited behind a stopped queue's");
+    let (h2, m2) = read_miss(&mut f);
+    assert_eq!(m2.iova & !0xfff, 0x5200_0000);
+    // answers in order: queue 1's (abandoned), then queue 0's
+    reply_miss(&mut f, &h1, false);
+    answer_all(&mut f, m2.iova, m2.perm);
+    reply_miss(&mut f, &h2, true);
+    f.used_seen = 1;
+    assert_eq!(
+        f.complete_q(0, Duration::from_secs(20), &mut answer_all).0,
+        0x1001
+    );
+    let s = f.finish();
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
+}
+
+/// With EVENT_IDX the driver kicks only when its avail index passes the
+/// `avail_event` the backend wrote last. A ring that stalled (here: its
+/// avail ring unmapped, the misses refused) never re-armed it, so the
+/// backend serves it again on its own once the ring can be reached
+/// (seen failing, no completion, without the retry of a stalled ring).
+#[test]
+fn a_stalled_ring_is_retried() {
+    let mut f = Frontend::start(Mode::Sg);
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let read = [
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ];
+    f.submit(&read);
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    // the avail ring unreachable: the ring stalls after MISS_TRIES
+    f.invalidate(RING_IOVA + 0x1000, 0x1000);
+    f.submit(&read);
+    f.refuse_misses(usize::from(MISS_TRIES));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while f.sh().stats.ring_stalls.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ring never stalled"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // (the invalidation removed the rings' whole entry)
+    f.update(RING_IOVA, 0x3000, 0, 3);
+    // no kick from here on
+    assert_eq!(
+        f.complete(&mut refuse).0,
+        0x1001,
+        "the stalled ring was never served"
+    );
+    let s = f.finish();
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
+}
+
+/// A ring started again (SET_VRING_BASE, SET_VRING_KICK) serves the
+/// chains the driver made available while it was stopped, without a kick
+/// (the driver sent it while the ring was stopped, or, with EVENT_IDX,
+/// not at all); seen failing, no completion, without the backend's own
+/// kick at the start.
+#[test]
+fn a_restarted_ring_serves_what_is_available() {
+    let mut f = Frontend::start(Mode::Sg);
+    prepare(&mut f, 0, 0);
+    f.update(0x7500_0000, 0x1000, 0x60000, 3);
+    let read = [
+        (HDR.iova, 16, false),
+        (0x7500_0000, 0x1000, true),
+        (STATUS.iova, 1, true),
+    ];
+    f.submit(&read);
+    assert_eq!(f.complete(&mut refuse).0, 0x1001);
+    assert_eq!(f.vring_base(), 1);
+    f.post_q(0, 0, &read);
+    f.restart(1);
+    assert_eq!(
+        f.complete(&mut refuse).0,
+        0x1001,
+        "not served after the restart"
+    );
+    let s = f.finish();
+    assert_eq!(s.io_errors.load(Ordering::Relaxed), 0);
 }
