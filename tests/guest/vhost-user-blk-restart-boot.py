@@ -141,8 +141,9 @@ class Restarter:
                     self.a.timeout + 30,
                     log_level="info", keep_image=i > 0,
                     log_name=f"backend-{i}.log",
-                    extra_args=["--test-io-delay-us", str(self.a.io_delay_us)]
-                    if self.a.io_delay_us else [])
+                    extra_args=["--num-queues", str(self.a.num_queues)]
+                    + (["--test-io-delay-us", str(self.a.io_delay_us)]
+                       if self.a.io_delay_us else []))
         with self.lock:
             self.backends.append(b)
         return b

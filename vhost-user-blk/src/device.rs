@@ -302,6 +302,14 @@ struct Slot {
     ring: Option<Vring>,
     /// Chains completed since the call eventfd was last signalled.
     unsignalled: u32,
+    /// The ring started and has not called yet: its first signal calls
+    /// whatever `used_event` says. A backend killed (or stopped) after
+    /// writing used entries and before its call leaves the driver
+    /// waiting for a call no later completion brings: with EVENT_IDX the
+    /// driver asked for one only as the used index passes `used_event`,
+    /// which it already has; and a driver with nothing more in flight
+    /// has no later completion at all.
+    call_on_start: bool,
 }
 
 impl Slot {
@@ -311,6 +319,20 @@ impl Slot {
     /// One call per batch: the caller signals at the end of what was
     /// available (or every `SIGNAL_EVERY` chains), not per chain.
     fn signal(&mut self, sh: &Shared) {
+        if self.call_on_start {
+            if let Some(call) = &self.call {
+                let _ = call.write(1);
+                self.call_on_start = false;
+                if self.unsignalled != 0 {
+                    // This call covers them; reset EVENT_IDX's count.
+                    if let Some(r) = self.ring.as_mut() {
+                        let _ = r.wants_signal(sh);
+                    }
+                    self.unsignalled = 0;
+                }
+                return;
+            }
+        }
         if self.unsignalled == 0 {
             return;
         }
@@ -870,6 +892,7 @@ impl Device {
             }
         }
         s.ring = Some(ring);
+        s.call_on_start = true;
         log::info!(
             "queue {index} started: size {}, desc {desc:#x}, avail {avail:#x}, used {used:#x}, \
              base {}{}",
