@@ -63,6 +63,7 @@ python3 tests/guest/vhost-user-blk-boot.py --qemu "$qemu" --kernel "$kernel" \
 log "4/5: pvdma-vhost-user-blk killed and restarted under the guest's I/O, nothing lost"
 python3 tests/guest/vhost-user-blk-restart-boot.py --qemu "$qemu" --kernel "$kernel" \
     --backend target/release/pvdma-vhost-user-blk --variant pvdma --expect-resubmit \
+    --num-queues 2 \
     --quiet --timeout 150
 
 log "5/5: the guest demo (pvdma by hand, edu DMA) and the qtest/QMP demo"

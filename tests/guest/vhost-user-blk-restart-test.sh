@@ -35,7 +35,8 @@
 #                              "pvdma-strict pvdma-window")
 #        VUB_KILLS             SIGKILLs per boot (default 4)
 #        VUB_STRESS_SECS       the guest's I/O, seconds (default 12)
-#        VUB_NUM_QUEUES        the device's queues (default 1)
+#        VUB_NUM_QUEUES        the device's queues, one thread each in the
+#                              backend (default 2: the guest has 2 vCPUs)
 #        VUB_TIMEOUT           hard limit per boot, seconds (default 150)
 #        VUB_SEED              the restart moments' seed (default: random,
 #                              printed in each summary line)
@@ -86,7 +87,7 @@ done
 
 opts=()
 [ -z "${VUB_SEED:-}" ] || opts+=(--seed "$VUB_SEED")
-[ -z "${VUB_NUM_QUEUES:-}" ] || opts+=(--num-queues "$VUB_NUM_QUEUES")
+opts+=(--num-queues "${VUB_NUM_QUEUES:-2}")
 [ "${VUB_EXPECT_RESUBMIT:-1}" = 0 ] || opts+=(--expect-resubmit)
 boots_begin vhost-user-blk-restart-test
 for k in $KERNELS; do
