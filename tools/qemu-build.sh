@@ -16,6 +16,13 @@
 #        PVDMA_MESON_BUILD   our meson build dir (default <repo>/build/meson)
 #        PVDMA_QEMU_TARGETS  more ninja targets to build beside the system
 #                            emulator, e.g. storage-daemon/qemu-storage-daemon
+#        PVDMA_QEMU_STOCK=1  build the same orig tarball without the pvdma
+#                            series (only the pc-bios build fixes 0001-0002,
+#                            which +ds needs to configure), the same configure
+#                            flags minus --enable-pvdma and no libpvdma, in
+#                            its own cache directory
+#                            qemu-<version>-stock-<key>; the reference for
+#                            tests/qemu/qtest-compare.sh
 # Prints the path of qemu-system-x86_64 on its last line.
 set -euo pipefail
 
@@ -66,6 +73,17 @@ CONFIGURE_ARGS=(
     --enable-vhost-user-blk-server
 )
 
+# Stock mode: what only the series adds (the --enable-pvdma option and
+# libpvdma's pkg-config path) is left out; everything else is identical.
+STOCK=${PVDMA_QEMU_STOCK:-0}
+if [[ $STOCK == 1 ]]; then
+    args=()
+    for a in "${CONFIGURE_ARGS[@]}"; do
+        [[ $a == --enable-pvdma ]] || args+=("$a")
+    done
+    CONFIGURE_ARGS=("${args[@]}")
+fi
+
 BUILD_DEPS=(
     build-essential ninja-build pkgconf python3-venv python3-pip meson
     libglib2.0-dev zlib1g-dev flex bison
@@ -113,6 +131,17 @@ fetch_wheels() {
 # another's build back and forth.
 patches=("$repo"/patches/0[0-9][0-9][0-9]-*.patch)
 [[ -e ${patches[0]} ]] || patches=()
+# Stock mode keeps only the build fixes the Debian +ds tarball needs to
+# configure at all (patches touching nothing but pc-bios/: 0001, 0002);
+# none of them changes a line of C.
+if [[ $STOCK == 1 ]]; then
+    stock=()
+    for p in "${patches[@]}"; do
+        grep '^diff --git a/' "$p" | grep -qv '^diff --git a/pc-bios/' ||
+            stock+=("$p")
+    done
+    patches=("${stock[@]}")
+fi
 patch_hash=$(
     {
         for p in "${patches[@]}"; do
@@ -122,6 +151,7 @@ patch_hash=$(
     } | sha256sum | cut -c1-12
 )
 WORK=$CACHE/qemu-$QEMU_VERSION-$patch_hash
+[[ $STOCK == 1 ]] && WORK=$CACHE/qemu-$QEMU_VERSION-stock-$patch_hash
 SRC=$WORK/src
 BUILD=$WORK/build
 BIN=$BUILD/qemu-system-x86_64
@@ -152,6 +182,7 @@ stage_file() {   # stage_file SRC DEST: copy when the contents differ
     cmp -s "$1" "$2" || cp "$1" "$2"
 }
 build_pvdma_lib() {
+    [[ $STOCK == 1 ]] && return 0
     local t0; t0=$(now)
     if [[ ! -f $MESON_BUILD/build.ninja ]]; then
         log "meson setup $MESON_BUILD (pvdma library)"
@@ -177,7 +208,7 @@ build_pvdma_lib() {
     fi
     log "pvdma library: $(($(now) - t0))s"
 }
-export PKG_CONFIG_PATH=$STAGE${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+[[ $STOCK == 1 ]] || export PKG_CONFIG_PATH=$STAGE${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 
 # The .pc contents (flags, staged paths) are part of the configure key: a
 # change there reconfigures; a changed libpvdma.a only relinks.
