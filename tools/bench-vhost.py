@@ -62,7 +62,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, os.path.join(ROOT, "tests", "framework"))
 import pvdma_guest as pg  # noqa: E402
-from pvdma_vhost import Backend  # noqa: E402
+from pvdma_vhost import Backend, timeout_child  # noqa: E402
 
 # label -> (pvdma_guest variant, backend access mode or None: built-in,
 #           pvdma_iommu.ko parameters: -sync turns queued requests off)
@@ -129,9 +129,7 @@ class StorageDaemon:
 
     def pid(self):
         """The daemon's pid (the child of `timeout`)."""
-        tpid = self.proc.pid
-        with open(f"/proc/{tpid}/task/{tpid}/children") as f:
-            return int(f.read().split()[0])
+        return timeout_child(self.proc)
 
     def close(self):
         if self.proc.poll() is None:

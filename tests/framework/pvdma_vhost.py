@@ -14,6 +14,12 @@ import time
 STATS = re.compile(r"pvdma-vhost-user-blk: stats: (.*)\n")
 
 
+def timeout_child(proc):
+    """The pid of the program a `timeout` process (`proc`) runs."""
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        return int(f.read().split()[0])
+
+
 class Backend:
     """pvdma-vhost-user-blk under `timeout`, in its own process group; its
     stderr goes to a log file.
@@ -51,9 +57,7 @@ class Backend:
 
     def pid(self):
         """The backend's pid (the child of `timeout`)."""
-        tpid = self.proc.pid
-        with open(f"/proc/{tpid}/task/{tpid}/children") as f:
-            return int(f.read().split()[0])
+        return timeout_child(self.proc)
 
     def text(self):
         if not self.logf.closed:

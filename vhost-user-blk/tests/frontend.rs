@@ -661,29 +661,38 @@ impl Frontend {
             if unsafe { libc::poll(&mut pfd, 1, 10) } <= 0 {
                 continue;
             }
-            let mut m = [0u8; 44];
-            if self.chan.read_exact(&mut m).is_err() {
+            match self.answer_miss(answer) {
+                Some(miss) => misses.push(miss),
                 // The backend ended (a drain) right after its last
                 // completion: look at the used ring again.
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
+                None => std::thread::sleep(Duration::from_millis(1)),
             }
-            let h: Header = read_pod(&m[..12]).unwrap();
-            let msg: VhostUserIotlb = read_pod(&m[12..]).unwrap();
-            assert_eq!(h.request, u32::from(BackendReq::IOTLB_MSG));
-            assert_ne!(h.flags & FLAG_NEED_REPLY, 0, "misses ask for the ack");
-            assert_eq!(msg.msg_type, IotlbType::Miss as u8);
-            misses.push((msg.iova, msg.perm));
-            let ok = answer(self, msg.iova, msg.perm);
-            let r = Header {
-                request: h.request,
-                flags: VERSION | FLAG_REPLY,
-                size: 8,
-            };
-            let mut out = r.as_slice().to_vec();
-            out.extend_from_slice(&u64::from(!ok).to_ne_bytes());
-            self.chan.write_all(&out).unwrap();
         }
+    }
+
+    /// Reads one miss from the backend channel, answers it with `answer`
+    /// and acks it; the miss, or None when the channel ended.
+    fn answer_miss(
+        &mut self,
+        answer: &mut dyn FnMut(&mut Frontend, u64, u8) -> bool,
+    ) -> Option<(u64, u8)> {
+        let mut m = [0u8; 44];
+        self.chan.read_exact(&mut m).ok()?;
+        let h: Header = read_pod(&m[..12]).unwrap();
+        let msg: VhostUserIotlb = read_pod(&m[12..]).unwrap();
+        assert_eq!(h.request, u32::from(BackendReq::IOTLB_MSG));
+        assert_ne!(h.flags & FLAG_NEED_REPLY, 0, "misses ask for the ack");
+        assert_eq!(msg.msg_type, IotlbType::Miss as u8);
+        let ok = answer(self, msg.iova, msg.perm);
+        let r = Header {
+            request: h.request,
+            flags: VERSION | FLAG_REPLY,
+            size: 8,
+        };
+        let mut out = r.as_slice().to_vec();
+        out.extend_from_slice(&u64::from(!ok).to_ne_bytes());
+        self.chan.write_all(&out).unwrap();
+        Some((msg.iova, msg.perm))
     }
 
     fn image(&self) -> Vec<u8> {
@@ -749,11 +758,17 @@ const STATUS: Buf = Buf {
 
 /// Maps the header (RO) and status (WO) pages and writes the header.
 fn prepare(f: &mut Frontend, rtype: u32, sector: u64) {
-    f.update(HDR.iova, 0x1000, HDR.off, 1);
-    f.update(STATUS.iova, 0x1000, STATUS.off, 2);
-    f.ram_slice(HDR.off, 16)
+    prepare_at(f, HDR, STATUS, rtype, sector);
+}
+
+/// Maps header page `hdr` (RO) and status page `status` (WO), writes the
+/// header and a status byte the backend must overwrite.
+fn prepare_at(f: &mut Frontend, hdr: Buf, status: Buf, rtype: u32, sector: u64) {
+    f.update(hdr.iova, 0x1000, hdr.off, 1);
+    f.update(status.iova, 0x1000, status.off, 2);
+    f.ram_slice(hdr.off, 16)
         .copy_from_slice(&header(rtype, sector));
-    f.ram_slice(STATUS.off, 1)[0] = 0xee;
+    f.ram_slice(status.off, 1)[0] = 0xee;
 }
 
 fn refuse(_: &mut Frontend, _: u64, _: u8) -> bool {
@@ -1889,24 +1904,9 @@ fn pump_misses(f: &mut Frontend) {
             revents: 0,
         };
         // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
+        if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 || f.answer_miss(&mut pager).is_none() {
             return;
         }
-        let mut m = [0u8; 44];
-        if f.chan.read_exact(&mut m).is_err() {
-            return;
-        }
-        let h: Header = read_pod(&m[..12]).unwrap();
-        let msg: VhostUserIotlb = read_pod(&m[12..]).unwrap();
-        let ok = pager(f, msg.iova, msg.perm);
-        let r = Header {
-            request: h.request,
-            flags: VERSION | FLAG_REPLY,
-            size: 8,
-        };
-        let mut out = r.as_slice().to_vec();
-        out.extend_from_slice(&u64::from(!ok).to_ne_bytes());
-        f.chan.write_all(&out).unwrap();
     }
 }
 
@@ -2390,11 +2390,7 @@ const STATUS1: Buf = Buf {
 
 /// Maps queue 1's header (RO) and status (WO) pages, writes the header.
 fn prepare1(f: &mut Frontend, rtype: u32, sector: u64) {
-    f.update(HDR1.iova, 0x1000, HDR1.off, 1);
-    f.update(STATUS1.iova, 0x1000, STATUS1.off, 2);
-    f.ram_slice(HDR1.off, 16)
-        .copy_from_slice(&header(rtype, sector));
-    f.ram_slice(STATUS1.off, 1)[0] = 0xee;
+    prepare_at(f, HDR1, STATUS1, rtype, sector);
 }
 
 fn answer_all(f: &mut Frontend, iova: u64, _: u8) -> bool {
