@@ -58,3 +58,23 @@ boots_end() {
     fi
     echo "$BOOTS_NAME: PASS"
 }
+
+# vub_prepare [QEMU_BINARY]: for the vhost-user-blk guest tests, sets qemu
+# (the argument, else the cached patched build; it must have
+# vhost-user-blk-pci) and backend (a debug build of pvdma-vhost-user-blk).
+vub_prepare() {
+    ensure_apt python3 coreutils
+    if [ $# -ge 1 ]; then
+        qemu=$1
+    else
+        qemu=$("$PVDMA_ROOT/tools/qemu-build.sh" | tail -n1)
+    fi
+    [ -x "$qemu" ] || { echo "not an executable: $qemu" >&2; exit 1; }
+    if ! "$qemu" -device help 2>/dev/null | grep -q '"vhost-user-blk-pci"'; then
+        echo "$qemu has no vhost-user-blk-pci (built without --enable-vhost-user?)" >&2
+        exit 1
+    fi
+    log "building pvdma-vhost-user-blk"
+    (cd "$PVDMA_ROOT" && cargo build --quiet -p pvdma-vhost-user-blk --bin pvdma-vhost-user-blk)
+    backend="$PVDMA_ROOT/target/debug/pvdma-vhost-user-blk"
+}

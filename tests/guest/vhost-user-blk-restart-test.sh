@@ -55,21 +55,7 @@ EXTRA=${VUB_RESTART_EXTRA-pvdma-strict pvdma-window}
 KILLS=${VUB_KILLS:-4}
 SECS=${VUB_STRESS_SECS:-12}
 TIMEOUT=${VUB_TIMEOUT:-150}
-ensure_apt python3 coreutils
-if [ $# -ge 1 ]; then
-    qemu=$1
-else
-    qemu=$("$PVDMA_ROOT/tools/qemu-build.sh" | tail -n1)
-fi
-[ -x "$qemu" ] || { echo "not an executable: $qemu" >&2; exit 1; }
-if ! "$qemu" -device help 2>/dev/null | grep -q '"vhost-user-blk-pci"'; then
-    echo "$qemu has no vhost-user-blk-pci (built without --enable-vhost-user?)" >&2
-    exit 1
-fi
-
-log "building pvdma-vhost-user-blk"
-(cd "$PVDMA_ROOT" && cargo build --quiet -p pvdma-vhost-user-blk --bin pvdma-vhost-user-blk)
-backend="$PVDMA_ROOT/target/debug/pvdma-vhost-user-blk"
+vub_prepare "$@"
 
 declare -A kvariants
 first=1
